@@ -1,0 +1,7 @@
+//! `tasks.echo(value)`: returns its argument unchanged.
+use taskhost_sdk::task;
+
+#[task]
+fn echo(value: serde_json::Value) -> serde_json::Value {
+    value
+}
