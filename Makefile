@@ -1,0 +1,36 @@
+# taskhost — the two set-up commands are `make run` and `make test` (see README.md).
+CARGO ?= cargo
+PLUGINS_DIR ?= dist/plugins
+TASKHOST := target/debug/taskhost
+
+.PHONY: run test plugins build bench test-deps clean
+
+## Serve the example plugins on the embedded broker (builds everything first).
+run: plugins build
+	$(TASKHOST) serve --plugins $(PLUGINS_DIR)
+
+## The whole test suite: installs what it needs, builds plugins once, runs every test.
+test: test-deps plugins
+	$(CARGO) build -p taskhost
+	TASKHOST_PLUGINS_DIR=$(CURDIR)/$(PLUGINS_DIR) TASKHOST_BIN=$(CURDIR)/$(TASKHOST) \
+	  TASKHOST_PYTHON=$(CURDIR)/.venv/bin/python \
+	  $(CARGO) test -p taskhost -p taskhost-sdk -p taskhost-e2e
+
+## Every example component into dist/plugins/<task>@<version>.wasm.
+plugins:
+	bash scripts/build-plugins.sh $(PLUGINS_DIR)
+
+build:
+	$(CARGO) build -p taskhost
+
+test-deps:
+	bash scripts/test-deps.sh
+
+## Benchmarks (release build); not part of CI.
+bench: plugins
+	$(CARGO) build --release -p taskhost
+	target/release/taskhost bench runtime --plugins $(PLUGINS_DIR)
+
+clean:
+	rm -rf dist
+	$(CARGO) clean

@@ -1,0 +1,86 @@
+//! The command line: clap structs, one file per subcommand, exit codes decided here.
+//!
+//! Exit codes: 0 success; 1 the task (or command) failed; 2 bad invocation or setup
+//! (unknown task, unreadable plugins dir, invalid JSON), as clap does for usage errors.
+
+mod bench;
+mod plugins;
+mod run;
+
+use crate::observe::{init_tracing, LogFormat};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "taskhost", version, about = "Celery-compatible task worker for sandboxed WebAssembly components")]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "TASKHOST_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one task eagerly in this process and print its JSON result.
+    Run(run::RunArgs),
+    /// Inspect the components in a plugins directory.
+    #[command(subcommand)]
+    Plugins(plugins::PluginsCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// A failure the CLI reports, with the exit code it maps to.
+#[derive(Debug)]
+pub enum CliError {
+    /// The task or the command's work failed.
+    Failed(anyhow::Error),
+    /// Bad invocation or setup.
+    Usage(anyhow::Error),
+}
+
+impl CliError {
+    pub fn usage(e: impl Into<anyhow::Error>) -> Self {
+        CliError::Usage(e.into())
+    }
+    pub fn failed(e: impl Into<anyhow::Error>) -> Self {
+        CliError::Failed(e.into())
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info,wasmtime=warn,cranelift=warn",
+        1 => "debug,wasmtime=info,cranelift=info",
+        _ => "trace",
+    };
+    init_tracing(cli.log_format, level);
+    let outcome = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Plugins(cmd) => plugins::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Failed(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+        Err(CliError::Usage(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A single-threaded async runtime: one per process, as the process model wants.
+pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CliError::usage)
+}

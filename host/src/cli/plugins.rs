@@ -1,0 +1,57 @@
+//! `taskhost plugins list`: what a plugins directory serves — name, version, digest, limits.
+
+use super::CliError;
+use crate::registry::{ByteSize, Registry};
+use crate::runtime::{Runtime, RuntimeConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PluginsCommand {
+    /// List loaded components; invalid files are reported on stderr.
+    List {
+        #[arg(long, env = "TASKHOST_PLUGINS", default_value = "./plugins")]
+        plugins: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: PluginsCommand) -> Result<(), CliError> {
+    let PluginsCommand::List { plugins, json } = cmd;
+    let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
+    let registry = Registry::open(&plugins, runtime).map_err(CliError::usage)?;
+    let all = registry.all();
+    if !json {
+        println!("{:<22} {:<9} {:<14} {:<12} {:>8} {:>8} {:>9}  {}", "TASK", "VERSION", "DIGEST", "QUEUE", "HARD", "SOFT", "MEMORY", "RETRIES");
+    }
+    for tv in all {
+        let limits = tv.limits();
+        let queue = tv.manifest.queue.clone().unwrap_or_else(|| "celery".into());
+        let retries = tv.manifest.max_retries.unwrap_or(super::run::DEFAULT_MAX_RETRIES);
+        if json {
+            let row = serde_json::json!({
+                "task": tv.name, "version": tv.version.to_string(), "digest": tv.component.digest,
+                "queue": queue, "time_limit": limits.hard.as_secs_f64(),
+                "soft_time_limit": limits.soft.map(|s| s.as_secs_f64()), "memory_limit": limits.memory,
+                "max_retries": retries, "rate_limit": tv.manifest.rate_limit.map(|r| r.to_string()),
+                "acks_late": tv.manifest.acks_late.unwrap_or(true), "size": tv.size,
+            });
+            println!("{row}");
+        } else {
+            println!(
+                "{:<22} {:<9} {:<14} {:<12} {:>7}s {:>8} {:>9}  {}",
+                tv.name,
+                tv.version,
+                &tv.component.digest[..12],
+                queue,
+                limits.hard.as_secs_f64(),
+                limits.soft.map_or("-".to_string(), |s| format!("{}s", s.as_secs_f64())),
+                ByteSize(limits.memory).to_string(),
+                retries
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! taskhost: a Celery-compatible task worker whose tasks are sandboxed WebAssembly components.
+//!
+//! Module map (arrows are "calls"):
+//!
+//! ```text
+//! cli ──► worker ──► runtime      wasmtime engine, sandbox, limits (the only wasmtime user)
+//!   │        ├─────► registry     components on disk, versions, hot swap
+//!   │        ├─────► broker       trait Broker + transports
+//!   │        └─────► backend      Celery-format results
+//!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
+//! observe: tracing setup shared by all.
+//! ```
+
+pub mod cli;
+pub mod observe;
+pub mod registry;
+pub mod runtime;

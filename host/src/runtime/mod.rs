@@ -1,0 +1,471 @@
+//! The sandbox: one wasmtime `Engine` with pooled instances and an epoch ticker, and
+//! `Runtime::run`, which runs one task in a fresh `Store` and maps every trap to a `TaskError`.
+//!
+//! Only this module names wasmtime types; the rest of the host sees `LoadedComponent`,
+//! `TaskInput`, `TaskLimits`, `RunControl` and `TaskRun`.
+
+mod bindings;
+mod cache;
+mod limits;
+mod output;
+mod sandbox;
+
+pub use output::Captured;
+pub use sandbox::{Progress, MAX_LOG_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_UPDATES};
+
+use bindings::{TaskInfo, TaskPre};
+use sandbox::{Deadlines, TaskState};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+
+/// 10 ms: a hard limit fires at most one tick late, and a CPU-bound guest yields to
+/// its siblings on the same thread this often.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// The hard limit of a task for which neither the message nor the manifest sets one:
+/// no task may hold a sandbox forever.
+pub const DEFAULT_HARD_LIMIT: Duration = Duration::from_secs(300);
+/// Memory cap of a task whose manifest sets none.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 128 << 20;
+/// Largest JSON result kept: results live in the broker's memory and in every client's.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 1 << 20;
+/// Guest stdout and stderr kept per task, each.
+pub const DEFAULT_OUTPUT_CAP: usize = 64 << 10;
+
+/// How the engine is sized; one per process.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Sandboxes that may exist at once (the pool is sized for this many).
+    pub max_instances: u32,
+    /// Highest memory cap any task may be given.
+    pub max_memory_limit: u64,
+    /// Where compiled components are cached; `None` compiles in memory every time.
+    pub cache_dir: Option<PathBuf>,
+    pub max_result_bytes: usize,
+    pub output_cap: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_instances: 64,
+            max_memory_limit: 4 << 30,
+            cache_dir: default_cache_dir(),
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            output_cap: DEFAULT_OUTPUT_CAP,
+        }
+    }
+}
+
+/// `$TASKHOST_CACHE_DIR`, else `$XDG_CACHE_HOME/taskhost`, else `~/.cache/taskhost`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("TASKHOST_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(dir).join("taskhost"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("taskhost"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot set up the wasm engine: {0}")]
+    Engine(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a valid WebAssembly component: {0}")]
+    Compile(String),
+    #[error("component does not fit the taskhost:task@0.1.0 world: {0}")]
+    Incompatible(String),
+}
+
+/// Everything the guest is told about the message it runs.
+#[derive(Debug, Clone, Default)]
+pub struct TaskInput {
+    pub id: String,
+    pub name: String,
+    pub retries: u32,
+    pub queue: String,
+    pub eta: Option<String>,
+    pub parent_id: Option<String>,
+    pub root_id: Option<String>,
+    /// JSON array.
+    pub args: String,
+    /// JSON object.
+    pub kwargs: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskLimits {
+    pub hard: Duration,
+    pub soft: Option<Duration>,
+    pub memory: u64,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        TaskLimits { hard: DEFAULT_HARD_LIMIT, soft: None, memory: DEFAULT_MEMORY_LIMIT }
+    }
+}
+
+/// The worker's handle on a running task: revoke it, receive its progress updates.
+#[derive(Default)]
+pub struct RunControl {
+    revoked: AtomicBool,
+    wake: tokio::sync::Notify,
+    progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+}
+
+impl RunControl {
+    pub fn with_progress(sink: tokio::sync::mpsc::UnboundedSender<Progress>) -> Self {
+        RunControl { progress: Some(sink), ..Default::default() }
+    }
+
+    /// Stops the task at its next epoch tick or host wait (within about one tick).
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
+
+    async fn revoked(&self) {
+        loop {
+            let notified = self.wake.notified();
+            if self.is_revoked() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How a task ended without a result. Guest-chosen endings and sandbox endings alike:
+/// the worker maps each to a Celery state; none of them is an error of the worker.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TaskError {
+    #[error("{message}")]
+    Fail { message: String },
+    #[error("retry requested: {reason}")]
+    Retry { reason: String, countdown: Option<f64> },
+    #[error("rejected: {reason}")]
+    Reject { reason: String },
+    #[error("hard time limit ({}s) exceeded", limit.as_secs_f64())]
+    TimeLimit { limit: Duration },
+    #[error("memory limit of {cap} bytes exceeded (wanted {requested} bytes)")]
+    MemoryLimit { cap: u64, requested: u64 },
+    #[error("revoked while running")]
+    Revoked,
+    #[error("result of {size} bytes exceeds the {limit}-byte limit")]
+    ResultTooLarge { size: usize, limit: usize },
+    #[error("result is not valid JSON: {reason}")]
+    InvalidResult { reason: String },
+    #[error("{message}{}", stderr_suffix(guest_stderr))]
+    Trap { message: String, guest_stderr: String },
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!("; guest stderr: {stderr}")
+    }
+}
+
+/// One run's outcome and what the guest printed.
+#[derive(Debug)]
+pub struct TaskRun {
+    /// JSON text on success.
+    pub result: Result<String, TaskError>,
+    pub elapsed: Duration,
+    /// Time to create the instance, if it got that far.
+    pub instantiate: Option<Duration>,
+    pub stdout: Captured,
+    pub stderr: Captured,
+    pub logs_dropped: u64,
+}
+
+/// A compiled, linked component ready to instantiate.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    pre: TaskPre<TaskState>,
+    pub digest: String,
+    /// Whether the compiled form came from the on-disk cache.
+    pub from_cache: bool,
+}
+
+/// Why the epoch callback stopped a guest.
+#[derive(Debug, thiserror::Error)]
+enum Interrupt {
+    #[error("hard time limit reached")]
+    TimeLimit,
+    #[error("revoked")]
+    Revoked,
+}
+
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (engine, flag) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("taskhost-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The wasm engine of one process.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<TaskState>,
+    cache: cache::CompileCache,
+    config: RuntimeConfig,
+    _ticker: EpochTicker,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let n = config.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        // Per component: a Rust wasip2 component has one main module plus a few shims.
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 8)
+            .total_stacks(n)
+            .max_core_instances_per_component(16)
+            .max_memories_per_component(2)
+            .max_tables_per_component(8)
+            .max_memory_size(config.max_memory_limit as usize)
+            // Measured: batching decommits is ~15% faster for short tasks.
+            .decommit_batch_size(64);
+        let mut cfg = Config::new();
+        cfg.wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        bindings::taskhost::task::host::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let cache = cache::CompileCache::new(&engine, config.cache_dir.clone());
+        let ticker = EpochTicker::start(&engine);
+        Ok(Runtime { engine, linker, cache, config, _ticker: ticker })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Compiles (or maps from the cache) and links a component. CPU-heavy on a cache miss:
+    /// call it off the async thread.
+    pub fn load(&self, bytes: &[u8]) -> Result<LoadedComponent, LoadError> {
+        let digest = cache::digest(bytes);
+        let (component, from_cache): (Component, bool) =
+            self.cache.load(&self.engine, bytes, &digest).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+        let pre = TaskPre::new(pre).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+        Ok(LoadedComponent { pre, digest, from_cache })
+    }
+
+    /// Runs one task in a fresh instance. Never panics on account of the guest.
+    pub async fn run(
+        &self,
+        component: &LoadedComponent,
+        version: &str,
+        input: &TaskInput,
+        limits: &TaskLimits,
+        control: Arc<RunControl>,
+    ) -> TaskRun {
+        let started = Instant::now();
+        let hard = started + limits.hard;
+        let soft = limits.soft.map_or(hard, |s| (started + s).min(hard));
+        let stdout = output::CappedPipe::new(self.config.output_cap);
+        let stderr = output::CappedPipe::new(self.config.output_cap);
+        let state = TaskState::new(
+            &input.id,
+            &input.name,
+            limits.memory.min(self.config.max_memory_limit),
+            &stdout,
+            &stderr,
+            control.clone(),
+            Deadlines { soft, hard },
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            let state = ctx.data();
+            if state.control.is_revoked() {
+                return Err(wasmtime::Error::new(Interrupt::Revoked));
+            }
+            if Instant::now() >= state.deadlines.hard {
+                return Err(wasmtime::Error::new(Interrupt::TimeLimit));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        let info = TaskInfo {
+            id: input.id.clone(),
+            name: input.name.clone(),
+            version: version.to_string(),
+            retries: input.retries,
+            queue: input.queue.clone(),
+            eta: input.eta.clone(),
+            hard_limit_ms: limits.hard.as_millis() as u64,
+            soft_limit_ms: limits.soft.map(|s| s.as_millis() as u64),
+            parent_id: input.parent_id.clone(),
+            root_id: input.root_id.clone(),
+        };
+
+        // A guest blocked in a host wait (a sleep, say) reaches no epoch check, so the
+        // deadline and revocation are also raced here; dropping the call cancels it.
+        let mut instantiate = None;
+        let raced: Result<wasmtime::Result<Result<String, bindings::TaskError>>, Interrupt> = {
+            let call = async {
+                let task = component.pre.instantiate_async(&mut store).await?;
+                instantiate = Some(started.elapsed());
+                task.call_run(&mut store, &info, &input.args, &input.kwargs).await
+            };
+            tokio::select! {
+                res = call => Ok(res),
+                _ = tokio::time::sleep_until(hard.into()) => Err(Interrupt::TimeLimit),
+                _ = control.revoked() => Err(Interrupt::Revoked),
+            }
+        };
+
+        let stderr_text = stderr.take();
+        let result = match raced {
+            Err(interrupt) => Err(interrupted(interrupt, limits)),
+            Ok(Err(error)) => Err(classify(error, store.data(), limits, &stderr_text)),
+            Ok(Ok(Err(guest))) => Err(match guest {
+                bindings::TaskError::Fail(message) => TaskError::Fail { message },
+                bindings::TaskError::Retry(r) => TaskError::Retry { reason: r.reason, countdown: r.countdown },
+                bindings::TaskError::Reject(reason) => TaskError::Reject { reason },
+            }),
+            Ok(Ok(Ok(json))) => self.check_result(json),
+        };
+        TaskRun {
+            result,
+            elapsed: started.elapsed(),
+            instantiate,
+            stdout: stdout.take(),
+            stderr: stderr_text,
+            logs_dropped: store.data().logs_dropped,
+        }
+    }
+
+    /// The bare sandbox loop, for benchmarks: instantiate and call with no limits,
+    /// no capture and no deadline bookkeeping. Returns the instantiate time.
+    pub async fn run_bare(&self, component: &LoadedComponent, input: &TaskInput) -> Result<Duration, String> {
+        let started = Instant::now();
+        let far = started + DEFAULT_HARD_LIMIT;
+        let pipe = output::CappedPipe::new(0);
+        let state = TaskState::new(
+            &input.id,
+            &input.name,
+            self.config.max_memory_limit,
+            &pipe,
+            &pipe,
+            Arc::new(RunControl::default()),
+            Deadlines { soft: far, hard: far },
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.set_epoch_deadline(u64::MAX / 2);
+        let task = component.pre.instantiate_async(&mut store).await.map_err(|e| format!("{e:#}"))?;
+        let instantiate = started.elapsed();
+        let info = TaskInfo {
+            id: input.id.clone(),
+            name: input.name.clone(),
+            version: String::new(),
+            retries: 0,
+            queue: input.queue.clone(),
+            eta: None,
+            hard_limit_ms: DEFAULT_HARD_LIMIT.as_millis() as u64,
+            soft_limit_ms: None,
+            parent_id: None,
+            root_id: None,
+        };
+        match task.call_run(&mut store, &info, &input.args, &input.kwargs).await {
+            Ok(Ok(_)) => Ok(instantiate),
+            Ok(Err(e)) => Err(format!("task failed: {e:?}")),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    }
+
+    fn check_result(&self, json: String) -> Result<String, TaskError> {
+        if json.len() > self.config.max_result_bytes {
+            return Err(TaskError::ResultTooLarge { size: json.len(), limit: self.config.max_result_bytes });
+        }
+        match serde_json::from_str::<serde::de::IgnoredAny>(&json) {
+            Ok(_) => Ok(json),
+            Err(e) => Err(TaskError::InvalidResult { reason: e.to_string() }),
+        }
+    }
+}
+
+fn interrupted(interrupt: Interrupt, limits: &TaskLimits) -> TaskError {
+    match interrupt {
+        Interrupt::TimeLimit => TaskError::TimeLimit { limit: limits.hard },
+        Interrupt::Revoked => TaskError::Revoked,
+    }
+}
+
+/// Last bytes of the guest's stderr: a Rust guest's panic message lands there.
+const STDERR_TAIL: usize = 1024;
+
+fn classify(error: wasmtime::Error, state: &TaskState, limits: &TaskLimits, stderr: &Captured) -> TaskError {
+    if let Some(interrupt) = error.downcast_ref::<Interrupt>() {
+        return interrupted(
+            match interrupt {
+                Interrupt::TimeLimit => Interrupt::TimeLimit,
+                Interrupt::Revoked => Interrupt::Revoked,
+            },
+            limits,
+        );
+    }
+    if let Some(requested) = state.limiter.refused {
+        return TaskError::MemoryLimit { cap: limits.memory, requested };
+    }
+    let text = stderr.text.trim();
+    let mut cut = text.len().saturating_sub(STDERR_TAIL);
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    let guest_stderr = text[cut..]
+        .lines()
+        .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let message = match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{error:#}"),
+    };
+    TaskError::Trap { message, guest_stderr }
+}
