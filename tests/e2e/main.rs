@@ -1,0 +1,7 @@
+//! One integration-test binary: the sandbox through the library, the real `taskhost`
+//! binary, and (with a redis-server it starts itself) the worker against Python Celery.
+
+mod support;
+
+mod cli;
+mod runtime;
