@@ -11,7 +11,11 @@
 //! observe: tracing setup shared by all.
 //! ```
 
+pub mod backend;
+pub mod broker;
 pub mod cli;
 pub mod observe;
+pub mod protocol;
 pub mod registry;
 pub mod runtime;
+pub mod worker;

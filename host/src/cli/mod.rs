@@ -5,7 +5,10 @@
 
 mod bench;
 mod plugins;
+mod result;
 mod run;
+mod send;
+mod serve;
 
 use crate::observe::{init_tracing, LogFormat};
 use clap::{Parser, Subcommand};
@@ -28,6 +31,12 @@ pub struct Cli {
 pub enum Command {
     /// Run one task eagerly in this process and print its JSON result.
     Run(run::RunArgs),
+    /// Consume tasks from the broker and run them (the worker).
+    Serve(serve::ServeArgs),
+    /// Publish a task, like Celery's send_task; --wait prints its result.
+    Send(send::SendArgs),
+    /// Read or wait for a task's result.
+    Result(result::ResultArgs),
     /// Inspect the components in a plugins directory.
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
@@ -64,6 +73,9 @@ pub fn main() -> ExitCode {
     init_tracing(cli.log_format, level);
     let outcome = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Send(args) => send::run(args),
+        Command::Result(args) => result::run(args),
         Command::Plugins(cmd) => plugins::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };

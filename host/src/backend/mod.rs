@@ -1,0 +1,49 @@
+//! Results in Celery's layout: store (never overwriting a SUCCESS), read, and wait the
+//! way Celery clients do (subscribe, read once, wait for the ready-state notification).
+
+mod redis;
+
+pub use self::redis::RedisBackend;
+
+use crate::protocol::ResultRecord;
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// Celery's `result_expires` default: one day.
+pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("result backend connection: {0}")]
+    Connection(String),
+    #[error("result backend command failed: {0}")]
+    Command(String),
+    #[error("no ready result for task {task_id} within {}s", timeout.as_secs_f64())]
+    Timeout { task_id: String, timeout: Duration },
+    #[error("stored result for task {task_id} is not a Celery record: {reason}")]
+    Corrupt { task_id: String, reason: String },
+    #[error("unsupported result backend URL {0:?} (expected redis://, rediss://)")]
+    UnsupportedUrl(String),
+}
+
+#[async_trait]
+pub trait ResultBackend: Send + Sync {
+    /// Writes a record and notifies waiters. Returns false (and writes nothing) when the
+    /// task already has a SUCCESS, so a duplicate run never overwrites it.
+    /// `custom_state` names the state of a `State::Custom` record.
+    async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError>;
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError>;
+
+    /// Waits for a ready state (SUCCESS, FAILURE, REVOKED); `None` waits forever.
+    async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError>;
+}
+
+/// Opens the backend a URL names.
+pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Box<dyn ResultBackend>, BackendError> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+        Ok(Box::new(RedisBackend::connect(url, expires).await?))
+    } else {
+        Err(BackendError::UnsupportedUrl(url.to_string()))
+    }
+}

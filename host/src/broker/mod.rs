@@ -1,0 +1,87 @@
+//! `trait Broker`: the few verbs every transport offers — fetch, ack, restore, publish,
+//! schedule, dead-letter — and the URL that picks a transport.
+
+mod redis;
+
+pub use self::redis::{manager as redis_manager, RedisBroker};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// One message taken from a queue and held (unacked) until acked or restored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The key acks use (kombu's `delivery_tag`); `None` if the message had none,
+    /// in which case it is not recorded as unacked and must be dead-lettered.
+    pub tag: Option<String>,
+    pub queue: String,
+    /// The envelope exactly as it was on the queue.
+    pub raw: Vec<u8>,
+}
+
+/// A message that will never run, kept with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: Option<String>,
+    pub task: Option<String>,
+    pub queue: String,
+    pub reason: String,
+    pub time: DateTime<Utc>,
+    /// The original envelope (lossy UTF-8 if it was not text).
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker connection: {0}")]
+    Connection(String),
+    #[error("broker command failed: {0}")]
+    Command(String),
+    #[error("unsupported broker URL {0:?} (expected redis://, rediss://)")]
+    UnsupportedUrl(String),
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Takes up to `max` messages, priority band first (0 before 9), then in `queues`
+    /// order, recording each as unacked. Waits up to `wait` if all queues are empty.
+    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// Forgets held messages: they are done.
+    async fn ack(&self, tags: &[String]) -> Result<(), BrokerError>;
+
+    /// Returns a held message to the front of its queue (served next), marked redelivered.
+    async fn restore(&self, delivery: &Delivery) -> Result<(), BrokerError>;
+
+    /// Refreshes held messages so no visibility sweep restores them while they run.
+    async fn touch(&self, tags: &[String]) -> Result<(), BrokerError>;
+
+    /// Returns to their queues the messages held longer than `visibility` (crashed
+    /// consumers). Returns how many; a no-op while another consumer holds the sweep lock.
+    async fn restore_expired(&self, visibility: Duration) -> Result<usize, BrokerError>;
+
+    /// Appends a message to the back of `queue` in `priority`'s band.
+    async fn publish(&self, queue: &str, priority: u8, raw: &[u8]) -> Result<(), BrokerError>;
+
+    /// Parks a message until `due`; [`Broker::move_due`] puts it back on its queue.
+    async fn schedule(&self, queue: &str, priority: u8, raw: &[u8], due: DateTime<Utc>) -> Result<(), BrokerError>;
+
+    /// Moves parked messages whose time has come to the front of their queues.
+    async fn move_due(&self) -> Result<usize, BrokerError>;
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), BrokerError>;
+
+    /// Dead letters, oldest first.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError>;
+}
+
+/// Opens the transport a URL names.
+pub async fn connect(url: &str) -> Result<Box<dyn Broker>, BrokerError> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+        Ok(Box::new(RedisBroker::connect(url).await?))
+    } else {
+        Err(BrokerError::UnsupportedUrl(url.to_string()))
+    }
+}

@@ -1,0 +1,372 @@
+//! Redis transport in kombu's layout: priority-band lists, the `unacked` hash and
+//! `unacked_index` zset, the restore sweep under `unacked_mutex`; plus taskhost's own
+//! `taskhost.scheduled` zset (ETA parking) and `taskhost.dlq` list (dead letters).
+//!
+//! Pop and unacked record happen in one Lua script, so a crash can lose nothing while
+//! messages are flowing. When every queue is empty the consumer blocks in `BRPOP` and
+//! records the one message it wakes with in a second round trip — the same small window
+//! kombu always has, open only on an idle-to-busy edge.
+
+use super::{Broker, BrokerError, DeadLetter, Delivery};
+use crate::protocol::{list_for_priority, mark_redelivered, BAND_SEP, PRIORITY_BANDS};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use std::time::Duration;
+
+const UNACKED: &str = "unacked";
+const UNACKED_INDEX: &str = "unacked_index";
+const UNACKED_MUTEX: &str = "unacked_mutex";
+/// kombu holds the sweep lock this long (ms) at most.
+const UNACKED_MUTEX_TTL_MS: u64 = 300_000;
+const SCHEDULED: &str = "taskhost.scheduled";
+const DEAD_LETTERS: &str = "taskhost.dlq";
+/// Parked messages moved per `move_due` call: bounds one script's run time.
+const MOVE_DUE_BATCH: usize = 500;
+
+/// Pops up to ARGV[1] messages from KEYS in order, recording each in unacked.
+/// ARGV[2] = now (unix seconds), ARGV[3..] = the queue each key belongs to.
+/// Returns a flat list: key index, tag (false if none), message.
+const FETCH: &str = r#"
+local max = tonumber(ARGV[1])
+local out = {}
+local n = 0
+for i, key in ipairs(KEYS) do
+  while n < max do
+    local m = redis.call('RPOP', key)
+    if not m then break end
+    local ok, env = pcall(cjson.decode, m)
+    local tag = false
+    if ok and type(env) == 'table' and type(env.properties) == 'table'
+       and type(env.properties.delivery_tag) == 'string' then
+      tag = env.properties.delivery_tag
+      redis.call('ZADD', 'unacked_index', ARGV[2], tag)
+      redis.call('HSET', 'unacked', tag, '[' .. m .. ', "", ' .. cjson.encode(ARGV[2 + i]) .. ']')
+    end
+    n = n + 1
+    out[#out + 1] = i
+    out[#out + 1] = tag
+    out[#out + 1] = m
+  end
+  if n >= max then break end
+end
+return out
+"#;
+
+/// Records one message popped by BRPOP. ARGV: message, now, queue. Returns the tag or false.
+const RECORD: &str = r#"
+local ok, env = pcall(cjson.decode, ARGV[1])
+if ok and type(env) == 'table' and type(env.properties) == 'table'
+   and type(env.properties.delivery_tag) == 'string' then
+  local tag = env.properties.delivery_tag
+  redis.call('ZADD', 'unacked_index', ARGV[2], tag)
+  redis.call('HSET', 'unacked', tag, '[' .. ARGV[1] .. ', "", ' .. cjson.encode(ARGV[3]) .. ']')
+  return tag
+end
+return false
+"#;
+
+/// Puts a held message back if it is still held. KEYS[1] = target list;
+/// ARGV: tag, envelope, 'RPUSH' (front) or 'LPUSH' (back).
+const RESTORE: &str = r#"
+if redis.call('HEXISTS', 'unacked', ARGV[1]) == 0 then return 0 end
+redis.call(ARGV[3], KEYS[1], ARGV[2])
+redis.call('HDEL', 'unacked', ARGV[1])
+redis.call('ZREM', 'unacked_index', ARGV[1])
+return 1
+"#;
+
+/// Moves due parked messages (member = list SEP envelope) to the front of their list.
+/// ARGV: now (ms), batch size.
+const MOVE_DUE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local cut = string.find(member, '\6\22\6\22', 1, true)
+  if cut then
+    redis.call('RPUSH', string.sub(member, 1, cut - 1), string.sub(member, cut + 4))
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"#;
+
+const UNLOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+fn cmd_err(e: redis::RedisError) -> BrokerError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        BrokerError::Connection(e.to_string())
+    } else {
+        BrokerError::Command(e.to_string())
+    }
+}
+
+fn now_secs() -> f64 {
+    Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// Every band of every queue, grouped by band first as kombu's BRPOP does.
+fn band_keys(queues: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut keys = Vec::new();
+    let mut owners = Vec::new();
+    for band in PRIORITY_BANDS {
+        for q in queues {
+            keys.push(list_for_priority(q, band));
+            owners.push(q.clone());
+        }
+    }
+    (keys, owners)
+}
+
+pub struct RedisBroker {
+    conn: ConnectionManager,
+    /// BRPOP blocks its connection, so it gets its own.
+    blocking: tokio::sync::Mutex<ConnectionManager>,
+    fetch: Script,
+    record: Script,
+    restore: Script,
+    move_due: Script,
+    unlock: Script,
+}
+
+/// Connects with automatic reconnection (exponential backoff, capped at 5 s).
+pub async fn manager(url: &str, response_timeout: Option<Duration>) -> Result<ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(6)
+        .set_max_delay(Duration::from_secs(5))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(response_timeout);
+    ConnectionManager::new_with_config(client, config).await
+}
+
+impl RedisBroker {
+    pub async fn connect(url: &str) -> Result<Self, BrokerError> {
+        let conn = manager(url, Some(Duration::from_secs(10))).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
+        let blocking = manager(url, None).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
+        Ok(RedisBroker {
+            conn,
+            blocking: tokio::sync::Mutex::new(blocking),
+            fetch: Script::new(FETCH),
+            record: Script::new(RECORD),
+            restore: Script::new(RESTORE),
+            move_due: Script::new(MOVE_DUE),
+            unlock: Script::new(UNLOCK),
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn fetch_now(&self, keys: &[String], owners: &[String], max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        let mut inv = self.fetch.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        inv.arg(max).arg(now_secs());
+        for o in owners {
+            inv.arg(o);
+        }
+        let flat: Vec<redis::Value> = inv.invoke_async(&mut self.conn()).await.map_err(cmd_err)?;
+        let mut out = Vec::with_capacity(flat.len() / 3);
+        for chunk in flat.chunks_exact(3) {
+            let bad = |e: redis::ParsingError| BrokerError::Command(format!("unexpected fetch reply: {e}"));
+            let index: usize = redis::from_redis_value_ref(&chunk[0]).map_err(bad)?;
+            let tag: Option<String> = match &chunk[1] {
+                redis::Value::Nil | redis::Value::Int(0) | redis::Value::Boolean(false) => None,
+                v => Some(redis::from_redis_value_ref(v).map_err(bad)?),
+            };
+            let raw: Vec<u8> = redis::from_redis_value_ref(&chunk[2]).map_err(bad)?;
+            out.push(Delivery { tag, queue: owners[index - 1].clone(), raw });
+        }
+        Ok(out)
+    }
+
+    /// The list a message held as `[envelope, exchange, routing_key]` goes back to.
+    async fn restore_target(&self, entry: &str) -> Option<(String, Vec<u8>)> {
+        let (envelope, exchange, routing_key): (serde_json::Value, String, String) = serde_json::from_str(entry).ok()?;
+        let raw = serde_json::to_vec(&envelope).ok()?;
+        let queue = if exchange.is_empty() {
+            routing_key
+        } else {
+            // A named exchange routes through kombu's binding table.
+            let members: Vec<String> =
+                self.conn().smembers(format!("_kombu.binding.{exchange}")).await.unwrap_or_default();
+            members
+                .iter()
+                .filter_map(|m| {
+                    let mut parts = m.split(BAND_SEP);
+                    let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
+                    (rk == routing_key || rk.is_empty()).then(|| queue.to_string())
+                })
+                .next()
+                .unwrap_or(routing_key)
+        };
+        let priority = envelope
+            .get("properties")
+            .and_then(|p| p.get("priority"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+            .min(255) as u8;
+        Some((list_for_priority(&queue, priority), raw))
+    }
+
+    async fn restore_tag(&self, tag: &str, list: &str, raw: &[u8], push: &str) -> Result<bool, BrokerError> {
+        let marked = mark_redelivered(raw).unwrap_or_else(|| raw.to_vec());
+        let moved: i64 = self
+            .restore
+            .key(list)
+            .arg(tag)
+            .arg(marked)
+            .arg(push)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)?;
+        Ok(moved == 1)
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        if max == 0 || queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (keys, owners) = band_keys(queues);
+        let got = self.fetch_now(&keys, &owners, max).await?;
+        if !got.is_empty() || wait.is_zero() {
+            return Ok(got);
+        }
+        let popped: Option<(String, Vec<u8>)> = {
+            let mut blocking = self.blocking.lock().await;
+            blocking.brpop(&keys, wait.as_secs_f64().max(0.01)).await.map_err(cmd_err)?
+        };
+        let Some((key, raw)) = popped else { return Ok(Vec::new()) };
+        let queue = owners[keys.iter().position(|k| *k == key).unwrap_or(0)].clone();
+        let tag: Option<String> = self
+            .record
+            .arg(&raw)
+            .arg(now_secs())
+            .arg(&queue)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)?;
+        let mut out = vec![Delivery { tag, queue, raw }];
+        if max > 1 {
+            out.extend(self.fetch_now(&keys, &owners, max - 1).await?);
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, tags: &[String]) -> Result<(), BrokerError> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        redis::pipe()
+            .atomic()
+            .zrem(UNACKED_INDEX, tags)
+            .ignore()
+            .hdel(UNACKED, tags)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(cmd_err)
+    }
+
+    async fn restore(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let Some(tag) = &delivery.tag else { return Ok(()) };
+        let priority = serde_json::from_slice::<crate::protocol::Envelope>(&delivery.raw).map_or(0, |e| e.priority());
+        self.restore_tag(tag, &list_for_priority(&delivery.queue, priority), &delivery.raw, "RPUSH").await?;
+        Ok(())
+    }
+
+    async fn touch(&self, tags: &[String]) -> Result<(), BrokerError> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let now = now_secs();
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(UNACKED_INDEX).arg("XX");
+        for t in tags {
+            cmd.arg(now).arg(t);
+        }
+        cmd.query_async::<()>(&mut self.conn()).await.map_err(cmd_err)
+    }
+
+    async fn restore_expired(&self, visibility: Duration) -> Result<usize, BrokerError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut conn = self.conn();
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(UNACKED_MUTEX)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(UNACKED_MUTEX_TTL_MS)
+            .query_async(&mut conn)
+            .await
+            .map_err(cmd_err)?;
+        if locked.is_none() {
+            return Ok(0);
+        }
+        let ceiling = now_secs() - visibility.as_secs_f64();
+        let result = async {
+            let tags: Vec<String> = conn.zrangebyscore(UNACKED_INDEX, "-inf", ceiling).await.map_err(cmd_err)?;
+            let mut restored = 0;
+            for tag in tags {
+                let entry: Option<String> = conn.hget(UNACKED, &tag).await.map_err(cmd_err)?;
+                let Some(entry) = entry else {
+                    let _: () = conn.zrem(UNACKED_INDEX, &tag).await.map_err(cmd_err)?;
+                    continue;
+                };
+                match self.restore_target(&entry).await {
+                    Some((list, raw)) => {
+                        if self.restore_tag(&tag, &list, &raw, "RPUSH").await? {
+                            restored += 1;
+                        }
+                    }
+                    None => tracing::warn!(tag = %tag, "unacked entry is not [envelope, exchange, routing_key]; left alone"),
+                }
+            }
+            Ok::<_, BrokerError>(restored)
+        }
+        .await;
+        let _: Result<i64, _> = self.unlock.key(UNACKED_MUTEX).arg(&token).invoke_async(&mut conn).await;
+        result
+    }
+
+    async fn publish(&self, queue: &str, priority: u8, raw: &[u8]) -> Result<(), BrokerError> {
+        self.conn().lpush::<_, _, ()>(list_for_priority(queue, priority), raw).await.map_err(cmd_err)
+    }
+
+    async fn schedule(&self, queue: &str, priority: u8, raw: &[u8], due: DateTime<Utc>) -> Result<(), BrokerError> {
+        let mut member = list_for_priority(queue, priority).into_bytes();
+        member.extend_from_slice(BAND_SEP.as_bytes());
+        member.extend_from_slice(BAND_SEP.as_bytes());
+        member.extend_from_slice(raw);
+        self.conn().zadd::<_, _, _, ()>(SCHEDULED, member, due.timestamp_millis()).await.map_err(cmd_err)
+    }
+
+    async fn move_due(&self) -> Result<usize, BrokerError> {
+        self.move_due
+            .key(SCHEDULED)
+            .arg(Utc::now().timestamp_millis())
+            .arg(MOVE_DUE_BATCH)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
+        let json = serde_json::to_string(letter).expect("dead letter serializes");
+        self.conn().rpush::<_, _, ()>(DEAD_LETTERS, json).await.map_err(cmd_err)
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError> {
+        let items: Vec<String> = self.conn().lrange(DEAD_LETTERS, 0, -1).await.map_err(cmd_err)?;
+        Ok(items.iter().filter_map(|s| serde_json::from_str(s).ok()).collect())
+    }
+}

@@ -1,0 +1,52 @@
+//! `taskhost result`: read (or wait for) a task's result from the result backend.
+
+use super::serve::{redact, BrokerArgs};
+use super::{current_thread_runtime, CliError};
+use crate::backend;
+use anyhow::{anyhow, Context as _};
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct ResultArgs {
+    /// Task id.
+    pub id: String,
+    /// Wait until the task is ready.
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait with --wait (default: forever).
+    #[arg(long, requires = "wait")]
+    pub timeout: Option<f64>,
+    /// Print the whole stored record as JSON, whatever its state.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+pub fn run(args: ResultArgs) -> Result<(), CliError> {
+    let rt = current_thread_runtime()?;
+    rt.block_on(async {
+        let backend = backend::connect(args.broker.backend_url(), None)
+            .await
+            .with_context(|| format!("connecting to result backend {}", redact(args.broker.backend_url())))
+            .map_err(CliError::Usage)?;
+        let record = if args.wait {
+            Some(backend.wait(&args.id, args.timeout.map(Duration::from_secs_f64)).await.map_err(CliError::failed)?)
+        } else {
+            backend.get(&args.id).await.map_err(CliError::failed)?
+        };
+        let Some(record) = record else {
+            if args.json {
+                println!("{}", serde_json::json!({"status": "PENDING", "result": null, "task_id": args.id}));
+                return Ok(());
+            }
+            return Err(CliError::failed(anyhow!("task {} is PENDING (no result stored)", args.id)));
+        };
+        if args.json {
+            println!("{}", record.to_json(None));
+            return Ok(());
+        }
+        let name = record.extended.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+        super::send::print_outcome(if name.is_empty() { "" } else { &name }, &record)
+    })
+}

@@ -1,0 +1,170 @@
+//! `taskhost send`: publish a task as a Celery client would (`send_task`), optionally
+//! waiting for its result.
+
+use super::serve::{redact, BrokerArgs};
+use super::{current_thread_runtime, CliError};
+use crate::backend::{self, BackendError};
+use crate::broker;
+use crate::protocol::{encode_task, parse_time, OutgoingTask, ResultRecord, State};
+use anyhow::{anyhow, Context as _};
+use chrono::{TimeDelta, Utc};
+use serde_json::{Map, Value};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Task name, e.g. `tasks.add`.
+    pub task: String,
+    /// Positional arguments, a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// Queue to publish to.
+    #[arg(short = 'Q', long, default_value = "celery")]
+    pub queue: String,
+    /// Run no earlier than this many seconds from now.
+    #[arg(long, conflicts_with = "eta")]
+    pub countdown: Option<f64>,
+    /// Run no earlier than this ISO-8601 time.
+    #[arg(long)]
+    pub eta: Option<String>,
+    /// Do not run if still queued this many seconds after sending.
+    #[arg(long)]
+    pub expires: Option<f64>,
+    /// 0 (served first) to 9 (served last), as Celery on Redis.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub priority: u8,
+    /// Task id (default: a new UUID).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Component version requirement, e.g. "^1.2" (header taskhost_version).
+    #[arg(long = "version", value_name = "REQ")]
+    pub version_req: Option<semver::VersionReq>,
+    /// Hard time limit, seconds (message header, overrides the manifest).
+    #[arg(long)]
+    pub time_limit: Option<f64>,
+    /// Soft time limit, seconds.
+    #[arg(long)]
+    pub soft_time_limit: Option<f64>,
+    /// Ask workers to store no result.
+    #[arg(long)]
+    pub ignore_result: bool,
+    /// Send this many copies (new ids), as fast as possible; prints the rate.
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+    /// Wait for the result and print it.
+    #[arg(long, conflicts_with = "ignore_result")]
+    pub wait: bool,
+    /// Seconds to wait with --wait (default: forever).
+    #[arg(long, requires = "wait")]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+fn json_arg(text: &str, flag: &str, array: bool) -> Result<Value, CliError> {
+    let v: Value = serde_json::from_str(text).with_context(|| format!("--{flag} is not valid JSON")).map_err(CliError::Usage)?;
+    if array && !v.is_array() || !array && !v.is_object() {
+        return Err(CliError::usage(anyhow!("--{flag} must be a JSON {}, got {v}", if array { "array" } else { "object" })));
+    }
+    Ok(v)
+}
+
+fn origin() -> String {
+    let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
+    format!("gen{}@{host}", std::process::id())
+}
+
+pub fn run(args: SendArgs) -> Result<(), CliError> {
+    let Value::Array(positional) = json_arg(&args.args, "args", true)? else { unreachable!() };
+    let Value::Object(kwargs) = json_arg(&args.kwargs, "kwargs", false)? else { unreachable!() };
+    let now = Utc::now();
+    let secs = |v: f64, flag: &str| -> Result<TimeDelta, CliError> {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(CliError::usage(anyhow!("{flag} must be a non-negative number of seconds")));
+        }
+        Ok(TimeDelta::from_std(Duration::from_secs_f64(v)).unwrap_or(TimeDelta::MAX))
+    };
+    let eta = match (&args.countdown, &args.eta) {
+        (Some(c), _) => Some(now + secs(*c, "--countdown")?),
+        (None, Some(text)) => Some(parse_time(text).map_err(|e| CliError::usage(anyhow!("--eta: {e}")))?.to_utc()),
+        (None, None) => None,
+    };
+    let expires = args.expires.map(|e| secs(e, "--expires").map(|d| now + d)).transpose()?;
+    let mut extra_headers = Map::new();
+    if let Some(req) = &args.version_req {
+        extra_headers.insert("taskhost_version".into(), Value::from(req.to_string()));
+    }
+    if args.count == 0 {
+        return Err(CliError::usage(anyhow!("--count must be at least 1")));
+    }
+    let mut task = OutgoingTask {
+        task: args.task.clone(),
+        id: args.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        args: positional,
+        kwargs,
+        queue: args.queue.clone(),
+        priority: args.priority,
+        eta,
+        expires,
+        time_limit: (args.time_limit, args.soft_time_limit),
+        ignore_result: args.ignore_result,
+        origin: origin(),
+        extra_headers,
+        ..Default::default()
+    };
+
+    let rt = current_thread_runtime()?;
+    rt.block_on(async {
+        let broker = broker::connect(&args.broker.broker)
+            .await
+            .with_context(|| format!("connecting to broker {}", redact(&args.broker.broker)))
+            .map_err(CliError::Usage)?;
+        if args.count > 1 {
+            let started = Instant::now();
+            for _ in 0..args.count {
+                task.id = uuid::Uuid::new_v4().to_string();
+                broker.publish(&task.queue, task.priority, &encode_task(&task)).await.map_err(CliError::failed)?;
+            }
+            let took = started.elapsed();
+            eprintln!("sent {} tasks in {:.3}s ({:.0}/s)", args.count, took.as_secs_f64(), args.count as f64 / took.as_secs_f64());
+            return Ok(());
+        }
+        broker.publish(&task.queue, task.priority, &encode_task(&task)).await.map_err(CliError::failed)?;
+        if !args.wait {
+            println!("{}", task.id);
+            return Ok(());
+        }
+        let backend = backend::connect(args.broker.backend_url(), None)
+            .await
+            .with_context(|| format!("connecting to result backend {}", redact(args.broker.backend_url())))
+            .map_err(CliError::Usage)?;
+        let timeout = args.timeout.map(Duration::from_secs_f64);
+        let record = backend.wait(&task.id, timeout).await.map_err(|e| match e {
+            BackendError::Timeout { .. } => CliError::failed(anyhow!("{e}")),
+            other => CliError::failed(other),
+        })?;
+        print_outcome(&args.task, &record)
+    })
+}
+
+/// Prints a ready record: the result on stdout, or the error on stderr with exit 1.
+pub fn print_outcome(task: &str, record: &ResultRecord) -> Result<(), CliError> {
+    match record.status {
+        State::Success => {
+            println!("{}", record.result);
+            Ok(())
+        }
+        State::Failure | State::Revoked => {
+            let what = record
+                .exception()
+                .map(|e| format!("{}: {}", e.exc_type, e.message()))
+                .unwrap_or_else(|| record.result.to_string());
+            let state = if record.status == State::Revoked { "was revoked" } else { "failed" };
+            Err(CliError::failed(anyhow!("task {task} [{}] {state}: {what}", record.task_id)))
+        }
+        other => Err(CliError::failed(anyhow!("task {task} [{}] is {other:?}", record.task_id))),
+    }
+}

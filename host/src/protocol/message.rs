@@ -1,0 +1,506 @@
+//! Task messages: kombu's Redis envelope (base64 body, headers, properties) around a
+//! Celery protocol v2 body `[args, kwargs, embed]`.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use chrono::{DateTime, FixedOffset, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::io::Read;
+
+/// kombu joins a queue name and its priority band with these two bytes.
+pub const BAND_SEP: &str = "\x06\x16";
+/// The four priority bands of a queue, in the order they are served (0 first).
+pub const PRIORITY_BANDS: [u8; 4] = [0, 3, 6, 9];
+
+/// The band a priority falls in: the largest of 0/3/6/9 not above it.
+pub fn band_for_priority(priority: u8) -> u8 {
+    match priority {
+        0..=2 => 0,
+        3..=5 => 3,
+        6..=8 => 6,
+        _ => 9,
+    }
+}
+
+/// The Redis list holding `queue`'s messages of `priority`.
+pub fn list_for_priority(queue: &str, priority: u8) -> String {
+    match band_for_priority(priority) {
+        0 => queue.to_string(),
+        band => format!("{queue}{BAND_SEP}{band}"),
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ProtocolError {
+    #[error("envelope is not JSON: {0}")]
+    Envelope(String),
+    #[error("unsupported content type {0:?} (only application/json is accepted)")]
+    ContentType(String),
+    #[error("unsupported body encoding {0:?}")]
+    BodyEncoding(String),
+    #[error("body is not valid base64: {0}")]
+    Base64(String),
+    #[error("unsupported compression {0:?}")]
+    Compression(String),
+    #[error("body does not decompress: {0}")]
+    Decompress(String),
+    #[error("body is not [args, kwargs, embed] JSON: {0}")]
+    Body(String),
+    #[error("message has no {0} header (protocol v1 messages are not supported)")]
+    MissingHeader(&'static str),
+    #[error("header {name} is invalid: {reason}")]
+    BadHeader { name: &'static str, reason: String },
+}
+
+/// kombu's Redis envelope; unknown keys are kept so re-publishing loses nothing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope {
+    pub body: String,
+    #[serde(rename = "content-encoding", default)]
+    pub content_encoding: Option<String>,
+    #[serde(rename = "content-type", default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Envelope {
+    pub fn delivery_tag(&self) -> Option<&str> {
+        self.properties.get("delivery_tag").and_then(Value::as_str)
+    }
+
+    pub fn priority(&self) -> u8 {
+        self.properties.get("priority").and_then(Value::as_u64).map_or(0, |p| p.min(255) as u8)
+    }
+
+    pub fn routing_key(&self) -> Option<&str> {
+        self.properties.get("delivery_info").and_then(|d| d.get("routing_key")).and_then(Value::as_str)
+    }
+}
+
+/// The envelope with kombu's redelivery marks set (`headers.redelivered` and
+/// `properties.delivery_info.redelivered`); `None` if it is not a JSON object.
+pub fn mark_redelivered(raw: &[u8]) -> Option<Vec<u8>> {
+    let mut env: Value = serde_json::from_slice(raw).ok()?;
+    let obj = env.as_object_mut()?;
+    if let Some(Value::Object(h)) = obj.get_mut("headers") {
+        h.insert("redelivered".into(), Value::Bool(true));
+    }
+    if let Some(Value::Object(p)) = obj.get_mut("properties") {
+        match p.get_mut("delivery_info") {
+            Some(Value::Object(d)) => {
+                d.insert("redelivered".into(), Value::Bool(true));
+            }
+            _ => {
+                p.insert("delivery_info".into(), serde_json::json!({"redelivered": true}));
+            }
+        }
+    }
+    serde_json::to_vec(&env).ok()
+}
+
+/// A signature as Celery embeds it (`add.s(2, 2)`): chain steps, callbacks, chord bodies.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Signature {
+    pub task: String,
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+    #[serde(default)]
+    pub options: Map<String, Value>,
+    #[serde(default)]
+    pub subtask_type: Option<String>,
+    #[serde(default)]
+    pub immutable: bool,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The third element of the body: workflow links.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Embed {
+    #[serde(default)]
+    pub callbacks: Option<Vec<Signature>>,
+    #[serde(default)]
+    pub errbacks: Option<Vec<Signature>>,
+    #[serde(default)]
+    pub chain: Option<Vec<Signature>>,
+    #[serde(default)]
+    pub chord: Option<Signature>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The protocol v2 headers a worker acts on.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TaskHeaders {
+    pub task: String,
+    pub id: String,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub group: Option<String>,
+    pub group_index: Option<u64>,
+    pub retries: u32,
+    pub eta: Option<DateTime<FixedOffset>>,
+    pub expires: Option<DateTime<FixedOffset>>,
+    /// `[hard, soft]` seconds.
+    pub time_limit: (Option<f64>, Option<f64>),
+    /// `None` from `send_task`, which means "the task's default".
+    pub ignore_result: Option<bool>,
+    /// taskhost's own header: a semver requirement for the component.
+    pub version_req: Option<String>,
+    pub shadow: Option<String>,
+    pub redelivered: bool,
+}
+
+/// A decoded task message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub envelope: Envelope,
+    pub headers: TaskHeaders,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub embed: Embed,
+}
+
+fn header_str(h: &Map<String, Value>, name: &'static str) -> Result<Option<String>, ProtocolError> {
+    match h.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(ProtocolError::BadHeader { name, reason: format!("expected a string, got {other}") }),
+    }
+}
+
+fn header_time(h: &Map<String, Value>, name: &'static str) -> Result<Option<DateTime<FixedOffset>>, ProtocolError> {
+    match header_str(h, name)? {
+        None => Ok(None),
+        Some(text) => parse_time(&text)
+            .map(Some)
+            .map_err(|reason| ProtocolError::BadHeader { name, reason }),
+    }
+}
+
+/// ISO-8601 as Python writes it; a naive time is taken as UTC (Celery's default).
+pub fn parse_time(text: &str) -> Result<DateTime<FixedOffset>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                .map(|n| n.and_utc().fixed_offset())
+        })
+        .map_err(|e| format!("{text:?} is not an ISO-8601 time: {e}"))
+}
+
+fn header_limit(v: Option<&Value>) -> Option<f64> {
+    v.and_then(Value::as_f64).filter(|s| *s > 0.0 && s.is_finite())
+}
+
+impl TaskHeaders {
+    fn from_map(h: &Map<String, Value>) -> Result<TaskHeaders, ProtocolError> {
+        let task = header_str(h, "task")?.ok_or(ProtocolError::MissingHeader("task"))?;
+        let id = header_str(h, "id")?.ok_or(ProtocolError::MissingHeader("id"))?;
+        let retries = match h.get("retries") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v.as_u64().map(|r| r.min(u32::MAX as u64) as u32).ok_or_else(|| ProtocolError::BadHeader {
+                name: "retries",
+                reason: format!("expected a count, got {v}"),
+            })?,
+        };
+        let time_limit = match h.get("timelimit") {
+            Some(Value::Array(pair)) => (header_limit(pair.first()), header_limit(pair.get(1))),
+            _ => (None, None),
+        };
+        Ok(TaskHeaders {
+            task,
+            id,
+            root_id: header_str(h, "root_id")?,
+            parent_id: header_str(h, "parent_id")?,
+            group: header_str(h, "group")?,
+            group_index: h.get("group_index").and_then(Value::as_u64),
+            retries,
+            eta: header_time(h, "eta")?,
+            expires: header_time(h, "expires")?,
+            time_limit,
+            ignore_result: h.get("ignore_result").and_then(Value::as_bool),
+            version_req: header_str(h, "taskhost_version")?,
+            shadow: header_str(h, "shadow")?,
+            redelivered: h.get("redelivered").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+}
+
+/// Decodes one list element as popped from Redis.
+pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
+    let envelope: Envelope = serde_json::from_slice(raw).map_err(|e| ProtocolError::Envelope(e.to_string()))?;
+    let content_type = envelope.content_type.as_deref().unwrap_or("");
+    if content_type != "application/json" {
+        return Err(ProtocolError::ContentType(content_type.to_string()));
+    }
+    let body_encoding = envelope.properties.get("body_encoding").and_then(Value::as_str).unwrap_or("base64");
+    let mut body = match body_encoding {
+        "base64" => BASE64.decode(envelope.body.as_bytes()).map_err(|e| ProtocolError::Base64(e.to_string()))?,
+        other => return Err(ProtocolError::BodyEncoding(other.to_string())),
+    };
+    match envelope.headers.get("compression").and_then(Value::as_str) {
+        None => {}
+        // kombu labels zlib data "application/x-gzip"; both names mean zlib here.
+        Some("application/x-gzip" | "zlib") => {
+            let mut out = Vec::new();
+            flate2::read::ZlibDecoder::new(&body[..])
+                .take(64 << 20)
+                .read_to_end(&mut out)
+                .map_err(|e| ProtocolError::Decompress(e.to_string()))?;
+            body = out;
+        }
+        Some(other) => return Err(ProtocolError::Compression(other.to_string())),
+    }
+    let (args, kwargs, embed): (Vec<Value>, Map<String, Value>, Option<Embed>) =
+        serde_json::from_slice(&body).map_err(|e| ProtocolError::Body(e.to_string()))?;
+    let headers = TaskHeaders::from_map(&envelope.headers)?;
+    Ok(Decoded { envelope, headers, args, kwargs, embed: embed.unwrap_or_default() })
+}
+
+/// A task to publish: what `send_task`/`apply_async` would put on the wire.
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingTask {
+    pub task: String,
+    pub id: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub embed: Embed,
+    pub queue: String,
+    pub priority: u8,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    pub retries: u32,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub group: Option<String>,
+    pub group_index: Option<u64>,
+    pub time_limit: (Option<f64>, Option<f64>),
+    pub ignore_result: bool,
+    pub origin: String,
+    /// Extra top-level headers (e.g. `taskhost_version`), kept when re-publishing.
+    pub extra_headers: Map<String, Value>,
+}
+
+fn iso(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+}
+
+fn python_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
+        Value::Array(items) => format!("[{}]", items.iter().map(python_repr).collect::<Vec<_>>().join(", ")),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter().map(|(k, v)| format!("'{k}': {}", python_repr(v))).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// `argsrepr`-style text of positional args: a Python tuple.
+pub fn args_repr(args: &[Value]) -> String {
+    match args.len() {
+        1 => format!("({},)", python_repr(&args[0])),
+        _ => format!("({})", args.iter().map(python_repr).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+pub fn kwargs_repr(kwargs: &Map<String, Value>) -> String {
+    python_repr(&Value::Object(kwargs.clone()))
+}
+
+/// Encodes a task as the list element `LPUSH`ed to its queue.
+pub fn encode_task(t: &OutgoingTask) -> Vec<u8> {
+    let body = serde_json::to_vec(&(&t.args, &t.kwargs, &t.embed)).expect("JSON values serialize");
+    let mut headers = t.extra_headers.clone();
+    let root = t.root_id.clone().unwrap_or_else(|| t.id.clone());
+    for (k, v) in [
+        ("lang", Value::from("py")),
+        ("task", Value::from(t.task.clone())),
+        ("id", Value::from(t.id.clone())),
+        ("shadow", Value::Null),
+        ("eta", t.eta.as_ref().map_or(Value::Null, |e| Value::from(iso(e)))),
+        ("expires", t.expires.as_ref().map_or(Value::Null, |e| Value::from(iso(e)))),
+        ("group", t.group.clone().map_or(Value::Null, Value::from)),
+        ("group_index", t.group_index.map_or(Value::Null, Value::from)),
+        ("retries", Value::from(t.retries)),
+        ("timelimit", serde_json::json!([t.time_limit.0, t.time_limit.1])),
+        ("root_id", Value::from(root)),
+        ("parent_id", t.parent_id.clone().map_or(Value::Null, Value::from)),
+        ("argsrepr", Value::from(args_repr(&t.args))),
+        ("kwargsrepr", Value::from(kwargs_repr(&t.kwargs))),
+        ("origin", Value::from(t.origin.clone())),
+        ("ignore_result", Value::from(t.ignore_result)),
+    ] {
+        headers.entry(k.to_string()).or_insert(v);
+    }
+    // Values a re-publish must change even when carried over in extra_headers.
+    for (k, v) in [
+        ("task", Value::from(t.task.clone())),
+        ("id", Value::from(t.id.clone())),
+        ("retries", Value::from(t.retries)),
+        ("eta", t.eta.as_ref().map_or(Value::Null, |e| Value::from(iso(e)))),
+        ("parent_id", t.parent_id.clone().map_or(Value::Null, Value::from)),
+    ] {
+        headers.insert(k.to_string(), v);
+    }
+    headers.remove("redelivered");
+    let mut properties = Map::new();
+    properties.insert("correlation_id".into(), Value::from(t.id.clone()));
+    properties.insert("reply_to".into(), Value::Null);
+    properties.insert("delivery_mode".into(), Value::from(2));
+    properties.insert("delivery_info".into(), serde_json::json!({"exchange": "", "routing_key": t.queue}));
+    properties.insert("priority".into(), Value::from(t.priority));
+    properties.insert("body_encoding".into(), Value::from("base64"));
+    properties.insert("delivery_tag".into(), Value::from(uuid::Uuid::new_v4().to_string()));
+    let envelope = Envelope {
+        body: BASE64.encode(body),
+        content_encoding: Some("utf-8".into()),
+        content_type: Some("application/json".into()),
+        headers,
+        properties,
+        extra: Map::new(),
+    };
+    serde_json::to_vec(&envelope).expect("envelope serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `add.delay(2, 3)` as captured from Celery 5.7 (celery-wire.md §1).
+    const CAPTURED: &str = r#"{"body": "W1syLCAzXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d",
+ "content-encoding": "utf-8", "content-type": "application/json",
+ "headers": {"lang": "py", "task": "tasks.add", "id": "513c83cc-0000", "shadow": null, "eta": null,
+   "expires": null, "group": null, "group_index": null, "retries": 0, "timelimit": [null, null],
+   "root_id": "513c83cc-0000", "parent_id": null, "argsrepr": "(2, 3)", "kwargsrepr": "{}",
+   "origin": "gen15243@vm", "ignore_result": false, "replaced_task_nesting": 0,
+   "stamped_headers": null, "stamps": {}},
+ "properties": {"correlation_id": "513c83cc-0000", "reply_to": "34e2033c-5cab-3722",
+   "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": "celery"},
+   "priority": 0, "body_encoding": "base64", "delivery_tag": "83745a5f-0000"}}"#;
+
+    #[test]
+    fn decodes_a_captured_celery_message() {
+        let d = decode(CAPTURED.as_bytes()).unwrap();
+        assert_eq!(d.headers.task, "tasks.add");
+        assert_eq!(d.headers.id, "513c83cc-0000");
+        assert_eq!(d.headers.root_id.as_deref(), Some("513c83cc-0000"));
+        assert_eq!(d.headers.ignore_result, Some(false));
+        assert_eq!(d.args, vec![Value::from(2), Value::from(3)]);
+        assert!(d.kwargs.is_empty());
+        assert_eq!(d.embed, Embed::default());
+        assert_eq!(d.envelope.delivery_tag(), Some("83745a5f-0000"));
+        assert_eq!(d.envelope.routing_key(), Some("celery"));
+        assert_eq!(d.envelope.headers["stamps"], serde_json::json!({}), "unknown headers are kept");
+    }
+
+    #[test]
+    fn decodes_zlib_bodies_labelled_gzip_and_options() {
+        use flate2::write::ZlibEncoder;
+        use std::io::Write;
+        let body = br#"[[1], {"y": 7}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+        let mut z = ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(body).unwrap();
+        let env = serde_json::json!({
+            "body": BASE64.encode(z.finish().unwrap()), "content-type": "application/json",
+            "content-encoding": "utf-8",
+            "headers": {"task": "tasks.add", "id": "x", "compression": "application/x-gzip", "retries": 2,
+                        "eta": "2026-11-24T17:01:46.843993+00:00", "expires": "2026-11-24T17:02:46.843993+00:00",
+                        "timelimit": [10, 5], "ignore_result": null, "taskhost_version": "^1.2"},
+            "properties": {"priority": 5, "delivery_tag": "t", "body_encoding": "base64"}
+        });
+        let d = decode(env.to_string().as_bytes()).unwrap();
+        assert_eq!(d.args, vec![Value::from(1)]);
+        assert_eq!(d.kwargs["y"], 7);
+        assert_eq!(d.headers.retries, 2);
+        assert_eq!(d.headers.time_limit, (Some(10.0), Some(5.0)));
+        assert_eq!(d.headers.ignore_result, None);
+        assert_eq!(d.headers.version_req.as_deref(), Some("^1.2"));
+        assert_eq!(d.headers.eta.unwrap().to_rfc3339(), "2026-11-24T17:01:46.843993+00:00");
+        assert_eq!(d.envelope.priority(), 5);
+    }
+
+    #[test]
+    fn malformed_messages_are_typed_errors() {
+        assert!(matches!(decode(b"not json"), Err(ProtocolError::Envelope(_))));
+        let pickle = r#"{"body": "gAR9", "content-type": "application/x-python-serialize", "headers": {}, "properties": {}}"#;
+        assert_eq!(
+            decode(pickle.as_bytes()).unwrap_err().to_string(),
+            "unsupported content type \"application/x-python-serialize\" (only application/json is accepted)"
+        );
+        let bad64 = r#"{"body": "%%%", "content-type": "application/json", "headers": {}, "properties": {}}"#;
+        assert!(matches!(decode(bad64.as_bytes()), Err(ProtocolError::Base64(_))));
+        let v1 = format!(
+            r#"{{"body": "{}", "content-type": "application/json", "headers": {{}}, "properties": {{}}}}"#,
+            BASE64.encode(r#"[[], {}, {}]"#)
+        );
+        assert_eq!(
+            decode(v1.as_bytes()).unwrap_err().to_string(),
+            "message has no task header (protocol v1 messages are not supported)"
+        );
+        let not_body = format!(
+            r#"{{"body": "{}", "content-type": "application/json", "headers": {{"task": "t", "id": "i"}}, "properties": {{}}}}"#,
+            BASE64.encode(r#"{"args": []}"#)
+        );
+        assert!(matches!(decode(not_body.as_bytes()), Err(ProtocolError::Body(_))));
+    }
+
+    #[test]
+    fn encoded_tasks_decode_back_and_look_like_celery() {
+        let t = OutgoingTask {
+            task: "tasks.add".into(),
+            id: "abc".into(),
+            args: vec![Value::from(2), Value::from("x")],
+            kwargs: serde_json::json!({"y": true}).as_object().unwrap().clone(),
+            queue: "other".into(),
+            priority: 5,
+            eta: Some(DateTime::parse_from_rfc3339("2026-11-24T17:01:46.843993+00:00").unwrap().to_utc()),
+            origin: "gen1@box".into(),
+            ..Default::default()
+        };
+        let raw = encode_task(&t);
+        let d = decode(&raw).unwrap();
+        assert_eq!(d.headers.id, "abc");
+        assert_eq!(d.headers.root_id.as_deref(), Some("abc"));
+        assert_eq!(d.envelope.headers["argsrepr"], "(2, 'x')");
+        assert_eq!(d.envelope.headers["kwargsrepr"], "{'y': True}");
+        assert_eq!(d.envelope.headers["eta"], "2026-11-24T17:01:46.843993+00:00");
+        assert_eq!(d.envelope.priority(), 5);
+        assert_eq!(d.envelope.routing_key(), Some("other"));
+        assert_eq!(d.embed, Embed::default());
+        let body: Value = serde_json::from_slice(&BASE64.decode(&d.envelope.body).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!([[2, "x"], {"y": true}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}])
+        );
+    }
+
+    #[test]
+    fn redelivered_marks_are_set_and_the_rest_kept() {
+        let marked = mark_redelivered(CAPTURED.as_bytes()).unwrap();
+        let v: Value = serde_json::from_slice(&marked).unwrap();
+        assert_eq!(v["headers"]["redelivered"], true);
+        assert_eq!(v["properties"]["delivery_info"]["redelivered"], true);
+        assert_eq!(v["properties"]["delivery_info"]["routing_key"], "celery");
+        assert_eq!(v["properties"]["delivery_tag"], "83745a5f-0000");
+        assert!(mark_redelivered(b"[1]").is_none());
+    }
+
+    #[test]
+    fn priorities_map_to_kombu_bands() {
+        let lists: Vec<String> = [0u8, 2, 3, 5, 6, 8, 9, 200].iter().map(|p| list_for_priority("q", *p)).collect();
+        assert_eq!(lists, ["q", "q", "q\x06\x163", "q\x06\x163", "q\x06\x166", "q\x06\x166", "q\x06\x169", "q\x06\x169"]);
+    }
+}

@@ -1,0 +1,648 @@
+//! The consume → execute → ack loop of one worker process: prefetch bounded by the
+//! messages it holds, N sandboxes at once, acks after the outcome is stored, ETA parking,
+//! expiry, retries, dead letters, visibility refresh and sweeps, and a graceful drain.
+//!
+//! Single-threaded by design (see design.md, process model): everything here runs on
+//! one `LocalSet`, so shared state is `Rc`/`RefCell`, never a lock.
+
+pub mod outcome;
+pub mod retry;
+
+use crate::backend::{BackendError, ResultBackend};
+use crate::broker::{Broker, BrokerError, DeadLetter, Delivery};
+use crate::protocol::{self, encode_task, Decoded, ExceptionInfo, OutgoingTask, ResultRecord};
+use crate::registry::{AutoRetry, Registry, TaskVersion};
+use crate::runtime::{Progress, RunControl, Runtime, TaskError, TaskInput, TaskLimits, TaskRun};
+use chrono::Utc;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify, Semaphore};
+
+/// Celery's `worker_prefetch_multiplier`.
+pub const DEFAULT_PREFETCH_MULTIPLIER: usize = 4;
+/// kombu's `visibility_timeout` default.
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a fetch blocks on empty queues: bounds how late a drain starts.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// kombu sweeps every 100 s (`unacked_restore_interval` 10 × throttle 10).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(100);
+/// How often parked (ETA) messages are checked: the lateness bound of an ETA.
+const MOVE_DUE_INTERVAL: Duration = Duration::from_millis(100);
+/// Give up storing an outcome after this long; the message stays unacked and is
+/// redelivered after the visibility timeout.
+const STORE_GIVE_UP: Duration = Duration::from_secs(60);
+/// An ETA this close counts as due.
+const ETA_SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Node name, `name@host`, as Celery shows workers.
+    pub node_name: String,
+    pub queues: Vec<String>,
+    /// Sandboxes running at once.
+    pub concurrency: usize,
+    pub prefetch_multiplier: usize,
+    pub visibility_timeout: Duration,
+    /// On shutdown, how long running tasks may finish before they are stopped and requeued.
+    pub shutdown_grace: Duration,
+    /// Write STARTED before running (Celery's `task_track_started`).
+    pub track_started: bool,
+}
+
+impl WorkerConfig {
+    pub fn prefetch_limit(&self) -> usize {
+        (self.concurrency * self.prefetch_multiplier.max(1)).max(1)
+    }
+}
+
+/// Counts for the banner, `stats` and tests.
+#[derive(Debug, Default, Clone)]
+pub struct WorkerStats {
+    pub processed: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub restored_on_shutdown: u64,
+    pub per_task: HashMap<String, u64>,
+}
+
+pub struct Worker {
+    cfg: WorkerConfig,
+    registry: Arc<Registry>,
+    runtime: Arc<Runtime>,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    slots: Semaphore,
+    /// Tags of messages fetched and not yet acked or restored.
+    held: RefCell<HashSet<String>>,
+    in_progress: Cell<usize>,
+    slot_freed: Notify,
+    draining: watch::Sender<bool>,
+    /// Set once the grace period ends: a run stopped now is requeued, not REVOKED.
+    killing: Cell<bool>,
+    running: RefCell<HashMap<String, Arc<RunControl>>>,
+    stats: RefCell<WorkerStats>,
+    pid: u32,
+}
+
+/// Decrements the in-progress count when a message's handling ends, however it ends.
+struct InProgress(Rc<Worker>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.in_progress.set(self.0.in_progress.get() - 1);
+        self.0.slot_freed.notify_one();
+    }
+}
+
+impl Worker {
+    pub fn new(
+        cfg: WorkerConfig,
+        registry: Arc<Registry>,
+        runtime: Arc<Runtime>,
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+    ) -> Rc<Worker> {
+        Rc::new(Worker {
+            slots: Semaphore::new(cfg.concurrency.max(1)),
+            cfg,
+            registry,
+            runtime,
+            broker,
+            backend,
+            held: RefCell::default(),
+            in_progress: Cell::new(0),
+            slot_freed: Notify::new(),
+            draining: watch::channel(false).0,
+            killing: Cell::new(false),
+            running: RefCell::default(),
+            stats: RefCell::default(),
+            pid: std::process::id(),
+        })
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        self.stats.borrow().clone()
+    }
+
+    /// Revokes a running task (stops it within an epoch tick); false if it is not running here.
+    pub fn terminate(&self, task_id: &str) -> bool {
+        match self.running.borrow().get(task_id) {
+            Some(control) => {
+                control.revoke();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Consumes until `shutdown` resolves, then drains. Must run inside a `LocalSet`.
+    pub async fn run(self: Rc<Self>, shutdown: impl Future<Output = ()>) -> WorkerStats {
+        let housekeeping = tokio::task::spawn_local(self.clone().housekeeping());
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        let mut queues = self.cfg.queues.clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let room = self.cfg.prefetch_limit().saturating_sub(self.in_progress.get());
+            if room == 0 {
+                tokio::select! {
+                    _ = self.slot_freed.notified() => continue,
+                    _ = &mut shutdown => break,
+                }
+            }
+            // A fetch is never cancelled mid-flight: a popped message must not be dropped.
+            let fetched = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                fetched = self.broker.fetch(&queues, room, FETCH_WAIT) => fetched,
+            };
+            match fetched {
+                Ok(deliveries) => {
+                    backoff = Duration::from_millis(100);
+                    for d in deliveries {
+                        if let Some(tag) = &d.tag {
+                            self.held.borrow_mut().insert(tag.clone());
+                        }
+                        self.in_progress.set(self.in_progress.get() + 1);
+                        tasks.spawn_local(self.clone().handle(d));
+                    }
+                    // Round robin across queues, as kombu does.
+                    if queues.len() > 1 {
+                        queues.rotate_left(1);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("fetch failed, retrying in {:?}: {e}", backoff);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut shutdown => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        self.drain(tasks).await;
+        housekeeping.abort();
+        self.stats()
+    }
+
+    async fn drain(&self, mut tasks: tokio::task::JoinSet<()>) {
+        tracing::info!(in_progress = self.in_progress.get(), grace = ?self.cfg.shutdown_grace, "draining: no new messages; waiting for running tasks");
+        let _ = self.draining.send(true);
+        let deadline = tokio::time::sleep(self.cfg.shutdown_grace);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline, if !self.killing.get() => {
+                    tracing::warn!(running = self.running.borrow().len(), "grace period over: stopping running tasks and requeueing them");
+                    self.killing.set(true);
+                    for control in self.running.borrow().values() {
+                        control.revoke();
+                    }
+                }
+            }
+        }
+        let restored = self.stats.borrow().restored_on_shutdown;
+        tracing::info!(restored, "drained");
+    }
+
+    async fn housekeeping(self: Rc<Self>) {
+        let touch_every = (self.cfg.visibility_timeout / 4).min(Duration::from_secs(60)).max(Duration::from_millis(100));
+        let mut last_touch = Instant::now();
+        let mut last_sweep: Option<Instant> = None;
+        let mut tick = tokio::time::interval(MOVE_DUE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            loop {
+                match self.broker.move_due().await {
+                    Ok(n) if n >= 500 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!("moving due ETA messages failed: {e}");
+                        break;
+                    }
+                }
+            }
+            if last_touch.elapsed() >= touch_every {
+                last_touch = Instant::now();
+                let tags: Vec<String> = self.held.borrow().iter().cloned().collect();
+                if let Err(e) = self.broker.touch(&tags).await {
+                    tracing::warn!("refreshing held messages failed: {e}");
+                }
+            }
+            if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_INTERVAL) {
+                last_sweep = Some(Instant::now());
+                match self.broker.restore_expired(self.cfg.visibility_timeout).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(restored = n, "restored messages past the visibility timeout"),
+                    Err(e) => tracing::warn!("visibility sweep failed: {e}"),
+                }
+            }
+        }
+    }
+
+    async fn handle(self: Rc<Self>, delivery: Delivery) {
+        let _in_progress = InProgress(self.clone());
+        let decoded = match protocol::decode(&delivery.raw) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(queue = %delivery.queue, "undecodable message dead-lettered: {e}");
+                self.dead_letter(&delivery, None, format!("undecodable message: {e}")).await;
+                self.ack(&delivery).await;
+                return;
+            }
+        };
+        let h = &decoded.headers;
+        let now = Utc::now();
+        let resolved = self.registry.resolve(&h.task, None);
+        let ignore_result = h
+            .ignore_result
+            .or_else(|| resolved.as_ref().ok().and_then(|tv| tv.manifest.ignore_result))
+            .unwrap_or(false);
+
+        if h.expires.is_some_and(|e| e.to_utc() <= now) {
+            tracing::info!(task = %h.task, id = %h.id, "expired before it ran; revoked");
+            if !ignore_result {
+                let mut record = ResultRecord::revoked(&h.id, "expired");
+                link_fields(&mut record, &decoded);
+                self.store(&record, None).await;
+            }
+            self.ack(&delivery).await;
+            return;
+        }
+        if let Some(eta) = h.eta.map(|e| e.to_utc()).filter(|e| *e > now + ETA_SLACK) {
+            // Parked on the broker, not held here: an ETA past the visibility timeout
+            // can never run twice, and a restart forgets nothing.
+            match self.broker.schedule(&delivery.queue, decoded.envelope.priority(), &delivery.raw, eta).await {
+                Ok(()) => self.ack(&delivery).await,
+                Err(e) => {
+                    tracing::warn!(id = %h.id, "parking ETA message failed, returning it: {e}");
+                    self.restore(&delivery).await;
+                }
+            }
+            return;
+        }
+        let requirement = match h.version_req.as_deref().map(semver::VersionReq::parse) {
+            None => None,
+            Some(Ok(req)) => Some(req),
+            Some(Err(e)) => {
+                let reason = format!("header taskhost_version is not a semver requirement: {e}");
+                self.fail_unrunnable(&delivery, &decoded, "taskhost", "BadVersionRequirement", reason, ignore_result).await;
+                return;
+            }
+        };
+        let task = match self.registry.resolve(&h.task, requirement.as_ref()) {
+            Ok(tv) => tv,
+            Err(e) => {
+                tracing::warn!(task = %h.task, id = %h.id, "{e}");
+                self.fail_unrunnable(&delivery, &decoded, "celery.exceptions", "NotRegistered", e.to_string(), ignore_result).await;
+                return;
+            }
+        };
+
+        let mut draining = self.draining.subscribe();
+        let permit = tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => None,
+            permit = self.slots.acquire() => permit.ok(),
+        };
+        if permit.is_none() || *self.draining.borrow() {
+            self.restore(&delivery).await;
+            self.stats.borrow_mut().restored_on_shutdown += 1;
+            return;
+        }
+        self.execute(&delivery, &decoded, &task, ignore_result).await;
+    }
+
+    async fn execute(&self, delivery: &Delivery, decoded: &Decoded, task: &Arc<TaskVersion>, ignore_result: bool) {
+        let h = &decoded.headers;
+        let acks_late = task.manifest.acks_late.unwrap_or(true);
+        if !acks_late {
+            self.ack(delivery).await;
+        }
+        if self.cfg.track_started && !ignore_result {
+            let mut started = ResultRecord::started(&h.id, self.pid, &self.cfg.node_name);
+            link_fields(&mut started, decoded);
+            self.store(&started, None).await;
+        }
+        let limits = limits_for(task, h.time_limit);
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let control = Arc::new(RunControl::with_progress(progress_tx));
+        self.running.borrow_mut().insert(h.id.clone(), control.clone());
+        let input = TaskInput {
+            id: h.id.clone(),
+            name: h.task.clone(),
+            retries: h.retries,
+            queue: delivery.queue.clone(),
+            eta: h.eta.map(|e| e.to_rfc3339()),
+            parent_id: h.parent_id.clone(),
+            root_id: h.root_id.clone(),
+            args: serde_json::to_string(&decoded.args).expect("JSON values serialize"),
+            kwargs: serde_json::to_string(&decoded.kwargs).expect("JSON values serialize"),
+        };
+        let version = task.version.to_string();
+        let run = {
+            let running = self.runtime.run(&task.component, &version, &input, &limits, control);
+            tokio::pin!(running);
+            loop {
+                tokio::select! {
+                    biased;
+                    run = &mut running => break run,
+                    Some(p) = progress_rx.recv() => self.store_progress(p, ignore_result).await,
+                }
+            }
+        };
+        while let Ok(p) = progress_rx.try_recv() {
+            self.store_progress(p, ignore_result).await;
+        }
+        self.running.borrow_mut().remove(&h.id);
+        if self.killing.get() && run.result == Err(TaskError::Revoked) {
+            // Stopped by the shutdown, not by a user: it runs again elsewhere.
+            self.restore(delivery).await;
+            self.stats.borrow_mut().restored_on_shutdown += 1;
+            return;
+        }
+        self.finish(delivery, decoded, task, run, ignore_result, acks_late).await;
+    }
+
+    async fn finish(
+        &self,
+        delivery: &Delivery,
+        decoded: &Decoded,
+        task: &TaskVersion,
+        run: TaskRun,
+        ignore_result: bool,
+        acks_late: bool,
+    ) {
+        let h = &decoded.headers;
+        {
+            let mut stats = self.stats.borrow_mut();
+            stats.processed += 1;
+            *stats.per_task.entry(h.task.clone()).or_default() += 1;
+        }
+        if !run.stdout.text.is_empty() || !run.stderr.text.is_empty() {
+            tracing::debug!(task = %h.task, id = %h.id, stdout = %run.stdout.text, stderr = %run.stderr.text, "guest output");
+        }
+        let version = task.version.to_string();
+        let error = match run.result {
+            Ok(json) => {
+                let value: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
+                tracing::debug!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "succeeded: {json}");
+                self.stats.borrow_mut().succeeded += 1;
+                let mut record = ResultRecord::success(&h.id, value);
+                link_fields(&mut record, decoded);
+                let stored = ignore_result || self.store(&record, None).await;
+                if stored && acks_late {
+                    self.ack(delivery).await;
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let retry_reason = match &error {
+            TaskError::Retry { reason, countdown } => Some((reason.clone(), *countdown)),
+            TaskError::Trap { .. } if task.manifest.autoretry.contains(&AutoRetry::Trap) => Some((error.to_string(), None)),
+            TaskError::TimeLimit { .. } if task.manifest.autoretry.contains(&AutoRetry::TimeLimit) => {
+                Some((error.to_string(), None))
+            }
+            TaskError::MemoryLimit { .. } if task.manifest.autoretry.contains(&AutoRetry::MemoryLimit) => {
+                Some((error.to_string(), None))
+            }
+            _ => None,
+        };
+        let max_retries = task.manifest.max_retries.unwrap_or(retry::DEFAULT_MAX_RETRIES);
+        if let Some((reason, countdown)) = retry_reason {
+            if h.retries < max_retries {
+                self.retry(delivery, decoded, task, &reason, countdown, ignore_result, acks_late).await;
+                return;
+            }
+            let exc = outcome::max_retries_exceeded(
+                &h.task,
+                &h.id,
+                &protocol::args_repr(&decoded.args),
+                &protocol::kwargs_repr(&decoded.kwargs),
+            );
+            let traceback = format!("taskhost: {}@{version}: retries exhausted ({max_retries}); last: {reason}", h.task);
+            tracing::warn!(task = %h.task, id = %h.id, "{}", exc.message());
+            self.dead_letter(delivery, Some(decoded), format!("max retries ({max_retries}) exceeded: {reason}")).await;
+            self.fail(delivery, decoded, &exc, traceback, ignore_result, acks_late).await;
+            return;
+        }
+        if error == TaskError::Revoked {
+            tracing::info!(task = %h.task, id = %h.id, "terminated by revoke");
+            let mut record = ResultRecord::revoked(&h.id, "terminated");
+            link_fields(&mut record, decoded);
+            let stored = ignore_result || self.store(&record, None).await;
+            if stored && acks_late {
+                self.ack(delivery).await;
+            }
+            return;
+        }
+        tracing::info!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "failed: {error}");
+        if let TaskError::Reject { reason } = &error {
+            self.dead_letter(delivery, Some(decoded), format!("rejected by the task: {reason}")).await;
+        }
+        let exc = outcome::exception_for(&error);
+        let traceback = outcome::traceback_for(&h.task, &version, &error, &run.stderr.text);
+        self.fail(delivery, decoded, &exc, traceback, ignore_result, acks_late).await;
+    }
+
+    async fn fail(
+        &self,
+        delivery: &Delivery,
+        decoded: &Decoded,
+        exc: &ExceptionInfo,
+        traceback: String,
+        ignore_result: bool,
+        acks_late: bool,
+    ) {
+        self.stats.borrow_mut().failed += 1;
+        let mut record = ResultRecord::failure(&decoded.headers.id, exc, Some(traceback));
+        link_fields(&mut record, decoded);
+        let stored = ignore_result || self.store(&record, None).await;
+        if stored && acks_late {
+            self.ack(delivery).await;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        decoded: &Decoded,
+        task: &TaskVersion,
+        reason: &str,
+        countdown: Option<f64>,
+        ignore_result: bool,
+        acks_late: bool,
+    ) {
+        let h = &decoded.headers;
+        let delay = retry::retry_delay(&task.manifest, countdown, h.retries, rand::random::<f64>());
+        let eta = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or(chrono::TimeDelta::MAX);
+        let priority = decoded.envelope.priority();
+        let next = OutgoingTask {
+            task: h.task.clone(),
+            id: h.id.clone(),
+            args: decoded.args.clone(),
+            kwargs: decoded.kwargs.clone(),
+            embed: decoded.embed.clone(),
+            queue: delivery.queue.clone(),
+            priority,
+            eta: Some(eta),
+            expires: h.expires.map(|e| e.to_utc()),
+            retries: h.retries + 1,
+            root_id: h.root_id.clone(),
+            parent_id: Some(h.id.clone()),
+            group: h.group.clone(),
+            group_index: h.group_index,
+            time_limit: h.time_limit,
+            ignore_result,
+            origin: self.cfg.node_name.clone(),
+            extra_headers: decoded.envelope.headers.clone(),
+        };
+        let raw = encode_task(&next);
+        let published = if delay.is_zero() {
+            self.broker.publish(&delivery.queue, priority, &raw).await
+        } else {
+            self.broker.schedule(&delivery.queue, priority, &raw, eta).await
+        };
+        if let Err(e) = published {
+            tracing::warn!(id = %h.id, "could not requeue the retry, returning the message instead: {e}");
+            self.restore(delivery).await;
+            return;
+        }
+        self.stats.borrow_mut().retried += 1;
+        tracing::info!(task = %h.task, id = %h.id, retries = h.retries + 1, "retry in {:?}: {reason}", delay);
+        if !ignore_result {
+            let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "RetryRequested", reason);
+            let mut record = ResultRecord::retry(&h.id, Some(&exc), Some(format!("retry {} requested: {reason}", h.retries + 1)));
+            link_fields(&mut record, decoded);
+            self.store(&record, None).await;
+        }
+        if acks_late {
+            self.ack(delivery).await;
+        }
+    }
+
+    /// FAILURE plus a dead letter for a message that cannot run here at all.
+    async fn fail_unrunnable(
+        &self,
+        delivery: &Delivery,
+        decoded: &Decoded,
+        module: &str,
+        exc_type: &str,
+        reason: String,
+        ignore_result: bool,
+    ) {
+        self.dead_letter(delivery, Some(decoded), reason.clone()).await;
+        let exc = ExceptionInfo::new(module, exc_type, reason.as_str());
+        self.fail(delivery, decoded, &exc, format!("taskhost: {reason}"), ignore_result, true).await;
+    }
+
+    async fn store_progress(&self, p: Progress, ignore_result: bool) {
+        if ignore_result {
+            return;
+        }
+        let meta: serde_json::Value = serde_json::from_str(&p.meta).unwrap_or(serde_json::Value::Null);
+        self.store(&ResultRecord::custom(&p.task_id, meta), Some(&p.state)).await;
+    }
+
+    /// Stores a record, retrying through broker outages; false if it never got through.
+    async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> bool {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.backend.store(record, custom_state).await {
+                Ok(_) => return true,
+                Err(e @ (BackendError::Connection(_) | BackendError::Command(_))) if started.elapsed() < STORE_GIVE_UP => {
+                    tracing::warn!(id = %record.task_id, "storing result failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(id = %record.task_id, "giving up storing result; message stays unacked: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+
+    async fn broker_op<F, Fut>(&self, what: &str, op: F) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), BrokerError>>,
+    {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match op().await {
+                Ok(()) => return true,
+                Err(e) if started.elapsed() < STORE_GIVE_UP => {
+                    tracing::warn!("{what} failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!("giving up on {what}: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        let Some(tag) = &delivery.tag else { return };
+        let tags = [tag.clone()];
+        if self.broker_op("ack", || self.broker.ack(&tags)).await {
+            self.held.borrow_mut().remove(tag);
+        }
+    }
+
+    async fn restore(&self, delivery: &Delivery) {
+        if self.broker_op("restore", || self.broker.restore(delivery)).await {
+            if let Some(tag) = &delivery.tag {
+                self.held.borrow_mut().remove(tag);
+            }
+        }
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, decoded: Option<&Decoded>, reason: String) {
+        self.stats.borrow_mut().dead_lettered += 1;
+        let letter = DeadLetter {
+            id: decoded.map(|d| d.headers.id.clone()),
+            task: decoded.map(|d| d.headers.task.clone()),
+            queue: delivery.queue.clone(),
+            reason,
+            time: Utc::now(),
+            message: String::from_utf8_lossy(&delivery.raw).into_owned(),
+        };
+        self.broker_op("dead-letter", || self.broker.dead_letter(&letter)).await;
+    }
+}
+
+/// Manifest limits, overridden by the message's `timelimit` header as Celery does.
+fn limits_for(task: &TaskVersion, header: (Option<f64>, Option<f64>)) -> TaskLimits {
+    let mut limits = task.limits();
+    if let Some(hard) = header.0 {
+        limits.hard = Duration::from_secs_f64(hard);
+    }
+    if let Some(soft) = header.1 {
+        limits.soft = Some(Duration::from_secs_f64(soft));
+    }
+    limits
+}
+
+/// `group_id` and `parent_id`, as Celery adds them to records.
+fn link_fields(record: &mut ResultRecord, decoded: &Decoded) {
+    record.group_id = decoded.headers.group.clone();
+    record.parent_id = decoded.headers.parent_id.clone();
+}
