@@ -78,3 +78,179 @@ pub fn rss_bytes() -> u64 {
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("rss pages");
     pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
 }
+
+/// A private redis-server on a free port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (make test-deps installs it)");
+        let server = RedisServer { port, child, _dir: dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start on {port}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    /// A synchronous command, for assertions.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        block_on(async {
+            let mut conn = self.client().get_multiplexed_async_connection().await.unwrap();
+            cmd.query_async(&mut conn).await.unwrap()
+        })
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `taskhost serve` process, logging to a file; SIGTERM and wait on drop.
+pub struct WorkerProcess {
+    child: std::process::Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    pub fn start(broker: &str, extra: &[&str]) -> WorkerProcess {
+        Self::start_with_plugins(broker, &plugins_dir(), extra)
+    }
+
+    pub fn start_with_plugins(broker: &str, plugins: &std::path::Path, extra: &[&str]) -> WorkerProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("worker.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(taskhost_bin())
+            .args(["serve", "-p", "1", "--broker", broker, "--plugins"])
+            .arg(plugins)
+            .args(extra)
+            .env("TASKHOST_CACHE_DIR", cache_dir())
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let worker = WorkerProcess { child, log, _dir: dir };
+        worker.wait_for_log("worker ready", std::time::Duration::from_secs(20));
+        worker
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while !self.log_text().contains(needle) {
+            assert!(std::time::Instant::now() < deadline, "worker log never showed {needle:?}:\n{}", self.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the process to exit; its exit status.
+    pub fn wait(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "worker did not exit:\n{}", self.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The venv Python with Celery (`make test-deps` makes it; `TASKHOST_PYTHON` overrides).
+pub fn python() -> PathBuf {
+    let py = std::env::var_os("TASKHOST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    assert!(py.exists(), "no Python with Celery at {} — run `make test-deps`", py.display());
+    py
+}
+
+pub fn python_dir() -> PathBuf {
+    workspace_root().join("tests/python")
+}
+
+/// Runs `tests/python/interop.py <args>` against `broker`; fails the test on a non-zero exit.
+pub fn interop(broker: &str, args: &[&str]) -> String {
+    let out = run_bounded(
+        std::process::Command::new(python()).arg(python_dir().join("interop.py")).args(args).env("BROKER", broker),
+        std::time::Duration::from_secs(120),
+    );
+    let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    assert!(out.status.success(), "interop.py {args:?} failed:\n{so}\n{se}");
+    so.trim().to_string()
+}
+
+/// Runs a command, killing it past `limit`.
+pub fn run_bounded(cmd: &mut std::process::Command, limit: std::time::Duration) -> Output {
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} ran past {limit:?}:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -144,25 +144,35 @@ impl Worker {
     /// Consumes until `shutdown` resolves, then drains. Must run inside a `LocalSet`.
     pub async fn run(self: Rc<Self>, shutdown: impl Future<Output = ()>) -> WorkerStats {
         let housekeeping = tokio::task::spawn_local(self.clone().housekeeping());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // Joined, not raced: a fetch in flight is never cancelled, because a BRPOP
+        // abandoned on the server would still pop (and lose) the next message.
+        let ((), tasks) = tokio::join!(
+            async {
+                shutdown.await;
+                // No new task starts from here on; held ones go back as they reach a slot.
+                let _ = self.draining.send(true);
+                let _ = stop_tx.send(true);
+                self.slot_freed.notify_one();
+            },
+            self.clone().consume(stop_rx)
+        );
+        self.drain(tasks).await;
+        housekeeping.abort();
+        self.stats()
+    }
+
+    async fn consume(self: Rc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinSet<()> {
         let mut tasks = tokio::task::JoinSet::new();
-        tokio::pin!(shutdown);
         let mut queues = self.cfg.queues.clone();
         let mut backoff = Duration::from_millis(100);
-        loop {
+        while !*stop.borrow() {
             let room = self.cfg.prefetch_limit().saturating_sub(self.in_progress.get());
             if room == 0 {
-                tokio::select! {
-                    _ = self.slot_freed.notified() => continue,
-                    _ = &mut shutdown => break,
-                }
+                self.slot_freed.notified().await;
+                continue;
             }
-            // A fetch is never cancelled mid-flight: a popped message must not be dropped.
-            let fetched = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                fetched = self.broker.fetch(&queues, room, FETCH_WAIT) => fetched,
-            };
-            match fetched {
+            match self.broker.fetch(&queues, room, FETCH_WAIT).await {
                 Ok(deliveries) => {
                     backoff = Duration::from_millis(100);
                     for d in deliveries {
@@ -181,16 +191,14 @@ impl Worker {
                     tracing::warn!("fetch failed, retrying in {:?}: {e}", backoff);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = &mut shutdown => break,
+                        _ = stop.wait_for(|s| *s) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
             while tasks.try_join_next().is_some() {}
         }
-        self.drain(tasks).await;
-        housekeeping.abort();
-        self.stats()
+        tasks
     }
 
     async fn drain(&self, mut tasks: tokio::task::JoinSet<()>) {

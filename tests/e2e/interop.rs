@@ -1,0 +1,233 @@
+//! The worker against a real redis-server and the real Python Celery client (and a real
+//! Python Celery worker, to prove that what `taskhost send` publishes is Celery's format).
+
+use crate::support::*;
+use std::time::{Duration, Instant};
+
+fn send(broker: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["send", "--broker", broker];
+    all.extend_from_slice(args);
+    taskhost(&all)
+}
+
+fn result_json(broker: &str, id: &str) -> serde_json::Value {
+    let out = taskhost(&["result", id, "--json", "--broker", broker]);
+    serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+fn wait_for_status(broker: &str, id: &str, status: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let record = result_json(broker, id);
+        if record["status"] == status {
+            return record;
+        }
+        assert!(Instant::now() < deadline, "task {id} never reached {status}: {record}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn python_send_task_gets_results_with_args_and_kwargs() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
+    assert_eq!(interop(&redis.url(), &["add"]), "5");
+    assert_eq!(interop(&redis.url(), &["kwargs"]), "8");
+}
+
+#[test]
+fn python_sees_failures_time_limits_and_state_changes() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
+    assert_eq!(interop(&redis.url(), &["fail"]), "TaskFailed: the disk is full");
+    assert!(interop(&redis.url(), &["time_limit"]).starts_with("TimeLimitExceeded"));
+    assert_eq!(interop(&redis.url(), &["states"]), "PENDING -> STARTED -> SUCCESS");
+}
+
+#[test]
+fn python_countdown_and_expires_are_honoured() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
+    let took: f64 = interop(&redis.url(), &["countdown"]).parse().unwrap();
+    assert!(took >= 1.4, "ran after {took}s");
+    assert_eq!(interop(&redis.url(), &["expires"]), "TaskRevokedError: expired");
+    // Parked, not held: nothing sits in unacked while it waits.
+    let id = interop(&redis.url(), &["send", "tasks.add", "[1, 1]", "celery", "0"]);
+    assert!(!id.is_empty());
+}
+
+#[test]
+fn a_thousand_python_tasks_all_complete() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "16"]);
+    let out = interop(&redis.url(), &["many", "1000"]);
+    assert!(out.starts_with("1000 tasks in"), "{out}");
+    let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert_eq!(unacked, 0, "every message acked");
+}
+
+#[test]
+fn queue_and_priority_route_to_the_worker_serving_that_queue() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-Q", "media_heavy"]);
+    let elsewhere = interop(&redis.url(), &["send", "tasks.add", "[1, 2]", "celery", "0"]);
+    let here = interop(&redis.url(), &["send", "tasks.add", "[3, 4]", "media_heavy", "5"]);
+    assert_eq!(interop(&redis.url(), &["wait", &here, "10"]), "7");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(interop(&redis.url(), &["state", &elsewhere]), "PENDING");
+    let waiting: usize = redis.query(redis::cmd("LLEN").arg("celery"));
+    assert_eq!(waiting, 1, "the celery-queue task is untouched");
+}
+
+#[test]
+fn higher_priority_drains_first_under_backlog() {
+    let redis = RedisServer::start();
+    let mut ids = Vec::new();
+    for priority in ["9", "6", "3", "0"] {
+        for _ in 0..3 {
+            let out = send(&redis.url(), &["tasks.noop", "--priority", priority]);
+            ids.push((priority, stdout(&out)));
+        }
+    }
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "1", "--prefetch-multiplier", "1"]);
+    let mut finished: Vec<(String, &str)> = ids
+        .iter()
+        .map(|(p, id)| {
+            let r = wait_for_status(&redis.url(), id, "SUCCESS", Duration::from_secs(10));
+            (r["date_done"].as_str().unwrap().to_string(), *p)
+        })
+        .collect();
+    finished.sort();
+    let order: Vec<&str> = finished.iter().map(|(_, p)| *p).collect();
+    assert_eq!(order, ["0", "0", "0", "3", "3", "3", "6", "6", "6", "9", "9", "9"]);
+}
+
+#[test]
+fn kill_dash_9_with_tasks_in_flight_loses_nothing() {
+    let redis = RedisServer::start();
+    let mut worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
+    let ids: Vec<String> =
+        (0..12).map(|_| stdout(&send(&redis.url(), &["tasks.sleep", "--args", "[400]"]))).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let held: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert!(held > 0, "the worker should hold messages when it is killed");
+    worker.signal(libc::SIGKILL);
+    worker.wait(Duration::from_secs(5));
+    // Past the visibility timeout the next worker's startup sweep restores them.
+    std::thread::sleep(Duration::from_millis(1200));
+    let _next = WorkerProcess::start(&redis.url(), &["-c", "8", "--visibility-timeout", "1"]);
+    for id in &ids {
+        let r = wait_for_status(&redis.url(), id, "SUCCESS", Duration::from_secs(20));
+        assert_eq!(r["result"], 400);
+    }
+    let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert_eq!(unacked, 0);
+}
+
+#[test]
+fn sigterm_finishes_running_tasks_and_returns_the_rest() {
+    let redis = RedisServer::start();
+    let mut worker = WorkerProcess::start(&redis.url(), &["-c", "2", "--shutdown-grace", "10"]);
+    let ids: Vec<String> = (0..6).map(|_| stdout(&send(&redis.url(), &["tasks.sleep", "--args", "[600]"]))).collect();
+    std::thread::sleep(Duration::from_millis(250));
+    worker.signal(libc::SIGTERM);
+    let status = worker.wait(Duration::from_secs(10));
+    assert!(status.success(), "exit {status:?}\n{}", worker.log_text());
+    let done: Vec<&String> = ids.iter().filter(|id| result_json(&redis.url(), id)["status"] == "SUCCESS").collect();
+    assert_eq!(done.len(), 2, "the two running tasks finished:\n{}", worker.log_text());
+    let queued: usize = redis.query(redis::cmd("LLEN").arg("celery"));
+    let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert_eq!((queued, unacked), (4, 0), "the held rest went back to the queue");
+
+    // Past the grace period a running task is stopped and requeued, not failed.
+    let mut worker = WorkerProcess::start(&redis.url(), &["-c", "1", "--shutdown-grace", "0.3", "-Q", "slow"]);
+    let slow = stdout(&send(&redis.url(), &["tasks.sleep", "--args", "[10000]", "-Q", "slow"]));
+    wait_for_status(&redis.url(), &slow, "STARTED", Duration::from_secs(5));
+    let t0 = Instant::now();
+    worker.signal(libc::SIGTERM);
+    assert!(worker.wait(Duration::from_secs(5)).success());
+    assert!(t0.elapsed() < Duration::from_secs(2), "drain took {:?}", t0.elapsed());
+    let requeued: usize = redis.query(redis::cmd("LLEN").arg("slow"));
+    assert_eq!(requeued, 1, "the stopped task is back on its queue");
+}
+
+#[test]
+fn poison_messages_are_dead_lettered_and_the_worker_keeps_going() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &[]);
+    let _: () = redis.query(redis::cmd("LPUSH").arg("celery").arg("this is not json"));
+    let pickle = r#"{"body": "gAR9", "content-type": "application/x-python-serialize", "content-encoding": "binary", "headers": {"task": "tasks.add", "id": "pickled-1"}, "properties": {"delivery_tag": "tag-pickle", "body_encoding": "base64", "priority": 0}}"#;
+    let _: () = redis.query(redis::cmd("LPUSH").arg("celery").arg(pickle));
+    let unknown = stdout(&send(&redis.url(), &["tasks.nope"]));
+    let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "10"]);
+    assert_eq!(stdout(&ok), "4", "{}", stderr(&ok));
+    let failed = wait_for_status(&redis.url(), &unknown, "FAILURE", Duration::from_secs(5));
+    assert_eq!(failed["result"]["exc_type"], "NotRegistered");
+    assert_eq!(failed["result"]["exc_module"], "celery.exceptions");
+
+    let letters: Vec<String> = redis.query(redis::cmd("LRANGE").arg("taskhost.dlq").arg(0).arg(-1));
+    let letters: Vec<serde_json::Value> = letters.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    assert_eq!(letters.len(), 3, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("undecodable message: envelope is not JSON")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("application/x-python-serialize")), "{reasons:?}");
+    assert!(reasons.contains(&"no component serves task tasks.nope"), "{reasons:?}");
+    assert!(letters.iter().any(|l| l["message"] == "this is not json"), "the original message is kept");
+    let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert_eq!(unacked, 0);
+}
+
+#[test]
+fn retries_requeue_the_same_id_until_they_succeed_or_run_out() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &[]);
+    let ok = send(&redis.url(), &["tasks.flaky", "--args", "[2]", "--wait", "--timeout", "10"]);
+    assert_eq!(stdout(&ok), "2", "{}", stderr(&ok));
+    let out = send(&redis.url(), &["tasks.flaky", "--args", "[9]", "--wait", "--timeout", "10"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("MaxRetriesExceededError: Can't retry tasks.flaky["), "{}", stderr(&out));
+}
+
+#[test]
+fn taskhost_send_is_accepted_by_a_real_python_celery_worker() {
+    let redis = RedisServer::start();
+    let mut celery = std::process::Command::new(python())
+        .args(["-m", "celery", "-A", "tasks", "worker", "-P", "solo", "-c", "1", "--without-mingle", "--without-gossip", "-l", "warning"])
+        .current_dir(python_dir())
+        .env("BROKER", redis.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = run_bounded(
+        std::process::Command::new(taskhost_bin()).args([
+            "send", "tasks.add", "--args", "[2, 3]", "--wait", "--timeout", "60", "--broker", &redis.url(),
+        ]),
+        Duration::from_secs(90),
+    );
+    let echo = run_bounded(
+        std::process::Command::new(taskhost_bin()).args([
+            "send", "tasks.echo", "--kwargs", r#"{"value": {"a": [1, null]}}"#, "--priority", "5", "--wait", "--timeout", "30",
+            "--broker", &redis.url(),
+        ]),
+        Duration::from_secs(60),
+    );
+    let _ = celery.kill();
+    let _ = celery.wait();
+    assert_eq!(stdout(&out), "5", "{}", stderr(&out));
+    assert_eq!(stdout(&echo), r#"{"a":[1,null]}"#, "{}", stderr(&echo));
+}
+
+#[test]
+fn the_worker_survives_a_redis_restart() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let _worker = WorkerProcess::start(&redis.url(), &[]);
+    let first = send(&redis.url(), &["tasks.add", "--args", "[1, 1]", "--wait", "--timeout", "10"]);
+    assert_eq!(stdout(&first), "2");
+    drop(redis);
+    std::thread::sleep(Duration::from_millis(1500));
+    let redis = RedisServer::start_on(port);
+    let again = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "20"]);
+    assert_eq!(stdout(&again), "4", "{}", stderr(&again));
+}

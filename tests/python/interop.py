@@ -1,0 +1,128 @@
+"""Python Celery client scenarios run against a taskhost worker (driven by tests/e2e/interop.rs).
+
+Usage: BROKER=redis://... python interop.py SCENARIO [ARGS...]; prints results, exits
+non-zero when an expectation fails.
+"""
+import json
+import os
+import sys
+import time
+
+from celery import Celery
+from celery.result import AsyncResult
+
+broker = os.environ["BROKER"]
+app = Celery("interop", broker=broker, backend=broker)
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+
+
+def check(cond, message):
+    if not cond:
+        print(f"FAILED: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def add():
+    result = app.send_task("tasks.add", (2, 3)).get(timeout=10)
+    check(result == 5, f"tasks.add(2, 3) returned {result!r}")
+    print(result)
+
+
+def kwargs():
+    result = app.send_task("tasks.add", args=[1], kwargs={"y": 7}).get(timeout=10)
+    check(result == 8, f"tasks.add(1, y=7) returned {result!r}")
+    echoed = app.send_task("tasks.echo", kwargs={"value": {"nested": [1, "two", None]}}).get(timeout=10)
+    check(echoed == {"nested": [1, "two", None]}, f"echo returned {echoed!r}")
+    print(result)
+
+
+def send(task, args, queue, priority):
+    """Publishes and prints the id without waiting."""
+    r = app.send_task(task, json.loads(args), queue=queue, priority=int(priority))
+    print(r.id)
+
+
+def wait(task_id, timeout):
+    print(json.dumps(AsyncResult(task_id, app=app).get(timeout=float(timeout))))
+
+
+def state(task_id):
+    print(AsyncResult(task_id, app=app).state)
+
+
+def fail():
+    r = app.send_task("tasks.fail", ("the disk is full",))
+    try:
+        r.get(timeout=10)
+    except Exception as exc:  # the rebuilt exception
+        check(str(exc) == "the disk is full", f"str(exc) is {str(exc)!r}")
+        check(r.state == "FAILURE", f"state is {r.state}")
+        print(f"{type(exc).__name__}: {exc}")
+        return
+    check(False, "tasks.fail did not raise")
+
+
+def time_limit():
+    r = app.send_task("tasks.spin")
+    try:
+        r.get(timeout=10)
+    except Exception as exc:
+        from billiard.exceptions import TimeLimitExceeded
+
+        check(isinstance(exc, TimeLimitExceeded), f"raised {type(exc)!r}")
+        print(f"{type(exc).__name__}: {exc}")
+        return
+    check(False, "tasks.spin did not raise")
+
+
+def states():
+    # A short countdown keeps it PENDING long enough to be seen before a worker takes it.
+    r = app.send_task("tasks.sleep", (400,), countdown=0.3)
+    seen = []
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        s = r.state
+        if not seen or seen[-1] != s:
+            seen.append(s)
+        if s == "SUCCESS":
+            break
+        time.sleep(0.01)
+    check(seen == ["PENDING", "STARTED", "SUCCESS"], f"states seen: {seen}")
+    check(r.get(timeout=1) == 400, "result")
+    print(" -> ".join(seen))
+
+
+def many(count):
+    count = int(count)
+    started = time.time()
+    results = [app.send_task("tasks.add", (i, i)) for i in range(count)]
+    values = [r.get(timeout=60) for r in results]
+    check(values == [2 * i for i in range(count)], "wrong sums")
+    print(f"{count} tasks in {time.time() - started:.2f}s")
+
+
+def countdown():
+    sent = time.time()
+    r = app.send_task("tasks.add", (20, 22), countdown=1.5)
+    value = r.get(timeout=10)
+    took = time.time() - sent
+    check(value == 42, f"value {value}")
+    check(took >= 1.4, f"ran after {took:.2f}s, before its countdown")
+    print(f"{took:.2f}")
+
+
+def expires():
+    r = app.send_task("tasks.add", (1, 2), countdown=2, expires=1)
+    try:
+        r.get(timeout=10)
+    except Exception as exc:
+        check(r.state == "REVOKED", f"state {r.state}")
+        print(f"{type(exc).__name__}: {exc}")
+        return
+    check(False, "expired task ran")
+
+
+SCENARIOS = {f.__name__: f for f in [add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires]}
+
+if __name__ == "__main__":
+    SCENARIOS[sys.argv[1]](*sys.argv[2:])
