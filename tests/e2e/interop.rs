@@ -231,3 +231,72 @@ fn the_worker_survives_a_redis_restart() {
     let again = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "20"]);
     assert_eq!(stdout(&again), "4", "{}", stderr(&again));
 }
+
+#[test]
+fn acl_users_and_tls_connections_work() {
+    // An ACL user with a password; the default user switched off.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut acl = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--user", "worker", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("redis://worker:s3cret@127.0.0.1:{port}/0");
+    {
+        let _worker = WorkerProcess::start(&url, &[]);
+        let out = send(&url, &["tasks.add", "--args", "[20, 1]", "--wait", "--timeout", "10"]);
+        assert_eq!(stdout(&out), "21", "{}", stderr(&out));
+        let denied = send(&format!("redis://worker:wrong@127.0.0.1:{port}/0"), &["tasks.noop"]);
+        assert_eq!(denied.status.code(), Some(2));
+        assert!(stderr(&denied).contains("connecting to broker redis://worker:***@127.0.0.1"), "{}", stderr(&denied));
+    }
+    let _ = acl.kill();
+    let _ = acl.wait();
+
+    // TLS with a private CA, trusted through TASKHOST_TLS_CA_FILE.
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl").args(args).current_dir(d).output().unwrap();
+        assert!(ok.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&ok.stderr));
+    };
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=taskhost test CA"]);
+    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    let tls_port = free_port();
+    let mut tls = std::process::Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &tls_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--tls-cert-file", "server.pem", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let ca = d.join("ca.pem");
+    let run = |args: &[&str]| {
+        let mut all = vec!["send", "--broker", &url];
+        all.extend_from_slice(args);
+        std::process::Command::new(taskhost_bin()).args(&all).env("TASKHOST_TLS_CA_FILE", &ca).output().unwrap()
+    };
+    let untrusted = send(&url, &["tasks.noop"]);
+    assert_eq!(untrusted.status.code(), Some(2), "an unknown CA is refused");
+    let mut worker = std::process::Command::new(taskhost_bin())
+        .args(["serve", "-p", "1", "--broker", &url, "--plugins"])
+        .arg(plugins_dir())
+        .env("TASKHOST_TLS_CA_FILE", &ca)
+        .env("TASKHOST_CACHE_DIR", cache_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = run(&["tasks.add", "--args", "[40, 2]", "--wait", "--timeout", "20"]);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = tls.kill();
+    let _ = tls.wait();
+    assert_eq!(stdout(&out), "42", "{}", stderr(&out));
+}

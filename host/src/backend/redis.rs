@@ -38,7 +38,7 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Self, BackendError> {
-        let client = redis::Client::open(url).map_err(err)?;
+        let client = crate::broker::redis_client(url).map_err(err)?;
         let conn = crate::broker::redis_manager(url, Some(Duration::from_secs(10))).await.map_err(err)?;
         Ok(RedisBackend { client, conn, store: Script::new(STORE), expires })
     }

@@ -3,7 +3,7 @@
 
 mod redis;
 
-pub use self::redis::{manager as redis_manager, RedisBroker};
+pub use self::redis::{client as redis_client, manager as redis_manager, RedisBroker, TLS_CA_ENV};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

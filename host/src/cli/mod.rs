@@ -71,6 +71,8 @@ pub fn main() -> ExitCode {
         _ => "trace",
     };
     init_tracing(cli.log_format, level);
+    // rediss:// needs one process-wide TLS crypto provider; a second install is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let outcome = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
