@@ -4,5 +4,6 @@
 mod support;
 
 mod cli;
+mod conformance;
 mod interop;
 mod runtime;

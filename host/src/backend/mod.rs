@@ -2,8 +2,10 @@
 //! way Celery clients do (subscribe, read once, wait for the ready-state notification).
 
 mod redis;
+mod sqlite;
 
 pub use self::redis::RedisBackend;
+pub use self::sqlite::SqliteBackend;
 
 use crate::protocol::ResultRecord;
 use async_trait::async_trait;
@@ -22,7 +24,7 @@ pub enum BackendError {
     Timeout { task_id: String, timeout: Duration },
     #[error("stored result for task {task_id} is not a Celery record: {reason}")]
     Corrupt { task_id: String, reason: String },
-    #[error("unsupported result backend URL {0:?} (expected redis://, rediss://)")]
+    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH, redis://, rediss://)")]
     UnsupportedUrl(String),
 }
 
@@ -43,6 +45,8 @@ pub trait ResultBackend: Send + Sync {
 pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Box<dyn ResultBackend>, BackendError> {
     if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
         Ok(Box::new(RedisBackend::connect(url, expires).await?))
+    } else if url.starts_with("sqlite://") {
+        Ok(Box::new(SqliteBackend::open(url, expires)?))
     } else {
         Err(BackendError::UnsupportedUrl(url.to_string()))
     }

@@ -2,8 +2,10 @@
 //! schedule, dead-letter — and the URL that picks a transport.
 
 mod redis;
+pub mod sqlite;
 
 pub use self::redis::{client as redis_client, manager as redis_manager, RedisBroker, TLS_CA_ENV};
+pub use self::sqlite::SqliteBroker;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -39,7 +41,7 @@ pub enum BrokerError {
     Connection(String),
     #[error("broker command failed: {0}")]
     Command(String),
-    #[error("unsupported broker URL {0:?} (expected redis://, rediss://)")]
+    #[error("unsupported broker URL {0:?} (expected sqlite://PATH, redis://, rediss://)")]
     UnsupportedUrl(String),
 }
 
@@ -81,6 +83,8 @@ pub trait Broker: Send + Sync {
 pub async fn connect(url: &str) -> Result<Box<dyn Broker>, BrokerError> {
     if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
         Ok(Box::new(RedisBroker::connect(url).await?))
+    } else if url.starts_with("sqlite://") {
+        Ok(Box::new(SqliteBroker::open(url)?))
     } else {
         Err(BrokerError::UnsupportedUrl(url.to_string()))
     }

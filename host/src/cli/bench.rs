@@ -54,7 +54,7 @@ pub struct RuntimeFigures {
     pub taskhost: LoopFigures,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
+pub fn run(cmd: BenchCommand, _file: &super::config::FileConfig) -> Result<(), CliError> {
     let BenchCommand::Runtime(args) = cmd;
     if !(args.seconds > 0.0) {
         return Err(CliError::usage(anyhow!("--seconds must be positive")));

@@ -4,6 +4,7 @@
 //! (unknown task, unreadable plugins dir, invalid JSON), as clap does for usage errors.
 
 mod bench;
+mod config;
 mod plugins;
 mod result;
 mod run;
@@ -20,6 +21,9 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "TASKHOST_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Config file (default: ./taskhost.toml if present). Flags > env > file > defaults.
+    #[arg(long, global = true, env = "TASKHOST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -73,14 +77,14 @@ pub fn main() -> ExitCode {
     init_tracing(cli.log_format, level);
     // rediss:// needs one process-wide TLS crypto provider; a second install is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let outcome = match cli.command {
-        Command::Run(args) => run::run(args),
-        Command::Serve(args) => serve::run(args),
-        Command::Send(args) => send::run(args),
-        Command::Result(args) => result::run(args),
-        Command::Plugins(cmd) => plugins::run(cmd),
-        Command::Bench(cmd) => bench::run(cmd),
-    };
+    let outcome = config::FileConfig::load(cli.config.as_deref()).and_then(|file| match cli.command {
+        Command::Run(args) => run::run(args, &file),
+        Command::Serve(args) => serve::run(args, &file),
+        Command::Send(args) => send::run(args, &file),
+        Command::Result(args) => result::run(args, &file),
+        Command::Plugins(cmd) => plugins::run(cmd, &file),
+        Command::Bench(cmd) => bench::run(cmd, &file),
+    });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Failed(e)) => {

@@ -10,18 +10,18 @@ use std::sync::Arc;
 pub enum PluginsCommand {
     /// List loaded components; invalid files are reported on stderr.
     List {
-        #[arg(long, env = "TASKHOST_PLUGINS", default_value = "./plugins")]
-        plugins: PathBuf,
+        #[arg(long, env = "TASKHOST_PLUGINS")]
+        plugins: Option<PathBuf>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
     },
 }
 
-pub fn run(cmd: PluginsCommand) -> Result<(), CliError> {
+pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), CliError> {
     let PluginsCommand::List { plugins, json } = cmd;
     let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
-    let registry = Registry::open(&plugins, runtime).map_err(CliError::usage)?;
+    let registry = Registry::open(file.plugins(plugins.as_deref()), runtime).map_err(CliError::usage)?;
     let all = registry.all();
     if !json {
         println!("{:<22} {:<9} {:<14} {:<12} {:>8} {:>8} {:>9}  {}", "TASK", "VERSION", "DIGEST", "QUEUE", "HARD", "SOFT", "MEMORY", "RETRIES");

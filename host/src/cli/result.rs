@@ -23,12 +23,13 @@ pub struct ResultArgs {
     pub broker: BrokerArgs,
 }
 
-pub fn run(args: ResultArgs) -> Result<(), CliError> {
+pub fn run(args: ResultArgs, file: &super::config::FileConfig) -> Result<(), CliError> {
+    let (_, backend_url) = args.broker.urls(file);
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let backend = backend::connect(args.broker.backend_url(), None)
+        let backend = backend::connect(&backend_url, None)
             .await
-            .with_context(|| format!("connecting to result backend {}", redact(args.broker.backend_url())))
+            .with_context(|| format!("connecting to result backend {}", redact(&backend_url)))
             .map_err(CliError::Usage)?;
         let record = if args.wait {
             Some(backend.wait(&args.id, args.timeout.map(Duration::from_secs_f64)).await.map_err(CliError::failed)?)

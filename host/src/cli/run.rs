@@ -27,8 +27,8 @@ pub struct RunArgs {
     #[arg(long = "version", value_name = "REQ")]
     pub version_req: Option<VersionReq>,
     /// Directory of `<task>@<version>.wasm` components.
-    #[arg(long, env = "TASKHOST_PLUGINS", default_value = "./plugins")]
-    pub plugins: PathBuf,
+    #[arg(long, env = "TASKHOST_PLUGINS")]
+    pub plugins: Option<PathBuf>,
     /// Hard time limit in seconds (overrides the manifest).
     #[arg(long)]
     pub time_limit: Option<f64>,
@@ -55,14 +55,14 @@ fn positive_secs(value: Option<f64>, flag: &str) -> Result<Option<Duration>, Cli
     }
 }
 
-pub fn run(args: RunArgs) -> Result<(), CliError> {
+pub fn run(args: RunArgs, file: &super::config::FileConfig) -> Result<(), CliError> {
     check_json(&args.args, "args", true)?;
     check_json(&args.kwargs, "kwargs", false)?;
     let hard = positive_secs(args.time_limit, "--time-limit")?;
     let soft = positive_secs(args.soft_time_limit, "--soft-time-limit")?;
 
     let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 4, ..Default::default() }).map_err(CliError::usage)?);
-    let registry = Registry::open(&args.plugins, runtime.clone()).map_err(CliError::usage)?;
+    let registry = Registry::open(file.plugins(args.plugins.as_deref()), runtime.clone()).map_err(CliError::usage)?;
     let task = registry.resolve(&args.task, args.version_req.as_ref()).map_err(CliError::usage)?;
     let mut limits = task.limits();
     if let Some(hard) = hard {

@@ -77,7 +77,8 @@ fn origin() -> String {
     format!("gen{}@{host}", std::process::id())
 }
 
-pub fn run(args: SendArgs) -> Result<(), CliError> {
+pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliError> {
+    let (broker_url, backend_url) = args.broker.urls(file);
     let Value::Array(positional) = json_arg(&args.args, "args", true)? else { unreachable!() };
     let Value::Object(kwargs) = json_arg(&args.kwargs, "kwargs", false)? else { unreachable!() };
     let now = Utc::now();
@@ -118,9 +119,9 @@ pub fn run(args: SendArgs) -> Result<(), CliError> {
 
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let broker = broker::connect(&args.broker.broker)
+        let broker = broker::connect(&broker_url)
             .await
-            .with_context(|| format!("connecting to broker {}", redact(&args.broker.broker)))
+            .with_context(|| format!("connecting to broker {}", redact(&broker_url)))
             .map_err(CliError::Usage)?;
         if args.count > 1 {
             let started = Instant::now();
@@ -137,9 +138,9 @@ pub fn run(args: SendArgs) -> Result<(), CliError> {
             println!("{}", task.id);
             return Ok(());
         }
-        let backend = backend::connect(args.broker.backend_url(), None)
+        let backend = backend::connect(&backend_url, None)
             .await
-            .with_context(|| format!("connecting to result backend {}", redact(args.broker.backend_url())))
+            .with_context(|| format!("connecting to result backend {}", redact(&backend_url)))
             .map_err(CliError::Usage)?;
         let timeout = args.timeout.map(Duration::from_secs_f64);
         let record = backend.wait(&task.id, timeout).await.map_err(|e| match e {

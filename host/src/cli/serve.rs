@@ -6,61 +6,63 @@ use crate::backend::{self, DEFAULT_RESULT_EXPIRES};
 use crate::broker;
 use crate::registry::{Registry, WATCH_INTERVAL};
 use crate::runtime::{Runtime, RuntimeConfig};
-use crate::worker::{Worker, WorkerConfig, DEFAULT_PREFETCH_MULTIPLIER};
+use crate::worker::{Worker, WorkerConfig, DEFAULT_PREFETCH_MULTIPLIER, DEFAULT_VISIBILITY_TIMEOUT};
+use super::config::FileConfig;
 use anyhow::{anyhow, Context as _};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Used when neither `--broker` nor `TASKHOST_BROKER` is given.
-pub const DEFAULT_BROKER: &str = "redis://127.0.0.1:6379/0";
-
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// Broker URL: redis://[user:pass@]host:port/db or rediss:// (TLS).
-    #[arg(long, env = "TASKHOST_BROKER", default_value = DEFAULT_BROKER)]
-    pub broker: String,
+    /// Broker URL: sqlite://PATH (embedded, the default: sqlite://./taskhost.db),
+    /// redis://[user:pass@]host:port/db or rediss:// (TLS).
+    #[arg(long, env = "TASKHOST_BROKER")]
+    pub broker: Option<String>,
     /// Result backend URL (default: the broker's).
     #[arg(long, env = "TASKHOST_RESULT_BACKEND")]
     pub result_backend: Option<String>,
 }
 
 impl BrokerArgs {
-    pub fn backend_url(&self) -> &str {
-        self.result_backend.as_deref().unwrap_or(&self.broker)
+    /// Broker and result backend URLs after flags > env > file > defaults.
+    pub fn urls(&self, file: &FileConfig) -> (String, String) {
+        let broker = file.broker(self.broker.as_deref());
+        let backend = file.result_backend(self.result_backend.as_deref(), &broker);
+        (broker, backend)
     }
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Directory of `<task>@<version>.wasm` components (watched for changes).
-    #[arg(long, env = "TASKHOST_PLUGINS", default_value = "./plugins")]
-    pub plugins: PathBuf,
-    /// Queues to consume, comma-separated.
-    #[arg(short = 'Q', long, value_delimiter = ',', default_value = "celery")]
-    pub queues: Vec<String>,
-    /// Sandboxes running at once, per worker process.
-    #[arg(short, long, default_value_t = 32)]
-    pub concurrency: usize,
-    /// Worker processes (default: one per core).
+    /// Directory of `<task>@<version>.wasm` components, watched for changes [default: ./plugins].
+    #[arg(long, env = "TASKHOST_PLUGINS")]
+    pub plugins: Option<PathBuf>,
+    /// Queues to consume, comma-separated [default: celery].
+    #[arg(short = 'Q', long, value_delimiter = ',')]
+    pub queues: Option<Vec<String>>,
+    /// Sandboxes running at once, per worker process [default: 32].
+    #[arg(short, long)]
+    pub concurrency: Option<usize>,
+    /// Worker processes [default: one per core].
     #[arg(short, long)]
     pub processes: Option<usize>,
-    /// Messages held per sandbox slot (Celery's worker_prefetch_multiplier).
-    #[arg(long, default_value_t = DEFAULT_PREFETCH_MULTIPLIER)]
-    pub prefetch_multiplier: usize,
-    /// Seconds a taken message may stay unacked before any consumer restores it.
-    #[arg(long, default_value_t = 3600.0)]
-    pub visibility_timeout: f64,
-    /// Seconds running tasks get to finish on shutdown before they are requeued.
-    #[arg(long, default_value_t = 30.0)]
-    pub shutdown_grace: f64,
-    /// Seconds results are kept (Celery's result_expires); 0 keeps them forever.
-    #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRES.as_secs_f64())]
-    pub result_expires: f64,
-    /// Store STARTED before running a task (Celery's task_track_started).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub track_started: bool,
-    /// Node name, name@host (default taskhost@<hostname>).
+    /// Messages held per sandbox slot, Celery's worker_prefetch_multiplier [default: 4].
+    #[arg(long)]
+    pub prefetch_multiplier: Option<usize>,
+    /// Seconds a taken message may stay unacked before any consumer restores it [default: 3600].
+    #[arg(long)]
+    pub visibility_timeout: Option<f64>,
+    /// Seconds running tasks get to finish on shutdown before they are requeued [default: 30].
+    #[arg(long)]
+    pub shutdown_grace: Option<f64>,
+    /// Seconds results are kept, Celery's result_expires; 0 keeps them forever [default: 86400].
+    #[arg(long)]
+    pub result_expires: Option<f64>,
+    /// Store STARTED before running a task, Celery's task_track_started [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub track_started: Option<bool>,
+    /// Node name, name@host [default: taskhost@<hostname>].
     #[arg(short = 'n', long)]
     pub hostname: Option<String>,
     #[command(flatten)]
@@ -68,6 +70,64 @@ pub struct ServeArgs {
     /// Set by the supervisor on the processes it starts.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
+}
+
+/// `serve`'s settings after flags > env > file > defaults, validated once.
+#[derive(Debug, Clone)]
+struct Settings {
+    plugins: PathBuf,
+    queues: Vec<String>,
+    concurrency: usize,
+    processes: usize,
+    prefetch_multiplier: usize,
+    visibility_timeout: Duration,
+    shutdown_grace: Duration,
+    result_expires: Duration,
+    track_started: bool,
+    hostname: Option<String>,
+    broker: String,
+    result_backend: String,
+    worker_index: Option<usize>,
+}
+
+impl Settings {
+    fn resolve(args: ServeArgs, file: &FileConfig) -> Result<Settings, CliError> {
+        let (broker, result_backend) = args.broker.urls(file);
+        let queues = args.queues.or_else(|| file.queues.clone()).unwrap_or_else(|| vec!["celery".into()]);
+        if queues.is_empty() || queues.iter().any(|q| q.is_empty()) {
+            return Err(CliError::usage(anyhow!("-Q: queue names must not be empty")));
+        }
+        let concurrency = args.concurrency.or(file.concurrency).unwrap_or(32);
+        if concurrency == 0 {
+            return Err(CliError::usage(anyhow!("--concurrency must be at least 1")));
+        }
+        let processes = args
+            .processes
+            .or(file.processes)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        Ok(Settings {
+            plugins: file.plugins(args.plugins.as_deref()),
+            queues,
+            concurrency,
+            processes,
+            prefetch_multiplier: args.prefetch_multiplier.or(file.prefetch_multiplier).unwrap_or(DEFAULT_PREFETCH_MULTIPLIER),
+            visibility_timeout: positive(
+                args.visibility_timeout.or(file.visibility_timeout).unwrap_or(DEFAULT_VISIBILITY_TIMEOUT.as_secs_f64()),
+                "--visibility-timeout",
+            )?,
+            shutdown_grace: positive(args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30.0), "--shutdown-grace")?,
+            result_expires: positive(
+                args.result_expires.or(file.result_expires).unwrap_or(DEFAULT_RESULT_EXPIRES.as_secs_f64()),
+                "--result-expires",
+            )?,
+            track_started: args.track_started.or(file.track_started).unwrap_or(true),
+            hostname: args.hostname.or_else(|| file.hostname.clone()),
+            broker,
+            result_backend,
+            worker_index: args.worker_index,
+        })
+    }
 }
 
 fn positive(v: f64, flag: &str) -> Result<Duration, CliError> {
@@ -78,7 +138,7 @@ fn positive(v: f64, flag: &str) -> Result<Duration, CliError> {
     }
 }
 
-fn node_name(args: &ServeArgs) -> String {
+fn node_name(args: &Settings) -> String {
     let base = args.hostname.clone().unwrap_or_else(|| {
         let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
         format!("taskhost@{host}")
@@ -92,28 +152,23 @@ fn node_name(args: &ServeArgs) -> String {
     }
 }
 
-pub fn run(args: ServeArgs) -> Result<(), CliError> {
-    if args.queues.iter().any(|q| q.is_empty()) {
-        return Err(CliError::usage(anyhow!("-Q: queue names must not be empty")));
+pub fn run(args: ServeArgs, file: &FileConfig) -> Result<(), CliError> {
+    let settings = Settings::resolve(args, file)?;
+    if settings.worker_index.is_none() && settings.processes > 1 {
+        return supervise(&settings);
     }
-    if args.concurrency == 0 {
-        return Err(CliError::usage(anyhow!("--concurrency must be at least 1")));
-    }
-    let processes = args.processes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if args.worker_index.is_none() && processes > 1 {
-        return supervise(&args, processes);
-    }
-    serve_here(args, processes)
+    serve_here(settings)
 }
 
-fn banner(args: &ServeArgs, registry: &Registry, processes: usize, node: &str) {
+fn banner(args: &Settings, registry: &Registry, node: &str) {
     let mut text = format!(
-        "taskhost {} — {node}\n  broker:      {}\n  results:     {}\n  plugins:     {}\n  concurrency: {} sandboxes × {processes} process(es), prefetch {} each\n  queues:      {}\n  tasks:\n",
+        "taskhost {} — {node}\n  broker:      {}\n  results:     {}\n  plugins:     {}\n  concurrency: {} sandboxes × {} process(es), prefetch {} each\n  queues:      {}\n  tasks:\n",
         env!("CARGO_PKG_VERSION"),
-        redact(&args.broker.broker),
-        redact(args.broker.backend_url()),
+        redact(&args.broker),
+        redact(&args.result_backend),
         args.plugins.display(),
         args.concurrency,
+        args.processes,
         args.concurrency * args.prefetch_multiplier.max(1),
         args.queues.join(", "),
     );
@@ -137,11 +192,9 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn serve_here(args: ServeArgs, processes: usize) -> Result<(), CliError> {
+fn serve_here(args: Settings) -> Result<(), CliError> {
     let node = node_name(&args);
-    let visibility = positive(args.visibility_timeout, "--visibility-timeout")?;
-    let grace = positive(args.shutdown_grace, "--shutdown-grace")?;
-    let expires = positive(args.result_expires, "--result-expires")?;
+    let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
     let runtime = Arc::new(
         Runtime::new(RuntimeConfig { max_instances: args.concurrency as u32 + 4, ..Default::default() })
             .map_err(CliError::usage)?,
@@ -150,19 +203,19 @@ fn serve_here(args: ServeArgs, processes: usize) -> Result<(), CliError> {
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        let broker: Arc<dyn broker::Broker> = broker::connect(&args.broker.broker)
+        let broker: Arc<dyn broker::Broker> = broker::connect(&args.broker)
             .await
-            .with_context(|| format!("connecting to broker {}", redact(&args.broker.broker)))
+            .with_context(|| format!("connecting to broker {}", redact(&args.broker)))
             .map_err(CliError::Usage)?
             .into();
         let backend: Arc<dyn backend::ResultBackend> =
-            backend::connect(args.broker.backend_url(), (!expires.is_zero()).then_some(expires))
+            backend::connect(&args.result_backend, (!expires.is_zero()).then_some(expires))
                 .await
-                .with_context(|| format!("connecting to result backend {}", redact(args.broker.backend_url())))
+                .with_context(|| format!("connecting to result backend {}", redact(&args.result_backend)))
                 .map_err(CliError::Usage)?
                 .into();
         if args.worker_index.is_none() {
-            banner(&args, &registry, processes, &node);
+            banner(&args, &registry, &node);
         }
         let _watch = registry.watch(WATCH_INTERVAL);
         let cfg = WorkerConfig {
@@ -206,13 +259,14 @@ pub async fn shutdown_signal() {
 }
 
 /// Starts `processes` workers and restarts any that dies until asked to stop.
-fn supervise(args: &ServeArgs, processes: usize) -> Result<(), CliError> {
+fn supervise(args: &Settings) -> Result<(), CliError> {
+    let processes = args.processes;
     let exe = std::env::current_exe().context("locating the taskhost binary").map_err(CliError::Usage)?;
     // The banner comes from here, after a first look at the plugins.
     {
         let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
         let registry = Registry::open(&args.plugins, runtime).map_err(CliError::usage)?;
-        banner(args, &registry, processes, &node_name(args));
+        banner(args, &registry, &node_name(args));
     }
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
@@ -226,12 +280,12 @@ fn supervise(args: &ServeArgs, processes: usize) -> Result<(), CliError> {
                 .args(["-c", &args.concurrency.to_string()])
                 .args(["-p", "1", "--worker-index", &i.to_string()])
                 .args(["--prefetch-multiplier", &args.prefetch_multiplier.to_string()])
-                .args(["--visibility-timeout", &args.visibility_timeout.to_string()])
-                .args(["--shutdown-grace", &args.shutdown_grace.to_string()])
-                .args(["--result-expires", &args.result_expires.to_string()])
+                .args(["--visibility-timeout", &args.visibility_timeout.as_secs_f64().to_string()])
+                .args(["--shutdown-grace", &args.shutdown_grace.as_secs_f64().to_string()])
+                .args(["--result-expires", &args.result_expires.as_secs_f64().to_string()])
                 .args(["--track-started", &args.track_started.to_string()])
-                .args(["--broker", &args.broker.broker])
-                .args(["--result-backend", args.broker.backend_url()]);
+                .args(["--broker", &args.broker])
+                .args(["--result-backend", &args.result_backend]);
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);
             }

@@ -1,0 +1,312 @@
+//! Embedded transport: one SQLite file (WAL) shared by every taskhost process on the
+//! machine. Same semantics as Redis: priority bands, unacked with a visibility timeout,
+//! parked ETA messages, dead letters. Taking a message is one `BEGIN IMMEDIATE`
+//! transaction, so two consumers never take the same row.
+
+use super::{Broker, BrokerError, DeadLetter, Delivery};
+use crate::protocol::{band_for_priority, mark_redelivered, PRIORITY_BANDS};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Waiting writers retry this long before a command fails ("database is locked").
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// With nothing queued, polls start this fast and slow down to the cap: SQLite cannot
+/// block on a queue, and these bound the idle latency and the idle cost.
+const POLL_MIN: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(20);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    band INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    taken_at REAL
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages(queue, band, id) WHERE taken_at IS NULL;
+CREATE INDEX IF NOT EXISTS messages_taken ON messages(taken_at) WHERE taken_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS scheduled (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    band INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    due REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scheduled_due ON scheduled(due);
+CREATE TABLE IF NOT EXISTS results (
+    task_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS results_expiry ON results(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    record TEXT NOT NULL
+);
+";
+
+/// The file a `sqlite://` URL names: `sqlite://./taskhost.db`, `sqlite:///abs/path.db`.
+pub fn path_from_url(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://")?;
+    (!rest.is_empty()).then(|| PathBuf::from(rest))
+}
+
+pub(crate) fn now_secs() -> f64 {
+    Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// One connection to the database file, used from the blocking pool.
+#[derive(Clone)]
+pub struct Db(Arc<Mutex<Connection>>);
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db, String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| e.to_string())?;
+        // WAL: readers never block the writer; NORMAL sync: durable across a process
+        // crash (the case that matters here), one fsync per checkpoint, not per commit.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| e.to_string())?;
+        conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        Ok(Db(Arc::new(Mutex::new(conn))))
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, rusqlite::Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    {
+        let db = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = db.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .unwrap_or_else(|e| Err(rusqlite::Error::ToSqlConversionFailure(format!("database task failed: {e}").into())))
+    }
+}
+
+fn err(e: rusqlite::Error) -> BrokerError {
+    BrokerError::Command(e.to_string())
+}
+
+pub struct SqliteBroker {
+    db: Db,
+}
+
+impl SqliteBroker {
+    pub fn open(url: &str) -> Result<Self, BrokerError> {
+        let path = path_from_url(url).ok_or_else(|| BrokerError::UnsupportedUrl(url.to_string()))?;
+        Ok(SqliteBroker { db: Db::open(&path).map_err(BrokerError::Connection)? })
+    }
+
+    async fn take(&self, queues: Vec<String>, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut out = Vec::new();
+                {
+                    let mut select = tx.prepare_cached(
+                        "SELECT id, body FROM messages WHERE queue = ?1 AND band = ?2 AND taken_at IS NULL ORDER BY id LIMIT ?3",
+                    )?;
+                    let mut mark = tx.prepare_cached("UPDATE messages SET taken_at = ?1 WHERE id = ?2")?;
+                    let now = now_secs();
+                    'bands: for band in PRIORITY_BANDS {
+                        for q in &queues {
+                            let room = max - out.len();
+                            let rows: Vec<(i64, Vec<u8>)> = select
+                                .query_map(params![q, band, room as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                                .collect::<Result<_, _>>()?;
+                            for (id, body) in rows {
+                                mark.execute(params![now, id])?;
+                                out.push(Delivery { tag: Some(id.to_string()), queue: q.clone(), raw: body });
+                            }
+                            if out.len() >= max {
+                                break 'bands;
+                            }
+                        }
+                    }
+                }
+                tx.commit()?;
+                Ok(out)
+            })
+            .await
+            .map_err(err)
+    }
+}
+
+fn ids(tags: &[String]) -> Vec<i64> {
+    tags.iter().filter_map(|t| t.parse().ok()).collect()
+}
+
+#[async_trait]
+impl Broker for SqliteBroker {
+    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        if max == 0 || queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let mut pause = POLL_MIN;
+        loop {
+            let got = self.take(queues.to_vec(), max).await?;
+            if !got.is_empty() || started.elapsed() >= wait {
+                return Ok(got);
+            }
+            tokio::time::sleep(pause.min(wait.saturating_sub(started.elapsed()))).await;
+            pause = (pause * 2).min(POLL_MAX);
+        }
+    }
+
+    async fn ack(&self, tags: &[String]) -> Result<(), BrokerError> {
+        let ids = ids(tags);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                {
+                    let mut del = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+                    for id in ids {
+                        del.execute([id])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn restore(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let Some(id) = delivery.tag.as_deref().and_then(|t| t.parse::<i64>().ok()) else { return Ok(()) };
+        let body = mark_redelivered(&delivery.raw).unwrap_or_else(|| delivery.raw.clone());
+        // Its id is older than everything still queued in its band: it is served next.
+        self.db
+            .call(move |conn| {
+                conn.execute("UPDATE messages SET taken_at = NULL, body = ?1 WHERE id = ?2 AND taken_at IS NOT NULL", params![body, id])
+            })
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn touch(&self, tags: &[String]) -> Result<(), BrokerError> {
+        let ids = ids(tags);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                {
+                    let now = now_secs();
+                    let mut up = tx.prepare_cached("UPDATE messages SET taken_at = ?1 WHERE id = ?2 AND taken_at IS NOT NULL")?;
+                    for id in ids {
+                        up.execute(params![now, id])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn restore_expired(&self, visibility: Duration) -> Result<usize, BrokerError> {
+        let ceiling = now_secs() - visibility.as_secs_f64();
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let expired: Vec<(i64, Vec<u8>)> = {
+                    let mut q = tx.prepare("SELECT id, body FROM messages WHERE taken_at IS NOT NULL AND taken_at < ?1")?;
+                    let rows = q.query_map([ceiling], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                for (id, body) in &expired {
+                    let body = mark_redelivered(body).unwrap_or_else(|| body.clone());
+                    tx.execute("UPDATE messages SET taken_at = NULL, body = ?1 WHERE id = ?2", params![body, id])?;
+                }
+                tx.commit()?;
+                Ok(expired.len())
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn publish(&self, queue: &str, priority: u8, raw: &[u8]) -> Result<(), BrokerError> {
+        let (queue, body, band) = (queue.to_string(), raw.to_vec(), band_for_priority(priority));
+        self.db
+            .call(move |conn| {
+                conn.prepare_cached("INSERT INTO messages (queue, band, body) VALUES (?1, ?2, ?3)")?
+                    .execute(params![queue, band, body])
+            })
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn schedule(&self, queue: &str, priority: u8, raw: &[u8], due: DateTime<Utc>) -> Result<(), BrokerError> {
+        let (queue, body, band) = (queue.to_string(), raw.to_vec(), band_for_priority(priority));
+        let due = due.timestamp_micros() as f64 / 1e6;
+        self.db
+            .call(move |conn| {
+                conn.execute("INSERT INTO scheduled (queue, band, body, due) VALUES (?1, ?2, ?3, ?4)", params![queue, band, body, due])
+            })
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn move_due(&self) -> Result<usize, BrokerError> {
+        self.db
+            .call(|conn| {
+                let now = now_secs();
+                // Cheap check first: most calls find nothing and take no write lock.
+                let any: Option<i64> =
+                    conn.query_row("SELECT id FROM scheduled WHERE due <= ?1 LIMIT 1", [now], |r| r.get(0)).optional()?;
+                if any.is_none() {
+                    return Ok(0);
+                }
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let moved = tx.execute(
+                    "INSERT INTO messages (queue, band, body) SELECT queue, band, body FROM scheduled WHERE due <= ?1 ORDER BY due, id",
+                    [now],
+                )?;
+                tx.execute("DELETE FROM scheduled WHERE due <= ?1", [now])?;
+                tx.commit()?;
+                Ok(moved)
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
+        let json = serde_json::to_string(letter).expect("dead letter serializes");
+        self.db
+            .call(move |conn| conn.execute("INSERT INTO dead_letters (record) VALUES (?1)", [json]))
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError> {
+        let rows: Vec<String> = self
+            .db
+            .call(|conn| {
+                let mut q = conn.prepare("SELECT record FROM dead_letters ORDER BY id")?;
+                let rows = q.query_map([], |r| r.get(0))?;
+                rows.collect()
+            })
+            .await
+            .map_err(err)?;
+        Ok(rows.iter().filter_map(|r| serde_json::from_str(r).ok()).collect())
+    }
+}

@@ -1,0 +1,293 @@
+//! One broker and result-backend conformance suite, run against every transport
+//! (the embedded SQLite file and a private redis-server), through `trait Broker` and
+//! `trait ResultBackend` only.
+
+use crate::support::*;
+use std::collections::HashSet;
+use std::time::Duration;
+use taskhost::backend;
+use taskhost::broker::{self, Broker, DeadLetter};
+use taskhost::protocol::{decode, encode_task, OutgoingTask, ResultRecord, State};
+
+/// A broker URL for one test, with whatever keeps it alive.
+enum Transport {
+    Sqlite(tempfile::TempDir),
+    Redis(RedisServer),
+}
+
+impl Transport {
+    fn url(&self) -> String {
+        match self {
+            Transport::Sqlite(dir) => format!("sqlite://{}", dir.path().join("broker.db").display()),
+            Transport::Redis(server) => server.url(),
+        }
+    }
+}
+
+fn sqlite() -> Transport {
+    Transport::Sqlite(tempfile::tempdir().unwrap())
+}
+
+fn redis() -> Transport {
+    Transport::Redis(RedisServer::start())
+}
+
+fn message(name: &str, priority: u8) -> Vec<u8> {
+    encode_task(&OutgoingTask {
+        task: name.into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        queue: "q".into(),
+        priority,
+        ..Default::default()
+    })
+}
+
+fn task_of(raw: &[u8]) -> String {
+    decode(raw).unwrap().headers.task
+}
+
+async fn connect(url: &str) -> Box<dyn Broker> {
+    broker::connect(url).await.unwrap()
+}
+
+const WAIT: Duration = Duration::from_millis(50);
+
+async fn fifo_order(url: String) {
+    let b = connect(&url).await;
+    for i in 0..5 {
+        b.publish("q", 0, &message(&format!("t{i}"), 0)).await.unwrap();
+    }
+    let got = b.fetch(&["q".into()], 10, WAIT).await.unwrap();
+    let names: Vec<String> = got.iter().map(|d| task_of(&d.raw)).collect();
+    assert_eq!(names, ["t0", "t1", "t2", "t3", "t4"]);
+    assert!(got.iter().all(|d| d.queue == "q" && d.tag.is_some()));
+    assert!(b.fetch(&["q".into()], 10, WAIT).await.unwrap().is_empty(), "taken messages are not handed out again");
+}
+
+async fn priorities(url: String) {
+    let b = connect(&url).await;
+    for (name, p) in [("p9", 9), ("p0", 0), ("p5", 5), ("p3", 3), ("p7", 7), ("p1", 1)] {
+        b.publish("q", p, &message(name, p)).await.unwrap();
+    }
+    let mut order = Vec::new();
+    while let Some(d) = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop() {
+        order.push(task_of(&d.raw));
+    }
+    assert_eq!(order, ["p0", "p1", "p5", "p3", "p7", "p9"], "band 0 first, FIFO within a band");
+}
+
+async fn queues_in_order_within_a_band(url: String) {
+    let b = connect(&url).await;
+    b.publish("b", 0, &message("b0", 0)).await.unwrap();
+    b.publish("a", 9, &message("a9", 9)).await.unwrap();
+    b.publish("a", 0, &message("a0", 0)).await.unwrap();
+    let got = b.fetch(&["a".into(), "b".into()], 10, WAIT).await.unwrap();
+    let names: Vec<(String, String)> = got.iter().map(|d| (d.queue.clone(), task_of(&d.raw))).collect();
+    assert_eq!(
+        names,
+        [("a".into(), "a0".into()), ("b".into(), "b0".into()), ("a".into(), "a9".into())],
+        "grouped by band, then by queue"
+    );
+}
+
+async fn ack_forgets(url: String) {
+    let b = connect(&url).await;
+    b.publish("q", 0, &message("t", 0)).await.unwrap();
+    let d = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    b.ack(&[d.tag.clone().unwrap()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(b.restore_expired(Duration::ZERO).await.unwrap(), 0);
+    assert!(b.fetch(&["q".into()], 1, WAIT).await.unwrap().is_empty());
+}
+
+async fn redelivery_after_visibility_timeout(url: String) {
+    let b = connect(&url).await;
+    b.publish("q", 0, &message("first", 0)).await.unwrap();
+    b.publish("q", 0, &message("second", 0)).await.unwrap();
+    let d = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 0, "not yet past the timeout");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 1);
+    let again = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    assert_eq!(task_of(&again.raw), "first", "restored messages are served next");
+    let headers = decode(&again.raw).unwrap();
+    assert!(headers.headers.redelivered, "marked redelivered");
+    assert_eq!(headers.headers.id, decode(&d.raw).unwrap().headers.id);
+}
+
+async fn touch_keeps_running_messages(url: String) {
+    let b = connect(&url).await;
+    b.publish("q", 0, &message("long", 0)).await.unwrap();
+    let d = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    b.touch(&[d.tag.clone().unwrap()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 0);
+}
+
+async fn restore_puts_back_in_front(url: String) {
+    let b = connect(&url).await;
+    b.publish("q", 0, &message("a", 0)).await.unwrap();
+    b.publish("q", 0, &message("b", 0)).await.unwrap();
+    let a = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    b.restore(&a).await.unwrap();
+    let next = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    assert_eq!(task_of(&next.raw), "a");
+}
+
+async fn scheduled_messages_wait_for_their_time(url: String) {
+    let b = connect(&url).await;
+    let due = chrono::Utc::now() + chrono::TimeDelta::milliseconds(300);
+    b.schedule("q", 0, &message("later", 0), due).await.unwrap();
+    b.move_due().await.unwrap();
+    assert!(b.fetch(&["q".into()], 1, WAIT).await.unwrap().is_empty(), "never early");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(b.move_due().await.unwrap(), 1);
+    let d = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    assert_eq!(task_of(&d.raw), "later");
+    assert_eq!(b.move_due().await.unwrap(), 0, "moved once");
+}
+
+async fn fetch_waits_for_a_message(url: String) {
+    let b = connect(&url).await;
+    let publisher = connect(&url).await;
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        publisher.publish("q", 0, &message("late", 0)).await.unwrap();
+    };
+    let queues = ["q".to_string()];
+    let (got, ()) = tokio::join!(b.fetch(&queues, 4, Duration::from_secs(2)), late);
+    let got = got.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(task_of(&got[0].raw), "late");
+}
+
+async fn dead_letters_round_trip(url: String) {
+    let b = connect(&url).await;
+    let letter = DeadLetter {
+        id: Some("x".into()),
+        task: Some("tasks.nope".into()),
+        queue: "q".into(),
+        reason: "no component serves task tasks.nope".into(),
+        time: chrono::Utc::now(),
+        message: "{}".into(),
+    };
+    b.dead_letter(&letter).await.unwrap();
+    assert_eq!(b.dead_letters().await.unwrap(), vec![letter]);
+}
+
+async fn results_round_trip(url: String) {
+    let r = backend::connect(&url, None).await.unwrap();
+    assert_eq!(r.get("missing").await.unwrap(), None);
+    let started = ResultRecord::started("t1", 1, "w@h");
+    assert!(r.store(&started, None).await.unwrap());
+    assert_eq!(r.get("t1").await.unwrap().unwrap().status, State::Started);
+    let success = ResultRecord::success("t1", serde_json::json!({"a": [1, 2]}));
+    assert!(r.store(&success, None).await.unwrap());
+    assert_eq!(r.get("t1").await.unwrap().unwrap(), success);
+    let failure = ResultRecord::failure("t1", &taskhost::protocol::ExceptionInfo::new("builtins", "ValueError", "late"), None);
+    assert!(!r.store(&failure, None).await.unwrap(), "a SUCCESS is never overwritten");
+    assert_eq!(r.get("t1").await.unwrap().unwrap().status, State::Success);
+    let progress = ResultRecord::custom("t2", serde_json::json!({"done": 3}));
+    r.store(&progress, Some("PROGRESS")).await.unwrap();
+    assert_eq!(r.get("t2").await.unwrap().unwrap().status, State::Custom);
+
+    // wait() returns once a ready state is stored by someone else.
+    let writer = backend::connect(&url, None).await.unwrap();
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        writer.store(&ResultRecord::success("t2", serde_json::json!(7)), None).await.unwrap();
+    };
+    let (waited, ()) = tokio::join!(r.wait("t2", Some(Duration::from_secs(5))), late);
+    assert_eq!(waited.unwrap().result, 7);
+    let timeout = r.wait("never", Some(Duration::from_millis(100))).await.unwrap_err();
+    assert_eq!(timeout.to_string(), "no ready result for task never within 0.1s");
+}
+
+async fn results_expire(url: String) {
+    let r = backend::connect(&url, Some(Duration::from_secs(1))).await.unwrap();
+    r.store(&ResultRecord::success("short", serde_json::json!(1)), None).await.unwrap();
+    assert!(r.get("short").await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(r.get("short").await.unwrap(), None);
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite_transport {
+            $(#[test] fn $case() { let t = super::sqlite(); crate::support::block_on(super::$case(t.url())); })*
+        }
+        mod redis_transport {
+            $(#[test] fn $case() { let t = super::redis(); crate::support::block_on(super::$case(t.url())); })*
+        }
+    };
+}
+
+conformance!(
+    fifo_order,
+    priorities,
+    queues_in_order_within_a_band,
+    ack_forgets,
+    redelivery_after_visibility_timeout,
+    touch_keeps_running_messages,
+    restore_puts_back_in_front,
+    scheduled_messages_wait_for_their_time,
+    fetch_waits_for_a_message,
+    dead_letters_round_trip,
+    results_round_trip,
+    results_expire,
+    two_consumer_processes_never_take_one_delivery_twice,
+);
+
+/// Messages published for the two-process test.
+const SHARED: usize = 2000;
+
+async fn two_consumer_processes_never_take_one_delivery_twice(url: String) {
+    let b = connect(&url).await;
+    for i in 0..SHARED {
+        b.publish("shared", (i % 10) as u8, &message(&format!("m{i}"), 0)).await.unwrap();
+    }
+    let spawn = || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "conformance::consumer_probe", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("CONFORMANCE_BROKER", &url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, c) = (spawn(), spawn());
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for child in [a, c] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // The harness prints "test … " on the first line without a newline.
+        let taken: Vec<&str> = text.lines().filter_map(|l| l.split_once("took ").map(|(_, t)| t)).collect();
+        assert!(!taken.is_empty(), "each consumer should take some: {text}");
+        total += taken.len();
+        seen.extend(taken.into_iter().map(str::to_string));
+    }
+    assert_eq!(total, SHARED, "every delivery taken exactly once in all");
+    assert_eq!(seen.len(), SHARED, "no delivery taken twice");
+}
+
+#[test]
+#[ignore = "a consumer process for two_consumer_processes_never_take_one_delivery_twice"]
+fn consumer_probe() {
+    let url = std::env::var("CONFORMANCE_BROKER").expect("CONFORMANCE_BROKER");
+    block_on(async {
+        let b = connect(&url).await;
+        loop {
+            let got = b.fetch(&["shared".into()], 7, Duration::from_millis(300)).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            for d in &got {
+                println!("took {}", decode(&d.raw).unwrap().headers.task);
+            }
+            b.ack(&got.iter().filter_map(|d| d.tag.clone()).collect::<Vec<_>>()).await.unwrap();
+        }
+    });
+}
