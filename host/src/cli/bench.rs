@@ -14,6 +14,44 @@ use std::time::{Duration, Instant};
 pub enum BenchCommand {
     /// Instantiate+call loop of one task: the sandbox ceiling.
     Runtime(RuntimeBench),
+    /// Drain rate of pre-queued no-op tasks through the real worker and a broker.
+    Drain(DrainBench),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DrainBench {
+    #[arg(long, env = "TASKHOST_PLUGINS", default_value = "dist/plugins")]
+    pub plugins: PathBuf,
+    /// Broker URL (default: a fresh SQLite file in a temporary directory).
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// Tasks to queue and drain.
+    #[arg(long, default_value_t = 20_000)]
+    pub count: u64,
+    /// Worker processes draining at once (default: one per core).
+    #[arg(long)]
+    pub processes: Option<usize>,
+    /// Sandboxes per worker process.
+    #[arg(short, long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Store results (default: tasks ignore results).
+    #[arg(long)]
+    pub results: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Set on the worker processes this command starts.
+    #[arg(long, hide = true)]
+    pub child: bool,
+}
+
+/// One drain process's report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DrainFigures {
+    pub processed: u64,
+    /// Unix seconds of the first and last task this process finished.
+    pub first: f64,
+    pub last: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,7 +93,10 @@ pub struct RuntimeFigures {
 }
 
 pub fn run(cmd: BenchCommand, _file: &super::config::FileConfig) -> Result<(), CliError> {
-    let BenchCommand::Runtime(args) = cmd;
+    let args = match cmd {
+        BenchCommand::Runtime(args) => args,
+        BenchCommand::Drain(args) => return drain::run(args),
+    };
     if !(args.seconds > 0.0) {
         return Err(CliError::usage(anyhow!("--seconds must be positive")));
     }
@@ -199,5 +240,150 @@ fn print_table(f: &RuntimeFigures, seconds: f64) {
     }
     if f.bare.tasks_per_sec > 0.0 {
         println!("taskhost / baseline: {:.0}%", 100.0 * f.taskhost.tasks_per_sec / f.bare.tasks_per_sec);
+    }
+}
+
+mod drain {
+    //! `bench drain`: queue N no-op tasks, then let worker processes drain them.
+    use super::*;
+    use crate::backend;
+    use crate::broker;
+    use crate::protocol::{encode_task, OutgoingTask};
+    use crate::worker::{Worker, WorkerConfig, DEFAULT_VISIBILITY_TIMEOUT};
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    const QUEUE: &str = "bench.drain";
+    /// A worker that finished nothing for this long after its last task has drained.
+    const IDLE: Duration = Duration::from_millis(500);
+
+    fn unix_now() -> f64 {
+        chrono::Utc::now().timestamp_micros() as f64 / 1e6
+    }
+
+    pub fn run(args: DrainBench) -> Result<(), CliError> {
+        if args.child {
+            return child(&args);
+        }
+        let tmp = tempfile_dir()?;
+        let url = args.broker.clone().unwrap_or_else(|| format!("sqlite://{}", tmp.join("bench.db").display()));
+        let processes = args.processes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let rt = current_thread_runtime()?;
+        rt.block_on(async {
+            let b = broker::connect(&url).await.map_err(CliError::usage)?;
+            let mut task = OutgoingTask {
+                task: "tasks.noop".into(),
+                queue: QUEUE.into(),
+                ignore_result: !args.results,
+                origin: "bench".into(),
+                ..Default::default()
+            };
+            for _ in 0..args.count {
+                task.id = uuid::Uuid::new_v4().to_string();
+                b.publish(QUEUE, 0, &encode_task(&task)).await.map_err(CliError::failed)?;
+            }
+            Ok::<_, CliError>(())
+        })?;
+        let exe = std::env::current_exe().map_err(CliError::failed)?;
+        let children: Vec<_> = (0..processes)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args(["bench", "drain", "--child", "--broker", &url, "-c", &args.concurrency.to_string()])
+                    .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+                    .arg("--plugins")
+                    .arg(&args.plugins)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+            })
+            .collect::<Result<_, _>>()
+            .map_err(CliError::failed)?;
+        let mut reports = Vec::new();
+        for c in children {
+            let out = c.wait_with_output().map_err(CliError::failed)?;
+            if !out.status.success() {
+                return Err(CliError::failed(anyhow!("a drain process failed ({})", out.status)));
+            }
+            reports.push(serde_json::from_slice::<DrainFigures>(&out.stdout).map_err(CliError::failed)?);
+        }
+        let processed: u64 = reports.iter().map(|r| r.processed).sum();
+        let first = reports.iter().filter(|r| r.processed > 0).map(|r| r.first).fold(f64::INFINITY, f64::min);
+        let last = reports.iter().map(|r| r.last).fold(0.0, f64::max);
+        let seconds = (last - first).max(1e-9);
+        let rate = processed as f64 / seconds;
+        let _ = std::fs::remove_dir_all(&tmp);
+        if processed != args.count {
+            return Err(CliError::failed(anyhow!("drained {processed} of {} tasks", args.count)));
+        }
+        if args.json {
+            let out = serde_json::json!({"broker": url, "count": processed, "processes": processes,
+                "concurrency": args.concurrency, "results": args.results, "seconds": seconds, "tasks_per_sec": rate});
+            println!("{out}");
+        } else {
+            println!(
+                "bench drain: {processed} no-op tasks ({}), {processes} process(es) × {} sandboxes on {}: {seconds:.2} s, {rate:.0} tasks/s",
+                if args.results { "results stored" } else { "results ignored" },
+                args.concurrency,
+                super::super::serve::redact(&url),
+            );
+        }
+        Ok(())
+    }
+
+    fn tempfile_dir() -> Result<PathBuf, CliError> {
+        let dir = std::env::temp_dir().join(format!("taskhost-bench-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).map_err(CliError::failed)?;
+        Ok(dir)
+    }
+
+    fn child(args: &DrainBench) -> Result<(), CliError> {
+        let url = args.broker.clone().ok_or_else(|| CliError::usage(anyhow!("--broker is required")))?;
+        let runtime = Arc::new(
+            Runtime::new(RuntimeConfig { max_instances: args.concurrency as u32 + 4, ..Default::default() })
+                .map_err(CliError::usage)?,
+        );
+        let registry = Registry::open(&args.plugins, runtime.clone()).map_err(CliError::usage)?;
+        let rt = current_thread_runtime()?;
+        let local = tokio::task::LocalSet::new();
+        let figures = local.block_on(&rt, async {
+            let b: Arc<dyn broker::Broker> = broker::connect(&url).await.map_err(CliError::usage)?.into();
+            let r: Arc<dyn backend::ResultBackend> = backend::connect(&url, None).await.map_err(CliError::usage)?.into();
+            let cfg = WorkerConfig {
+                node_name: format!("bench-{}@localhost", std::process::id()),
+                queues: vec![QUEUE.into()],
+                concurrency: args.concurrency,
+                prefetch_multiplier: 4,
+                visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
+                shutdown_grace: Duration::from_secs(30),
+                track_started: false,
+            };
+            let worker = Worker::new(cfg, registry, runtime, b, r);
+            let first = Rc::new(Cell::new(0.0f64));
+            let last = Rc::new(Cell::new(0.0f64));
+            let watcher = {
+                let (worker, first, last) = (worker.clone(), first.clone(), last.clone());
+                async move {
+                    let mut seen = 0;
+                    let mut idle_since = Instant::now();
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        let n = worker.stats().processed;
+                        if n != seen {
+                            if seen == 0 {
+                                first.set(unix_now());
+                            }
+                            seen = n;
+                            last.set(unix_now());
+                            idle_since = Instant::now();
+                        } else if idle_since.elapsed() > IDLE && (seen > 0 || idle_since.elapsed() > IDLE * 10) {
+                            return;
+                        }
+                    }
+                }
+            };
+            let stats = worker.run(watcher).await;
+            Ok::<_, CliError>(DrainFigures { processed: stats.processed, first: first.get(), last: last.get() })
+        })?;
+        println!("{}", serde_json::to_string(&figures).map_err(CliError::failed)?);
+        Ok(())
     }
 }
