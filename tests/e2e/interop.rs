@@ -102,26 +102,86 @@ fn higher_priority_drains_first_under_backlog() {
     assert_eq!(order, ["0", "0", "0", "3", "3", "3", "6", "6", "6", "9", "9", "9"]);
 }
 
-#[test]
-fn kill_dash_9_with_tasks_in_flight_loses_nothing() {
-    let redis = RedisServer::start();
-    let mut worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
-    let ids: Vec<String> =
-        (0..12).map(|_| stdout(&send(&redis.url(), &["tasks.sleep", "--args", "[400]"]))).collect();
+fn kill_dash_9_loses_nothing(url: &str) {
+    let mut worker = WorkerProcess::start(url, &["-c", "4"]);
+    let ids: Vec<String> = (0..12).map(|_| stdout(&send(url, &["tasks.sleep", "--args", "[400]"]))).collect();
     std::thread::sleep(Duration::from_millis(200));
-    let held: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
-    assert!(held > 0, "the worker should hold messages when it is killed");
+    let started = ids.iter().filter(|id| result_json(url, id)["status"] == "STARTED").count();
+    assert!(started > 0, "tasks should be running when the worker is killed");
     worker.signal(libc::SIGKILL);
     worker.wait(Duration::from_secs(5));
     // Past the visibility timeout the next worker's startup sweep restores them.
     std::thread::sleep(Duration::from_millis(1200));
-    let _next = WorkerProcess::start(&redis.url(), &["-c", "8", "--visibility-timeout", "1"]);
+    let _next = WorkerProcess::start(url, &["-c", "8", "--visibility-timeout", "1"]);
     for id in &ids {
-        let r = wait_for_status(&redis.url(), id, "SUCCESS", Duration::from_secs(20));
+        let r = wait_for_status(url, id, "SUCCESS", Duration::from_secs(20));
         assert_eq!(r["result"], 400);
     }
+}
+
+#[test]
+fn kill_dash_9_with_tasks_in_flight_loses_nothing() {
+    let redis = RedisServer::start();
+    kill_dash_9_loses_nothing(&redis.url());
     let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
     assert_eq!(unacked, 0);
+}
+
+#[test]
+fn kill_dash_9_on_the_embedded_broker_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    kill_dash_9_loses_nothing(&format!("sqlite://{}", dir.path().join("taskhost.db").display()));
+}
+
+#[test]
+fn the_embedded_broker_is_the_default_and_shared_by_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let in_dir = |args: &[&str]| {
+        std::process::Command::new(taskhost_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .env("TASKHOST_CACHE_DIR", cache_dir())
+            .env_remove("TASKHOST_BROKER")
+            .env_remove("TASKHOST_RESULT_BACKEND")
+            .output()
+            .unwrap()
+    };
+    let mut worker = std::process::Command::new(taskhost_bin())
+        .args(["serve", "-p", "2", "--plugins"])
+        .arg(plugins_dir())
+        .current_dir(dir.path())
+        .env("TASKHOST_CACHE_DIR", cache_dir())
+        .env_remove("TASKHOST_BROKER")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = in_dir(&["send", "tasks.add", "--args", "[2, 3]", "--wait", "--timeout", "20"]);
+    assert_eq!(stdout(&out), "5", "{}", stderr(&out));
+    assert!(dir.path().join("taskhost.db").exists(), "sqlite://./taskhost.db is the default");
+    let ids: Vec<String> = (0..50).map(|i| stdout(&in_dir(&["send", "tasks.add", "--args", &format!("[{i}, 1]")]))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let r = in_dir(&["result", id, "--wait", "--timeout", "20"]);
+        assert_eq!(stdout(&r), (i + 1).to_string(), "{}", stderr(&r));
+    }
+    // A taskhost.toml in the directory is read; flags still win over it.
+    std::fs::write(dir.path().join("taskhost.toml"), "broker = \"sqlite://./other.db\"\n").unwrap();
+    let queued = in_dir(&["send", "tasks.noop"]);
+    assert!(queued.status.success(), "{}", stderr(&queued));
+    assert!(dir.path().join("other.db").exists(), "taskhost.toml chose the broker");
+    std::fs::write(dir.path().join("taskhost.toml"), "brokr = 1\n").unwrap();
+    let bad = in_dir(&["send", "tasks.noop"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).starts_with("error: config taskhost.toml: unknown field `brokr`"), "{}", stderr(&bad));
+
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "supervisor exit {status:?}");
+    let mut banner = String::new();
+    std::io::Read::read_to_string(worker.stdout.as_mut().unwrap(), &mut banner).unwrap();
+    assert!(banner.contains("sqlite://./taskhost.db"), "{banner}");
+    assert!(banner.contains("× 2 process(es)"), "{banner}");
+    assert!(banner.contains("send tasks.add --args '[2, 3]' --wait"), "{banner}");
 }
 
 #[test]

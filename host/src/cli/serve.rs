@@ -175,6 +175,11 @@ fn banner(args: &Settings, registry: &Registry, node: &str) {
     for tv in registry.all() {
         text.push_str(&format!("    . {}@{}\n", tv.name, tv.version));
     }
+    let program = std::env::args().next().unwrap_or_else(|| "taskhost".into());
+    let broker_flag = if args.broker == super::config::DEFAULT_BROKER { String::new() } else { format!(" --broker {}", redact(&args.broker)) };
+    text.push_str(&format!(
+        "  try, from another terminal in this directory:\n    {program} send tasks.add --args '[2, 3]' --wait{broker_flag}\n"
+    ));
     print!("{text}");
 }
 
