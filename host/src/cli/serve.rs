@@ -253,10 +253,18 @@ pub async fn shutdown_signal() {
         _ = int.recv() => {}
     }
     tracing::info!("shutdown requested: finishing running tasks (signal again to quit now)");
+    let first = std::time::Instant::now();
     tokio::task::spawn_local(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        // Process managers and terminals often deliver one stop twice at once: only a
+        // signal a moment later means "quit now".
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if first.elapsed() > Duration::from_secs(1) {
+                break;
+            }
         }
         tracing::warn!("second signal: quitting now; held messages return after the visibility timeout");
         std::process::exit(1);
