@@ -165,6 +165,7 @@ async fn fetch_waits_for_a_message(url: String) {
 async fn dead_letters_round_trip(url: String) {
     let b = connect(&url).await;
     let letter = DeadLetter {
+        letter_id: "letter-1".into(),
         id: Some("x".into()),
         task: Some("tasks.nope".into()),
         queue: "q".into(),
@@ -174,6 +175,9 @@ async fn dead_letters_round_trip(url: String) {
     };
     b.dead_letter(&letter).await.unwrap();
     assert_eq!(b.dead_letters().await.unwrap(), vec![letter]);
+    assert!(!b.remove_dead_letter("letter-2").await.unwrap());
+    assert!(b.remove_dead_letter("letter-1").await.unwrap());
+    assert!(b.dead_letters().await.unwrap().is_empty());
 }
 
 async fn results_round_trip(url: String) {

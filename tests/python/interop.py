@@ -122,7 +122,53 @@ def expires():
     check(False, "expired task ran")
 
 
-SCENARIOS = {f.__name__: f for f in [add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires]}
+def revoke_terminate():
+    r = app.send_task("tasks.sleep", (20000,))
+    deadline = time.time() + 10
+    while r.state != "STARTED":
+        check(time.time() < deadline, f"never started: {r.state}")
+        time.sleep(0.02)
+    asked = time.time()
+    app.control.revoke(r.id, terminate=True)
+    try:
+        r.get(timeout=10)
+    except Exception as exc:
+        took = time.time() - asked
+        check(r.state == "REVOKED", f"state {r.state}")
+        check(type(exc).__name__ == "TaskRevokedError", f"raised {type(exc)!r}")
+        print(f"{type(exc).__name__}: {exc} after {took:.3f}s")
+        return
+    check(False, "revoked task returned a result")
+
+
+def revoke_queued():
+    r = app.send_task("tasks.add", (1, 1), countdown=1)
+    app.control.revoke(r.id)
+    try:
+        r.get(timeout=10)
+    except Exception as exc:
+        check(r.state == "REVOKED", f"state {r.state}")
+        print(f"{type(exc).__name__}: {exc}")
+        return
+    check(False, "revoked task ran")
+
+
+def inspect():
+    i = app.control.inspect(timeout=1.5)
+    pong = i.ping() or {}
+    nodes = sorted(n for n in pong if n.startswith("taskhost"))
+    check(nodes, f"no taskhost node answered ping: {pong}")
+    registered = i.registered() or {}
+    check("tasks.add" in registered.get(nodes[0], []), f"registered: {registered}")
+    stats = i.stats() or {}
+    check(nodes[0] in stats and "pool" in stats[nodes[0]], f"stats: {stats}")
+    queues = i.active_queues() or {}
+    check(any(q["name"] == "celery" for q in queues.get(nodes[0], [])), f"active_queues: {queues}")
+    print(" ".join(nodes))
+
+
+SCENARIOS = {f.__name__: f for f in [add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires,
+                                     revoke_terminate, revoke_queued, inspect]}
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]](*sys.argv[2:])

@@ -26,6 +26,9 @@ pub struct Delivery {
 /// A message that will never run, kept with why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// Names this letter for `dlq show/replay`.
+    #[serde(default)]
+    pub letter_id: String,
     pub id: Option<String>,
     pub task: Option<String>,
     pub queue: String,
@@ -77,6 +80,28 @@ pub trait Broker: Send + Sync {
 
     /// Dead letters, oldest first.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError>;
+
+    /// Deletes one dead letter; false if it was not there.
+    async fn remove_dead_letter(&self, letter_id: &str) -> Result<bool, BrokerError>;
+
+    /// Broadcasts a control request to every worker (kombu's pidbox fanout).
+    async fn broadcast(&self, raw: &[u8]) -> Result<(), BrokerError>;
+
+    /// Control requests broadcast from now on, until the receiver is dropped.
+    async fn control_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError>;
+
+    /// Pushes a reply to a control request onto the caller's reply queue.
+    async fn reply(&self, exchange: &str, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError>;
+
+    /// Remembers revoked task ids until `until`, across worker restarts.
+    async fn remember_revoked(&self, ids: &[String], until: DateTime<Utc>) -> Result<(), BrokerError>;
+
+    /// Task ids revoked and not yet past their lifetime.
+    async fn revoked(&self) -> Result<Vec<String>, BrokerError>;
+
+    /// Reserves the next start of a rate limit shared by every worker (one start per
+    /// `interval`); returns how long the caller must wait before starting.
+    async fn reserve_rate_slot(&self, key: &str, interval: Duration) -> Result<Duration, BrokerError>;
 }
 
 /// Opens the transport a URL names.

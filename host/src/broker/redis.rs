@@ -91,6 +91,19 @@ end
 return #due
 "#;
 
+/// GCRA: one start per ARGV[2] seconds; returns the wait before this caller's start.
+const RATE_SLOT: &str = r#"
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(now, tat)
+redis.call('SET', KEYS[1], tostring(start + interval), 'PX', math.ceil((start + interval - now) * 1000) + 1000)
+return tostring(start - now)
+"#;
+
+const REVOKED: &str = "taskhost.revoked";
+const RATE_PREFIX: &str = "taskhost.rate.";
+
 const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -122,6 +135,8 @@ fn band_keys(queues: &[String]) -> (Vec<String>, Vec<String>) {
 }
 
 pub struct RedisBroker {
+    url: String,
+    db: i64,
     conn: ConnectionManager,
     /// BRPOP blocks its connection, so it gets its own.
     blocking: tokio::sync::Mutex<ConnectionManager>,
@@ -130,6 +145,14 @@ pub struct RedisBroker {
     restore: Script,
     move_due: Script,
     unlock: Script,
+    rate_slot: Script,
+}
+
+/// The database number in a redis URL (`redis://host:6379/3` → 3).
+fn db_of(url: &str) -> i64 {
+    let without_fragment = url.split(['#', '?']).next().unwrap_or(url);
+    let after_scheme = without_fragment.split_once("://").map_or(without_fragment, |(_, r)| r);
+    after_scheme.split_once('/').and_then(|(_, path)| path.trim_matches('/').parse().ok()).unwrap_or(0)
 }
 
 /// Environment variable naming a PEM file of CA certificates to trust for `rediss://`
@@ -166,6 +189,8 @@ impl RedisBroker {
         let conn = manager(url, Some(Duration::from_secs(10))).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
         let blocking = manager(url, None).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
         Ok(RedisBroker {
+            url: url.to_string(),
+            db: db_of(url),
             conn,
             blocking: tokio::sync::Mutex::new(blocking),
             fetch: Script::new(FETCH),
@@ -173,6 +198,7 @@ impl RedisBroker {
             restore: Script::new(RESTORE),
             move_due: Script::new(MOVE_DUE),
             unlock: Script::new(UNLOCK),
+            rate_slot: Script::new(RATE_SLOT),
         })
     }
 
@@ -386,5 +412,119 @@ impl Broker for RedisBroker {
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError> {
         let items: Vec<String> = self.conn().lrange(DEAD_LETTERS, 0, -1).await.map_err(cmd_err)?;
         Ok(items.iter().filter_map(|s| serde_json::from_str(s).ok()).collect())
+    }
+
+    async fn remove_dead_letter(&self, letter_id: &str) -> Result<bool, BrokerError> {
+        let items: Vec<String> = self.conn().lrange(DEAD_LETTERS, 0, -1).await.map_err(cmd_err)?;
+        let Some(raw) = items
+            .into_iter()
+            .find(|s| serde_json::from_str::<DeadLetter>(s).is_ok_and(|l| l.letter_id == letter_id))
+        else {
+            return Ok(false);
+        };
+        let removed: i64 = self.conn().lrem(DEAD_LETTERS, 1, raw).await.map_err(cmd_err)?;
+        Ok(removed == 1)
+    }
+
+    async fn broadcast(&self, raw: &[u8]) -> Result<(), BrokerError> {
+        // Pub/sub ignores the db number, hence kombu's "/<db>." prefix.
+        let channel = format!("/{}.{}", self.db, crate::protocol::PIDBOX_EXCHANGE);
+        self.conn().publish::<_, _, ()>(channel, raw).await.map_err(cmd_err)
+    }
+
+    async fn control_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = client(&self.url).map_err(|e| BrokerError::Connection(e.to_string()))?;
+        let channel = format!("/{}.{}", self.db, crate::protocol::PIDBOX_EXCHANGE);
+        let mut pubsub = client.get_async_pubsub().await.map_err(cmd_err)?;
+        pubsub.psubscribe(&channel).await.map_err(cmd_err)?;
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                {
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        backoff = Duration::from_millis(100);
+                        if tx.send(msg.get_payload_bytes().to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+                // The subscription dropped: resubscribe with backoff until the receiver goes.
+                loop {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    match client.get_async_pubsub().await {
+                        Ok(mut fresh) => {
+                            if fresh.psubscribe(&channel).await.is_ok() {
+                                pubsub = fresh;
+                                break;
+                            }
+                        }
+                        Err(e) => tracing::warn!("control channel reconnect failed: {e}"),
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn reply(&self, exchange: &str, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError> {
+        // kombu binds reply queues in the exchange's binding set: routing_key SEP pattern SEP queue.
+        let members: Vec<String> = self.conn().smembers(format!("_kombu.binding.{exchange}")).await.map_err(cmd_err)?;
+        let queues: Vec<String> = members
+            .iter()
+            .filter_map(|m| {
+                let mut parts = m.split(BAND_SEP);
+                let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
+                (rk == routing_key).then(|| queue.to_string())
+            })
+            .collect();
+        for q in queues {
+            self.conn().lpush::<_, _, ()>(q, raw).await.map_err(cmd_err)?;
+        }
+        Ok(())
+    }
+
+    async fn remember_revoked(&self, ids: &[String], until: DateTime<Utc>) -> Result<(), BrokerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let score = until.timestamp_millis();
+        let items: Vec<(i64, &String)> = ids.iter().map(|id| (score, id)).collect();
+        self.conn().zadd_multiple::<_, _, _, ()>(REVOKED, &items).await.map_err(cmd_err)
+    }
+
+    async fn revoked(&self) -> Result<Vec<String>, BrokerError> {
+        let now = Utc::now().timestamp_millis();
+        let mut conn = self.conn();
+        let _: () = conn.zrembyscore(REVOKED, "-inf", now).await.map_err(cmd_err)?;
+        conn.zrange(REVOKED, 0, -1).await.map_err(cmd_err)
+    }
+
+    async fn reserve_rate_slot(&self, key: &str, interval: Duration) -> Result<Duration, BrokerError> {
+        let wait: String = self
+            .rate_slot
+            .key(format!("{RATE_PREFIX}{key}"))
+            .arg(now_secs())
+            .arg(interval.as_secs_f64())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)?;
+        Ok(Duration::from_secs_f64(wait.parse::<f64>().unwrap_or(0.0).max(0.0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn db_numbers_come_from_the_url_path() {
+        assert_eq!(super::db_of("redis://127.0.0.1:6379/3"), 3);
+        assert_eq!(super::db_of("redis://user:pw@host:6379"), 0);
+        assert_eq!(super::db_of("rediss://host:6380/12#insecure"), 12);
     }
 }

@@ -46,9 +46,35 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_expiry ON results(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
+    letter_id TEXT,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS control (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revoked (
+    task_id TEXT PRIMARY KEY,
+    until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rate_slots (
+    key TEXT PRIMARY KEY,
+    tat REAL NOT NULL
+);
 ";
+
+/// How often a control stream looks for new broadcasts: the revoke latency on SQLite.
+const CONTROL_POLL: Duration = Duration::from_millis(25);
+/// Broadcasts and replies older than this are deleted.
+const CONTROL_KEEP_SECS: f64 = 3600.0;
 
 /// The file a `sqlite://` URL names: `sqlite://./taskhost.db`, `sqlite:///abs/path.db`.
 pub fn path_from_url(url: &str) -> Option<PathBuf> {
@@ -290,8 +316,9 @@ impl Broker for SqliteBroker {
 
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), BrokerError> {
         let json = serde_json::to_string(letter).expect("dead letter serializes");
+        let letter_id = letter.letter_id.clone();
         self.db
-            .call(move |conn| conn.execute("INSERT INTO dead_letters (record) VALUES (?1)", [json]))
+            .call(move |conn| conn.execute("INSERT INTO dead_letters (letter_id, record) VALUES (?1, ?2)", [letter_id, json]))
             .await
             .map(|_| ())
             .map_err(err)
@@ -308,5 +335,135 @@ impl Broker for SqliteBroker {
             .await
             .map_err(err)?;
         Ok(rows.iter().filter_map(|r| serde_json::from_str(r).ok()).collect())
+    }
+
+    async fn remove_dead_letter(&self, letter_id: &str) -> Result<bool, BrokerError> {
+        let id = letter_id.to_string();
+        self.db
+            .call(move |conn| conn.execute("DELETE FROM dead_letters WHERE letter_id = ?1", [id]))
+            .await
+            .map(|n| n > 0)
+            .map_err(err)
+    }
+
+    async fn broadcast(&self, raw: &[u8]) -> Result<(), BrokerError> {
+        let body = raw.to_vec();
+        self.db
+            .call(move |conn| {
+                let now = now_secs();
+                conn.execute("DELETE FROM control WHERE created < ?1", [now - CONTROL_KEEP_SECS])?;
+                conn.execute("INSERT INTO control (body, created) VALUES (?1, ?2)", params![body, now])
+            })
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn control_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
+        let mut cursor: i64 = self
+            .db
+            .call(|conn| conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM control", [], |r| r.get(0)))
+            .await
+            .map_err(err)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CONTROL_POLL).await;
+                if tx.is_closed() {
+                    return;
+                }
+                let after = cursor;
+                let rows: Result<Vec<(i64, Vec<u8>)>, _> = db
+                    .call(move |conn| {
+                        let mut q = conn.prepare_cached("SELECT seq, body FROM control WHERE seq > ?1 ORDER BY seq")?;
+                        let rows = q.query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                        rows.collect()
+                    })
+                    .await;
+                match rows {
+                    Ok(rows) => {
+                        for (seq, body) in rows {
+                            cursor = seq;
+                            if tx.send(body).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("reading control messages failed: {e}"),
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn reply(&self, exchange: &str, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError> {
+        let (exchange, routing_key, body) = (exchange.to_string(), routing_key.to_string(), raw.to_vec());
+        self.db
+            .call(move |conn| {
+                let now = now_secs();
+                conn.execute("DELETE FROM replies WHERE created < ?1", [now - CONTROL_KEEP_SECS])?;
+                conn.execute(
+                    "INSERT INTO replies (exchange, routing_key, body, created) VALUES (?1, ?2, ?3, ?4)",
+                    params![exchange, routing_key, body, now],
+                )
+            })
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn remember_revoked(&self, ids: &[String], until: DateTime<Utc>) -> Result<(), BrokerError> {
+        let ids = ids.to_vec();
+        let until = until.timestamp_micros() as f64 / 1e6;
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                for id in ids {
+                    tx.execute(
+                        "INSERT INTO revoked (task_id, until) VALUES (?1, ?2) ON CONFLICT(task_id) DO UPDATE SET until = MAX(until, excluded.until)",
+                        params![id, until],
+                    )?;
+                }
+                tx.commit()
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn revoked(&self) -> Result<Vec<String>, BrokerError> {
+        self.db
+            .call(|conn| {
+                let now = now_secs();
+                conn.execute("DELETE FROM revoked WHERE until < ?1", [now])?;
+                let mut q = conn.prepare("SELECT task_id FROM revoked")?;
+                let rows = q.query_map([], |r| r.get(0))?;
+                rows.collect()
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn reserve_rate_slot(&self, key: &str, interval: Duration) -> Result<Duration, BrokerError> {
+        let key = key.to_string();
+        let interval = interval.as_secs_f64();
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let now = now_secs();
+                let tat: f64 = tx
+                    .query_row("SELECT tat FROM rate_slots WHERE key = ?1", [&key], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0.0);
+                let start = now.max(tat);
+                tx.execute(
+                    "INSERT INTO rate_slots (key, tat) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET tat = excluded.tat",
+                    params![key, start + interval],
+                )?;
+                tx.commit()?;
+                Ok(Duration::from_secs_f64((start - now).max(0.0)))
+            })
+            .await
+            .map_err(err)
     }
 }

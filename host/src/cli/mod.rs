@@ -5,8 +5,10 @@
 
 mod bench;
 mod config;
+mod dlq;
 mod plugins;
 mod result;
+mod revoke;
 mod run;
 mod send;
 mod serve;
@@ -41,6 +43,11 @@ pub enum Command {
     Send(send::SendArgs),
     /// Read or wait for a task's result.
     Result(result::ResultArgs),
+    /// Revoke tasks on every worker (a queued task is skipped; --terminate stops a running one).
+    Revoke(revoke::RevokeArgs),
+    /// The dead-letter queue: list, show, replay, purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Inspect the components in a plugins directory.
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
@@ -82,6 +89,8 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args, &file),
         Command::Send(args) => send::run(args, &file),
         Command::Result(args) => result::run(args, &file),
+        Command::Revoke(args) => revoke::run(args, &file),
+        Command::Dlq(cmd) => dlq::run(cmd, &file),
         Command::Plugins(cmd) => plugins::run(cmd, &file),
         Command::Bench(cmd) => bench::run(cmd, &file),
     });

@@ -1,6 +1,7 @@
 //! Celery's wire formats, pure encode/decode with no I/O: task messages (protocol v2
 //! inside kombu's Redis envelope) and result-backend records.
 
+mod control;
 mod message;
 mod result;
 
@@ -8,4 +9,5 @@ pub use message::{
     args_repr, band_for_priority, decode, encode_task, kwargs_repr, list_for_priority, mark_redelivered, parse_time, Decoded, Embed, Envelope, OutgoingTask, ProtocolError,
     Signature, TaskHeaders, BAND_SEP, PRIORITY_BANDS,
 };
+pub use control::{decode_control, encode_control, encode_reply, ControlRequest, ReplyTo, PIDBOX_EXCHANGE, REPLY_EXCHANGE};
 pub use result::{ExceptionInfo, ResultRecord, State};

@@ -117,7 +117,10 @@ impl Default for TaskLimits {
 /// The worker's handle on a running task: revoke it, receive its progress updates.
 #[derive(Default)]
 pub struct RunControl {
-    revoked: AtomicBool,
+    /// Set by a plain revoke: the guest sees it through `is-revoked` and may stop.
+    flagged: AtomicBool,
+    /// Set by revoke with terminate (or a shutdown past its grace): the host stops it.
+    terminated: AtomicBool,
     wake: tokio::sync::Notify,
     progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
 }
@@ -129,18 +132,29 @@ impl RunControl {
 
     /// Stops the task at its next epoch tick or host wait (within about one tick).
     pub fn revoke(&self) {
-        self.revoked.store(true, Ordering::SeqCst);
+        self.flagged.store(true, Ordering::SeqCst);
+        self.terminated.store(true, Ordering::SeqCst);
         self.wake.notify_waiters();
     }
 
-    pub fn is_revoked(&self) -> bool {
-        self.revoked.load(Ordering::SeqCst)
+    /// Tells the guest it has been revoked (`is-revoked`) without stopping it.
+    pub fn flag_revoked(&self) {
+        self.flagged.store(true, Ordering::SeqCst);
     }
 
-    async fn revoked(&self) {
+    /// What the guest's `is-revoked` returns.
+    pub fn is_revoked(&self) -> bool {
+        self.flagged.load(Ordering::SeqCst)
+    }
+
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::SeqCst)
+    }
+
+    async fn terminated(&self) {
         loop {
             let notified = self.wake.notified();
-            if self.is_revoked() {
+            if self.is_terminated() {
                 return;
             }
             notified.await;
@@ -323,7 +337,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             let state = ctx.data();
-            if state.control.is_revoked() {
+            if state.control.is_terminated() {
                 return Err(wasmtime::Error::new(Interrupt::Revoked));
             }
             if Instant::now() >= state.deadlines.hard {
@@ -356,7 +370,7 @@ impl Runtime {
             tokio::select! {
                 res = call => Ok(res),
                 _ = tokio::time::sleep_until(hard.into()) => Err(Interrupt::TimeLimit),
-                _ = control.revoked() => Err(Interrupt::Revoked),
+                _ = control.terminated() => Err(Interrupt::Revoked),
             }
         };
 

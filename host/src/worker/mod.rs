@@ -5,8 +5,12 @@
 //! Single-threaded by design (see design.md, process model): everything here runs on
 //! one `LocalSet`, so shared state is `Rc`/`RefCell`, never a lock.
 
+mod control;
 pub mod outcome;
+pub mod rate;
 pub mod retry;
+
+pub use control::REVOKE_LIFETIME;
 
 use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{Broker, BrokerError, DeadLetter, Delivery};
@@ -85,9 +89,21 @@ pub struct Worker {
     draining: watch::Sender<bool>,
     /// Set once the grace period ends: a run stopped now is requeued, not REVOKED.
     killing: Cell<bool>,
-    running: RefCell<HashMap<String, Arc<RunControl>>>,
+    running: RefCell<HashMap<String, RunningTask>>,
+    /// Task ids revoked (from broadcasts and the broker's persisted set).
+    revoked: RefCell<HashSet<String>>,
+    rate_limits: rate::RateLimits,
+    /// Lamport clock for control replies.
+    clock: Cell<u64>,
+    started: Instant,
     stats: RefCell<WorkerStats>,
     pid: u32,
+}
+
+/// A task running here: its control handle and what `inspect active` shows.
+struct RunningTask {
+    control: Arc<RunControl>,
+    info: serde_json::Value,
 }
 
 /// Decrements the in-progress count when a message's handling ends, however it ends.
@@ -121,6 +137,10 @@ impl Worker {
             draining: watch::channel(false).0,
             killing: Cell::new(false),
             running: RefCell::default(),
+            revoked: RefCell::default(),
+            rate_limits: rate::RateLimits::default(),
+            clock: Cell::new(0),
+            started: Instant::now(),
             stats: RefCell::default(),
             pid: std::process::id(),
         })
@@ -133,8 +153,8 @@ impl Worker {
     /// Revokes a running task (stops it within an epoch tick); false if it is not running here.
     pub fn terminate(&self, task_id: &str) -> bool {
         match self.running.borrow().get(task_id) {
-            Some(control) => {
-                control.revoke();
+            Some(running) => {
+                running.control.revoke();
                 true
             }
             None => false,
@@ -143,7 +163,9 @@ impl Worker {
 
     /// Consumes until `shutdown` resolves, then drains. Must run inside a `LocalSet`.
     pub async fn run(self: Rc<Self>, shutdown: impl Future<Output = ()>) -> WorkerStats {
+        self.refresh_revoked().await;
         let housekeeping = tokio::task::spawn_local(self.clone().housekeeping());
+        let control = tokio::task::spawn_local(self.clone().listen_control());
         let (stop_tx, stop_rx) = watch::channel(false);
         // Joined, not raced: a fetch in flight is never cancelled, because a BRPOP
         // abandoned on the server would still pop (and lose) the next message.
@@ -159,6 +181,7 @@ impl Worker {
         );
         self.drain(tasks).await;
         housekeeping.abort();
+        control.abort();
         self.stats()
     }
 
@@ -212,8 +235,8 @@ impl Worker {
                 _ = &mut deadline, if !self.killing.get() => {
                     tracing::warn!(running = self.running.borrow().len(), "grace period over: stopping running tasks and requeueing them");
                     self.killing.set(true);
-                    for control in self.running.borrow().values() {
-                        control.revoke();
+                    for running in self.running.borrow().values() {
+                        running.control.revoke();
                     }
                 }
             }
@@ -277,6 +300,16 @@ impl Worker {
             .or_else(|| resolved.as_ref().ok().and_then(|tv| tv.manifest.ignore_result))
             .unwrap_or(false);
 
+        if self.revoked.borrow().contains(&h.id) {
+            tracing::info!(task = %h.task, id = %h.id, "revoked before it ran; skipped");
+            if !ignore_result {
+                let mut record = ResultRecord::revoked(&h.id, "revoked");
+                link_fields(&mut record, &decoded);
+                self.store(&record, None).await;
+            }
+            self.ack(&delivery).await;
+            return;
+        }
         if h.expires.is_some_and(|e| e.to_utc() <= now) {
             tracing::info!(task = %h.task, id = %h.id, "expired before it ran; revoked");
             if !ignore_result {
@@ -317,6 +350,17 @@ impl Worker {
             }
         };
 
+        if let Some(limit) = task.manifest.rate_limit {
+            let scope = task.manifest.rate_limit_scope.unwrap_or(crate::registry::RateLimitScope::Worker);
+            let wait = self.rate_limits.reserve(self.broker.as_ref(), &h.task, limit, scope).await;
+            if !wait.is_zero() {
+                // Waiting for its turn does not count against prefetch, so other tasks keep flowing.
+                self.in_progress.set(self.in_progress.get() - 1);
+                self.slot_freed.notify_one();
+                tokio::time::sleep(wait).await;
+                self.in_progress.set(self.in_progress.get() + 1);
+            }
+        }
         let mut draining = self.draining.subscribe();
         let permit = tokio::select! {
             biased;
@@ -345,7 +389,13 @@ impl Worker {
         let limits = limits_for(task, h.time_limit);
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let control = Arc::new(RunControl::with_progress(progress_tx));
-        self.running.borrow_mut().insert(h.id.clone(), control.clone());
+        let info = serde_json::json!({
+            "id": h.id, "name": h.task, "args": decoded.args, "kwargs": decoded.kwargs, "type": h.task,
+            "hostname": self.cfg.node_name, "time_start": Utc::now().timestamp_micros() as f64 / 1e6,
+            "acknowledged": !acks_late, "delivery_info": {"exchange": "", "routing_key": delivery.queue,
+            "priority": decoded.envelope.priority(), "redelivered": h.redelivered}, "worker_pid": self.pid,
+        });
+        self.running.borrow_mut().insert(h.id.clone(), RunningTask { control: control.clone(), info });
         let input = TaskInput {
             id: h.id.clone(),
             name: h.task.clone(),
@@ -626,6 +676,7 @@ impl Worker {
     async fn dead_letter(&self, delivery: &Delivery, decoded: Option<&Decoded>, reason: String) {
         self.stats.borrow_mut().dead_lettered += 1;
         let letter = DeadLetter {
+            letter_id: uuid::Uuid::new_v4().to_string(),
             id: decoded.map(|d| d.headers.id.clone()),
             task: decoded.map(|d| d.headers.task.clone()),
             queue: delivery.queue.clone(),

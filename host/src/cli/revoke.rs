@@ -1,0 +1,79 @@
+//! `taskhost revoke`: revoke tasks on every worker, like `app.control.revoke` — a queued
+//! task is skipped, `--terminate` stops a running one; remembered across worker restarts.
+
+use super::serve::{redact, BrokerArgs};
+use super::{current_thread_runtime, CliError};
+use crate::protocol::{encode_control, ControlRequest, ResultRecord, State};
+use crate::worker::REVOKE_LIFETIME;
+use crate::{backend, broker};
+use anyhow::{anyhow, Context as _};
+use chrono::Utc;
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct RevokeArgs {
+    /// Task ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Also stop the task if it is running (within an epoch tick).
+    #[arg(long)]
+    pub terminate: bool,
+    /// Signal name sent with --terminate, for Celery workers sharing the broker.
+    #[arg(long, default_value = "SIGTERM")]
+    pub signal: String,
+    /// Seconds the revoke is remembered [default: 10800, Celery's].
+    #[arg(long)]
+    pub expires: Option<f64>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+pub fn run(args: RevokeArgs, file: &super::config::FileConfig) -> Result<(), CliError> {
+    let (broker_url, backend_url) = args.broker.urls(file);
+    let lifetime = match args.expires {
+        Some(s) if !(s.is_finite() && s > 0.0) => return Err(CliError::usage(anyhow!("--expires must be positive"))),
+        Some(s) => Duration::from_secs_f64(s),
+        None => REVOKE_LIFETIME,
+    };
+    let rt = current_thread_runtime()?;
+    rt.block_on(async {
+        let broker = broker::connect(&broker_url)
+            .await
+            .with_context(|| format!("connecting to broker {}", redact(&broker_url)))
+            .map_err(CliError::Usage)?;
+        let results = backend::connect(&backend_url, None)
+            .await
+            .with_context(|| format!("connecting to result backend {}", redact(&backend_url)))
+            .map_err(CliError::Usage)?;
+        let until = Utc::now() + chrono::TimeDelta::from_std(lifetime).unwrap_or(chrono::TimeDelta::MAX);
+        broker.remember_revoked(&args.ids, until).await.map_err(CliError::failed)?;
+        let mut arguments = Map::new();
+        arguments.insert("task_id".into(), json!(args.ids));
+        arguments.insert("terminate".into(), Value::from(args.terminate));
+        arguments.insert("signal".into(), Value::from(args.signal.clone()));
+        let request = ControlRequest {
+            method: "revoke".into(),
+            arguments,
+            destination: None,
+            pattern: None,
+            matcher: None,
+            ticket: None,
+            reply_to: None,
+            expires: None,
+        };
+        broker.broadcast(&encode_control(&request, 1, None)).await.map_err(CliError::failed)?;
+        // As Celery 5.5+ workers do: a task not yet started reads REVOKED at once.
+        for id in &args.ids {
+            let waiting = match results.get(id).await.map_err(CliError::failed)? {
+                None => true,
+                Some(r) => matches!(r.status, State::Pending | State::Received | State::Retry | State::Rejected),
+            };
+            if waiting {
+                results.store(&ResultRecord::revoked(id, "revoked"), None).await.map_err(CliError::failed)?;
+            }
+            println!("revoked {id}{}", if args.terminate { " (terminate)" } else { "" });
+        }
+        Ok(())
+    })
+}
