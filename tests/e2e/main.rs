@@ -7,3 +7,4 @@ mod cli;
 mod conformance;
 mod interop;
 mod runtime;
+mod semantics;
