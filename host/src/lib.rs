@@ -8,11 +8,13 @@
 //!   │        ├─────► broker       trait Broker + transports
 //!   │        └─────► backend      Celery-format results
 //!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
+//! worker ──► canvas               chain / group / chord bookkeeping (pure)
 //! observe: tracing setup shared by all.
 //! ```
 
 pub mod backend;
 pub mod broker;
+pub mod canvas;
 pub mod cli;
 pub mod observe;
 pub mod protocol;

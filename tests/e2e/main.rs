@@ -3,6 +3,7 @@
 
 mod support;
 
+mod canvas;
 mod cli;
 mod conformance;
 mod interop;

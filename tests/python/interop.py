@@ -167,7 +167,58 @@ def inspect():
     print(" ".join(nodes))
 
 
-SCENARIOS = {f.__name__: f for f in [add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires,
+def canvas():
+    from celery import chain, chord, group
+
+    s = app.signature
+    check(chain(s("tasks.add", (2, 2)), s("tasks.mul", (10,)))().get(timeout=10) == 40, "chain")
+    three = chain(s("tasks.add", (2, 2)), s("tasks.mul", (10,)), s("tasks.add", (2,)))()
+    check(three.get(timeout=10) == 42, "three-step chain")
+    check(three.parent.get(timeout=1) == 40, "chain parent result")
+    g = group(s("tasks.add", (i, i)) for i in range(10))()
+    check(g.get(timeout=10) == [2 * i for i in range(10)], "group")
+    c = chord(group(s("tasks.add", (i, i)) for i in range(10)), s("tasks.tsum"))()
+    check(c.get(timeout=10) == 90, "chord")
+    linked = s("tasks.add", (2, 2)).apply_async(link=s("tasks.mul", (3,)).set(task_id="link-cb-1"))
+    check(linked.get(timeout=10) == 4, "linked task")
+    from celery.result import AsyncResult as R
+    check(R("link-cb-1", app=app).get(timeout=10) == 12, "link callback")
+    print("chain 40, 42; group; chord 90; link 12")
+
+
+def canvas_errors():
+    from celery import chain, chord, group
+
+    s = app.signature
+    failing = chain(s("tasks.fail", ("step one broke",)), s("tasks.add", (1,)).set(task_id="never-runs-1"))()
+    try:
+        failing.get(timeout=10)
+        check(False, "failed chain returned")
+    except Exception as exc:
+        check(str(exc) == "step one broke", f"chain error {exc!r}")
+    from celery.result import AsyncResult as R
+    check(R("never-runs-1", app=app).state == "FAILURE", "remaining chain step marked FAILURE")
+    bad = chord([s("tasks.add", (1, 1)), s("tasks.fail", ("member broke",))], s("tasks.tsum"))()
+    try:
+        bad.get(timeout=10)
+        check(False, "failed chord returned")
+    except Exception as exc:
+        # Celery's client raises the failed member's error first (it checks the parents).
+        check("member broke" in str(exc), f"chord error text {exc}")
+    deadline = time.time() + 10
+    while bad.state != "FAILURE":
+        check(time.time() < deadline, f"chord callback state {bad.state}")
+        time.sleep(0.05)
+    check(type(bad.result).__name__ == "ChordError", f"callback result {bad.result!r}")
+    check("member broke" in str(bad.result), f"ChordError text {bad.result}")
+    eb = s("tasks.echo").set(task_id="errback-1")
+    s("tasks.fail", ("x",)).apply_async(link_error=eb, task_id="failed-with-errback")
+    got = R("errback-1", app=app).get(timeout=10)
+    check(got == "failed-with-errback", f"errback got {got!r}")
+    print("chain failure propagated; ChordError; errback called")
+
+
+SCENARIOS = {f.__name__: f for f in [canvas, canvas_errors, add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires,
                                      revoke_terminate, revoke_queued, inspect]}
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ mod sqlite;
 pub use self::redis::RedisBackend;
 pub use self::sqlite::SqliteBackend;
 
+use crate::canvas::ChordEntry;
 use crate::protocol::ResultRecord;
 use async_trait::async_trait;
 use std::time::Duration;
@@ -39,7 +40,25 @@ pub trait ResultBackend: Send + Sync {
 
     /// Waits for a ready state (SUCCESS, FAILURE, REVOKED); `None` waits forever.
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError>;
+
+    /// Declares a chord of `size` members (what Celery's producer does before the last one).
+    async fn chord_init(&self, group_id: &str, size: u64) -> Result<(), BackendError>;
+
+    /// Adds one member's outcome to its chord. Exactly one caller — the one whose entry
+    /// completes the chord — gets every entry, ordered by group index, and a claim token.
+    async fn chord_join(
+        &self,
+        group_id: &str,
+        group_index: u64,
+        entry: &ChordEntry,
+    ) -> Result<Option<(Vec<ChordEntry>, String)>, BackendError>;
+
+    /// Clears a chord after its callback was published (or failed), if `token` still holds it.
+    async fn chord_done(&self, group_id: &str, token: &str) -> Result<(), BackendError>;
 }
+
+/// Seconds chord bookkeeping lives (Celery's default result expiry).
+pub const CHORD_EXPIRES: u64 = 86_400;
 
 /// Opens the backend a URL names.
 pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Box<dyn ResultBackend>, BackendError> {

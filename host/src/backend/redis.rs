@@ -1,7 +1,8 @@
 //! Redis result backend: `celery-task-meta-<id>` written with SETEX + PUBLISH on the
 //! channel of the same name, in one script that first refuses to overwrite a SUCCESS.
 
-use super::{BackendError, ResultBackend};
+use super::{BackendError, ResultBackend, CHORD_EXPIRES};
+use crate::canvas::ChordEntry;
 use crate::protocol::ResultRecord;
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -21,6 +22,44 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// Celery 5.7's chord join. KEYS: .j .t .s .d <gid key> .c;
+/// ARGV: tid, entry, group_index, expiry, claim ttl, token. Returns the entries to the claimer.
+const CHORD_JOIN: &str = r#"
+if redis.call('GET', KEYS[6]) == 'done' then return false end
+local member = ARGV[1] .. ':' .. ARGV[3]
+if redis.call('SISMEMBER', KEYS[4], member) == 0 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  redis.call('SADD', KEYS[4], member)
+end
+local count = redis.call('ZCOUNT', KEYS[1], '-inf', '+inf')
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+local t = tonumber(redis.call('GET', KEYS[2]) or '0')
+local s = tonumber(redis.call('GET', KEYS[3]) or '0')
+if s > 0 and count == s + t then
+  if redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[5]) then
+    return redis.call('ZRANGE', KEYS[1], 0, -1)
+  end
+end
+return false
+"#;
+
+/// KEYS: .j .t .s .d .c; ARGV: token.
+const CHORD_DONE: &str = r#"
+if redis.call('GET', KEYS[5]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  redis.call('SET', KEYS[5], 'done', 'EX', 300)
+  return 1
+end
+return 0
+"#;
+
+/// Seconds a chord claim holds before another member may take over.
+const CHORD_CLAIM_TTL: u64 = 6;
+
+fn chord_key(group_id: &str, suffix: &str) -> String {
+    format!("celery-taskset-meta-{group_id}{suffix}")
+}
+
 fn err(e: redis::RedisError) -> BackendError {
     if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
         BackendError::Connection(e.to_string())
@@ -33,6 +72,8 @@ pub struct RedisBackend {
     client: redis::Client,
     conn: ConnectionManager,
     store: Script,
+    chord_join: Script,
+    chord_done: Script,
     expires: Option<Duration>,
 }
 
@@ -40,7 +81,14 @@ impl RedisBackend {
     pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Self, BackendError> {
         let client = crate::broker::redis_client(url).map_err(err)?;
         let conn = crate::broker::redis_manager(url, Some(Duration::from_secs(10))).await.map_err(err)?;
-        Ok(RedisBackend { client, conn, store: Script::new(STORE), expires })
+        Ok(RedisBackend {
+            client,
+            conn,
+            store: Script::new(STORE),
+            chord_join: Script::new(CHORD_JOIN),
+            chord_done: Script::new(CHORD_DONE),
+            expires,
+        })
     }
 
     fn parse(task_id: &str, raw: &str) -> Result<ResultRecord, BackendError> {
@@ -95,5 +143,41 @@ impl ResultBackend for RedisBackend {
                 .await
                 .unwrap_or_else(|_| Err(BackendError::Timeout { task_id: task_id.into(), timeout: t })),
         }
+    }
+
+    async fn chord_init(&self, group_id: &str, size: u64) -> Result<(), BackendError> {
+        redis::pipe()
+            .del(chord_key(group_id, ".c"))
+            .ignore()
+            .set_ex(chord_key(group_id, ".s"), size, CHORD_EXPIRES)
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(err)
+    }
+
+    async fn chord_join(
+        &self,
+        group_id: &str,
+        group_index: u64,
+        entry: &ChordEntry,
+    ) -> Result<Option<(Vec<ChordEntry>, String)>, BackendError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut inv = self.chord_join.prepare_invoke();
+        for suffix in [".j", ".t", ".s", ".d", "", ".c"] {
+            inv.key(chord_key(group_id, suffix));
+        }
+        inv.arg(&entry.task_id).arg(entry.encode()).arg(group_index).arg(CHORD_EXPIRES).arg(CHORD_CLAIM_TTL).arg(&token);
+        let got: Option<Vec<String>> = inv.invoke_async(&mut self.conn.clone()).await.map_err(err)?;
+        Ok(got.map(|items| (items.iter().filter_map(|i| ChordEntry::decode(i)).collect(), token)))
+    }
+
+    async fn chord_done(&self, group_id: &str, token: &str) -> Result<(), BackendError> {
+        let mut inv = self.chord_done.prepare_invoke();
+        for suffix in [".j", ".t", ".s", ".d", ".c"] {
+            inv.key(chord_key(group_id, suffix));
+        }
+        inv.arg(token).invoke_async::<i64>(&mut self.conn.clone()).await.map_err(err)?;
+        Ok(())
     }
 }

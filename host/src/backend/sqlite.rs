@@ -3,6 +3,7 @@
 
 use super::{BackendError, ResultBackend};
 use crate::broker::sqlite::{now_secs, path_from_url, Db};
+use crate::canvas::ChordEntry;
 use crate::protocol::ResultRecord;
 use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
@@ -92,5 +93,75 @@ impl ResultBackend for SqliteBackend {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
+    }
+
+    async fn chord_init(&self, group_id: &str, size: u64) -> Result<(), BackendError> {
+        let gid = group_id.to_string();
+        self.db
+            .call(move |conn| {
+                conn.execute(
+                    "INSERT INTO chords (group_id, size, claim, done) VALUES (?1, ?2, NULL, 0)
+                     ON CONFLICT(group_id) DO UPDATE SET size = excluded.size, claim = NULL",
+                    params![gid, size as i64],
+                )
+            })
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn chord_join(
+        &self,
+        group_id: &str,
+        group_index: u64,
+        entry: &ChordEntry,
+    ) -> Result<Option<(Vec<ChordEntry>, String)>, BackendError> {
+        let (gid, member, value) = (group_id.to_string(), format!("{}:{group_index}", entry.task_id), entry.encode());
+        let token = uuid::Uuid::new_v4().to_string();
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let meta: Option<(Option<i64>, Option<String>, i64)> = tx
+                    .query_row("SELECT size, claim, done FROM chords WHERE group_id = ?1", [&gid], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?;
+                if meta.as_ref().is_some_and(|m| m.2 != 0) {
+                    return Ok(None);
+                }
+                tx.execute(
+                    "INSERT OR IGNORE INTO chord_entries (group_id, member, idx, value) VALUES (?1, ?2, ?3, ?4)",
+                    params![gid, member, group_index as i64, value],
+                )?;
+                let count: i64 = tx.query_row("SELECT COUNT(*) FROM chord_entries WHERE group_id = ?1", [&gid], |r| r.get(0))?;
+                let claimed = match meta {
+                    Some((Some(size), None, _)) if count == size => {
+                        tx.execute("UPDATE chords SET claim = ?1 WHERE group_id = ?2", params![token, gid])?;
+                        let mut q = tx.prepare("SELECT value FROM chord_entries WHERE group_id = ?1 ORDER BY idx")?;
+                        let rows: Vec<String> = q.query_map([&gid], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                        Some(rows)
+                    }
+                    _ => None,
+                };
+                tx.commit()?;
+                Ok(claimed.map(|rows| (rows.iter().filter_map(|r| ChordEntry::decode(r)).collect(), token)))
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn chord_done(&self, group_id: &str, token: &str) -> Result<(), BackendError> {
+        let (gid, token) = (group_id.to_string(), token.to_string());
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let changed = tx.execute("UPDATE chords SET done = 1 WHERE group_id = ?1 AND claim = ?2", params![gid, token])?;
+                if changed > 0 {
+                    tx.execute("DELETE FROM chord_entries WHERE group_id = ?1", [&gid])?;
+                }
+                tx.commit()
+            })
+            .await
+            .map_err(err)
     }
 }

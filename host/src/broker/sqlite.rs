@@ -65,6 +65,19 @@ CREATE TABLE IF NOT EXISTS revoked (
     task_id TEXT PRIMARY KEY,
     until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS chords (
+    group_id TEXT PRIMARY KEY,
+    size INTEGER,
+    claim TEXT,
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS chord_entries (
+    group_id TEXT NOT NULL,
+    member TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (group_id, member)
+);
 CREATE TABLE IF NOT EXISTS rate_slots (
     key TEXT PRIMARY KEY,
     tat REAL NOT NULL

@@ -14,7 +14,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
     /// Task name, e.g. `tasks.add`.
-    pub task: String,
+    #[arg(required_unless_present = "workflow")]
+    pub task: Option<String>,
+    /// A workflow instead of one task, as JSON or @FILE: {"chain": [steps]}, {"group": [steps]}
+    /// or {"chord": {"header": [steps], "body": step}}; a step is {"task", "args", "kwargs", "options"}.
+    #[arg(long, conflicts_with_all = ["task", "count"])]
+    pub workflow: Option<String>,
     /// Positional arguments, a JSON array.
     #[arg(long, default_value = "[]")]
     pub args: String,
@@ -79,6 +84,10 @@ fn origin() -> String {
 
 pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliError> {
     let (broker_url, backend_url) = args.broker.urls(file);
+    if let Some(spec) = &args.workflow {
+        return send_workflow(&args, spec, &broker_url, &backend_url);
+    }
+    let task_name = args.task.clone().unwrap_or_default();
     let Value::Array(positional) = json_arg(&args.args, "args", true)? else { unreachable!() };
     let Value::Object(kwargs) = json_arg(&args.kwargs, "kwargs", false)? else { unreachable!() };
     let now = Utc::now();
@@ -102,7 +111,7 @@ pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliEr
         return Err(CliError::usage(anyhow!("--count must be at least 1")));
     }
     let mut task = OutgoingTask {
-        task: args.task.clone(),
+        task: task_name.clone(),
         id: args.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         args: positional,
         kwargs,
@@ -147,7 +156,55 @@ pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliEr
             BackendError::Timeout { .. } => CliError::failed(anyhow!("{e}")),
             other => CliError::failed(other),
         })?;
-        print_outcome(&args.task, &record)
+        print_outcome(&task_name, &record)
+    })
+}
+
+fn send_workflow(args: &SendArgs, spec: &str, broker_url: &str, backend_url: &str) -> Result<(), CliError> {
+    let text = match spec.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}")).map_err(CliError::Usage)?,
+        None => spec.to_string(),
+    };
+    let workflow: crate::canvas::Workflow =
+        serde_json::from_str(&text).map_err(|e| CliError::usage(anyhow!("--workflow: {e}")))?;
+    let plan = crate::canvas::plan(workflow, &origin(), &args.queue).map_err(|e| CliError::usage(anyhow!("--workflow: {e}")))?;
+    let rt = current_thread_runtime()?;
+    rt.block_on(async {
+        let broker = broker::connect(broker_url)
+            .await
+            .with_context(|| format!("connecting to broker {}", redact(broker_url)))
+            .map_err(CliError::Usage)?;
+        let backend = backend::connect(backend_url, None)
+            .await
+            .with_context(|| format!("connecting to result backend {}", redact(backend_url)))
+            .map_err(CliError::Usage)?;
+        if let Some((gid, size)) = &plan.chord {
+            backend.chord_init(gid, *size).await.map_err(CliError::failed)?;
+        }
+        for msg in &plan.messages {
+            broker.publish(&msg.queue, msg.priority, &encode_task(msg)).await.map_err(CliError::failed)?;
+        }
+        if !args.wait {
+            for id in &plan.results {
+                println!("{id}");
+            }
+            return Ok(());
+        }
+        let timeout = args.timeout.map(Duration::from_secs_f64);
+        let mut values = Vec::new();
+        for id in &plan.results {
+            let record = backend.wait(id, timeout).await.map_err(CliError::failed)?;
+            if record.status != State::Success {
+                return print_outcome("workflow", &record);
+            }
+            values.push(record.result);
+        }
+        if plan.is_group {
+            println!("{}", Value::Array(values));
+        } else {
+            println!("{}", values.pop().unwrap_or(Value::Null));
+        }
+        Ok(())
     })
 }
 

@@ -14,6 +14,7 @@ pub use control::REVOKE_LIFETIME;
 
 use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{Broker, BrokerError, DeadLetter, Delivery};
+use crate::canvas;
 use crate::protocol::{self, encode_task, Decoded, ExceptionInfo, OutgoingTask, ResultRecord};
 use crate::registry::{AutoRetry, Registry, TaskVersion};
 use crate::runtime::{Progress, RunControl, Runtime, TaskError, TaskInput, TaskLimits, TaskRun};
@@ -26,6 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
 
+/// Where workflow steps go when their signature names no queue (Celery's task_default_queue).
+pub const DEFAULT_QUEUE: &str = "celery";
 /// Celery's `worker_prefetch_multiplier`.
 pub const DEFAULT_PREFETCH_MULTIPLIER: usize = 4;
 /// kombu's `visibility_timeout` default.
@@ -456,9 +459,13 @@ impl Worker {
                 let value: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
                 tracing::debug!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "succeeded: {json}");
                 self.stats.borrow_mut().succeeded += 1;
-                let mut record = ResultRecord::success(&h.id, value);
+                // Celery's order: next chain step and links first, then the SUCCESS naming them.
+                let children = self.hand_on(decoded, &value).await;
+                let mut record = ResultRecord::success(&h.id, value.clone());
+                record.children = children;
                 link_fields(&mut record, decoded);
                 let stored = ignore_result || self.store(&record, None).await;
+                self.chord_member_done(decoded, "SUCCESS", value).await;
                 if stored && acks_late {
                     self.ack(delivery).await;
                 }
@@ -524,12 +531,87 @@ impl Worker {
         acks_late: bool,
     ) {
         self.stats.borrow_mut().failed += 1;
-        let mut record = ResultRecord::failure(&decoded.headers.id, exc, Some(traceback));
+        let mut record = ResultRecord::failure(&decoded.headers.id, exc, Some(traceback.clone()));
         link_fields(&mut record, decoded);
         let stored = ignore_result || self.store(&record, None).await;
+        // The rest of a chain never runs: each of its ids reads the same failure.
+        for id in canvas::remaining_chain_ids(&decoded.embed) {
+            let mut step = ResultRecord::failure(&id, exc, Some(traceback.clone()));
+            step.parent_id = Some(decoded.headers.id.clone());
+            self.store(&step, None).await;
+        }
+        let lineage = canvas::Lineage { headers: &decoded.headers, origin: &self.cfg.node_name };
+        for errback in canvas::errbacks(&decoded.embed, &lineage, DEFAULT_QUEUE) {
+            self.publish_task(&errback).await;
+        }
+        let exc_value = serde_json::to_value(exc).expect("exception serializes");
+        self.chord_member_done(decoded, "FAILURE", exc_value).await;
         if stored && acks_late {
             self.ack(delivery).await;
         }
+    }
+
+    /// Publishes the next chain step and link callbacks after a success; their ids as
+    /// `children` tuples.
+    async fn hand_on(&self, decoded: &Decoded, value: &serde_json::Value) -> Vec<serde_json::Value> {
+        let lineage = canvas::Lineage { headers: &decoded.headers, origin: &self.cfg.node_name };
+        let mut children = Vec::new();
+        let next = canvas::next_chain_step(&decoded.embed, value, &lineage, DEFAULT_QUEUE);
+        for msg in next.into_iter().chain(canvas::callbacks(&decoded.embed, value, &lineage, DEFAULT_QUEUE)) {
+            self.publish_task(&msg).await;
+            children.push(canvas::child_tuple(&msg.id));
+        }
+        children
+    }
+
+    /// A chord member's outcome joins its chord; the member that completes it publishes
+    /// the callback with every result in order, or fails it with ChordError.
+    async fn chord_member_done(&self, decoded: &Decoded, state: &str, result: serde_json::Value) {
+        let h = &decoded.headers;
+        let (Some(group), Some(callback)) = (&h.group, &decoded.embed.chord) else { return };
+        let entry = canvas::ChordEntry { task_id: h.id.clone(), state: state.to_string(), result };
+        let joined = match self.backend.chord_join(group, h.group_index.unwrap_or(0), &entry).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(group = %group, id = %h.id, "chord join failed: {e}");
+                return;
+            }
+        };
+        let Some((entries, token)) = joined else { return };
+        let lineage = canvas::Lineage { headers: h, origin: &self.cfg.node_name };
+        match canvas::chord_outcome(&entries) {
+            Ok(results) => {
+                let mut msg = canvas::message_for(callback, Some(serde_json::Value::Array(results)), &lineage, DEFAULT_QUEUE);
+                msg.group = Some(group.clone());
+                msg.group_index = None;
+                tracing::info!(group = %group, callback = %msg.task, id = %msg.id, "chord complete");
+                self.publish_task(&msg).await;
+            }
+            Err(exc) => {
+                let id = callback
+                    .options
+                    .get("task_id")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                tracing::info!(group = %group, callback = %id, "chord failed: {}", exc.message());
+                let mut record = ResultRecord::failure(&id, &exc, Some(format!("taskhost: {}", exc.message())));
+                record.group_id = Some(group.clone());
+                self.store(&record, None).await;
+            }
+        }
+        if let Err(e) = self.backend.chord_done(group, &token).await {
+            tracing::warn!(group = %group, "clearing chord state failed: {e}");
+        }
+    }
+
+    /// Publishes a task this worker creates (chain step, link, errback, chord callback).
+    async fn publish_task(&self, msg: &OutgoingTask) {
+        let raw = encode_task(msg);
+        match msg.eta.filter(|eta| *eta > Utc::now() + ETA_SLACK) {
+            Some(eta) => self.broker_op("publish", || self.broker.schedule(&msg.queue, msg.priority, &raw, eta)).await,
+            None => self.broker_op("publish", || self.broker.publish(&msg.queue, msg.priority, &raw)).await,
+        };
     }
 
     #[allow(clippy::too_many_arguments)]
