@@ -9,10 +9,12 @@
 //!   │        └─────► backend      Celery-format results
 //!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
 //! worker ──► canvas               chain / group / chord bookkeeping (pure)
+//! cli ──► beat ──► broker          periodic tasks: lease, persisted ticks
 //! observe: tracing setup shared by all.
 //! ```
 
 pub mod backend;
+pub mod beat;
 pub mod broker;
 pub mod canvas;
 pub mod cli;

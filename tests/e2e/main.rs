@@ -3,6 +3,7 @@
 
 mod support;
 
+mod beat;
 mod canvas;
 mod cli;
 mod conformance;

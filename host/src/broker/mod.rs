@@ -102,6 +102,19 @@ pub trait Broker: Send + Sync {
     /// Reserves the next start of a rate limit shared by every worker (one start per
     /// `interval`); returns how long the caller must wait before starting.
     async fn reserve_rate_slot(&self, key: &str, interval: Duration) -> Result<Duration, BrokerError>;
+
+    /// Takes or renews the lease `name` for `holder` for `ttl`; false while someone else holds it.
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError>;
+
+    /// Gives the lease up if `holder` has it, so a successor need not wait for it to lapse.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError>;
+
+    /// Records that the periodic `entry` ran for its tick `due`; false (record unchanged)
+    /// if that tick or a later one was already recorded — so each tick fires once.
+    async fn claim_tick(&self, entry: &str, due: DateTime<Utc>) -> Result<bool, BrokerError>;
+
+    /// The last tick recorded for `entry`.
+    async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError>;
 }
 
 /// Opens the transport a URL names.

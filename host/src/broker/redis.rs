@@ -101,6 +101,29 @@ redis.call('SET', KEYS[1], tostring(start + interval), 'PX', math.ceil((start + 
 return tostring(start - now)
 "#;
 
+/// KEYS[1] lease; ARGV: holder, ttl ms.
+const LEASE: &str = r#"
+local h = redis.call('GET', KEYS[1])
+if not h then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+elseif h == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// KEYS[1] ticks hash; ARGV: entry, due ms.
+const CLAIM_TICK: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
+const BEAT_TICKS: &str = "taskhost.beat.ticks";
+const LEASE_PREFIX: &str = "taskhost.lease.";
 const REVOKED: &str = "taskhost.revoked";
 const RATE_PREFIX: &str = "taskhost.rate.";
 
@@ -146,6 +169,8 @@ pub struct RedisBroker {
     move_due: Script,
     unlock: Script,
     rate_slot: Script,
+    lease: Script,
+    claim_tick: Script,
 }
 
 /// The database number in a redis URL (`redis://host:6379/3` → 3).
@@ -199,6 +224,8 @@ impl RedisBroker {
             move_due: Script::new(MOVE_DUE),
             unlock: Script::new(UNLOCK),
             rate_slot: Script::new(RATE_SLOT),
+            lease: Script::new(LEASE),
+            claim_tick: Script::new(CLAIM_TICK),
         })
     }
 
@@ -516,6 +543,45 @@ impl Broker for RedisBroker {
             .await
             .map_err(cmd_err)?;
         Ok(Duration::from_secs_f64(wait.parse::<f64>().unwrap_or(0.0).max(0.0)))
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let got: i64 = self
+            .lease
+            .key(format!("{LEASE_PREFIX}{name}"))
+            .arg(holder)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)?;
+        Ok(got == 1)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        self.unlock
+            .key(format!("{LEASE_PREFIX}{name}"))
+            .arg(holder)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|_| ())
+            .map_err(cmd_err)
+    }
+
+    async fn claim_tick(&self, entry: &str, due: DateTime<Utc>) -> Result<bool, BrokerError> {
+        let got: i64 = self
+            .claim_tick
+            .key(BEAT_TICKS)
+            .arg(entry)
+            .arg(due.timestamp_millis())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)?;
+        Ok(got == 1)
+    }
+
+    async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError> {
+        let ms: Option<i64> = self.conn().hget(BEAT_TICKS, entry).await.map_err(cmd_err)?;
+        Ok(ms.and_then(DateTime::from_timestamp_millis))
     }
 }
 

@@ -78,6 +78,15 @@ CREATE TABLE IF NOT EXISTS chord_entries (
     value TEXT NOT NULL,
     PRIMARY KEY (group_id, member)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS beat_ticks (
+    entry TEXT PRIMARY KEY,
+    due_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rate_slots (
     key TEXT PRIMARY KEY,
     tat REAL NOT NULL
@@ -478,5 +487,66 @@ impl Broker for SqliteBroker {
             })
             .await
             .map_err(err)
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let (name, holder, ttl) = (name.to_string(), holder.to_string(), ttl.as_secs_f64());
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let now = now_secs();
+                let current: Option<(String, f64)> = tx
+                    .query_row("SELECT holder, until FROM leases WHERE name = ?1", [&name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let mine = match current {
+                    Some((h, until)) if h != holder && until > now => false,
+                    _ => {
+                        tx.execute(
+                            "INSERT INTO leases (name, holder, until) VALUES (?1, ?2, ?3)
+                             ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, until = excluded.until",
+                            params![name, holder, now + ttl],
+                        )?;
+                        true
+                    }
+                };
+                tx.commit()?;
+                Ok(mine)
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.db
+            .call(move |conn| conn.execute("DELETE FROM leases WHERE name = ?1 AND holder = ?2", [name, holder]))
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn claim_tick(&self, entry: &str, due: DateTime<Utc>) -> Result<bool, BrokerError> {
+        let (entry, due) = (entry.to_string(), due.timestamp_millis());
+        self.db
+            .call(move |conn| {
+                let changed = conn.execute(
+                    "INSERT INTO beat_ticks (entry, due_ms) VALUES (?1, ?2)
+                     ON CONFLICT(entry) DO UPDATE SET due_ms = excluded.due_ms WHERE beat_ticks.due_ms < excluded.due_ms",
+                    params![entry, due],
+                )?;
+                Ok(changed == 1)
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError> {
+        let entry = entry.to_string();
+        let ms: Option<i64> = self
+            .db
+            .call(move |conn| conn.query_row("SELECT due_ms FROM beat_ticks WHERE entry = ?1", [entry], |r| r.get(0)).optional())
+            .await
+            .map_err(err)?;
+        Ok(ms.and_then(DateTime::from_timestamp_millis))
     }
 }

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 the task (or command) failed; 2 bad invocation or setup
 //! (unknown task, unreadable plugins dir, invalid JSON), as clap does for usage errors.
 
+mod beat;
 mod bench;
 mod config;
 mod dlq;
@@ -43,6 +44,8 @@ pub enum Command {
     Send(send::SendArgs),
     /// Read or wait for a task's result.
     Result(result::ResultArgs),
+    /// Send periodic tasks from a schedule (one leader cluster-wide).
+    Beat(beat::BeatArgs),
     /// Revoke tasks on every worker (a queued task is skipped; --terminate stops a running one).
     Revoke(revoke::RevokeArgs),
     /// The dead-letter queue: list, show, replay, purge.
@@ -89,6 +92,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args, &file),
         Command::Send(args) => send::run(args, &file),
         Command::Result(args) => result::run(args, &file),
+        Command::Beat(args) => beat::run(args, &file),
         Command::Revoke(args) => revoke::run(args, &file),
         Command::Dlq(cmd) => dlq::run(cmd, &file),
         Command::Plugins(cmd) => plugins::run(cmd, &file),

@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// Node name, name@host [default: taskhost@<hostname>].
     #[arg(short = 'n', long)]
     pub hostname: Option<String>,
+    /// Also run the periodic-task scheduler (needs --schedule).
+    #[arg(long, requires = "schedule")]
+    pub beat: bool,
+    /// Schedule file for --beat.
+    #[arg(long)]
+    pub schedule: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Set by the supervisor on the processes it starts.
@@ -88,6 +94,8 @@ struct Settings {
     broker: String,
     result_backend: String,
     worker_index: Option<usize>,
+    /// Run beat in this process (single-process mode) or as a supervised child.
+    schedule: Option<PathBuf>,
 }
 
 impl Settings {
@@ -126,6 +134,7 @@ impl Settings {
             broker,
             result_backend,
             worker_index: args.worker_index,
+            schedule: if args.beat { args.schedule } else { None },
         })
     }
 }
@@ -154,6 +163,10 @@ fn node_name(args: &Settings) -> String {
 
 pub fn run(args: ServeArgs, file: &FileConfig) -> Result<(), CliError> {
     let settings = Settings::resolve(args, file)?;
+    if let Some(schedule) = &settings.schedule {
+        // Fail at start on a bad schedule rather than in a restarting child.
+        super::beat::load_schedule(schedule)?;
+    }
     if settings.worker_index.is_none() && settings.processes > 1 {
         return supervise(&settings);
     }
@@ -232,9 +245,23 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             shutdown_grace: grace,
             track_started: args.track_started,
         };
+        let beat = match &args.schedule {
+            Some(path) if args.worker_index.is_none() => {
+                let entries = super::beat::load_schedule(path)?;
+                let beat_broker = broker::connect(&args.broker).await.map_err(CliError::usage)?;
+                let holder = super::beat::holder_name();
+                Some(tokio::task::spawn_local(async move {
+                    crate::beat::run(entries, beat_broker.as_ref(), &holder, &holder, std::future::pending()).await
+                }))
+            }
+            _ => None,
+        };
         tracing::info!(node = %node, queues = %args.queues.join(","), "worker ready");
         let worker = Worker::new(cfg, registry.clone(), runtime.clone(), broker, backend);
         let stats = worker.run(shutdown_signal()).await;
+        if let Some(beat) = beat {
+            beat.abort();
+        }
         tracing::info!(node = %node, processed = stats.processed, succeeded = stats.succeeded, failed = stats.failed, "worker stopped");
         Ok(())
     })
@@ -305,8 +332,18 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             // Own process group: a terminal Ctrl-C reaches only the supervisor, which forwards one SIGTERM.
             cmd.process_group(0).kill_on_drop(false).spawn()
         };
+        let spawn_beat = |path: &PathBuf| {
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.arg("beat").arg("--schedule").arg(path).args(["--broker", &args.broker]);
+            cmd.process_group(0).kill_on_drop(false).spawn()
+        };
+        let spawn = |i: usize| match (&args.schedule, i == processes) {
+            (Some(path), true) => spawn_beat(path),
+            _ => spawn(i),
+        };
+        let total = processes + usize::from(args.schedule.is_some());
         let mut children = Vec::new();
-        for i in 0..processes {
+        for i in 0..total {
             children.push(Some(spawn(i).context("starting a worker process").map_err(CliError::Failed)?));
         }
         let stop = shutdown_signal();
