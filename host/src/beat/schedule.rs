@@ -1,7 +1,7 @@
 //! `schedule.toml`: periodic entries (`every = "30s"` or `cron = "*/5 * * * *"` with a
 //! timezone), each with its task, args, queue and options; parsed and validated once.
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Timelike, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -134,7 +134,9 @@ impl Entry {
                 DateTime::from_timestamp_millis(ms - ms.rem_euclid(step))
             }
             When::Cron { cron, tz, .. } => {
-                cron.find_previous_occurrence(&now.with_timezone(tz), true).ok().map(|t| t.with_timezone(&Utc))
+                // croner keeps the sub-second part of its start time: a tick is a whole second.
+                let whole = now.with_nanosecond(0).unwrap_or(now);
+                cron.find_previous_occurrence(&whole.with_timezone(tz), true).ok().map(|t| t.with_timezone(&Utc))
             }
         }
     }
@@ -144,7 +146,8 @@ impl Entry {
         match &self.when {
             When::Every(every) => self.last_due(now).map(|t| t + TimeDelta::from_std(*every).unwrap_or(TimeDelta::MAX)),
             When::Cron { cron, tz, .. } => {
-                cron.find_next_occurrence(&now.with_timezone(tz), false).ok().map(|t| t.with_timezone(&Utc))
+                let whole = now.with_nanosecond(0).unwrap_or(now);
+                cron.find_next_occurrence(&whole.with_timezone(tz), false).ok().map(|t| t.with_timezone(&Utc))
             }
         }
     }
@@ -194,6 +197,10 @@ mod tests {
         assert_eq!(entries[1].last_due(now).unwrap().to_rfc3339(), "2026-11-25T08:00:00+00:00");
         assert_eq!(entries[1].next_due(now).unwrap().to_rfc3339(), "2026-11-26T08:00:00+00:00");
         assert_eq!(entries[1].queue, "reports");
+        // The same tick whatever the sub-second part of "now".
+        let later = now + TimeDelta::milliseconds(643);
+        assert_eq!(entries[1].last_due(later), entries[1].last_due(now));
+        assert_eq!(entries[1].last_due(later).unwrap().timestamp_subsec_nanos(), 0);
     }
 
     #[test]
