@@ -26,10 +26,12 @@ build:
 test-deps:
 	bash scripts/test-deps.sh
 
-## Benchmarks (release build); not part of CI.
-bench: plugins
+## taskhost against Celery, side by side (release build; BENCH_SCALE=0.1 for a quick run).
+BENCH_SCALE ?= 1
+bench: test-deps plugins
+	.venv/bin/pip install --quiet --disable-pip-version-check pillow
 	$(CARGO) build --release -p taskhost
-	target/release/taskhost bench runtime --plugins $(PLUGINS_DIR)
+	.venv/bin/python bench/run.py --taskhost target/release/taskhost --plugins $(PLUGINS_DIR) --scale $(BENCH_SCALE)
 
 clean:
 	rm -rf dist

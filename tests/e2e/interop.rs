@@ -253,7 +253,7 @@ fn taskhost_send_is_accepted_by_a_real_python_celery_worker() {
     let redis = RedisServer::start();
     let mut celery = std::process::Command::new(python())
         .args(["-m", "celery", "-A", "tasks", "worker", "-P", "solo", "-c", "1", "--without-mingle", "--without-gossip", "-l", "warning"])
-        .current_dir(python_dir())
+        .current_dir(python_dir().join("../../examples"))
         .env("BROKER", redis.url())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -70,6 +70,14 @@ pub trait Broker: Send + Sync {
     /// Appends a message to the back of `queue` in `priority`'s band.
     async fn publish(&self, queue: &str, priority: u8, raw: &[u8]) -> Result<(), BrokerError>;
 
+    /// Appends many messages at once, in order (one round trip or transaction).
+    async fn publish_many(&self, queue: &str, priority: u8, raws: &[Vec<u8>]) -> Result<(), BrokerError> {
+        for raw in raws {
+            self.publish(queue, priority, raw).await?;
+        }
+        Ok(())
+    }
+
     /// Parks a message until `due`; [`Broker::move_due`] puts it back on its queue.
     async fn schedule(&self, queue: &str, priority: u8, raw: &[u8], due: DateTime<Utc>) -> Result<(), BrokerError>;
 

@@ -413,6 +413,13 @@ impl Broker for RedisBroker {
         self.conn().lpush::<_, _, ()>(list_for_priority(queue, priority), raw).await.map_err(cmd_err)
     }
 
+    async fn publish_many(&self, queue: &str, priority: u8, raws: &[Vec<u8>]) -> Result<(), BrokerError> {
+        if raws.is_empty() {
+            return Ok(());
+        }
+        self.conn().lpush::<_, _, ()>(list_for_priority(queue, priority), raws).await.map_err(cmd_err)
+    }
+
     async fn schedule(&self, queue: &str, priority: u8, raw: &[u8], due: DateTime<Utc>) -> Result<(), BrokerError> {
         let mut member = list_for_priority(queue, priority).into_bytes();
         member.extend_from_slice(BAND_SEP.as_bytes());

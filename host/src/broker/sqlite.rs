@@ -301,6 +301,23 @@ impl Broker for SqliteBroker {
             .map_err(err)
     }
 
+    async fn publish_many(&self, queue: &str, priority: u8, raws: &[Vec<u8>]) -> Result<(), BrokerError> {
+        let (queue, bodies, band) = (queue.to_string(), raws.to_vec(), band_for_priority(priority));
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                {
+                    let mut ins = tx.prepare_cached("INSERT INTO messages (queue, band, body) VALUES (?1, ?2, ?3)")?;
+                    for body in bodies {
+                        ins.execute(params![queue, band, body])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+            .map_err(err)
+    }
+
     async fn schedule(&self, queue: &str, priority: u8, raw: &[u8], due: DateTime<Utc>) -> Result<(), BrokerError> {
         let (queue, body, band) = (queue.to_string(), raw.to_vec(), band_for_priority(priority));
         let due = due.timestamp_micros() as f64 / 1e6;

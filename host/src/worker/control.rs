@@ -82,7 +82,9 @@ impl Worker {
                     })
                     .collect::<Vec<_>>(),
             ),
-            "active" => Value::from(self.running.borrow().values().map(|r| r.info.clone()).collect::<Vec<_>>()),
+            "active" => Value::from(
+                self.running.borrow().iter().map(|(id, r)| r.info(id, &self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
+            ),
             "reserved" | "scheduled" => json!([]),
             "revoked" => Value::from(self.revoked.borrow().iter().cloned().collect::<Vec<_>>()),
             "heartbeat" | "enable_events" | "disable_events" => json!({"ok": "ignored: taskhost sends no events yet"}),

@@ -42,6 +42,8 @@ const MOVE_DUE_INTERVAL: Duration = Duration::from_millis(100);
 /// Give up storing an outcome after this long; the message stays unacked and is
 /// redelivered after the visibility timeout.
 const STORE_GIVE_UP: Duration = Duration::from_secs(60);
+/// Most acks sent in one transaction.
+const ACK_BATCH: usize = 256;
 /// An ETA this close counts as due.
 const ETA_SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
 
@@ -87,6 +89,8 @@ pub struct Worker {
     slots: Semaphore,
     /// Tags of messages fetched and not yet acked or restored.
     held: RefCell<HashSet<String>>,
+    pending_acks: RefCell<Vec<String>>,
+    ack_queued: Notify,
     in_progress: Cell<usize>,
     slot_freed: Notify,
     draining: watch::Sender<bool>,
@@ -106,7 +110,28 @@ pub struct Worker {
 /// A task running here: its control handle and what `inspect active` shows.
 struct RunningTask {
     control: Arc<RunControl>,
-    info: serde_json::Value,
+    name: String,
+    queue: String,
+    priority: u8,
+    redelivered: bool,
+    acknowledged: bool,
+    /// JSON text, as handed to the guest.
+    args: String,
+    kwargs: String,
+    started_unix: f64,
+}
+
+impl RunningTask {
+    fn info(&self, id: &str, node: &str, pid: u32) -> serde_json::Value {
+        let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "id": id, "name": self.name, "type": self.name, "args": parse(&self.args), "kwargs": parse(&self.kwargs),
+            "hostname": node, "time_start": self.started_unix, "acknowledged": self.acknowledged,
+            "delivery_info": {"exchange": "", "routing_key": self.queue, "priority": self.priority,
+                              "redelivered": self.redelivered},
+            "worker_pid": pid,
+        })
+    }
 }
 
 /// Decrements the in-progress count when a message's handling ends, however it ends.
@@ -135,6 +160,8 @@ impl Worker {
             broker,
             backend,
             held: RefCell::default(),
+            pending_acks: RefCell::default(),
+            ack_queued: Notify::new(),
             in_progress: Cell::new(0),
             slot_freed: Notify::new(),
             draining: watch::channel(false).0,
@@ -169,6 +196,7 @@ impl Worker {
         self.refresh_revoked().await;
         let housekeeping = tokio::task::spawn_local(self.clone().housekeeping());
         let control = tokio::task::spawn_local(self.clone().listen_control());
+        let acks = tokio::task::spawn_local(self.clone().ack_flusher());
         let (stop_tx, stop_rx) = watch::channel(false);
         // Joined, not raced: a fetch in flight is never cancelled, because a BRPOP
         // abandoned on the server would still pop (and lose) the next message.
@@ -183,6 +211,8 @@ impl Worker {
             self.clone().consume(stop_rx)
         );
         self.drain(tasks).await;
+        acks.abort();
+        self.flush_acks().await;
         housekeeping.abort();
         control.abort();
         self.stats()
@@ -392,13 +422,6 @@ impl Worker {
         let limits = limits_for(task, h.time_limit);
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let control = Arc::new(RunControl::with_progress(progress_tx));
-        let info = serde_json::json!({
-            "id": h.id, "name": h.task, "args": decoded.args, "kwargs": decoded.kwargs, "type": h.task,
-            "hostname": self.cfg.node_name, "time_start": Utc::now().timestamp_micros() as f64 / 1e6,
-            "acknowledged": !acks_late, "delivery_info": {"exchange": "", "routing_key": delivery.queue,
-            "priority": decoded.envelope.priority(), "redelivered": h.redelivered}, "worker_pid": self.pid,
-        });
-        self.running.borrow_mut().insert(h.id.clone(), RunningTask { control: control.clone(), info });
         let input = TaskInput {
             id: h.id.clone(),
             name: h.task.clone(),
@@ -410,6 +433,20 @@ impl Worker {
             args: serde_json::to_string(&decoded.args).expect("JSON values serialize"),
             kwargs: serde_json::to_string(&decoded.kwargs).expect("JSON values serialize"),
         };
+        self.running.borrow_mut().insert(
+            h.id.clone(),
+            RunningTask {
+                control: control.clone(),
+                name: h.task.clone(),
+                queue: delivery.queue.clone(),
+                priority: decoded.envelope.priority(),
+                redelivered: h.redelivered,
+                acknowledged: !acks_late,
+                args: input.args.clone(),
+                kwargs: input.kwargs.clone(),
+                started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
+            },
+        );
         let version = task.version.to_string();
         let run = {
             let running = self.runtime.run(&task.component, &version, &input, &limits, control);
@@ -739,11 +776,37 @@ impl Worker {
         }
     }
 
+    /// Queues an ack; the ack flusher sends queued acks together (one transaction for
+    /// many messages instead of one each), right after the tasks that queued them yield.
     async fn ack(&self, delivery: &Delivery) {
         let Some(tag) = &delivery.tag else { return };
-        let tags = [tag.clone()];
+        self.pending_acks.borrow_mut().push(tag.clone());
+        if self.pending_acks.borrow().len() >= ACK_BATCH {
+            self.flush_acks().await;
+        } else {
+            self.ack_queued.notify_one();
+        }
+    }
+
+    async fn flush_acks(&self) {
+        let tags = std::mem::take(&mut *self.pending_acks.borrow_mut());
+        if tags.is_empty() {
+            return;
+        }
         if self.broker_op("ack", || self.broker.ack(&tags)).await {
-            self.held.borrow_mut().remove(tag);
+            let mut held = self.held.borrow_mut();
+            for tag in &tags {
+                held.remove(tag);
+            }
+        }
+    }
+
+    async fn ack_flusher(self: Rc<Self>) {
+        loop {
+            self.ack_queued.notified().await;
+            // Let the other tasks that finished in this turn queue theirs too.
+            tokio::task::yield_now().await;
+            self.flush_acks().await;
         }
     }
 

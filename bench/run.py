@@ -1,0 +1,292 @@
+"""`make bench`: taskhost and Celery side by side on one machine, in one run.
+
+Starts its own redis-server on a free port, runs each scenario against Celery
+(examples/tasks.py with -P prefork -c 2 and -P threads -c 8) and taskhost (one process per
+core), prints one table with both figures and the ratio, and writes the figures as JSON
+under bench/results/. Counts scale with --scale (CI runs a tiny smoke version).
+"""
+import argparse
+import base64
+import datetime
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.r = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                self.r.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise SystemExit("redis-server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def rss_kb(pid):
+    """Resident set of a process and its descendants, in KiB."""
+    total = 0
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                pids.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            pass
+    return total
+
+
+class Worker:
+    """A worker under test: started, measured, stopped."""
+
+    def __init__(self, name, cmd, env=None, cwd=None):
+        self.name, self.cmd, self.env, self.cwd = name, cmd, env, cwd
+        self.proc = None
+
+    def start(self, ready):
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env={**os.environ, **(self.env or {})},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not ready():
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} did not become ready")
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def celery_app(url):
+    from celery import Celery
+
+    app = Celery("bench", broker=url, backend=url)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+    return app
+
+
+def fill(taskhost, url, queue, count, task="tasks.noop", ignore_result=True, args="[]"):
+    """Pre-queues `count` messages on `queue` with taskhost's producer (fast, Celery's format)."""
+    cmd = [taskhost, "send", task, "--args", args, "--broker", url, "-Q", queue, "--count", str(count)]
+    if ignore_result:
+        cmd.append("--ignore-result")
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def drain(rds, worker_queue, fill_queue, count, results):
+    """Moves the pre-filled list under the consumed name at once, then times the drain."""
+    baseline = rds.r.dbsize()
+    start = time.time()
+    rds.r.rename(fill_queue, worker_queue)
+    while True:
+        if rds.r.llen(worker_queue) == 0 and rds.r.hlen("unacked") == 0:
+            if not results or rds.r.dbsize() >= baseline - 1 + count:
+                break
+        time.sleep(0.005)
+    took = time.time() - start
+    return count / took
+
+
+def round_trip(app, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        app.send_task("tasks.noop").get(timeout=30)
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.99) - 1]
+
+
+def thumbnails(app, n, image):
+    start = time.time()
+    pending = [app.send_task("media.thumbnail", (image, 128), queue="media_heavy") for _ in range(n)]
+    for r in pending:
+        r.get(timeout=300)
+    return n / (time.time() - start)
+
+
+def test_image():
+    from PIL import Image
+
+    img = Image.new("RGB", (1024, 768))
+    px = img.load()
+    for x in range(0, 1024, 4):
+        for y in range(0, 768, 4):
+            px[x, y] = (x % 256, y % 256, (x * y) % 256)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--taskhost", default=str(ROOT / "target/release/taskhost"))
+    ap.add_argument("--plugins", default=str(ROOT / "dist/plugins"))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every count (0.01 for a smoke run)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results"))
+    args = ap.parse_args()
+    n = lambda base: max(10, int(base * args.scale))
+    cores = os.cpu_count() or 1
+    python = sys.executable
+    rds = Redis()
+    url = rds.url
+    app = celery_app(url)
+    image = test_image()
+    results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale, "systems": {}}
+
+    def ready_celery():
+        try:
+            return bool(app.control.inspect(timeout=0.5).ping())
+        except Exception:
+            return False
+
+    systems = [
+        ("celery prefork -c 2", Worker("celery-prefork", [python, "-m", "celery", "-A", "tasks", "worker", "-P", "prefork",
+                                                          "-c", "2", "-Q", "celery,bench,media_heavy", "-l", "warning",
+                                                          "--without-mingle", "--without-gossip"],
+                                        env={"BROKER": url}, cwd=EXAMPLES), ready_celery),
+        ("celery threads -c 8", Worker("celery-threads", [python, "-m", "celery", "-A", "tasks", "worker", "-P", "threads",
+                                                          "-c", "8", "-Q", "celery,bench,media_heavy", "-l", "warning",
+                                                          "--without-mingle", "--without-gossip"],
+                                        env={"BROKER": url}, cwd=EXAMPLES), ready_celery),
+        (f"taskhost -p {cores} -c 32", Worker("taskhost", [args.taskhost, "serve", "--plugins", args.plugins, "-p", str(cores),
+                                                           "-c", "32", "-Q", "celery,bench,media_heavy", "--broker", url,
+                                                           "--track-started", "false"],
+                                              env={"RUST_LOG": "warn"}), ready_celery),
+    ]
+
+    # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
+    count = n(5000)
+    start = time.time()
+    for _ in range(count):
+        app.send_task("tasks.noop", queue="enqueue.py", ignore_result=True)
+    py_rate = count / (time.time() - start)
+    start = time.time()
+    fill(args.taskhost, url, "enqueue.th", count)
+    th_rate = count / (time.time() - start)
+    results["enqueue"] = {"python celery client": py_rate, "taskhost send --count (batched)": th_rate}
+    rds.r.flushdb()
+
+    ceiling = json.loads(subprocess.run([args.taskhost, "bench", "runtime", "--plugins", args.plugins, "--processes",
+                                         str(cores), "--seconds", str(max(1.0, 3 * min(args.scale, 1.0))), "--json"],
+                                        check=True, capture_output=True, text=True).stdout)
+    results["sandbox_ceiling"] = ceiling
+
+    for label, worker, ready in systems:
+        is_taskhost = worker.name == "taskhost"
+        fig = {}
+        rds.r.flushdb()
+        worker.start(ready)
+        fig["idle_rss_mb"] = rss_kb(worker.proc.pid) / 1024
+        drain_n = n(100_000 if is_taskhost else 20_000)
+        fill(args.taskhost, url, "bench.fill", drain_n)
+        fig["drain_ignored_per_s"] = drain(rds, "bench", "bench.fill", drain_n, results=False)
+        rds.r.flushdb()
+        fill(args.taskhost, url, "bench.fill", drain_n, ignore_result=False)
+        fig["drain_results_per_s"] = drain(rds, "bench", "bench.fill", drain_n, results=True)
+        rds.r.flushdb()
+        p50, p99 = round_trip(app, n(1000))
+        fig["round_trip_p50_ms"], fig["round_trip_p99_ms"] = p50, p99
+        fig["thumbnails_per_s"] = thumbnails(app, n(200), image)
+        if is_taskhost:
+            fig["rss_before_1m_mb"] = rss_kb(worker.proc.pid) / 1024
+            big = n(1_000_000)
+            rds.r.flushdb()
+            fill(args.taskhost, url, "bench.fill", big)
+            fig["sustained_per_s"] = drain(rds, "bench", "bench.fill", big, results=False)
+            fig["sustained_count"] = big
+        fig["rss_after_mb"] = rss_kb(worker.proc.pid) / 1024
+        worker.stop()
+        results["systems"][label] = fig
+        print(f"measured {label}", file=sys.stderr)
+    rds.stop()
+
+    report(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    path = out / f"{datetime.date.today().isoformat()}-{commit or 'nogit'}-scale{args.scale}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {path}")
+
+
+def report(res):
+    systems = res["systems"]
+    names = list(systems)
+    th = [k for k in names if k.startswith("taskhost")][0]
+    celery = [k for k in names if k.startswith("celery")]
+    rows = [
+        ("drain, results ignored (tasks/s)", "drain_ignored_per_s", True),
+        ("drain, results stored (tasks/s)", "drain_results_per_s", True),
+        ("round trip p50 (ms)", "round_trip_p50_ms", False),
+        ("round trip p99 (ms)", "round_trip_p99_ms", False),
+        ("media.thumbnail (images/s)", "thumbnails_per_s", True),
+        ("idle RSS (MB, all processes)", "idle_rss_mb", False),
+        ("RSS after the run (MB)", "rss_after_mb", False),
+    ]
+    print(f"\nmachine: {res['machine']['cores']} cores, {res['machine']['platform']}; scale {res['scale']}")
+    head = f"{'scenario':34}" + "".join(f"{n:>22}" for n in names) + f"{'taskhost / best celery':>24}"
+    print(head)
+    print("-" * len(head))
+    for label, key, higher in rows:
+        vals = [systems[n].get(key) for n in names]
+        best = max if higher else min
+        cel = best(systems[c][key] for c in celery)
+        ratio = systems[th][key] / cel if higher else cel / systems[th][key]
+        print(f"{label:34}" + "".join(f"{v:>22.1f}" for v in vals) + f"{ratio:>23.1f}×")
+    e = res["enqueue"]
+    print(f"\nenqueue, one producer: python celery client {e['python celery client']:.0f}/s, "
+          f"taskhost send --count (batched) {e['taskhost send --count (batched)']:.0f}/s")
+    c = res["sandbox_ceiling"]
+    print(f"sandbox ceiling ({c['processes']} processes): bare {c['bare']['tasks_per_sec']:.0f}/s, "
+          f"Runtime::run {c['taskhost']['tasks_per_sec']:.0f}/s; worker drain = "
+          f"{100 * systems[th]['drain_ignored_per_s'] / c['bare']['tasks_per_sec']:.0f}% of the bare ceiling")
+    t = systems[th]
+    if "sustained_per_s" in t:
+        print(f"sustained: {t['sustained_count']} tasks at {t['sustained_per_s']:.0f}/s "
+              f"({t['sustained_per_s'] * 60 / 1e6:.2f}M/min); RSS {t['rss_before_1m_mb']:.1f} MB → {t['rss_after_mb']:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
