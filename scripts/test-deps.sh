@@ -14,7 +14,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt-get install -y -qq redis-server >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL' 2>/dev/null; then
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6'
+    .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6' pillow
 fi

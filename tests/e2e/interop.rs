@@ -360,3 +360,28 @@ fn acl_users_and_tls_connections_work() {
     let _ = tls.wait();
     assert_eq!(stdout(&out), "42", "{}", stderr(&out));
 }
+
+#[test]
+fn the_celery_comparison_benchmark_runs_in_smoke_size() {
+    // Not a timed test: it checks that `make bench` works end to end, at a tiny scale.
+    let out_dir = tempfile::tempdir().unwrap();
+    let root = python_dir().join("../..");
+    let out = run_bounded(
+        std::process::Command::new(python())
+            .arg(root.join("bench/run.py"))
+            .args(["--scale", "0.002", "--taskhost"])
+            .arg(taskhost_bin())
+            .arg("--plugins")
+            .arg(plugins_dir())
+            .arg("--out")
+            .arg(out_dir.path())
+            .env("TASKHOST_CACHE_DIR", cache_dir()),
+        Duration::from_secs(300),
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let table = stdout(&out);
+    assert!(table.contains("celery prefork -c 2") && table.contains("taskhost -p"), "{table}");
+    let written = std::fs::read_dir(out_dir.path()).unwrap().next().unwrap().unwrap().path();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(written).unwrap()).unwrap();
+    assert_eq!(json["systems"].as_object().unwrap().len(), 3);
+}
