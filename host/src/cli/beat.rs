@@ -1,10 +1,9 @@
 //! `taskhost beat`: send periodic tasks from a schedule file; one instance leads
 //! cluster-wide, others wait and take over.
 
-use super::serve::{redact, shutdown_signal, BrokerArgs};
+use super::serve::{shutdown_signal, BrokerArgs};
 use super::{current_thread_runtime, CliError};
 use crate::beat;
-use crate::broker;
 use anyhow::{anyhow, Context as _};
 use std::path::{Path, PathBuf};
 
@@ -38,10 +37,7 @@ pub fn run(args: BeatArgs, file: &super::config::FileConfig) -> Result<(), CliEr
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        let b = broker::connect(&url)
-            .await
-            .with_context(|| format!("connecting to broker {}", redact(&url)))
-            .map_err(CliError::Usage)?;
+        let b = super::connect_broker(&url).await?;
         let holder = holder_name();
         tracing::info!(holder = %holder, entries = entries.len(), "beat: started");
         beat::run(entries, b.as_ref(), &holder, &holder, shutdown_signal()).await;

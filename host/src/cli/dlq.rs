@@ -1,11 +1,11 @@
 //! `taskhost dlq`: the dead-letter queue — list, show, replay (put the original message
 //! back on its queue), purge.
 
-use super::serve::{redact, BrokerArgs};
+use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
-use crate::broker::{self, DeadLetter};
+use crate::broker::DeadLetter;
 use crate::protocol::Envelope;
-use anyhow::{anyhow, Context as _};
+use anyhow::anyhow;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DlqCommand {
@@ -73,10 +73,7 @@ pub fn run(cmd: DlqCommand, file: &super::config::FileConfig) -> Result<(), CliE
     let (url, _) = broker_args.urls(file);
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let b = broker::connect(&url)
-            .await
-            .with_context(|| format!("connecting to broker {}", redact(&url)))
-            .map_err(CliError::Usage)?;
+        let b = super::connect_broker(&url).await?;
         let letters = b.dead_letters().await.map_err(CliError::failed)?;
         match cmd {
             DlqCommand::List { json, .. } => {

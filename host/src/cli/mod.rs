@@ -111,6 +111,27 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Connects to a broker; a failure is a setup error naming the (redacted) URL.
+pub(crate) async fn connect_broker(url: &str) -> Result<Box<dyn crate::broker::Broker>, CliError> {
+    use anyhow::Context as _;
+    crate::broker::connect(url)
+        .await
+        .with_context(|| format!("connecting to broker {}", serve::redact(url)))
+        .map_err(CliError::Usage)
+}
+
+/// Connects to a result backend; a failure is a setup error naming the (redacted) URL.
+pub(crate) async fn connect_backend(
+    url: &str,
+    expires: Option<std::time::Duration>,
+) -> Result<Box<dyn crate::backend::ResultBackend>, CliError> {
+    use anyhow::Context as _;
+    crate::backend::connect(url, expires)
+        .await
+        .with_context(|| format!("connecting to result backend {}", serve::redact(url)))
+        .map_err(CliError::Usage)
+}
+
 /// A single-threaded async runtime: one per process, as the process model wants.
 pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CliError::usage)

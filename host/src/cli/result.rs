@@ -1,9 +1,8 @@
 //! `taskhost result`: read (or wait for) a task's result from the result backend.
 
-use super::serve::{redact, BrokerArgs};
+use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
-use crate::backend;
-use anyhow::{anyhow, Context as _};
+use anyhow::anyhow;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -27,10 +26,7 @@ pub fn run(args: ResultArgs, file: &super::config::FileConfig) -> Result<(), Cli
     let (_, backend_url) = args.broker.urls(file);
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let backend = backend::connect(&backend_url, None)
-            .await
-            .with_context(|| format!("connecting to result backend {}", redact(&backend_url)))
-            .map_err(CliError::Usage)?;
+        let backend = super::connect_backend(&backend_url, None).await?;
         let record = if args.wait {
             Some(backend.wait(&args.id, args.timeout.map(Duration::from_secs_f64)).await.map_err(CliError::failed)?)
         } else {

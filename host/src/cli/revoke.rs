@@ -1,12 +1,11 @@
 //! `taskhost revoke`: revoke tasks on every worker, like `app.control.revoke` — a queued
 //! task is skipped, `--terminate` stops a running one; remembered across worker restarts.
 
-use super::serve::{redact, BrokerArgs};
+use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
 use crate::protocol::{encode_control, ControlRequest, ResultRecord, State};
 use crate::worker::REVOKE_LIFETIME;
-use crate::{backend, broker};
-use anyhow::{anyhow, Context as _};
+use anyhow::anyhow;
 use chrono::Utc;
 use serde_json::{json, Map, Value};
 use std::time::Duration;
@@ -38,14 +37,8 @@ pub fn run(args: RevokeArgs, file: &super::config::FileConfig) -> Result<(), Cli
     };
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let broker = broker::connect(&broker_url)
-            .await
-            .with_context(|| format!("connecting to broker {}", redact(&broker_url)))
-            .map_err(CliError::Usage)?;
-        let results = backend::connect(&backend_url, None)
-            .await
-            .with_context(|| format!("connecting to result backend {}", redact(&backend_url)))
-            .map_err(CliError::Usage)?;
+        let broker = super::connect_broker(&broker_url).await?;
+        let results = super::connect_backend(&backend_url, None).await?;
         let until = Utc::now() + chrono::TimeDelta::from_std(lifetime).unwrap_or(chrono::TimeDelta::MAX);
         broker.remember_revoked(&args.ids, until).await.map_err(CliError::failed)?;
         let mut arguments = Map::new();

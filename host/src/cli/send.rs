@@ -1,10 +1,9 @@
 //! `taskhost send`: publish a task as a Celery client would (`send_task`), optionally
 //! waiting for its result.
 
-use super::serve::{redact, BrokerArgs};
+use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
-use crate::backend::{self, BackendError};
-use crate::broker;
+use crate::backend::BackendError;
 use crate::protocol::{encode_task, parse_time, OutgoingTask, ResultRecord, State};
 use anyhow::{anyhow, Context as _};
 use chrono::{TimeDelta, Utc};
@@ -128,10 +127,7 @@ pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliEr
 
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let broker = broker::connect(&broker_url)
-            .await
-            .with_context(|| format!("connecting to broker {}", redact(&broker_url)))
-            .map_err(CliError::Usage)?;
+        let broker = super::connect_broker(&broker_url).await?;
         if args.count > 1 {
             // Batches of 1,000 per round trip: the producer is not what is being measured.
             let started = Instant::now();
@@ -155,10 +151,7 @@ pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliEr
             println!("{}", task.id);
             return Ok(());
         }
-        let backend = backend::connect(&backend_url, None)
-            .await
-            .with_context(|| format!("connecting to result backend {}", redact(&backend_url)))
-            .map_err(CliError::Usage)?;
+        let backend = super::connect_backend(&backend_url, None).await?;
         let timeout = args.timeout.map(Duration::from_secs_f64);
         let record = backend.wait(&task.id, timeout).await.map_err(|e| match e {
             BackendError::Timeout { .. } => CliError::failed(anyhow!("{e}")),
@@ -178,14 +171,8 @@ fn send_workflow(args: &SendArgs, spec: &str, broker_url: &str, backend_url: &st
     let plan = crate::canvas::plan(workflow, &origin(), &args.queue).map_err(|e| CliError::usage(anyhow!("--workflow: {e}")))?;
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let broker = broker::connect(broker_url)
-            .await
-            .with_context(|| format!("connecting to broker {}", redact(broker_url)))
-            .map_err(CliError::Usage)?;
-        let backend = backend::connect(backend_url, None)
-            .await
-            .with_context(|| format!("connecting to result backend {}", redact(backend_url)))
-            .map_err(CliError::Usage)?;
+        let broker = super::connect_broker(broker_url).await?;
+        let backend = super::connect_backend(backend_url, None).await?;
         if let Some((gid, size)) = &plan.chord {
             backend.chord_init(gid, *size).await.map_err(CliError::failed)?;
         }

@@ -221,17 +221,9 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        let broker: Arc<dyn broker::Broker> = broker::connect(&args.broker)
-            .await
-            .with_context(|| format!("connecting to broker {}", redact(&args.broker)))
-            .map_err(CliError::Usage)?
-            .into();
+        let broker: Arc<dyn broker::Broker> = super::connect_broker(&args.broker).await?.into();
         let backend: Arc<dyn backend::ResultBackend> =
-            backend::connect(&args.result_backend, (!expires.is_zero()).then_some(expires))
-                .await
-                .with_context(|| format!("connecting to result backend {}", redact(&args.result_backend)))
-                .map_err(CliError::Usage)?
-                .into();
+            super::connect_backend(&args.result_backend, (!expires.is_zero()).then_some(expires)).await?.into();
         if args.worker_index.is_none() {
             banner(&args, &registry, &node);
         }
