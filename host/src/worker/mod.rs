@@ -224,7 +224,10 @@ impl Worker {
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
             let room = self.cfg.prefetch_limit().saturating_sub(self.in_progress.get());
-            if room == 0 {
+            // Refill in batches: fetching one message each time one finishes would cost a
+            // broker round trip per task. An idle worker (nothing held) fetches at once.
+            let low_water = (self.cfg.prefetch_limit() / 2).max(1);
+            if room == 0 || (room < low_water && self.in_progress.get() > 0) {
                 self.slot_freed.notified().await;
                 continue;
             }
