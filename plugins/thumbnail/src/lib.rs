@@ -14,7 +14,8 @@ fn thumbnail(ctx: &Context, image: String, size: Option<u32>) -> Result<String, 
         .map_err(|e| TaskError::reject(format!("image is not base64: {e}")))?;
     let decoded = image::load_from_memory(&bytes).map_err(|e| TaskError::reject(format!("cannot decode image: {e}")))?;
     ctx.set_progress("PROGRESS", &serde_json::json!({"step": "decoded", "width": decoded.width(), "height": decoded.height()}));
-    let thumb = decoded.resize(size, size, image::imageops::FilterType::Triangle);
+    // `thumbnail` samples with integer box filtering: several times faster than `resize`.
+    let thumb = decoded.thumbnail(size, size);
     let mut png = std::io::Cursor::new(Vec::new());
     thumb.write_to(&mut png, image::ImageFormat::Png)?;
     Ok(STANDARD.encode(png.into_inner()))
