@@ -173,7 +173,7 @@ pub fn run(args: ServeArgs, file: &FileConfig) -> Result<(), CliError> {
     serve_here(settings)
 }
 
-fn banner(args: &Settings, registry: &Registry, node: &str) {
+fn banner(args: &Settings, tasks: &[String], node: &str) {
     let mut text = format!(
         "taskhost {} — {node}\n  broker:      {}\n  results:     {}\n  plugins:     {}\n  concurrency: {} sandboxes × {} process(es), prefetch {} each\n  queues:      {}\n  tasks:\n",
         env!("CARGO_PKG_VERSION"),
@@ -185,8 +185,8 @@ fn banner(args: &Settings, registry: &Registry, node: &str) {
         args.concurrency * args.prefetch_multiplier.max(1),
         args.queues.join(", "),
     );
-    for tv in registry.all() {
-        text.push_str(&format!("    . {}@{}\n", tv.name, tv.version));
+    for task in tasks {
+        text.push_str(&format!("    . {task}\n"));
     }
     let program = std::env::args().next().unwrap_or_else(|| "taskhost".into());
     let broker_flag = if args.broker == super::config::DEFAULT_BROKER { String::new() } else { format!(" --broker {}", redact(&args.broker)) };
@@ -225,7 +225,8 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         let backend: Arc<dyn backend::ResultBackend> =
             super::connect_backend(&args.result_backend, (!expires.is_zero()).then_some(expires)).await?.into();
         if args.worker_index.is_none() {
-            banner(&args, &registry, &node);
+            let tasks: Vec<String> = registry.all().iter().map(|tv| format!("{}@{}", tv.name, tv.version)).collect();
+            banner(&args, &tasks, &node);
         }
         let _watch = registry.watch(WATCH_INTERVAL);
         let cfg = WorkerConfig {
@@ -294,11 +295,19 @@ pub async fn shutdown_signal() {
 fn supervise(args: &Settings) -> Result<(), CliError> {
     let processes = args.processes;
     let exe = std::env::current_exe().context("locating the taskhost binary").map_err(CliError::Usage)?;
-    // The banner comes from here, after a first look at the plugins.
+    // The banner comes from here, from file names only: the supervisor loads no
+    // components and stays small; its workers report invalid files as they load them.
     {
-        let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
-        let registry = Registry::open(&args.plugins, runtime).map_err(CliError::usage)?;
-        banner(args, &registry, &node_name(args));
+        let entries = std::fs::read_dir(&args.plugins)
+            .with_context(|| format!("cannot read plugins directory {}", args.plugins.display()))
+            .map_err(CliError::Usage)?;
+        let mut tasks: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| crate::registry::parse_file_name(n).ok()))
+            .map(|(name, version)| format!("{name}@{version}"))
+            .collect();
+        tasks.sort();
+        banner(args, &tasks, &node_name(args));
     }
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
