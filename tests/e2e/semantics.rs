@@ -233,3 +233,26 @@ fn early_ack_means_a_lost_worker_loses_that_task_and_acks_late_does_not() {
     );
     assert_eq!((unacked, queued), (0, 0), "an early-acked message is gone with its worker");
 }
+
+#[test]
+fn the_guest_sees_its_soft_limit_and_a_plain_revoke() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let _worker = WorkerProcess::start(&url, &["-c", "4"]);
+    let out = send(&url, &["tasks.deadline", "--soft-time-limit", "2", "--time-limit", "5", "--wait", "--timeout", "10"]);
+    let seen: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|_| panic!("{}", stderr(&out)));
+    let remaining = seen["remaining_ms"].as_u64().unwrap();
+    assert!((1500..=2000).contains(&remaining), "remaining-ms counts down to the soft limit: {remaining}");
+    assert_eq!(seen["revoked"], false);
+
+    // A cooperative task stops itself at its soft limit, before the hard one.
+    let out = send(&url, &["tasks.watch", "--args", "[5000]", "--soft-time-limit", "0.3", "--wait", "--timeout", "10"]);
+    assert!(stdout(&out).starts_with("\"soft limit after"), "{} {}", stdout(&out), stderr(&out));
+
+    // A plain revoke (no --terminate) of a running task is visible to it through is-revoked.
+    let id = stdout(&send(&url, &["tasks.watch", "--args", "[5000]"]));
+    wait_status(&url, &id, "STARTED", Duration::from_secs(10));
+    assert!(cli(&url, &["revoke", &id]).status.success());
+    let r = wait_status(&url, &id, "SUCCESS", Duration::from_secs(10));
+    assert!(r["result"].as_str().unwrap().starts_with("revoked after"), "{r}");
+}
