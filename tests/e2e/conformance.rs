@@ -139,12 +139,15 @@ async fn scheduled_messages_wait_for_their_time(url: String) {
     let b = connect(&url).await;
     let due = chrono::Utc::now() + chrono::TimeDelta::milliseconds(300);
     b.schedule("q", 0, &message("later", 0), due).await.unwrap();
+    b.publish("q", 0, &message("queued", 0)).await.unwrap();
     b.move_due().await.unwrap();
-    assert!(b.fetch(&["q".into()], 1, WAIT).await.unwrap().is_empty(), "never early");
+    let queued = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
+    assert_eq!(task_of(&queued.raw), "queued", "never early");
+    b.restore(&queued).await.unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(b.move_due().await.unwrap(), 1);
     let d = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
-    assert_eq!(task_of(&d.raw), "later");
+    assert_eq!(task_of(&d.raw), "later", "a due message is served next");
     assert_eq!(b.move_due().await.unwrap(), 0, "moved once");
 }
 

@@ -15,7 +15,10 @@ pub const KEY_PREFIX: &str = "celery-task-meta-";
 /// ARGV: record, expiry seconds (0 = none). Skips when the stored status is SUCCESS.
 const STORE: &str = r#"
 local cur = redis.call('GET', KEYS[1])
-if cur and string.find(cur, '"status": *"SUCCESS"') then return 0 end
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and type(rec) == 'table' and rec.status == 'SUCCESS' then return 0 end
+end
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
 redis.call('PUBLISH', KEYS[1], ARGV[1])

@@ -319,17 +319,33 @@ impl Broker for RedisBroker {
         };
         let Some((key, raw)) = popped else { return Ok(Vec::new()) };
         let queue = owners[keys.iter().position(|k| *k == key).unwrap_or(0)].clone();
-        let tag: Option<String> = self
-            .record
-            .arg(&raw)
-            .arg(now_secs())
-            .arg(&queue)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(cmd_err)?;
+        // Popped but not yet recorded: if recording fails, the message must go back to
+        // the consuming end of its list, or it would be lost.
+        let mut attempt = 0;
+        let tag: Option<String> = loop {
+            match self.record.arg(&raw).arg(now_secs()).arg(&queue).invoke_async(&mut self.conn()).await {
+                Ok(tag) => break tag,
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!("recording a popped message failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => {
+                    let back: redis::RedisResult<()> = self.conn().rpush(&key, &raw).await;
+                    if let Err(again) = back {
+                        tracing::error!("a popped message could be neither recorded nor returned: {again}");
+                    }
+                    return Err(cmd_err(e));
+                }
+            }
+        };
         let mut out = vec![Delivery { tag, queue, raw }];
         if max > 1 {
-            out.extend(self.fetch_now(&keys, &owners, max - 1).await?);
+            // The first message is held already: an error here must not drop it.
+            match self.fetch_now(&keys, &owners, max - 1).await {
+                Ok(more) => out.extend(more),
+                Err(e) => tracing::warn!("fetching more after a wake-up failed: {e}"),
+            }
         }
         Ok(out)
     }

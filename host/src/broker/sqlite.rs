@@ -341,9 +341,13 @@ impl Broker for SqliteBroker {
                     return Ok(0);
                 }
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                // Ids below every queued one put them at the front, earliest due first.
+                let lowest: i64 = tx.query_row("SELECT COALESCE(MIN(id), 0) FROM messages", [], |r| r.get(0))?;
                 let moved = tx.execute(
-                    "INSERT INTO messages (queue, band, body) SELECT queue, band, body FROM scheduled WHERE due <= ?1 ORDER BY due, id",
-                    [now],
+                    "INSERT INTO messages (id, queue, band, body)
+                     SELECT ?2 - ROW_NUMBER() OVER (ORDER BY due DESC, id DESC), queue, band, body
+                     FROM scheduled WHERE due <= ?1",
+                    params![now, lowest],
                 )?;
                 tx.execute("DELETE FROM scheduled WHERE due <= ?1", [now])?;
                 tx.commit()?;

@@ -147,7 +147,7 @@ impl ChordEntry {
 /// The chord callback's outcome once every member is in: the ordered results, or the
 /// ChordError naming the first failed member.
 pub fn chord_outcome(entries: &[ChordEntry]) -> Result<Vec<Value>, ExceptionInfo> {
-    if let Some(failed) = entries.iter().find(|e| e.state == "FAILURE") {
+    if let Some(failed) = entries.iter().find(|e| e.state == "FAILURE" || e.state == "REVOKED") {
         let why = serde_json::from_value::<ExceptionInfo>(failed.result.clone())
             .map(|e| e.repr())
             .unwrap_or_else(|_| failed.result.to_string());

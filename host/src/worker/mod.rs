@@ -204,7 +204,7 @@ impl Worker {
             async {
                 shutdown.await;
                 // No new task starts from here on; held ones go back as they reach a slot.
-                let _ = self.draining.send(true);
+                self.draining.send_replace(true);
                 let _ = stop_tx.send(true);
                 self.slot_freed.notify_one();
             },
@@ -262,7 +262,7 @@ impl Worker {
 
     async fn drain(&self, mut tasks: tokio::task::JoinSet<()>) {
         tracing::info!(in_progress = self.in_progress.get(), grace = ?self.cfg.shutdown_grace, "draining: no new messages; waiting for running tasks");
-        let _ = self.draining.send(true);
+        self.draining.send_replace(true);
         let deadline = tokio::time::sleep(self.cfg.shutdown_grace);
         tokio::pin!(deadline);
         loop {
@@ -319,7 +319,14 @@ impl Worker {
 
     async fn handle(self: Rc<Self>, delivery: Delivery) {
         let _in_progress = InProgress(self.clone());
-        let decoded = match protocol::decode(&delivery.raw) {
+        let decoded = protocol::decode(&delivery.raw);
+        if let (None, Ok(d)) = (&delivery.tag, &decoded) {
+            // Not recorded as unacked by the broker: running it would break at-least-once.
+            tracing::warn!(queue = %delivery.queue, "message without a delivery_tag dead-lettered");
+            self.dead_letter(&delivery, Some(d), "message has no properties.delivery_tag".into()).await;
+            return;
+        }
+        let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(queue = %delivery.queue, "undecodable message dead-lettered: {e}");
@@ -338,22 +345,12 @@ impl Worker {
 
         if self.revoked.borrow().contains(&h.id) {
             tracing::info!(task = %h.task, id = %h.id, "revoked before it ran; skipped");
-            if !ignore_result {
-                let mut record = ResultRecord::revoked(&h.id, "revoked");
-                link_fields(&mut record, &decoded);
-                self.store(&record, None).await;
-            }
-            self.ack(&delivery).await;
+            self.skip_unrun(&delivery, &decoded, "revoked", ignore_result).await;
             return;
         }
         if h.expires.is_some_and(|e| e.to_utc() <= now) {
             tracing::info!(task = %h.task, id = %h.id, "expired before it ran; revoked");
-            if !ignore_result {
-                let mut record = ResultRecord::revoked(&h.id, "expired");
-                link_fields(&mut record, &decoded);
-                self.store(&record, None).await;
-            }
-            self.ack(&delivery).await;
+            self.skip_unrun(&delivery, &decoded, "expired", ignore_result).await;
             return;
         }
         if let Some(eta) = h.eta.map(|e| e.to_utc()).filter(|e| *e > now + ETA_SLACK) {
@@ -390,11 +387,21 @@ impl Worker {
             let scope = task.manifest.rate_limit_scope.unwrap_or(crate::registry::RateLimitScope::Worker);
             let wait = self.rate_limits.reserve(self.broker.as_ref(), &h.task, limit, scope).await;
             if !wait.is_zero() {
-                // Waiting for its turn does not count against prefetch, so other tasks keep flowing.
+                // Waiting for its turn does not count against prefetch, so other tasks keep
+                // flowing; a drain hands it back at once instead of waiting out its turn.
                 self.in_progress.set(self.in_progress.get() - 1);
                 self.slot_freed.notify_one();
-                tokio::time::sleep(wait).await;
+                let mut draining = self.draining.subscribe();
+                let drained = tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = draining.wait_for(|d| *d) => true,
+                };
                 self.in_progress.set(self.in_progress.get() + 1);
+                if drained {
+                    self.restore(&delivery).await;
+                    self.stats.borrow_mut().restored_on_shutdown += 1;
+                    return;
+                }
             }
         }
         let mut draining = self.draining.subscribe();
@@ -406,6 +413,14 @@ impl Worker {
         if permit.is_none() || *self.draining.borrow() {
             self.restore(&delivery).await;
             self.stats.borrow_mut().restored_on_shutdown += 1;
+            return;
+        }
+        // Revoked or expired while it waited for its turn or a slot.
+        let expired = h.expires.is_some_and(|e| e.to_utc() <= Utc::now());
+        if self.revoked.borrow().contains(&h.id) || expired {
+            let reason = if expired { "expired" } else { "revoked" };
+            tracing::info!(task = %h.task, id = %h.id, "{reason} before it ran; skipped");
+            self.skip_unrun(&delivery, &decoded, reason, ignore_result).await;
             return;
         }
         self.execute(&delivery, &decoded, &task, ignore_result).await;
@@ -467,9 +482,16 @@ impl Worker {
         }
         self.running.borrow_mut().remove(&h.id);
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
-            // Stopped by the shutdown, not by a user: it runs again elsewhere.
-            self.restore(delivery).await;
-            self.stats.borrow_mut().restored_on_shutdown += 1;
+            if acks_late {
+                // Stopped by the shutdown, not by a user: it runs again elsewhere.
+                self.restore(delivery).await;
+                self.stats.borrow_mut().restored_on_shutdown += 1;
+            } else if !ignore_result {
+                // Acked before it ran (at most once): nothing to requeue; say what happened.
+                let mut record = ResultRecord::revoked(&h.id, "terminated");
+                link_fields(&mut record, decoded);
+                self.store(&record, None).await;
+            }
             return;
         }
         self.finish(delivery, decoded, task, run, ignore_result, acks_late).await;
@@ -506,9 +528,7 @@ impl Worker {
                 link_fields(&mut record, decoded);
                 let stored = ignore_result || self.store(&record, None).await;
                 self.chord_member_done(decoded, "SUCCESS", value).await;
-                if stored && acks_late {
-                    self.ack(delivery).await;
-                }
+                self.settle(delivery, stored, acks_late).await;
                 return;
             }
             Err(e) => e,
@@ -547,9 +567,8 @@ impl Worker {
             let mut record = ResultRecord::revoked(&h.id, "terminated");
             link_fields(&mut record, decoded);
             let stored = ignore_result || self.store(&record, None).await;
-            if stored && acks_late {
-                self.ack(delivery).await;
-            }
+            self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
+            self.settle(delivery, stored, acks_late).await;
             return;
         }
         tracing::info!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "failed: {error}");
@@ -586,8 +605,17 @@ impl Worker {
         }
         let exc_value = serde_json::to_value(exc).expect("exception serializes");
         self.chord_member_done(decoded, "FAILURE", exc_value).await;
-        if stored && acks_late {
-            self.ack(delivery).await;
+        self.settle(delivery, stored, acks_late).await;
+    }
+
+    /// After an outcome: with acks-late, ack once it is stored, or hand the message back
+    /// if it could not be stored (so it runs again instead of staying held forever).
+    /// Without acks-late it was acked before running and there is nothing left to do.
+    async fn settle(&self, delivery: &Delivery, stored: bool, acks_late: bool) {
+        match (acks_late, stored) {
+            (false, _) => {}
+            (true, true) => self.ack(delivery).await,
+            (true, false) => self.restore(delivery).await,
         }
     }
 
@@ -667,7 +695,10 @@ impl Worker {
     ) {
         let h = &decoded.headers;
         let delay = retry::retry_delay(&task.manifest, countdown, h.retries, rand::random::<f64>());
-        let eta = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or(chrono::TimeDelta::MAX);
+        let eta = chrono::TimeDelta::from_std(delay)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d))
+            .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
         let priority = decoded.envelope.priority();
         let next = OutgoingTask {
             task: h.task.clone(),
@@ -696,8 +727,14 @@ impl Worker {
             self.broker.schedule(&delivery.queue, priority, &raw, eta).await
         };
         if let Err(e) = published {
-            tracing::warn!(id = %h.id, "could not requeue the retry, returning the message instead: {e}");
-            self.restore(delivery).await;
+            if acks_late {
+                tracing::warn!(id = %h.id, "could not requeue the retry, returning the message instead: {e}");
+                self.restore(delivery).await;
+            } else {
+                // Acked before it ran: the only copy was the one we failed to publish.
+                let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "RetryLost", format!("retry could not be queued: {e}"));
+                self.fail(delivery, decoded, &exc, format!("taskhost: {e}"), ignore_result, false).await;
+            }
             return;
         }
         self.stats.borrow_mut().retried += 1;
@@ -708,9 +745,18 @@ impl Worker {
             link_fields(&mut record, decoded);
             self.store(&record, None).await;
         }
-        if acks_late {
-            self.ack(delivery).await;
-        }
+        // The retry is queued: this delivery is done whether or not RETRY was stored.
+        self.settle(delivery, true, acks_late).await;
+    }
+
+    /// REVOKED (`revoked` or `expired`) for a message that will not run; a chord it
+    /// belongs to counts it as failed, as Celery does.
+    async fn skip_unrun(&self, delivery: &Delivery, decoded: &Decoded, reason: &str, ignore_result: bool) {
+        let mut record = ResultRecord::revoked(&decoded.headers.id, reason);
+        link_fields(&mut record, decoded);
+        let stored = ignore_result || self.store(&record, None).await;
+        self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
+        self.settle(delivery, stored, true).await;
     }
 
     /// FAILURE plus a dead letter for a message that cannot run here at all.
@@ -792,11 +838,16 @@ impl Worker {
     }
 
     async fn flush_acks(&self) {
-        let tags = std::mem::take(&mut *self.pending_acks.borrow_mut());
+        // Tags stay queued until the broker took them: a flush cut short (shutdown aborts
+        // the flusher) leaves them for the final flush.
+        let tags: Vec<String> = self.pending_acks.borrow().clone();
         if tags.is_empty() {
             return;
         }
         if self.broker_op("ack", || self.broker.ack(&tags)).await {
+            let mut pending = self.pending_acks.borrow_mut();
+            let done = tags.len().min(pending.len());
+            pending.drain(..done);
             let mut held = self.held.borrow_mut();
             for tag in &tags {
                 held.remove(tag);
@@ -839,11 +890,12 @@ impl Worker {
 /// Manifest limits, overridden by the message's `timelimit` header as Celery does.
 fn limits_for(task: &TaskVersion, header: (Option<f64>, Option<f64>)) -> TaskLimits {
     let mut limits = task.limits();
-    if let Some(hard) = header.0 {
-        limits.hard = Duration::from_secs_f64(hard);
+    // Out-of-range values (1e30 s) are ignored rather than trusted.
+    if let Some(hard) = header.0.and_then(|h| Duration::try_from_secs_f64(h).ok()) {
+        limits.hard = hard;
     }
-    if let Some(soft) = header.1 {
-        limits.soft = Some(Duration::from_secs_f64(soft));
+    if let Some(soft) = header.1.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+        limits.soft = Some(soft);
     }
     limits
 }

@@ -11,11 +11,14 @@ pub const DEFAULT_BACKOFF_MAX: f64 = 600.0;
 /// Celery's `max_retries`.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 
+/// Longest retry delay honoured (a year): larger countdowns are clamped, not trusted.
+pub const MAX_RETRY_DELAY: f64 = 365.0 * 86_400.0;
+
 /// Seconds until the next attempt. `retries` is how many retries already happened;
 /// `unit` is a uniform random number in [0, 1) for jitter.
 pub fn retry_delay(manifest: &Manifest, countdown: Option<f64>, retries: u32, unit: f64) -> Duration {
     if let Some(c) = countdown.filter(|c| c.is_finite() && *c >= 0.0) {
-        return Duration::from_secs_f64(c);
+        return Duration::from_secs_f64(c.min(MAX_RETRY_DELAY));
     }
     let factor = match manifest.retry_backoff {
         None | Some(Backoff::Enabled(false)) => None,
@@ -34,7 +37,7 @@ pub fn retry_delay(manifest: &Manifest, countdown: Option<f64>, retries: u32, un
             }
         }
     };
-    Duration::from_secs_f64(secs.max(0.0))
+    Duration::from_secs_f64(secs.clamp(0.0, MAX_RETRY_DELAY))
 }
 
 #[cfg(test)]
@@ -48,6 +51,7 @@ mod tests {
     #[test]
     fn countdown_wins() {
         assert_eq!(retry_delay(&m(""), Some(2.5), 7, 0.5), Duration::from_millis(2500));
+        assert_eq!(retry_delay(&m(""), Some(1e30), 0, 0.5), Duration::from_secs_f64(MAX_RETRY_DELAY), "clamped");
     }
 
     #[test]
