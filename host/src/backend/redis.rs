@@ -56,8 +56,16 @@ end
 return 0
 "#;
 
-/// Seconds a chord claim holds before another member may take over.
+/// Seconds a fresh chord claim holds before another member may take over, and how long
+/// the claimer extends it to while it publishes the callback (Celery 5.7's 6 s and 21 s).
 const CHORD_CLAIM_TTL: u64 = 6;
+const CHORD_CLAIM_EXTENDED: u64 = 21;
+
+/// KEYS[1] .c; ARGV: token, seconds. Extends the claim only while it is ours.
+const CHORD_EXTEND: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
 
 fn chord_key(group_id: &str, suffix: &str) -> String {
     format!("celery-taskset-meta-{group_id}{suffix}")
@@ -172,6 +180,15 @@ impl ResultBackend for RedisBackend {
         }
         inv.arg(&entry.task_id).arg(entry.encode()).arg(group_index).arg(CHORD_EXPIRES).arg(CHORD_CLAIM_TTL).arg(&token);
         let got: Option<Vec<String>> = inv.invoke_async(&mut self.conn.clone()).await.map_err(err)?;
+        if got.is_some() {
+            Script::new(CHORD_EXTEND)
+                .key(chord_key(group_id, ".c"))
+                .arg(&token)
+                .arg(CHORD_CLAIM_EXTENDED)
+                .invoke_async::<i64>(&mut self.conn.clone())
+                .await
+                .map_err(err)?;
+        }
         Ok(got.map(|items| (items.iter().filter_map(|i| ChordEntry::decode(i)).collect(), token)))
     }
 

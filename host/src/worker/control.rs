@@ -5,6 +5,7 @@ use super::Worker;
 use crate::protocol::{decode_control, encode_reply, ControlRequest, ResultRecord, State};
 use chrono::Utc;
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -47,6 +48,8 @@ impl Worker {
                 let mut set = self.revoked.borrow_mut();
                 set.clear();
                 set.extend(ids);
+                let now = std::time::Instant::now();
+                self.revoked_here.borrow_mut().retain(|_, until| *until > now);
             }
             Err(e) => tracing::warn!("reading revoked tasks failed: {e}"),
         }
@@ -86,7 +89,11 @@ impl Worker {
                 self.running.borrow().iter().map(|(id, r)| r.info(id, &self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
             ),
             "reserved" | "scheduled" => json!([]),
-            "revoked" => Value::from(self.revoked.borrow().iter().cloned().collect::<Vec<_>>()),
+            "revoked" => {
+                let mut ids: HashSet<String> = self.revoked.borrow().clone();
+                ids.extend(self.revoked_here.borrow().keys().cloned());
+                Value::from(ids.into_iter().collect::<Vec<_>>())
+            }
             "heartbeat" | "enable_events" | "disable_events" => json!({"ok": "ignored: taskhost sends no events yet"}),
             other => json!({"error": format!("No such control command: {other}")}),
         };
@@ -117,7 +124,8 @@ impl Worker {
     async fn control_revoke(&self, req: &ControlRequest) -> Value {
         let ids = req.task_ids();
         let terminate = req.arguments.get("terminate").and_then(Value::as_bool).unwrap_or(false);
-        self.revoked.borrow_mut().extend(ids.iter().cloned());
+        let until_here = std::time::Instant::now() + REVOKE_LIFETIME;
+        self.revoked_here.borrow_mut().extend(ids.iter().map(|id| (id.clone(), until_here)));
         let until = Utc::now() + chrono::TimeDelta::from_std(REVOKE_LIFETIME).expect("3 h fits");
         if let Err(e) = self.broker.remember_revoked(&ids, until).await {
             tracing::warn!("persisting revokes failed: {e}");

@@ -97,8 +97,10 @@ pub struct Worker {
     /// Set once the grace period ends: a run stopped now is requeued, not REVOKED.
     killing: Cell<bool>,
     running: RefCell<HashMap<String, RunningTask>>,
-    /// Task ids revoked (from broadcasts and the broker's persisted set).
+    /// Task ids revoked: the broker's persisted set (re-read periodically) and those
+    /// received by broadcast (kept here for their lifetime even if persisting failed).
     revoked: RefCell<HashSet<String>>,
+    revoked_here: RefCell<HashMap<String, Instant>>,
     rate_limits: rate::RateLimits,
     /// Lamport clock for control replies.
     clock: Cell<u64>,
@@ -168,6 +170,7 @@ impl Worker {
             killing: Cell::new(false),
             running: RefCell::default(),
             revoked: RefCell::default(),
+            revoked_here: RefCell::default(),
             rate_limits: rate::RateLimits::default(),
             clock: Cell::new(0),
             started: Instant::now(),
@@ -178,6 +181,10 @@ impl Worker {
 
     pub fn stats(&self) -> WorkerStats {
         self.stats.borrow().clone()
+    }
+
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revoked.borrow().contains(id) || self.revoked_here.borrow().contains_key(id)
     }
 
     /// Revokes a running task (stops it within an epoch tick); false if it is not running here.
@@ -323,15 +330,15 @@ impl Worker {
         if let (None, Ok(d)) = (&delivery.tag, &decoded) {
             // Not recorded as unacked by the broker: running it would break at-least-once.
             tracing::warn!(queue = %delivery.queue, "message without a delivery_tag dead-lettered");
-            self.dead_letter(&delivery, Some(d), "message has no properties.delivery_tag".into()).await;
+            let _ = self.dead_letter(&delivery, Some(d), "message has no properties.delivery_tag".into()).await;
             return;
         }
         let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(queue = %delivery.queue, "undecodable message dead-lettered: {e}");
-                self.dead_letter(&delivery, None, format!("undecodable message: {e}")).await;
-                self.ack(&delivery).await;
+                let kept = self.dead_letter(&delivery, None, format!("undecodable message: {e}")).await;
+                self.settle(&delivery, kept, true).await;
                 return;
             }
         };
@@ -343,7 +350,7 @@ impl Worker {
             .or_else(|| resolved.as_ref().ok().and_then(|tv| tv.manifest.ignore_result))
             .unwrap_or(false);
 
-        if self.revoked.borrow().contains(&h.id) {
+        if self.is_revoked(&h.id) {
             tracing::info!(task = %h.task, id = %h.id, "revoked before it ran; skipped");
             self.skip_unrun(&delivery, &decoded, "revoked", ignore_result).await;
             return;
@@ -417,7 +424,7 @@ impl Worker {
         }
         // Revoked or expired while it waited for its turn or a slot.
         let expired = h.expires.is_some_and(|e| e.to_utc() <= Utc::now());
-        if self.revoked.borrow().contains(&h.id) || expired {
+        if self.is_revoked(&h.id) || expired {
             let reason = if expired { "expired" } else { "revoked" };
             tracing::info!(task = %h.task, id = %h.id, "{reason} before it ran; skipped");
             self.skip_unrun(&delivery, &decoded, reason, ignore_result).await;
@@ -558,7 +565,8 @@ impl Worker {
             );
             let traceback = format!("taskhost: {}@{version}: retries exhausted ({max_retries}); last: {reason}", h.task);
             tracing::warn!(task = %h.task, id = %h.id, "{}", exc.message());
-            self.dead_letter(delivery, Some(decoded), format!("max retries ({max_retries}) exceeded: {reason}")).await;
+            // The outcome is stored either way; a lost letter is logged by broker_op.
+            let _ = self.dead_letter(delivery, Some(decoded), format!("max retries ({max_retries}) exceeded: {reason}")).await;
             self.fail(delivery, decoded, &exc, traceback, ignore_result, acks_late).await;
             return;
         }
@@ -573,7 +581,8 @@ impl Worker {
         }
         tracing::info!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "failed: {error}");
         if let TaskError::Reject { reason } = &error {
-            self.dead_letter(delivery, Some(decoded), format!("rejected by the task: {reason}")).await;
+            // The outcome is stored either way; a lost letter is logged by broker_op.
+            let _ = self.dead_letter(delivery, Some(decoded), format!("rejected by the task: {reason}")).await;
         }
         let exc = outcome::exception_for(&error);
         let traceback = outcome::traceback_for(&h.task, &version, &error, &run.stderr.text);
@@ -769,7 +778,10 @@ impl Worker {
         reason: String,
         ignore_result: bool,
     ) {
-        self.dead_letter(delivery, Some(decoded), reason.clone()).await;
+        if !self.dead_letter(delivery, Some(decoded), reason.clone()).await {
+            self.restore(delivery).await;
+            return;
+        }
         let exc = ExceptionInfo::new(module, exc_type, reason.as_str());
         self.fail(delivery, decoded, &exc, format!("taskhost: {reason}"), ignore_result, true).await;
     }
@@ -872,7 +884,9 @@ impl Worker {
         }
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, decoded: Option<&Decoded>, reason: String) {
+    /// Records a dead letter; false if the broker never took it (the caller then keeps
+    /// the message rather than acking it away).
+    async fn dead_letter(&self, delivery: &Delivery, decoded: Option<&Decoded>, reason: String) -> bool {
         self.stats.borrow_mut().dead_lettered += 1;
         let letter = DeadLetter {
             letter_id: uuid::Uuid::new_v4().to_string(),
@@ -883,7 +897,7 @@ impl Worker {
             time: Utc::now(),
             message: String::from_utf8_lossy(&delivery.raw).into_owned(),
         };
-        self.broker_op("dead-letter", || self.broker.dead_letter(&letter)).await;
+        self.broker_op("dead-letter", || self.broker.dead_letter(&letter)).await
     }
 }
 
