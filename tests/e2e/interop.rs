@@ -4,29 +4,6 @@
 use crate::support::*;
 use std::time::{Duration, Instant};
 
-fn send(broker: &str, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["send", "--broker", broker];
-    all.extend_from_slice(args);
-    taskhost(&all)
-}
-
-fn result_json(broker: &str, id: &str) -> serde_json::Value {
-    let out = taskhost(&["result", id, "--json", "--broker", broker]);
-    serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
-}
-
-fn wait_for_status(broker: &str, id: &str, status: &str, within: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let record = result_json(broker, id);
-        if record["status"] == status {
-            return record;
-        }
-        assert!(Instant::now() < deadline, "task {id} never reached {status}: {record}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn python_send_task_gets_results_with_args_and_kwargs() {
     let redis = RedisServer::start();
@@ -93,7 +70,7 @@ fn higher_priority_drains_first_under_backlog() {
     let mut finished: Vec<(String, &str)> = ids
         .iter()
         .map(|(p, id)| {
-            let r = wait_for_status(&redis.url(), id, "SUCCESS", Duration::from_secs(10));
+            let r = wait_status(&redis.url(), id, "SUCCESS", Duration::from_secs(10));
             (r["date_done"].as_str().unwrap().to_string(), *p)
         })
         .collect();
@@ -106,7 +83,7 @@ fn kill_dash_9_loses_nothing(url: &str) {
     let mut worker = WorkerProcess::start(url, &["-c", "4"]);
     let ids: Vec<String> = (0..12).map(|_| stdout(&send(url, &["tasks.sleep", "--args", "[400]"]))).collect();
     std::thread::sleep(Duration::from_millis(200));
-    let started = ids.iter().filter(|id| result_json(url, id)["status"] == "STARTED").count();
+    let started = ids.iter().filter(|id| record(url, id)["status"] == "STARTED").count();
     assert!(started > 0, "tasks should be running when the worker is killed");
     worker.signal(libc::SIGKILL);
     worker.wait(Duration::from_secs(5));
@@ -114,7 +91,7 @@ fn kill_dash_9_loses_nothing(url: &str) {
     std::thread::sleep(Duration::from_millis(1200));
     let _next = WorkerProcess::start(url, &["-c", "8", "--visibility-timeout", "1"]);
     for id in &ids {
-        let r = wait_for_status(url, id, "SUCCESS", Duration::from_secs(20));
+        let r = wait_status(url, id, "SUCCESS", Duration::from_secs(20));
         assert_eq!(r["result"], 400);
     }
 }
@@ -193,7 +170,7 @@ fn sigterm_finishes_running_tasks_and_returns_the_rest() {
     worker.signal(libc::SIGTERM);
     let status = worker.wait(Duration::from_secs(10));
     assert!(status.success(), "exit {status:?}\n{}", worker.log_text());
-    let done: Vec<&String> = ids.iter().filter(|id| result_json(&redis.url(), id)["status"] == "SUCCESS").collect();
+    let done: Vec<&String> = ids.iter().filter(|id| record(&redis.url(), id)["status"] == "SUCCESS").collect();
     assert_eq!(done.len(), 2, "the two running tasks finished:\n{}", worker.log_text());
     let queued: usize = redis.query(redis::cmd("LLEN").arg("celery"));
     let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
@@ -202,7 +179,7 @@ fn sigterm_finishes_running_tasks_and_returns_the_rest() {
     // Past the grace period a running task is stopped and requeued, not failed.
     let mut worker = WorkerProcess::start(&redis.url(), &["-c", "1", "--shutdown-grace", "0.3", "-Q", "slow"]);
     let slow = stdout(&send(&redis.url(), &["tasks.sleep", "--args", "[10000]", "-Q", "slow"]));
-    wait_for_status(&redis.url(), &slow, "STARTED", Duration::from_secs(5));
+    wait_status(&redis.url(), &slow, "STARTED", Duration::from_secs(5));
     let t0 = Instant::now();
     worker.signal(libc::SIGTERM);
     assert!(worker.wait(Duration::from_secs(5)).success());
@@ -221,7 +198,7 @@ fn poison_messages_are_dead_lettered_and_the_worker_keeps_going() {
     let unknown = stdout(&send(&redis.url(), &["tasks.nope"]));
     let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "10"]);
     assert_eq!(stdout(&ok), "4", "{}", stderr(&ok));
-    let failed = wait_for_status(&redis.url(), &unknown, "FAILURE", Duration::from_secs(5));
+    let failed = wait_status(&redis.url(), &unknown, "FAILURE", Duration::from_secs(5));
     assert_eq!(failed["result"]["exc_type"], "NotRegistered");
     assert_eq!(failed["result"]["exc_module"], "celery.exceptions");
 

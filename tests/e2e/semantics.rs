@@ -5,34 +5,6 @@ use crate::support::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn send(broker: &str, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["send", "--broker", broker];
-    all.extend_from_slice(args);
-    taskhost(&all)
-}
-
-fn cli(broker: &str, args: &[&str]) -> std::process::Output {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend_from_slice(&["--broker", broker]);
-    taskhost(&all)
-}
-
-fn record(broker: &str, id: &str) -> serde_json::Value {
-    serde_json::from_str(&stdout(&cli(broker, &["result", id, "--json"]))).unwrap()
-}
-
-fn wait_status(broker: &str, id: &str, status: &str, within: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = record(broker, id);
-        if r["status"] == status {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "{id} never reached {status}: {r}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 /// A plugins dir with copies of some built components and manifests of our own.
 fn plugins_with(files: &[(&str, Option<&str>)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

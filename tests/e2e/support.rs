@@ -254,3 +254,36 @@ pub fn run_bounded(cmd: &mut std::process::Command, limit: std::time::Duration) 
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// `taskhost send --broker <broker> <args…>`.
+pub fn send(broker: &str, args: &[&str]) -> Output {
+    let mut all = vec!["send", "--broker", broker];
+    all.extend_from_slice(args);
+    taskhost(&all)
+}
+
+/// `taskhost <args…> --broker <broker>`.
+pub fn cli(broker: &str, args: &[&str]) -> Output {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend_from_slice(&["--broker", broker]);
+    taskhost(&all)
+}
+
+/// The stored result record of a task (`taskhost result --json`).
+pub fn record(broker: &str, id: &str) -> serde_json::Value {
+    let out = cli(broker, &["result", id, "--json"]);
+    serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+/// Polls until the task's record has `status`.
+pub fn wait_status(broker: &str, id: &str, status: &str, within: std::time::Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let r = record(broker, id);
+        if r["status"] == status {
+            return r;
+        }
+        assert!(std::time::Instant::now() < deadline, "task {id} never reached {status}: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}

@@ -192,6 +192,35 @@ impl SqliteBroker {
     }
 }
 
+impl SqliteBroker {
+    /// Runs `sql` once per message id in one transaction; `?1` is the id and, with
+    /// `with_now`, `?2` the current time.
+    async fn for_each_id(&self, tags: &[String], sql: &'static str, with_now: bool) -> Result<(), BrokerError> {
+        let ids = ids(tags);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                {
+                    let now = now_secs();
+                    let mut stmt = tx.prepare_cached(sql)?;
+                    for id in ids {
+                        if with_now {
+                            stmt.execute(params![id, now])?;
+                        } else {
+                            stmt.execute([id])?;
+                        }
+                    }
+                }
+                tx.commit()
+            })
+            .await
+            .map_err(err)
+    }
+}
+
 fn ids(tags: &[String]) -> Vec<i64> {
     tags.iter().filter_map(|t| t.parse().ok()).collect()
 }
@@ -215,23 +244,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn ack(&self, tags: &[String]) -> Result<(), BrokerError> {
-        let ids = ids(tags);
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.db
-            .call(move |conn| {
-                let tx = conn.transaction()?;
-                {
-                    let mut del = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
-                    for id in ids {
-                        del.execute([id])?;
-                    }
-                }
-                tx.commit()
-            })
-            .await
-            .map_err(err)
+        self.for_each_id(tags, "DELETE FROM messages WHERE id = ?1", false).await
     }
 
     async fn restore(&self, delivery: &Delivery) -> Result<(), BrokerError> {
@@ -248,24 +261,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn touch(&self, tags: &[String]) -> Result<(), BrokerError> {
-        let ids = ids(tags);
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.db
-            .call(move |conn| {
-                let tx = conn.transaction()?;
-                {
-                    let now = now_secs();
-                    let mut up = tx.prepare_cached("UPDATE messages SET taken_at = ?1 WHERE id = ?2 AND taken_at IS NOT NULL")?;
-                    for id in ids {
-                        up.execute(params![now, id])?;
-                    }
-                }
-                tx.commit()
-            })
-            .await
-            .map_err(err)
+        self.for_each_id(tags, "UPDATE messages SET taken_at = ?2 WHERE id = ?1 AND taken_at IS NOT NULL", true).await
     }
 
     async fn restore_expired(&self, visibility: Duration) -> Result<usize, BrokerError> {
