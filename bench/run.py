@@ -228,6 +228,10 @@ def main():
         rds.r.flushdb()
         p50, p99 = round_trip(app, n(1000))
         fig["round_trip_p50_ms"], fig["round_trip_p99_ms"] = p50, p99
+        # The same measure from taskhost's Rust client, which adds far less of its own.
+        native = json.loads(subprocess.run([args.taskhost, "bench", "roundtrip", "--broker", url, "--count", str(n(1000)),
+                                            "--json"], check=True, capture_output=True, text=True).stdout)
+        fig["native_round_trip_p50_ms"], fig["native_round_trip_p99_ms"] = native["p50_ms"], native["p99_ms"]
         fig["thumbnails_per_s"] = thumbnails(app, n(200), image)
         if is_taskhost:
             fig["rss_before_1m_mb"] = rss_kb(worker.proc.pid) / 1024
@@ -259,8 +263,10 @@ def report(res):
     rows = [
         ("drain, results ignored (tasks/s)", "drain_ignored_per_s", True),
         ("drain, results stored (tasks/s)", "drain_results_per_s", True),
-        ("round trip p50 (ms)", "round_trip_p50_ms", False),
-        ("round trip p99 (ms)", "round_trip_p99_ms", False),
+        ("round trip p50, python client (ms)", "round_trip_p50_ms", False),
+        ("round trip p99, python client (ms)", "round_trip_p99_ms", False),
+        ("round trip p50, rust client (ms)", "native_round_trip_p50_ms", False),
+        ("round trip p99, rust client (ms)", "native_round_trip_p99_ms", False),
         ("media.thumbnail (images/s)", "thumbnails_per_s", True),
         ("idle RSS (MB, all processes)", "idle_rss_mb", False),
         ("RSS after the run (MB)", "rss_after_mb", False),

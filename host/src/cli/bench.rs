@@ -16,6 +16,21 @@ pub enum BenchCommand {
     Runtime(RuntimeBench),
     /// Drain rate of pre-queued no-op tasks through the real worker and a broker.
     Drain(DrainBench),
+    /// Send→result latency of sequential no-op tasks against a running worker.
+    Roundtrip(RoundtripBench),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RoundtripBench {
+    /// Broker (and result backend) of a running `taskhost serve`.
+    #[arg(long, env = "TASKHOST_BROKER")]
+    pub broker: String,
+    #[arg(long, default_value_t = 1000)]
+    pub count: usize,
+    #[arg(short = 'Q', long, default_value = "celery")]
+    pub queue: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -96,6 +111,7 @@ pub fn run(cmd: BenchCommand, _file: &super::config::FileConfig) -> Result<(), C
     let args = match cmd {
         BenchCommand::Runtime(args) => args,
         BenchCommand::Drain(args) => return drain::run(args),
+        BenchCommand::Roundtrip(args) => return roundtrip(args),
     };
     if !(args.seconds > 0.0) {
         return Err(CliError::usage(anyhow!("--seconds must be positive")));
@@ -386,4 +402,33 @@ mod drain {
         println!("{}", serde_json::to_string(&figures).map_err(CliError::failed)?);
         Ok(())
     }
+}
+
+/// Publishes `tasks.noop` and waits for its result, one at a time, as a client would.
+fn roundtrip(args: RoundtripBench) -> Result<(), CliError> {
+    use crate::protocol::{encode_task, OutgoingTask};
+    let rt = current_thread_runtime()?;
+    rt.block_on(async {
+        let broker = super::connect_broker(&args.broker).await?;
+        let backend = super::connect_backend(&args.broker, None).await?;
+        let mut task = OutgoingTask { task: "tasks.noop".into(), queue: args.queue.clone(), origin: "bench".into(), ..Default::default() };
+        let mut times = Vec::with_capacity(args.count);
+        for i in 0..args.count + 20 {
+            task.id = uuid::Uuid::new_v4().to_string();
+            let t0 = Instant::now();
+            broker.publish(&task.queue, 0, &encode_task(&task)).await.map_err(CliError::failed)?;
+            backend.wait(&task.id, Some(Duration::from_secs(30))).await.map_err(CliError::failed)?;
+            if i >= 20 {
+                times.push(t0.elapsed());
+            }
+        }
+        times.sort_unstable();
+        let (p50, p99) = (percentile(&times, 0.5) / 1000.0, percentile(&times, 0.99) / 1000.0);
+        if args.json {
+            println!("{}", serde_json::json!({"count": args.count, "p50_ms": p50, "p99_ms": p99}));
+        } else {
+            println!("bench roundtrip: {} sequential tasks.noop, send → result: p50 {p50:.3} ms, p99 {p99:.3} ms", args.count);
+        }
+        Ok(())
+    })
 }
