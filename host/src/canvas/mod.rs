@@ -210,6 +210,18 @@ pub fn plan(workflow: Workflow, origin: &str, default_queue: &str) -> Result<Pla
         m.parent_id = None;
         m
     };
+    // Group members (a chord's header too): one message each, tagged with the group.
+    let members = |sigs: &[Signature], gid: &str| -> Vec<OutgoingTask> {
+        sigs.iter()
+            .enumerate()
+            .map(|(i, sig)| {
+                let mut m = first_message(sig);
+                m.group = Some(gid.to_string());
+                m.group_index = Some(i as u64);
+                m
+            })
+            .collect()
+    };
     match workflow {
         Workflow::Chain(steps) => {
             let mut steps: Vec<(Signature, String)> = steps.into_iter().map(frozen).collect();
@@ -223,21 +235,12 @@ pub fn plan(workflow: Workflow, origin: &str, default_queue: &str) -> Result<Pla
             msg.embed.chain = Some(steps.into_iter().rev().map(|(s, _)| s).collect());
             Ok(Plan { messages: vec![msg], results: vec![last_id], chord: None, is_group: false })
         }
-        Workflow::Group(members) => {
-            if members.is_empty() {
+        Workflow::Group(group) => {
+            if group.is_empty() {
                 return Err(WorkflowError::Empty("group"));
             }
             let gid = uuid::Uuid::new_v4().to_string();
-            let messages: Vec<OutgoingTask> = members
-                .iter()
-                .enumerate()
-                .map(|(i, sig)| {
-                    let mut m = first_message(sig);
-                    m.group = Some(gid.clone());
-                    m.group_index = Some(i as u64);
-                    m
-                })
-                .collect();
+            let messages = members(&group, &gid);
             let results = messages.iter().map(|m| m.id.clone()).collect();
             Ok(Plan { messages, results, chord: None, is_group: true })
         }
@@ -248,17 +251,10 @@ pub fn plan(workflow: Workflow, origin: &str, default_queue: &str) -> Result<Pla
             let gid = uuid::Uuid::new_v4().to_string();
             let (mut body, body_id) = frozen(body);
             body.options.insert("group_id".into(), Value::from(gid.clone()));
-            let messages: Vec<OutgoingTask> = header
-                .iter()
-                .enumerate()
-                .map(|(i, sig)| {
-                    let mut m = first_message(sig);
-                    m.group = Some(gid.clone());
-                    m.group_index = Some(i as u64);
-                    m.embed.chord = Some(body.clone());
-                    m
-                })
-                .collect();
+            let mut messages = members(&header, &gid);
+            for m in &mut messages {
+                m.embed.chord = Some(body.clone());
+            }
             let size = messages.len() as u64;
             Ok(Plan { messages, results: vec![body_id], chord: Some((gid, size)), is_group: false })
         }

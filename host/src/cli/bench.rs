@@ -286,7 +286,7 @@ mod drain {
         let processes = args.processes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let rt = current_thread_runtime()?;
         rt.block_on(async {
-            let b = broker::connect(&url).await.map_err(CliError::usage)?;
+            let b = super::super::connect_broker(&url).await?;
             let mut task = OutgoingTask {
                 task: "tasks.noop".into(),
                 queue: QUEUE.into(),
@@ -353,16 +353,12 @@ mod drain {
 
     fn child(args: &DrainBench) -> Result<(), CliError> {
         let url = args.broker.clone().ok_or_else(|| CliError::usage(anyhow!("--broker is required")))?;
-        let runtime = Arc::new(
-            Runtime::new(RuntimeConfig { max_instances: args.concurrency as u32 + 4, ..Default::default() })
-                .map_err(CliError::usage)?,
-        );
-        let registry = Registry::open(&args.plugins, runtime.clone()).map_err(CliError::usage)?;
+        let (runtime, registry) = super::super::serve::worker_sandboxes(&args.plugins, args.concurrency)?;
         let rt = current_thread_runtime()?;
         let local = tokio::task::LocalSet::new();
         let figures = local.block_on(&rt, async {
-            let b: Arc<dyn broker::Broker> = broker::connect(&url).await.map_err(CliError::usage)?.into();
-            let r: Arc<dyn backend::ResultBackend> = backend::connect(&url, None).await.map_err(CliError::usage)?.into();
+            let b: Arc<dyn broker::Broker> = super::super::connect_broker(&url).await?.into();
+            let r: Arc<dyn backend::ResultBackend> = super::super::connect_backend(&url, None).await?.into();
             let cfg = WorkerConfig {
                 node_name: format!("bench-{}@localhost", std::process::id()),
                 queues: vec![QUEUE.into()],

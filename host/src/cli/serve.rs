@@ -210,14 +210,24 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// A worker process's engine, sized for `concurrency` sandboxes, and its plugins.
+pub(crate) fn worker_sandboxes(
+    plugins: &std::path::Path,
+    concurrency: usize,
+) -> Result<(Arc<Runtime>, Arc<Registry>), CliError> {
+    // A few spare slots: a task's instance is torn down just after its slot is freed.
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig { max_instances: concurrency as u32 + 4, ..Default::default() })
+            .map_err(CliError::usage)?,
+    );
+    let registry = Registry::open(plugins, runtime.clone()).map_err(CliError::usage)?;
+    Ok((runtime, registry))
+}
+
 fn serve_here(args: Settings) -> Result<(), CliError> {
     let node = node_name(&args);
     let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
-    let runtime = Arc::new(
-        Runtime::new(RuntimeConfig { max_instances: args.concurrency as u32 + 4, ..Default::default() })
-            .map_err(CliError::usage)?,
-    );
-    let registry = Registry::open(&args.plugins, runtime.clone()).map_err(CliError::usage)?;
+    let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency)?;
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
