@@ -381,7 +381,12 @@ impl Worker {
                 return;
             }
         };
-        let task = match self.registry.resolve(&h.task, requirement.as_ref()) {
+        // Without a version requirement the newest version resolved above is the one to run.
+        let found = match &requirement {
+            None => resolved,
+            Some(req) => self.registry.resolve(&h.task, Some(req)),
+        };
+        let task = match found {
             Ok(tv) => tv,
             Err(e) => {
                 tracing::warn!(task = %h.task, id = %h.id, "{e}");
