@@ -604,15 +604,16 @@ impl Worker {
         acks_late: bool,
     ) {
         self.stats.borrow_mut().failed += 1;
-        let mut record = ResultRecord::failure(&decoded.headers.id, exc, Some(traceback.clone()));
-        link_fields(&mut record, decoded);
-        let stored = ignore_result || self.store(&record, None).await;
-        // The rest of a chain never runs: each of its ids reads the same failure.
+        // The rest of a chain never runs: each of its ids reads the same failure, stored
+        // first so that a client woken by this task's FAILURE already sees them.
         for id in canvas::remaining_chain_ids(&decoded.embed) {
             let mut step = ResultRecord::failure(&id, exc, Some(traceback.clone()));
             step.parent_id = Some(decoded.headers.id.clone());
             self.store(&step, None).await;
         }
+        let mut record = ResultRecord::failure(&decoded.headers.id, exc, Some(traceback.clone()));
+        link_fields(&mut record, decoded);
+        let stored = ignore_result || self.store(&record, None).await;
         let lineage = canvas::Lineage { headers: &decoded.headers, origin: &self.cfg.node_name };
         for errback in canvas::errbacks(&decoded.embed, &lineage, DEFAULT_QUEUE) {
             self.publish_task(&errback).await;
