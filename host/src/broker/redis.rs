@@ -25,48 +25,80 @@ const DEAD_LETTERS: &str = "taskhost.dlq";
 /// Parked messages moved per `move_due` call: bounds one script's run time.
 const MOVE_DUE_BATCH: usize = 500;
 
-/// Pops up to ARGV[1] messages from KEYS in order, recording each in unacked.
-/// ARGV[2] = now (unix seconds), ARGV[3..] = the queue each key belongs to.
+/// Lua: the delivery tag of a kombu envelope, or false. kombu puts properties (and so
+/// the tag) last, so the last `"delivery_tag"` key wins; inside a JSON string that
+/// text could only appear with its quotes escaped. Plain `string.find` hops by memchr,
+/// where a Lua pattern scan cost ~3.5 µs per message (most of the fetch script).
+macro_rules! find_tag_lua {
+    () => {
+        r#"
+local function find_tag(m)
+  if string.sub(m, 1, 1) ~= '{' then return false end
+  local at, from = nil, 1
+  while true do
+    local _, e = string.find(m, '"delivery_tag"', from, true)
+    if not e then break end
+    at, from = e, e + 1
+  end
+  if not at then return false end
+  return string.match(m, '^%s*:%s*"([^"]+)"', at + 1) or false
+end
+"#
+    };
+}
+
+/// Pops up to ARGV[1] messages from KEYS in order (one `RPOP key count` per key, so
+/// Redis ≥ 6.2), recording them in unacked with one ZADD and one HSET per call.
+/// ARGV[2] = now (unix seconds), ARGV[3..] = each key's queue as a JSON string.
 /// Returns a flat list: key index, tag (false if none), message.
-const FETCH: &str = r#"
+const FETCH: &str = concat!(
+    find_tag_lua!(),
+    r#"
 local max = tonumber(ARGV[1])
-local out = {}
+local now = ARGV[2]
+local out, index, held = {}, {}, {}
 local n = 0
 for i, key in ipairs(KEYS) do
-  while n < max do
-    local m = redis.call('RPOP', key)
-    if not m then break end
-    -- kombu puts properties (and so delivery_tag) last; take the last match rather than
-    -- decoding the whole envelope in Lua, which was most of this script's cost.
-    local tag = false
-    for t in string.gmatch(m, '"delivery_tag"%s*:%s*"([^"]+)"') do tag = t end
-    if tag and string.sub(m, 1, 1) == '{' then
-      redis.call('ZADD', 'unacked_index', ARGV[2], tag)
-      redis.call('HSET', 'unacked', tag, '[' .. m .. ', "", ' .. cjson.encode(ARGV[2 + i]) .. ']')
-    else
-      tag = false
+  local batch = redis.call('RPOP', key, max - n)
+  if batch then
+    local queue = ARGV[2 + i]
+    for _, m in ipairs(batch) do
+      local tag = find_tag(m)
+      if tag then
+        index[#index + 1] = now
+        index[#index + 1] = tag
+        held[#held + 1] = tag
+        held[#held + 1] = '[' .. m .. ', "", ' .. queue .. ']'
+      end
+      out[#out + 1] = i
+      out[#out + 1] = tag
+      out[#out + 1] = m
     end
-    n = n + 1
-    out[#out + 1] = i
-    out[#out + 1] = tag
-    out[#out + 1] = m
+    n = n + #batch
+    if n >= max then break end
   end
-  if n >= max then break end
+end
+if #index > 0 then
+  redis.call('ZADD', 'unacked_index', unpack(index))
+  redis.call('HSET', 'unacked', unpack(held))
 end
 return out
-"#;
+"#
+);
 
-/// Records one message popped by BRPOP. ARGV: message, now, queue. Returns the tag or false.
-const RECORD: &str = r#"
-local tag = false
-for t in string.gmatch(ARGV[1], '"delivery_tag"%s*:%s*"([^"]+)"') do tag = t end
-if tag and string.sub(ARGV[1], 1, 1) == '{' then
+/// Records one message popped by BRPOP. ARGV: message, now, queue as a JSON string.
+/// Returns the tag or false.
+const RECORD: &str = concat!(
+    find_tag_lua!(),
+    r#"
+local tag = find_tag(ARGV[1])
+if tag then
   redis.call('ZADD', 'unacked_index', ARGV[2], tag)
-  redis.call('HSET', 'unacked', tag, '[' .. ARGV[1] .. ', "", ' .. cjson.encode(ARGV[3]) .. ']')
-  return tag
+  redis.call('HSET', 'unacked', tag, '[' .. ARGV[1] .. ', "", ' .. ARGV[3] .. ']')
 end
-return false
-"#;
+return tag
+"#
+);
 
 /// Puts a held message back if it is still held. KEYS[1] = target list;
 /// ARGV: tag, envelope, 'RPUSH' (front) or 'LPUSH' (back).
@@ -139,6 +171,11 @@ fn cmd_err(e: redis::RedisError) -> BrokerError {
     } else {
         BrokerError::Command(e.to_string())
     }
+}
+
+/// A queue name as the JSON string kombu's unacked entries carry.
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
 }
 
 fn now_secs() -> f64 {
@@ -241,7 +278,7 @@ impl RedisBroker {
         }
         inv.arg(max).arg(now_secs());
         for o in owners {
-            inv.arg(o);
+            inv.arg(json_string(o));
         }
         let flat: Vec<redis::Value> = inv.invoke_async(&mut self.conn()).await.map_err(cmd_err)?;
         let mut out = Vec::with_capacity(flat.len() / 3);
@@ -323,7 +360,7 @@ impl Broker for RedisBroker {
         // the consuming end of its list, or it would be lost.
         let mut attempt = 0;
         let tag: Option<String> = loop {
-            match self.record.arg(&raw).arg(now_secs()).arg(&queue).invoke_async(&mut self.conn()).await {
+            match self.record.arg(&raw).arg(now_secs()).arg(json_string(&queue)).invoke_async(&mut self.conn()).await {
                 Ok(tag) => break tag,
                 Err(e) if attempt < 5 => {
                     attempt += 1;
