@@ -247,10 +247,33 @@ pub async fn manager(url: &str, response_timeout: Option<Duration>) -> Result<Co
     ConnectionManager::new_with_config(client, config).await
 }
 
+/// The fetch script pops with `RPOP key count` (Redis 6.2+); an older server is refused
+/// at connect with a clear error rather than failing every fetch.
+async fn require_rpop_count(conn: &mut ConnectionManager) -> Result<(), BrokerError> {
+    let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await.map_err(cmd_err) {
+        Ok(info) => info,
+        Err(e @ BrokerError::Connection(_)) => return Err(e),
+        Err(_) => return Ok(()), // an ACL user may not be allowed INFO
+    };
+    let Some(version) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) else {
+        return Ok(()); // not Redis itself (a proxy or a fork): let the first fetch tell
+    };
+    let mut parts = version.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (6, 2) {
+        return Err(BrokerError::Connection(format!(
+            "Redis {} is too old: taskhost needs 6.2 or newer (RPOP with a count)",
+            version.trim()
+        )));
+    }
+    Ok(())
+}
+
 impl RedisBroker {
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
         let conn = manager(url, Some(Duration::from_secs(10))).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
         let blocking = manager(url, None).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
+        require_rpop_count(&mut conn.clone()).await?;
         Ok(RedisBroker {
             url: url.to_string(),
             db: db_of(url),
