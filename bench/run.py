@@ -53,22 +53,43 @@ class Redis:
         self.proc.wait()
 
 
-def rss_kb(pid):
-    """Resident set of a process and its descendants, in KiB."""
-    total = 0
-    pids = [pid]
-    while pids:
-        p = pids.pop()
+def process_tree(pid):
+    """A process and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
             with open(f"/proc/{p}/task/{p}/children") as f:
-                pids.extend(int(c) for c in f.read().split())
+                todo.extend(int(c) for c in f.read().split())
         except FileNotFoundError:
             pass
-    return total
+    return out
+
+
+def memory_kb(p, field):
+    """One field of /proc/<pid>/smaps_rollup (Rss, Pss, ...) in KiB; 0 if the process is gone."""
+    try:
+        with open(f"/proc/{p}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def rss_kb(pid):
+    """Resident set of a process and its descendants, in KiB (shared pages counted in each)."""
+    return sum(memory_kb(p, "Rss") for p in process_tree(pid))
+
+
+def memory_figures(pid, when):
+    """RSS of the whole tree, of its largest process, and PSS (shared pages split), in MB."""
+    tree = process_tree(pid)
+    rss = [memory_kb(p, "Rss") for p in tree]
+    return {f"{when}_rss_mb": sum(rss) / 1024, f"{when}_rss_largest_process_mb": max(rss) / 1024,
+            f"{when}_pss_mb": sum(memory_kb(p, "Pss") for p in tree) / 1024, f"{when}_processes": len(tree)}
 
 
 class Worker:
@@ -218,7 +239,7 @@ def main():
         fig = {}
         rds.r.flushdb()
         worker.start(ready)
-        fig["idle_rss_mb"] = rss_kb(worker.proc.pid) / 1024
+        fig.update(memory_figures(worker.proc.pid, "idle"))
         drain_n = n(100_000 if is_taskhost else 20_000)
         fill(args.taskhost, url, "bench.fill", drain_n)
         fig["drain_ignored_per_s"] = drain(rds, "bench", "bench.fill", drain_n, results=False)
@@ -240,7 +261,7 @@ def main():
             fill(args.taskhost, url, "bench.fill", big)
             fig["sustained_per_s"] = drain(rds, "bench", "bench.fill", big, results=False)
             fig["sustained_count"] = big
-        fig["rss_after_mb"] = rss_kb(worker.proc.pid) / 1024
+        fig.update(memory_figures(worker.proc.pid, "after"))
         worker.stop()
         results["systems"][label] = fig
         print(f"measured {label}", file=sys.stderr)
@@ -268,8 +289,11 @@ def report(res):
         ("round trip p50, rust client (ms)", "native_round_trip_p50_ms", False),
         ("round trip p99, rust client (ms)", "native_round_trip_p99_ms", False),
         ("media.thumbnail (images/s)", "thumbnails_per_s", True),
-        ("idle RSS (MB, all processes)", "idle_rss_mb", False),
-        ("RSS after the run (MB)", "rss_after_mb", False),
+        ("idle RSS, all processes (MB)", "idle_rss_mb", False),
+        ("idle RSS, largest process (MB)", "idle_rss_largest_process_mb", False),
+        ("idle PSS, all processes (MB)", "idle_pss_mb", False),
+        ("RSS after the run, all (MB)", "after_rss_mb", False),
+        ("RSS after, largest process (MB)", "after_rss_largest_process_mb", False),
     ]
     print(f"\nmachine: {res['machine']['cores']} cores, {res['machine']['platform']}; scale {res['scale']}")
     head = f"{'scenario':34}" + "".join(f"{n:>22}" for n in names) + f"{'taskhost / best celery':>24}"
@@ -291,7 +315,7 @@ def report(res):
     t = systems[th]
     if "sustained_per_s" in t:
         print(f"sustained: {t['sustained_count']} tasks at {t['sustained_per_s']:.0f}/s "
-              f"({t['sustained_per_s'] * 60 / 1e6:.2f}M/min); RSS {t['rss_before_1m_mb']:.1f} MB → {t['rss_after_mb']:.1f} MB")
+              f"({t['sustained_per_s'] * 60 / 1e6:.2f}M/min); RSS {t['rss_before_1m_mb']:.1f} MB → {t['after_rss_mb']:.1f} MB")
 
 
 if __name__ == "__main__":

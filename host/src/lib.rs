@@ -13,6 +13,7 @@
 //! observe: tracing setup shared by all.
 //! ```
 
+pub mod alloc;
 pub mod backend;
 pub mod beat;
 pub mod broker;

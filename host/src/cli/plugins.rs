@@ -1,4 +1,5 @@
-//! `taskhost plugins list`: what a plugins directory serves — name, version, digest, limits.
+//! `taskhost plugins list`: what a plugins directory serves — name, version, digest, limits;
+//! `taskhost plugins compile`: fills the compile cache (serve runs it before its workers).
 
 use super::CliError;
 use crate::registry::{ByteSize, Registry};
@@ -16,10 +17,18 @@ pub enum PluginsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Compile every component into the compile cache ($TASKHOST_CACHE_DIR), on all cores.
+    Compile {
+        #[arg(long, env = "TASKHOST_PLUGINS")]
+        plugins: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), CliError> {
-    let PluginsCommand::List { plugins, json } = cmd;
+    let (plugins, json) = match cmd {
+        PluginsCommand::List { plugins, json } => (plugins, json),
+        PluginsCommand::Compile { plugins } => return compile(file.plugins(plugins.as_deref())),
+    };
     let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
     let registry = Registry::open(file.plugins(plugins.as_deref()), runtime).map_err(CliError::usage)?;
     let all = registry.all();
@@ -53,5 +62,14 @@ pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), 
             );
         }
     }
+    Ok(())
+}
+
+fn compile(dir: PathBuf) -> Result<(), CliError> {
+    let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
+    let registry = Registry::open(dir, runtime).map_err(CliError::usage)?;
+    let all = registry.all();
+    let compiled = all.iter().filter(|tv| !tv.component.from_cache).count();
+    println!("{} components: {compiled} compiled, {} already cached", all.len(), all.len() - compiled);
     Ok(())
 }

@@ -217,7 +217,11 @@ pub(crate) fn worker_sandboxes(
 ) -> Result<(Arc<Runtime>, Arc<Registry>), CliError> {
     // A few spare slots: a task's instance is torn down just after its slot is freed.
     let runtime = Arc::new(
-        Runtime::new(RuntimeConfig { max_instances: concurrency as u32 + 4, ..Default::default() })
+        Runtime::new(RuntimeConfig {
+            max_instances: concurrency as u32 + 4,
+            parallel_compilation: false,
+            ..Default::default()
+        })
             .map_err(CliError::usage)?,
     );
     let registry = Registry::open(plugins, runtime.clone()).map_err(CliError::usage)?;
@@ -301,6 +305,21 @@ pub async fn shutdown_signal() {
     });
 }
 
+/// Fills the compile cache in a short-lived child on all cores, so workers start by mapping
+/// compiled code (shared page cache) instead of each compiling the same components into
+/// private memory. Best effort: on failure every worker compiles what it needs itself.
+fn precompile(exe: &std::path::Path, plugins: &std::path::Path) {
+    let status = std::process::Command::new(exe)
+        .args(["plugins", "compile", "--plugins"])
+        .arg(plugins)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        tracing::debug!("pre-compiling components failed ({status:?}); workers compile them");
+    }
+}
+
 /// Starts `processes` workers and restarts any that dies until asked to stop.
 fn supervise(args: &Settings) -> Result<(), CliError> {
     let processes = args.processes;
@@ -319,6 +338,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         tasks.sort();
         banner(args, &tasks, &node_name(args));
     }
+    precompile(&exe, &args.plugins);
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
@@ -340,6 +360,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);
             }
+            cmd.envs(crate::alloc::worker_env());
             // Own process group: a terminal Ctrl-C reaches only the supervisor, which forwards one SIGTERM.
             cmd.process_group(0).kill_on_drop(false).spawn()
         };

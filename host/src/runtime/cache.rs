@@ -48,8 +48,15 @@ impl CompileCache {
         let component = Component::new(engine, bytes)?;
         if let Err(e) = store(&path, &component.serialize()?) {
             tracing::warn!(path = %path.display(), "could not write compile cache: {e}");
+            return Ok((component, false));
         }
-        Ok((component, false))
+        // Serve from the file just written: mapped code is page cache shared by every
+        // worker process, where the fresh compile's code is private memory in each.
+        // SAFETY: as above — our own artifact, checked again by wasmtime.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(mapped) => Ok((mapped, false)),
+            Err(_) => Ok((component, false)),
+        }
     }
 }
 
