@@ -93,6 +93,18 @@ fn escape_attempts_are_denied() {
 }
 
 #[test]
+fn no_task_sees_what_an_earlier_task_left_in_memory() {
+    // Sequential runs reuse the same pooled slot, whose pages are reset rather than
+    // unmapped (keep-resident): data and bss must look freshly instantiated every time.
+    for i in 0..40 {
+        let run = block_on(run_task("tasks.escape", "[]"));
+        let report: serde_json::Value = serde_json::from_str(&run.result.expect("escape reports")).unwrap();
+        assert_eq!(report["calls"], 8, "run {i}: a static kept its value from an earlier task");
+        assert_eq!(report["residue_words"], 0, "run {i}: memory written by an earlier task was visible");
+    }
+}
+
+#[test]
 fn flooded_stdout_is_truncated_to_the_cap() {
     let rss_before = rss_bytes();
     let run = block_on(run_task("tasks.flood", "[]"));

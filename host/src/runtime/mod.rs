@@ -257,6 +257,10 @@ impl Drop for EpochTicker {
     }
 }
 
+/// Bytes of each pooled memory and table kept mapped between tasks: at most this much
+/// per sandbox slot stays resident (64 KiB measured as fast as 4 MiB for small tasks).
+const KEEP_RESIDENT: usize = 256 << 10;
+
 /// The wasm engine of one process.
 pub struct Runtime {
     engine: Engine,
@@ -281,7 +285,14 @@ impl Runtime {
             .max_tables_per_component(8)
             .max_memory_size(config.max_memory_limit as usize)
             // Measured: batching decommits is ~15% faster for short tasks.
-            .decommit_batch_size(64);
+            .decommit_batch_size(64)
+            // Reset a freed slot's dirty pages in place (found with the PAGEMAP_SCAN ioctl
+            // on Linux ≥ 6.7) instead of unmapping them: the next task in that slot takes
+            // no page faults. Measured on tasks.noop: 48k → 103k instantiate+call/s per
+            // process. Pages beyond the first KEEP_RESIDENT bytes are still decommitted.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut cfg = Config::new();
         cfg.wasm_component_model(true)
             .epoch_interruption(true)

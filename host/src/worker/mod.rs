@@ -479,8 +479,9 @@ impl Worker {
         );
         let version = task.version.to_string();
         let run = {
-            let running = self.runtime.run(&task.component, &version, &input, &limits, control);
-            tokio::pin!(running);
+            // Boxed: wasmtime's instantiate/call futures are large, and inline they would
+            // make every spawned `handle` future large too (memcpy'd on spawn and poll).
+            let mut running = Box::pin(self.runtime.run(&task.component, &version, &input, &limits, control));
             loop {
                 tokio::select! {
                     biased;
@@ -506,7 +507,7 @@ impl Worker {
             }
             return;
         }
-        self.finish(delivery, decoded, task, run, ignore_result, acks_late).await;
+        Box::pin(self.finish(delivery, decoded, task, run, ignore_result, acks_late)).await;
     }
 
     async fn finish(
