@@ -68,8 +68,8 @@ fn ticks(redis: &RedisServer) -> Vec<String> {
     let mut ticks: Vec<String> = items
         .iter()
         .map(|raw| {
-            let d = taskhost::protocol::decode(raw).unwrap();
-            d.envelope.headers["taskhost_beat"]["tick"].as_str().unwrap().to_string()
+            let envelope = taskhost::protocol::Envelope::parse(raw).unwrap();
+            envelope.headers["taskhost_beat"]["tick"].as_str().unwrap().to_string()
         })
         .collect();
     ticks.sort();

@@ -363,7 +363,7 @@ impl Worker {
         if let Some(eta) = h.eta.map(|e| e.to_utc()).filter(|e| *e > now + ETA_SLACK) {
             // Parked on the broker, not held here: an ETA past the visibility timeout
             // can never run twice, and a restart forgets nothing.
-            match self.broker.schedule(&delivery.queue, decoded.envelope.priority(), &delivery.raw, eta).await {
+            match self.broker.schedule(&delivery.queue, decoded.priority, &delivery.raw, eta).await {
                 Ok(()) => self.ack(&delivery).await,
                 Err(e) => {
                     tracing::warn!(id = %h.id, "parking ETA message failed, returning it: {e}");
@@ -469,7 +469,7 @@ impl Worker {
                 control: control.clone(),
                 name: h.task.clone(),
                 queue: delivery.queue.clone(),
-                priority: decoded.envelope.priority(),
+                priority: decoded.priority,
                 redelivered: h.redelivered,
                 acknowledged: !acks_late,
                 args: input.args.clone(),
@@ -715,7 +715,7 @@ impl Worker {
             .ok()
             .and_then(|d| Utc::now().checked_add_signed(d))
             .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
-        let priority = decoded.envelope.priority();
+        let priority = decoded.priority;
         let next = OutgoingTask {
             task: h.task.clone(),
             id: h.id.clone(),
@@ -734,7 +734,8 @@ impl Worker {
             time_limit: h.time_limit,
             ignore_result,
             origin: self.cfg.node_name.clone(),
-            extra_headers: decoded.envelope.headers.clone(),
+            // Every header the message came with (stamps, custom ones) goes on the retry.
+            extra_headers: crate::protocol::Envelope::parse(&delivery.raw).map(|e| e.headers).unwrap_or_default(),
         };
         let raw = encode_task(&next);
         let published = if delay.is_zero() {
