@@ -261,6 +261,24 @@ impl Drop for EpochTicker {
 /// per sandbox slot stays resident (64 KiB measured as fast as 4 MiB for small tasks).
 const KEEP_RESIDENT: usize = 256 << 10;
 
+/// [`KEEP_RESIDENT`] where the kernel can say which pages a task dirtied (PAGEMAP_SCAN,
+/// Linux 6.7+), else 0: without it wasmtime would memset the lowest bytes of every memory
+/// after every task, touched or not, while a Rust guest's stack sits near 1 MiB.
+fn keep_resident() -> usize {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if has_pagemap_scan(&release) {
+        KEEP_RESIDENT
+    } else {
+        0
+    }
+}
+
+/// Whether a Linux release string (`6.18.44-fc`, `5.15.0-91-generic`) is 6.7 or newer.
+fn has_pagemap_scan(release: &str) -> bool {
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 7)
+}
+
 /// The wasm engine of one process.
 pub struct Runtime {
     engine: Engine,
@@ -292,8 +310,8 @@ impl Runtime {
             // on Linux ≥ 6.7) instead of unmapping them: the next task in that slot takes
             // no page faults. Measured on tasks.noop: 48k → 103k instantiate+call/s per
             // process. Pages beyond the first KEEP_RESIDENT bytes are still decommitted.
-            .linear_memory_keep_resident(KEEP_RESIDENT)
-            .table_keep_resident(KEEP_RESIDENT)
+            .linear_memory_keep_resident(keep_resident())
+            .table_keep_resident(keep_resident())
             .pagemap_scan(wasmtime::Enabled::Auto);
         let mut cfg = Config::new();
         cfg.wasm_component_model(true)
@@ -504,4 +522,19 @@ fn classify(error: wasmtime::Error, state: &TaskState, limits: &TaskLimits, stde
         None => format!("{error:#}"),
     };
     TaskError::Trap { message, guest_stderr }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_pagemap_scan;
+
+    #[test]
+    fn slots_stay_resident_only_on_kernels_with_pagemap_scan() {
+        assert!(has_pagemap_scan("6.18.44-fc-v657\n"));
+        assert!(has_pagemap_scan("6.7.0"));
+        assert!(has_pagemap_scan("7.0.1-arch1"));
+        assert!(!has_pagemap_scan("6.6.30-generic"));
+        assert!(!has_pagemap_scan("5.15.0-91-generic"));
+        assert!(!has_pagemap_scan(""));
+    }
 }
