@@ -8,7 +8,7 @@
 //! kombu always has, open only on an idle-to-busy edge.
 
 use super::{Broker, BrokerError, DeadLetter, Delivery};
-use crate::protocol::{list_for_priority, mark_redelivered, BAND_SEP, PRIORITY_BANDS};
+use crate::protocol::{list_for_priority, mark_redelivered, priority_from, Envelope, BAND_SEP, PRIORITY_BANDS};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -338,12 +338,7 @@ impl RedisBroker {
                 .next()
                 .unwrap_or(routing_key)
         };
-        let priority = envelope
-            .get("properties")
-            .and_then(|p| p.get("priority"))
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0)
-            .min(255) as u8;
+        let priority = priority_from(envelope.get("properties").and_then(|p| p.get("priority")));
         Some((list_for_priority(&queue, priority), raw))
     }
 
@@ -427,7 +422,7 @@ impl Broker for RedisBroker {
 
     async fn restore(&self, delivery: &Delivery) -> Result<(), BrokerError> {
         let Some(tag) = &delivery.tag else { return Ok(()) };
-        let priority = serde_json::from_slice::<crate::protocol::Envelope>(&delivery.raw).map_or(0, |e| e.priority());
+        let priority = Envelope::parse(&delivery.raw).map_or(0, |e| e.priority());
         self.restore_tag(tag, &list_for_priority(&delivery.queue, priority), &delivery.raw, "RPUSH").await?;
         Ok(())
     }

@@ -58,7 +58,7 @@ pub fn message_for(sig: &Signature, lead: Option<Value>, parent: &Lineage<'_>, d
         kwargs: sig.kwargs.clone(),
         embed,
         queue,
-        priority: o.get("priority").and_then(Value::as_u64).map_or(0, |p| p.min(255) as u8),
+        priority: crate::protocol::priority_from(o.get("priority")),
         eta,
         expires: time_option(o.get("expires"), now),
         retries: 0,

@@ -104,7 +104,7 @@ pub fn run(cmd: DlqCommand, file: &super::config::FileConfig) -> Result<(), CliE
             }
             DlqCommand::Replay { ids, all, .. } => {
                 for l in pick(&letters, &ids, all)? {
-                    let priority = serde_json::from_str::<Envelope>(&l.message).map_or(0, |e| e.priority());
+                    let priority = Envelope::parse(l.message.as_bytes()).map_or(0, |e| e.priority());
                     b.publish(&l.queue, priority, l.message.as_bytes()).await.map_err(CliError::failed)?;
                     b.remove_dead_letter(&l.letter_id).await.map_err(CliError::failed)?;
                     println!("replayed {} onto {}", l.letter_id, l.queue);

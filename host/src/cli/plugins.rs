@@ -29,9 +29,7 @@ pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), 
         PluginsCommand::List { plugins, json } => (plugins, json),
         PluginsCommand::Compile { plugins } => return compile(file.plugins(plugins.as_deref())),
     };
-    let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
-    let registry = Registry::open(file.plugins(plugins.as_deref()), runtime).map_err(CliError::usage)?;
-    let all = registry.all();
+    let all = open(file.plugins(plugins.as_deref()))?.all();
     if !json {
         println!("{:<22} {:<9} {:<14} {:<12} {:>8} {:>8} {:>9}  {}", "TASK", "VERSION", "DIGEST", "QUEUE", "HARD", "SOFT", "MEMORY", "RETRIES");
     }
@@ -65,10 +63,14 @@ pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), 
     Ok(())
 }
 
-fn compile(dir: PathBuf) -> Result<(), CliError> {
+/// Loads every component of `dir`, compiling (on all cores) what the cache lacks.
+fn open(dir: PathBuf) -> Result<Arc<Registry>, CliError> {
     let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
-    let registry = Registry::open(dir, runtime).map_err(CliError::usage)?;
-    let all = registry.all();
+    Registry::open(dir, runtime).map_err(CliError::usage)
+}
+
+fn compile(dir: PathBuf) -> Result<(), CliError> {
+    let all = open(dir)?.all();
     let compiled = all.iter().filter(|tv| !tv.component.from_cache).count();
     println!("{} components: {compiled} compiled, {} already cached", all.len(), all.len() - compiled);
     Ok(())

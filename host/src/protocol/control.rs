@@ -93,7 +93,7 @@ impl ControlRequest {
 
 /// Decodes a pidbox envelope as published on `/<db>.celery.pidbox`.
 pub fn decode_control(raw: &[u8]) -> Result<ControlRequest, ProtocolError> {
-    let envelope: Envelope = serde_json::from_slice(raw).map_err(|e| ProtocolError::Envelope(e.to_string()))?;
+    let envelope = Envelope::parse(raw)?;
     let body = BASE64.decode(envelope.body.as_bytes()).map_err(|e| ProtocolError::Base64(e.to_string()))?;
     let mut req: ControlRequest = serde_json::from_slice(&body).map_err(|e| ProtocolError::Body(e.to_string()))?;
     req.expires = envelope.headers.get("expires").and_then(Value::as_f64);

@@ -25,6 +25,12 @@ pub fn band_for_priority(priority: u8) -> u8 {
     }
 }
 
+/// A message's `priority` property as kombu reads it: a count, clamped to 255; 0 when
+/// absent or not a count.
+pub fn priority_from(value: Option<&Value>) -> u8 {
+    value.and_then(Value::as_u64).map_or(0, |p| p.min(255) as u8)
+}
+
 /// The Redis list holding `queue`'s messages of `priority`.
 pub fn list_for_priority(queue: &str, priority: u8) -> String {
     match band_for_priority(priority) {
@@ -82,7 +88,7 @@ impl Envelope {
     }
 
     pub fn priority(&self) -> u8 {
-        self.properties.get("priority").and_then(Value::as_u64).map_or(0, |p| p.min(255) as u8)
+        priority_from(self.properties.get("priority"))
     }
 
     pub fn routing_key(&self) -> Option<&str> {
@@ -334,7 +340,7 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
     let (args, kwargs, embed): (Vec<Value>, Map<String, Value>, Option<Embed>) =
         serde_json::from_slice(&body).map_err(|e| ProtocolError::Body(e.to_string()))?;
     let headers = TaskHeaders::from_wire(&envelope.headers)?;
-    let priority = lenient::<u64>(envelope.properties.priority).map_or(0, |p| p.min(255) as u8);
+    let priority = priority_from(lenient::<Value>(envelope.properties.priority).as_ref());
     Ok(Decoded { priority, headers, args, kwargs, embed: embed.unwrap_or_default() })
 }
 

@@ -291,6 +291,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let n = config.max_instances.max(1);
+        let keep_resident = keep_resident();
         let mut pool = PoolingAllocationConfig::new();
         // Per component: a Rust wasip2 component has one main module plus a few shims.
         pool.total_component_instances(n)
@@ -310,8 +311,8 @@ impl Runtime {
             // on Linux ≥ 6.7) instead of unmapping them: the next task in that slot takes
             // no page faults. Measured on tasks.noop: 48k → 103k instantiate+call/s per
             // process. Pages beyond the first KEEP_RESIDENT bytes are still decommitted.
-            .linear_memory_keep_resident(keep_resident())
-            .table_keep_resident(keep_resident())
+            .linear_memory_keep_resident(keep_resident)
+            .table_keep_resident(keep_resident)
             .pagemap_scan(wasmtime::Enabled::Auto);
         let mut cfg = Config::new();
         cfg.wasm_component_model(true)
