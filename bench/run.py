@@ -134,9 +134,29 @@ def fill(taskhost, url, queue, count, task="tasks.noop", ignore_result=True, arg
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def drain(rds, worker_queue, fill_queue, count, results):
-    """Moves the pre-filled list under the consumed name at once, then times the drain."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    """User + system CPU time used so far by these processes (0 for any that is gone)."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / CLOCK_TICKS
+
+
+def drain(rds, worker_queue, fill_queue, count, results, worker_pid=None):
+    """Moves the pre-filled list under the consumed name at once, then times the drain.
+    Returns tasks/s and, per task, the CPU microseconds the worker processes and
+    redis-server spent (where the time goes, beside how fast it went)."""
     baseline = rds.r.dbsize()
+    workers = process_tree(worker_pid) if worker_pid else []
+    cpu_before = cpu_seconds(workers), cpu_seconds([rds.proc.pid])
     start = time.time()
     rds.r.rename(fill_queue, worker_queue)
     while True:
@@ -145,7 +165,9 @@ def drain(rds, worker_queue, fill_queue, count, results):
                 break
         time.sleep(0.005)
     took = time.time() - start
-    return count / took
+    cpu_after = cpu_seconds(workers), cpu_seconds([rds.proc.pid])
+    per_task_us = [(a - b) / count * 1e6 for a, b in zip(cpu_after, cpu_before)]
+    return count / took, {"worker_cpu_us_per_task": per_task_us[0], "redis_cpu_us_per_task": per_task_us[1]}
 
 
 def round_trip(app, n):
@@ -242,10 +264,12 @@ def main():
         fig.update(memory_figures(worker.proc.pid, "idle"))
         drain_n = n(100_000 if is_taskhost else 20_000)
         fill(args.taskhost, url, "bench.fill", drain_n)
-        fig["drain_ignored_per_s"] = drain(rds, "bench", "bench.fill", drain_n, results=False)
+        fig["drain_ignored_per_s"], fig["drain_ignored_cpu"] = drain(rds, "bench", "bench.fill", drain_n, results=False,
+                                                                     worker_pid=worker.proc.pid)
         rds.r.flushdb()
         fill(args.taskhost, url, "bench.fill", drain_n, ignore_result=False)
-        fig["drain_results_per_s"] = drain(rds, "bench", "bench.fill", drain_n, results=True)
+        fig["drain_results_per_s"], fig["drain_results_cpu"] = drain(rds, "bench", "bench.fill", drain_n, results=True,
+                                                                     worker_pid=worker.proc.pid)
         rds.r.flushdb()
         p50, p99 = round_trip(app, n(1000))
         fig["round_trip_p50_ms"], fig["round_trip_p99_ms"] = p50, p99
@@ -259,7 +283,7 @@ def main():
             big = n(1_000_000)
             rds.r.flushdb()
             fill(args.taskhost, url, "bench.fill", big)
-            fig["sustained_per_s"] = drain(rds, "bench", "bench.fill", big, results=False)
+            fig["sustained_per_s"], _ = drain(rds, "bench", "bench.fill", big, results=False)
             fig["sustained_count"] = big
         fig.update(memory_figures(worker.proc.pid, "after"))
         worker.stop()
@@ -312,6 +336,12 @@ def report(res):
     print(f"sandbox ceiling ({c['processes']} processes): bare {c['bare']['tasks_per_sec']:.0f}/s, "
           f"Runtime::run {c['taskhost']['tasks_per_sec']:.0f}/s; worker drain = "
           f"{100 * systems[th]['drain_ignored_per_s'] / c['bare']['tasks_per_sec']:.0f}% of the bare ceiling")
+    # Where a no-op task's time goes: the bare loop's CPU per task against what the worker
+    # processes and redis-server spent per task in the drain.
+    bare_us = c["processes"] / c["bare"]["tasks_per_sec"] * 1e6
+    print(f"CPU per task in the drain (results ignored), in µs: bare sandbox loop {bare_us:.1f}; " + "; ".join(
+        f"{n}: worker {systems[n]['drain_ignored_cpu']['worker_cpu_us_per_task']:.1f} + "
+        f"redis {systems[n]['drain_ignored_cpu']['redis_cpu_us_per_task']:.1f}" for n in names))
     t = systems[th]
     if "sustained_per_s" in t:
         print(f"sustained: {t['sustained_count']} tasks at {t['sustained_per_s']:.0f}/s "

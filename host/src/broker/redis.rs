@@ -304,16 +304,25 @@ impl RedisBroker {
             inv.arg(json_string(o));
         }
         let flat: Vec<redis::Value> = inv.invoke_async(&mut self.conn()).await.map_err(cmd_err)?;
+        let bad = |what: &str| BrokerError::Command(format!("unexpected fetch reply: {what}"));
         let mut out = Vec::with_capacity(flat.len() / 3);
-        for chunk in flat.chunks_exact(3) {
-            let bad = |e: redis::ParsingError| BrokerError::Command(format!("unexpected fetch reply: {e}"));
-            let index: usize = redis::from_redis_value_ref(&chunk[0]).map_err(bad)?;
-            let tag: Option<String> = match &chunk[1] {
-                redis::Value::Nil | redis::Value::Int(0) | redis::Value::Boolean(false) => None,
-                v => Some(redis::from_redis_value_ref(v).map_err(bad)?),
+        let mut flat = flat.into_iter();
+        // Taken by value: each message is moved out of the reply, not copied.
+        while let (Some(index), Some(tag), Some(raw)) = (flat.next(), flat.next(), flat.next()) {
+            let queue = match index {
+                redis::Value::Int(i) if i >= 1 && (i as usize) <= owners.len() => owners[i as usize - 1].clone(),
+                other => return Err(bad(&format!("queue index {other:?}"))),
             };
-            let raw: Vec<u8> = redis::from_redis_value_ref(&chunk[2]).map_err(bad)?;
-            out.push(Delivery { tag, queue: owners[index - 1].clone(), raw });
+            let tag = match tag {
+                redis::Value::Nil | redis::Value::Int(0) | redis::Value::Boolean(false) => None,
+                redis::Value::BulkString(b) => Some(String::from_utf8(b).map_err(|_| bad("delivery tag is not UTF-8"))?),
+                other => return Err(bad(&format!("delivery tag {other:?}"))),
+            };
+            let raw = match raw {
+                redis::Value::BulkString(b) => b,
+                other => return Err(bad(&format!("message {other:?}"))),
+            };
+            out.push(Delivery { tag, queue, raw });
         }
         Ok(out)
     }

@@ -477,11 +477,11 @@ impl Worker {
                 started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
             },
         );
-        let version = task.version.to_string();
+        let version = &task.version_text;
         let run = {
             // Boxed: wasmtime's instantiate/call futures are large, and inline they would
             // make every spawned `handle` future large too (memcpy'd on spawn and poll).
-            let mut running = Box::pin(self.runtime.run(&task.component, &version, &input, &limits, control));
+            let mut running = Box::pin(self.runtime.run(&task.component, version, &input, &limits, control));
             loop {
                 tokio::select! {
                     biased;
@@ -523,12 +523,17 @@ impl Worker {
         {
             let mut stats = self.stats.borrow_mut();
             stats.processed += 1;
-            *stats.per_task.entry(h.task.clone()).or_default() += 1;
+            match stats.per_task.get_mut(&h.task) {
+                Some(count) => *count += 1,
+                None => {
+                    stats.per_task.insert(h.task.clone(), 1);
+                }
+            }
         }
         if !run.stdout.text.is_empty() || !run.stderr.text.is_empty() {
             tracing::debug!(task = %h.task, id = %h.id, stdout = %run.stdout.text, stderr = %run.stderr.text, "guest output");
         }
-        let version = task.version.to_string();
+        let version = &task.version_text;
         let error = match run.result {
             Ok(json) => {
                 let value: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
@@ -536,10 +541,12 @@ impl Worker {
                 self.stats.borrow_mut().succeeded += 1;
                 // Celery's order: next chain step and links first, then the SUCCESS naming them.
                 let children = self.hand_on(decoded, &value).await;
-                let mut record = ResultRecord::success(&h.id, value.clone());
-                record.children = children;
-                link_fields(&mut record, decoded);
-                let stored = ignore_result || self.store(&record, None).await;
+                let stored = ignore_result || {
+                    let mut record = ResultRecord::success(&h.id, value.clone());
+                    record.children = children;
+                    link_fields(&mut record, decoded);
+                    self.store(&record, None).await
+                };
                 self.chord_member_done(decoded, "SUCCESS", value).await;
                 self.settle(delivery, stored, acks_late).await;
                 return;
