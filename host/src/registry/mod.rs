@@ -25,8 +25,6 @@ pub const WATCH_INTERVAL: Duration = Duration::from_millis(300);
 pub struct TaskVersion {
     pub name: String,
     pub version: Version,
-    /// `version` as text, kept once: the worker hands it to every run.
-    pub version_text: String,
     pub manifest: Manifest,
     pub component: LoadedComponent,
     pub path: PathBuf,
@@ -222,8 +220,7 @@ impl Registry {
         }
         let bytes = std::fs::read(path)?;
         let component = self.runtime.load(&bytes)?;
-        let version_text = version.to_string();
-        Ok(TaskVersion { name, version, version_text, manifest, component, path: path.to_path_buf(), size: bytes.len() as u64 })
+        Ok(TaskVersion { name, version, manifest, component, path: path.to_path_buf(), size: bytes.len() as u64 })
     }
 
     /// The newest version of `name`, or the newest matching `req`.

@@ -477,11 +477,11 @@ impl Worker {
                 started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
             },
         );
-        let version = &task.version_text;
+        let version = task.version.to_string();
         let run = {
             // Boxed: wasmtime's instantiate/call futures are large, and inline they would
             // make every spawned `handle` future large too (memcpy'd on spawn and poll).
-            let mut running = Box::pin(self.runtime.run(&task.component, version, &input, &limits, control));
+            let mut running = Box::pin(self.runtime.run(&task.component, &version, &input, &limits, control));
             loop {
                 tokio::select! {
                     biased;
@@ -533,7 +533,6 @@ impl Worker {
         if !run.stdout.text.is_empty() || !run.stderr.text.is_empty() {
             tracing::debug!(task = %h.task, id = %h.id, stdout = %run.stdout.text, stderr = %run.stderr.text, "guest output");
         }
-        let version = &task.version_text;
         let error = match run.result {
             Ok(json) => {
                 let value: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
@@ -553,6 +552,8 @@ impl Worker {
             }
             Err(e) => e,
         };
+        // Only failures name the version (in their traceback).
+        let version = task.version.to_string();
         let retry_reason = match &error {
             TaskError::Retry { reason, countdown } => Some((reason.clone(), *countdown)),
             TaskError::Trap { .. } if task.manifest.autoretry.contains(&AutoRetry::Trap) => Some((error.to_string(), None)),
