@@ -362,3 +362,25 @@ fn the_celery_comparison_benchmark_runs_in_smoke_size() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(written).unwrap()).unwrap();
     assert_eq!(json["systems"].as_object().unwrap().len(), 3);
 }
+
+#[test]
+fn every_ack_reaches_the_broker_when_batches_fill_while_a_flush_is_in_flight() {
+    // Prefetch 256 (= the ack batch): a batch can fill, and flush on its own, while the
+    // background flush is still waiting on Redis. Overlapping flushes once dropped tags.
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let _worker = WorkerProcess::start(&url, &["-c", "64"]);
+    let sent = send(&url, &["tasks.noop", "--count", "20000", "--ignore-result"]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut queued, mut unacked) = (usize::MAX, usize::MAX);
+    while Instant::now() < deadline {
+        queued = redis.query(redis::cmd("LLEN").arg("celery"));
+        unacked = redis.query(redis::cmd("HLEN").arg("unacked"));
+        if queued == 0 && unacked == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!((queued, unacked), (0, 0), "every message run and acked");
+}

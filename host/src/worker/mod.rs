@@ -146,6 +146,28 @@ impl Drop for InProgress {
     }
 }
 
+/// Acks taken off the queue by one flush; handed back unless the broker took them.
+struct AcksInFlight<'a> {
+    worker: &'a Worker,
+    tags: Vec<String>,
+}
+
+impl AcksInFlight<'_> {
+    fn sent(mut self) {
+        self.tags.clear();
+    }
+}
+
+impl Drop for AcksInFlight<'_> {
+    fn drop(&mut self) {
+        if !self.tags.is_empty() {
+            let mut pending = self.worker.pending_acks.borrow_mut();
+            let newer = std::mem::replace(&mut *pending, std::mem::take(&mut self.tags));
+            pending.extend(newer);
+        }
+    }
+}
+
 impl Worker {
     pub fn new(
         cfg: WorkerConfig,
@@ -219,6 +241,9 @@ impl Worker {
         );
         self.drain(tasks).await;
         acks.abort();
+        // Resolves once the flusher is dropped, so a flush it had in flight has handed
+        // its tags back before the final flush.
+        let _ = acks.await;
         self.flush_acks().await;
         housekeeping.abort();
         control.abort();
@@ -866,20 +891,20 @@ impl Worker {
     }
 
     async fn flush_acks(&self) {
-        // Tags stay queued until the broker took them: a flush cut short (shutdown aborts
-        // the flusher) leaves them for the final flush.
-        let tags: Vec<String> = self.pending_acks.borrow().clone();
-        if tags.is_empty() {
+        // Each flush takes the tags it sends, so two flushes in flight (the flusher and an
+        // `ack` that filled a batch) never send or forget each other's. Tags go back to the
+        // queue if the broker never took them or the flush is cut short (shutdown aborts
+        // the flusher): the final flush sends them.
+        let taken = AcksInFlight { worker: self, tags: std::mem::take(&mut *self.pending_acks.borrow_mut()) };
+        if taken.tags.is_empty() {
             return;
         }
-        if self.broker_op("ack", || self.broker.ack(&tags)).await {
-            let mut pending = self.pending_acks.borrow_mut();
-            let done = tags.len().min(pending.len());
-            pending.drain(..done);
+        if self.broker_op("ack", || self.broker.ack(&taken.tags)).await {
             let mut held = self.held.borrow_mut();
-            for tag in &tags {
+            for tag in &taken.tags {
                 held.remove(tag);
             }
+            taken.sent();
         }
     }
 
