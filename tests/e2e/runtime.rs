@@ -27,7 +27,7 @@ fn input(name: &str, args: &str) -> TaskInput {
 }
 
 async fn run_with(tv: &TaskVersion, args: &str, limits: TaskLimits, control: Arc<RunControl>) -> TaskRun {
-    runtime().run(&tv.component, &tv.version.to_string(), &input(&tv.name, args), &limits, control).await
+    runtime().run(&tv.component, &tv.version.to_string(), input(&tv.name, args), &limits, control).await
 }
 
 async fn run_task(name: &str, args: &str) -> TaskRun {

@@ -189,7 +189,7 @@ fn measure_here(args: &RuntimeBench) -> Result<RuntimeFigures, CliError> {
             let (mut inst, mut total) = (Vec::new(), Vec::new());
             let start = Instant::now();
             while start.elapsed() < phase {
-                let run = runtime.run(&task.component, &version, &input, &limits, control.clone()).await;
+                let run = runtime.run(&task.component, &version, input.clone(), &limits, control.clone()).await;
                 if let Err(e) = run.result {
                     return Err(format!("{e}"));
                 }

@@ -85,7 +85,7 @@ pub fn run(args: RunArgs, file: &super::config::FileConfig) -> Result<(), CliErr
     input.root_id = Some(input.id.clone());
     let version = task.version.to_string();
     loop {
-        let run = rt.block_on(runtime.run(&task.component, &version, &input, &limits, Arc::new(RunControl::default())));
+        let run = rt.block_on(runtime.run(&task.component, &version, input.clone(), &limits, Arc::new(RunControl::default())));
         for (stream, captured) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
             if !captured.text.is_empty() {
                 eprint!("[{} {stream}] {}", task.name, captured.text);

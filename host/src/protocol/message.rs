@@ -179,9 +179,64 @@ pub struct Decoded {
     /// `properties.priority`, 0 (first) to 255.
     pub priority: u8,
     pub headers: TaskHeaders,
-    pub args: Vec<Value>,
-    pub kwargs: Map<String, Value>,
+    /// Positional args as the message carries them: JSON array text. The guest takes
+    /// the text as it is, so the values are built only on paths that need them.
+    pub args_json: String,
+    /// Keyword args: JSON object text.
+    pub kwargs_json: String,
     pub embed: Embed,
+}
+
+impl Decoded {
+    pub fn args(&self) -> Vec<Value> {
+        serde_json::from_str(&self.args_json).unwrap_or_default()
+    }
+
+    pub fn kwargs(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.kwargs_json).unwrap_or_default()
+    }
+}
+
+/// Protocol v2 body, borrowed: each part is kept as its JSON text.
+type WireBody<'a> = (&'a RawValue, &'a RawValue, Option<&'a RawValue>);
+
+/// The workflow keys of an embed, unparsed. A plain task's embed names them all as null:
+/// recognising that here skips building `Embed` through its catch-all map.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbedKeys<'a> {
+    #[serde(default, borrow)]
+    callbacks: Raw<'a>,
+    #[serde(default, borrow)]
+    errbacks: Raw<'a>,
+    #[serde(default, borrow)]
+    chain: Raw<'a>,
+    #[serde(default, borrow)]
+    chord: Raw<'a>,
+}
+
+fn decode_embed(raw: Option<&RawValue>) -> Result<Embed, ProtocolError> {
+    let Some(raw) = raw else { return Ok(Embed::default()) };
+    if let Ok(keys) = serde_json::from_str::<Option<EmbedKeys>>(raw.get()) {
+        if keys.is_none_or(|k| [k.callbacks, k.errbacks, k.chain, k.chord].iter().all(Option::is_none)) {
+            return Ok(Embed::default());
+        }
+    }
+    serde_json::from_str::<Option<Embed>>(raw.get())
+        .map(Option::unwrap_or_default)
+        .map_err(|e| ProtocolError::Body(e.to_string()))
+}
+
+fn decode_body(body: &[u8]) -> Result<(String, String, Embed), ProtocolError> {
+    let text = std::str::from_utf8(body).map_err(|e| ProtocolError::Body(e.to_string()))?;
+    let (args, kwargs, embed): WireBody = serde_json::from_str(text).map_err(|e| ProtocolError::Body(e.to_string()))?;
+    if !args.get().starts_with('[') {
+        return Err(ProtocolError::Body(format!("args must be a JSON array, got {}", args.get())));
+    }
+    if !kwargs.get().starts_with('{') {
+        return Err(ProtocolError::Body(format!("kwargs must be a JSON object, got {}", kwargs.get())));
+    }
+    Ok((args.get().to_string(), kwargs.get().to_string(), decode_embed(embed)?))
 }
 
 type Raw<'a> = Option<&'a RawValue>;
@@ -340,11 +395,10 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
         }
         Some(other) => return Err(ProtocolError::Compression(other.to_string())),
     }
-    let (args, kwargs, embed): (Vec<Value>, Map<String, Value>, Option<Embed>) =
-        serde_json::from_slice(&body).map_err(|e| ProtocolError::Body(e.to_string()))?;
+    let (args_json, kwargs_json, embed) = decode_body(&body)?;
     let headers = TaskHeaders::from_wire(&envelope.headers)?;
     let priority = priority_from(lenient::<Value>(envelope.properties.priority).as_ref());
-    Ok(Decoded { priority, headers, args, kwargs, embed: embed.unwrap_or_default() })
+    Ok(Decoded { priority, headers, args_json, kwargs_json, embed })
 }
 
 /// A task to publish: what `send_task`/`apply_async` would put on the wire.
@@ -480,8 +534,9 @@ mod tests {
         assert_eq!(d.headers.id, "513c83cc-0000");
         assert_eq!(d.headers.root_id.as_deref(), Some("513c83cc-0000"));
         assert_eq!(d.headers.ignore_result, Some(false));
-        assert_eq!(d.args, vec![Value::from(2), Value::from(3)]);
-        assert!(d.kwargs.is_empty());
+        assert_eq!(d.args(), vec![Value::from(2), Value::from(3)]);
+        assert_eq!(d.args_json, "[2, 3]", "args reach the guest as the client wrote them");
+        assert!(d.kwargs().is_empty());
         assert_eq!(d.embed, Embed::default());
         let envelope = Envelope::parse(CAPTURED.as_bytes()).unwrap();
         assert_eq!(envelope.delivery_tag(), Some("83745a5f-0000"));
@@ -505,14 +560,31 @@ mod tests {
             "properties": {"priority": 5, "delivery_tag": "t", "body_encoding": "base64"}
         });
         let d = decode(env.to_string().as_bytes()).unwrap();
-        assert_eq!(d.args, vec![Value::from(1)]);
-        assert_eq!(d.kwargs["y"], 7);
+        assert_eq!(d.args(), vec![Value::from(1)]);
+        assert_eq!(d.kwargs()["y"], 7);
         assert_eq!(d.headers.retries, 2);
         assert_eq!(d.headers.time_limit, (Some(10.0), Some(5.0)));
         assert_eq!(d.headers.ignore_result, None);
         assert_eq!(d.headers.version_req.as_deref(), Some("^1.2"));
         assert_eq!(d.headers.eta.unwrap().to_rfc3339(), "2026-11-24T17:01:46.843993+00:00");
         assert_eq!(d.priority, 5);
+    }
+
+    #[test]
+    fn embeds_with_links_or_unknown_keys_are_parsed_in_full() {
+        let message = |embed: &str| {
+            let body = format!(r#"[[1], {{}}, {embed}]"#);
+            let m = format!(
+                r#"{{"body": "{}", "content-type": "application/json", "headers": {{"task": "t", "id": "i"}}, "properties": {{}}}}"#,
+                BASE64.encode(body)
+            );
+            decode(m.as_bytes()).unwrap().embed
+        };
+        assert_eq!(message("null"), Embed::default());
+        assert_eq!(message(r#"{"callbacks": null, "errbacks": null, "chain": null, "chord": null}"#), Embed::default());
+        let linked = message(r#"{"chain": [{"task": "t2", "args": [], "kwargs": {}, "options": {}}], "chord": null, "x-mine": 1}"#);
+        assert_eq!(linked.chain.as_ref().map(|c| c[0].task.as_str()), Some("t2"));
+        assert_eq!(linked.extra["x-mine"], 1, "unknown embed keys are kept for re-publishing");
     }
 
     #[test]
@@ -540,6 +612,16 @@ mod tests {
             BASE64.encode(r#"{"args": []}"#)
         );
         assert!(matches!(decode(not_body.as_bytes()), Err(ProtocolError::Body(_))));
+        let body_error = |body: &str| {
+            let m = format!(
+                r#"{{"body": "{}", "content-type": "application/json", "headers": {{"task": "t", "id": "i"}}, "properties": {{}}}}"#,
+                BASE64.encode(body)
+            );
+            decode(m.as_bytes()).unwrap_err().to_string()
+        };
+        assert_eq!(body_error(r#"[{"a": 1}, {}, null]"#), "body is not [args, kwargs, embed] JSON: args must be a JSON array, got {\"a\": 1}");
+        assert_eq!(body_error(r#"[[], [], null]"#), "body is not [args, kwargs, embed] JSON: kwargs must be a JSON object, got []");
+        assert!(body_error(r#"[[], {}, {"chain": 5}]"#).starts_with("body is not [args, kwargs, embed] JSON"));
         let bad_header = |headers: &str| {
             let m = format!(
                 r#"{{"body": "{}", "content-type": "application/json", "headers": {headers}, "properties": {{}}}}"#,

@@ -351,11 +351,12 @@ impl Runtime {
     }
 
     /// Runs one task in a fresh instance. Never panics on account of the guest.
+    /// Takes the input by value: its strings move into what the guest is handed.
     pub async fn run(
         &self,
         component: &LoadedComponent,
         version: &str,
-        input: &TaskInput,
+        input: TaskInput,
         limits: &TaskLimits,
         control: Arc<RunControl>,
     ) -> TaskRun {
@@ -386,17 +387,18 @@ impl Runtime {
             }
             Ok(UpdateDeadline::Yield(1))
         });
+        let TaskInput { id, name, retries, queue, eta, parent_id, root_id, args, kwargs } = input;
         let info = TaskInfo {
-            id: input.id.clone(),
-            name: input.name.clone(),
+            id,
+            name,
             version: version.to_string(),
-            retries: input.retries,
-            queue: input.queue.clone(),
-            eta: input.eta.clone(),
+            retries,
+            queue,
+            eta,
             hard_limit_ms: limits.hard.as_millis() as u64,
             soft_limit_ms: limits.soft.map(|s| s.as_millis() as u64),
-            parent_id: input.parent_id.clone(),
-            root_id: input.root_id.clone(),
+            parent_id,
+            root_id,
         };
 
         // A guest blocked in a host wait (a sleep, say) reaches no epoch check, so the
@@ -406,9 +408,12 @@ impl Runtime {
             let call = async {
                 let task = component.pre.instantiate_async(&mut store).await?;
                 instantiate = Some(started.elapsed());
-                task.call_run(&mut store, &info, &input.args, &input.kwargs).await
+                task.call_run(&mut store, &info, &args, &kwargs).await
             };
+            // Biased, the call first: a task that ends in its first poll (most do) never
+            // arms the deadline timer or the revoke waiter.
             tokio::select! {
+                biased;
                 res = call => Ok(res),
                 _ = tokio::time::sleep_until(hard.into()) => Err(Interrupt::TimeLimit),
                 _ = control.terminated() => Err(Interrupt::Revoked),

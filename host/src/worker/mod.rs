@@ -485,8 +485,8 @@ impl Worker {
             eta: h.eta.map(|e| e.to_rfc3339()),
             parent_id: h.parent_id.clone(),
             root_id: h.root_id.clone(),
-            args: serde_json::to_string(&decoded.args).expect("JSON values serialize"),
-            kwargs: serde_json::to_string(&decoded.kwargs).expect("JSON values serialize"),
+            args: decoded.args_json.clone(),
+            kwargs: decoded.kwargs_json.clone(),
         };
         self.running.borrow_mut().insert(
             h.id.clone(),
@@ -506,7 +506,7 @@ impl Worker {
         let run = {
             // Boxed: wasmtime's instantiate/call futures are large, and inline they would
             // make every spawned `handle` future large too (memcpy'd on spawn and poll).
-            let mut running = Box::pin(self.runtime.run(&task.component, &version, &input, &limits, control));
+            let mut running = Box::pin(self.runtime.run(&task.component, &version, input, &limits, control));
             loop {
                 tokio::select! {
                     biased;
@@ -599,8 +599,8 @@ impl Worker {
             let exc = outcome::max_retries_exceeded(
                 &h.task,
                 &h.id,
-                &protocol::args_repr(&decoded.args),
-                &protocol::kwargs_repr(&decoded.kwargs),
+                &protocol::args_repr(&decoded.args()),
+                &protocol::kwargs_repr(&decoded.kwargs()),
             );
             let traceback = format!("taskhost: {}@{version}: retries exhausted ({max_retries}); last: {reason}", h.task);
             tracing::warn!(task = %h.task, id = %h.id, "{}", exc.message());
@@ -752,8 +752,8 @@ impl Worker {
         let next = OutgoingTask {
             task: h.task.clone(),
             id: h.id.clone(),
-            args: decoded.args.clone(),
-            kwargs: decoded.kwargs.clone(),
+            args: decoded.args(),
+            kwargs: decoded.kwargs(),
             embed: decoded.embed.clone(),
             queue: delivery.queue.clone(),
             priority,
