@@ -48,7 +48,8 @@ const STORE_GIVE_UP: Duration = Duration::from_secs(60);
 /// Handlings that end before the worker yields to the runtime (which then reads the
 /// broker's replies): small enough that a reply waits ~0.3 ms for no-op tasks, large
 /// enough that polling the sockets costs nothing per task.
-const HANDLED_PER_TURN: usize = 16;
+const HANDLED_PER_TURN: usize = 64;
+const HANDLED_PER_TURN_FETCHING: usize = 16;
 /// Most acks sent in one transaction.
 const ACK_BATCH: usize = 256;
 /// An ETA this close counts as due.
@@ -325,7 +326,8 @@ impl Worker {
                 }
                 Some(()) = handlings.next(), if !handlings.is_empty() => {
                     handled_this_turn += 1;
-                    if handled_this_turn >= HANDLED_PER_TURN {
+                    let per_turn = if fetching.is_some() { HANDLED_PER_TURN_FETCHING } else { HANDLED_PER_TURN };
+                    if handled_this_turn >= per_turn {
                         handled_this_turn = 0;
                         tokio::task::yield_now().await;
                     }
