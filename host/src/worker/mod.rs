@@ -19,10 +19,10 @@ use crate::protocol::{self, encode_task, Decoded, ExceptionInfo, OutgoingTask, R
 use crate::registry::{AutoRetry, Registry, TaskVersion};
 use crate::runtime::{Progress, RunControl, Runtime, TaskError, TaskInput, TaskLimits, TaskRun};
 use chrono::Utc;
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -348,9 +348,14 @@ impl Worker {
     /// and a panic in it is logged, not allowed to take the worker down.
     fn handling(self: Rc<Self>, delivery: Delivery) -> Pin<Box<dyn Future<Output = ()>>> {
         let counted = InProgress::new(&self);
-        Box::pin(std::panic::AssertUnwindSafe(self.handle(delivery, counted)).catch_unwind().map(|outcome| {
+        let (worker, tag) = (self.clone(), delivery.tag.clone());
+        Box::pin(std::panic::AssertUnwindSafe(self.handle(delivery, counted)).catch_unwind().map(move |outcome| {
             if outcome.is_err() {
-                tracing::error!("handling a message panicked; it stays unacked and is redelivered after the visibility timeout");
+                // No longer refreshed as held, so the visibility sweep hands it back.
+                if let Some(tag) = &tag {
+                    worker.held.borrow_mut().remove(tag);
+                }
+                tracing::error!("handling a message panicked; it is redelivered after the visibility timeout");
             }
         }))
     }
