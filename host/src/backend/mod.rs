@@ -29,12 +29,32 @@ pub enum BackendError {
     UnsupportedUrl(String),
 }
 
+impl BackendError {
+    /// The same error for each of several callers whose records went in one call.
+    pub fn shared(&self) -> BackendError {
+        match self {
+            BackendError::Connection(m) => BackendError::Connection(m.clone()),
+            other => BackendError::Command(other.to_string()),
+        }
+    }
+}
+
 #[async_trait]
 pub trait ResultBackend: Send + Sync {
     /// Writes a record and notifies waiters. Returns false (and writes nothing) when the
     /// task already has a SUCCESS, so a duplicate run never overwrites it.
     /// `custom_state` names the state of a `State::Custom` record.
     async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError>;
+
+    /// Writes several records in order, as [`ResultBackend::store`] would one by one,
+    /// in as few round trips or transactions as the backend allows. One flag per record.
+    async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
+        let mut written = Vec::with_capacity(records.len());
+        for (record, custom_state) in records {
+            written.push(self.store(record, custom_state.as_deref()).await?);
+        }
+        Ok(written)
+    }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError>;
 

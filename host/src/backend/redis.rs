@@ -25,6 +25,29 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// STORE for many records in one call: KEYS are the result keys, ARGV[1] the expiry
+/// seconds, ARGV[1 + i] the record for KEYS[i]. Returns 1 (written) or 0 per key.
+const STORE_MANY: &str = r#"
+local ttl = tonumber(ARGV[1])
+local written = {}
+for i, key in ipairs(KEYS) do
+  local record = ARGV[i + 1]
+  local cur = redis.call('GET', key)
+  local done = false
+  if cur then
+    local ok, rec = pcall(cjson.decode, cur)
+    done = ok and type(rec) == 'table' and rec.status == 'SUCCESS'
+  end
+  if done then
+    written[i] = 0
+  else
+    if ttl > 0 then redis.call('SETEX', key, ttl, record) else redis.call('SET', key, record) end
+    redis.call('PUBLISH', key, record)
+    written[i] = 1
+  end
+end
+return written
+"#;
 /// Celery 5.7's chord join. KEYS: .j .t .s .d <gid key> .c;
 /// ARGV: tid, entry, group_index, expiry, claim ttl, token. Returns the entries to the claimer.
 const CHORD_JOIN: &str = r#"
@@ -83,6 +106,7 @@ pub struct RedisBackend {
     client: redis::Client,
     conn: ConnectionManager,
     store: Script,
+    store_many: Script,
     chord_join: Script,
     chord_done: Script,
     expires: Option<Duration>,
@@ -96,6 +120,7 @@ impl RedisBackend {
             client,
             conn,
             store: Script::new(STORE),
+            store_many: Script::new(STORE_MANY),
             chord_join: Script::new(CHORD_JOIN),
             chord_done: Script::new(CHORD_DONE),
             expires,
@@ -120,6 +145,20 @@ impl ResultBackend for RedisBackend {
             .await
             .map_err(err)?;
         Ok(written == 1)
+    }
+
+    async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl = self.expires.map_or(0, |d| d.as_secs().max(1));
+        let mut call = self.store_many.prepare_invoke();
+        call.arg(ttl);
+        for (record, custom_state) in records {
+            call.key(format!("{KEY_PREFIX}{}", record.task_id)).arg(record.to_json(custom_state.as_deref()));
+        }
+        let written: Vec<i64> = call.invoke_async(&mut self.conn.clone()).await.map_err(err)?;
+        Ok(written.into_iter().map(|w| w == 1).collect())
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError> {

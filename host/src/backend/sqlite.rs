@@ -30,33 +30,64 @@ impl SqliteBackend {
     }
 }
 
-#[async_trait]
-impl ResultBackend for SqliteBackend {
-    async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
-        let json = record.to_json(custom_state);
-        let status: String = serde_json::from_str::<serde_json::Value>(&json)
-            .ok()
-            .and_then(|v| v["status"].as_str().map(str::to_string))
-            .unwrap_or_default();
-        let task_id = record.task_id.clone();
+/// A record as its row: task id, status, record JSON.
+type ResultRow = (String, String, String);
+
+fn row_for(record: &ResultRecord, custom_state: Option<&str>) -> ResultRow {
+    let json = record.to_json(custom_state);
+    let status: String = serde_json::from_str::<serde_json::Value>(&json)
+        .ok()
+        .and_then(|v| v["status"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (record.task_id.clone(), status, json)
+}
+
+impl SqliteBackend {
+    /// Writes rows in one transaction: one commit (and one turn of the write lock the
+    /// worker processes share) for a whole batch of records.
+    async fn write_rows(&self, rows: Vec<ResultRow>) -> Result<Vec<bool>, BackendError> {
         let expires_at = self.expires.map(|e| now_secs() + e.as_secs_f64());
-        let purge = self.stores.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PURGE_EVERY == 0;
+        let before = self.stores.fetch_add(rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let purge = before / PURGE_EVERY != (before + rows.len() as u64) / PURGE_EVERY || before == 0;
         self.db
             .call(move |conn| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 if purge {
-                    conn.execute("DELETE FROM results WHERE expires_at IS NOT NULL AND expires_at < ?1", [now_secs()])?;
+                    tx.execute("DELETE FROM results WHERE expires_at IS NOT NULL AND expires_at < ?1", [now_secs()])?;
                 }
-                // Never overwrite a SUCCESS, as Celery's backend checks before writing.
-                let changed = conn.prepare_cached(
-                    "INSERT INTO results (task_id, status, record, expires_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(task_id) DO UPDATE SET status = excluded.status, record = excluded.record,
-                     expires_at = excluded.expires_at WHERE results.status != 'SUCCESS'",
-                )?
-                .execute(params![task_id, status, json, expires_at])?;
-                Ok(changed == 1)
+                let mut written = Vec::with_capacity(rows.len());
+                {
+                    // Never overwrite a SUCCESS, as Celery's backend checks before writing.
+                    let mut upsert = tx.prepare_cached(
+                        "INSERT INTO results (task_id, status, record, expires_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(task_id) DO UPDATE SET status = excluded.status, record = excluded.record,
+                         expires_at = excluded.expires_at WHERE results.status != 'SUCCESS'",
+                    )?;
+                    for (task_id, status, json) in &rows {
+                        written.push(upsert.execute(params![task_id, status, json, expires_at])? == 1);
+                    }
+                }
+                tx.commit()?;
+                Ok(written)
             })
             .await
             .map_err(err)
+    }
+}
+
+#[async_trait]
+impl ResultBackend for SqliteBackend {
+    async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
+        let rows = vec![row_for(record, custom_state)];
+        Ok(self.write_rows(rows).await?.first().copied().unwrap_or(false))
+    }
+
+    async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = records.iter().map(|(record, state)| row_for(record, state.as_deref())).collect();
+        self.write_rows(rows).await
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError> {

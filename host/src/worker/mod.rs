@@ -51,6 +51,8 @@ const STORE_GIVE_UP: Duration = Duration::from_secs(60);
 /// writes leave in larger pipelines (yielding every 16 cut the results drain by 12%).
 const HANDLED_PER_TURN: usize = 64;
 const HANDLED_PER_TURN_FETCHING: usize = 4;
+/// Most result records written in one backend call.
+const RESULT_BATCH: usize = 256;
 /// Most acks sent in one transaction.
 const ACK_BATCH: usize = 256;
 /// An ETA this close counts as due.
@@ -102,6 +104,9 @@ pub struct Worker {
     /// Tags of messages fetched and not yet acked or restored.
     held: RefCell<HashSet<String>>,
     pending_acks: RefCell<Vec<String>>,
+    /// Records waiting for the result flusher.
+    queued_results: RefCell<Vec<QueuedResult>>,
+    result_queued: Notify,
     ack_queued: Notify,
     in_progress: Cell<usize>,
     slot_freed: Notify,
@@ -166,6 +171,13 @@ impl Drop for InProgress {
     }
 }
 
+/// A record waiting for the result flusher, and where its outcome goes.
+struct QueuedResult {
+    record: ResultRecord,
+    custom_state: Option<String>,
+    done: tokio::sync::oneshot::Sender<Result<bool, BackendError>>,
+}
+
 /// Acks taken off the queue by one flush; handed back unless the broker took them.
 struct AcksInFlight<'a> {
     worker: &'a Worker,
@@ -205,6 +217,8 @@ impl Worker {
             backend,
             held: RefCell::default(),
             pending_acks: RefCell::default(),
+            queued_results: RefCell::default(),
+            result_queued: Notify::new(),
             ack_queued: Notify::new(),
             in_progress: Cell::new(0),
             slot_freed: Notify::new(),
@@ -246,6 +260,7 @@ impl Worker {
         let housekeeping = tokio::task::spawn_local(self.clone().housekeeping());
         let control = tokio::task::spawn_local(self.clone().listen_control());
         let acks = tokio::task::spawn_local(self.clone().ack_flusher());
+        let results = tokio::task::spawn_local(self.clone().result_flusher());
         let (stop_tx, stop_rx) = watch::channel(false);
         // Joined, not raced: a fetch in flight is never cancelled, because a BRPOP
         // abandoned on the server would still pop (and lose) the next message.
@@ -260,6 +275,8 @@ impl Worker {
             self.clone().consume(stop_rx)
         );
         self.drain(tasks).await;
+        // Every handling has ended, so no record is waiting for the result flusher.
+        results.abort();
         acks.abort();
         // Resolves once the flusher is dropped, so a flush it had in flight has handed
         // its tags back before the final flush.
@@ -907,7 +924,7 @@ impl Worker {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.backend.store(record, custom_state).await {
+            match self.store_batched(record, custom_state).await {
                 Ok(_) => return true,
                 Err(e @ (BackendError::Connection(_) | BackendError::Command(_))) if started.elapsed() < STORE_GIVE_UP => {
                     tracing::warn!(id = %record.task_id, "storing result failed, retrying in {backoff:?}: {e}");
@@ -917,6 +934,51 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(id = %record.task_id, "giving up storing result; message stays unacked: {e}");
                     return false;
+                }
+            }
+        }
+    }
+
+    /// Queues a record for the result flusher, which writes every record queued in one
+    /// turn with one backend call, and waits for this one's outcome.
+    async fn store_batched(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.queued_results.borrow_mut().push(QueuedResult {
+            record: record.clone(),
+            custom_state: custom_state.map(str::to_string),
+            done,
+        });
+        self.result_queued.notify_one();
+        outcome.await.unwrap_or_else(|_| Err(BackendError::Connection("the result write was abandoned".into())))
+    }
+
+    async fn result_flusher(self: Rc<Self>) {
+        loop {
+            self.result_queued.notified().await;
+            // Let the other handlings of this turn queue theirs: one call writes them all.
+            tokio::task::yield_now().await;
+            loop {
+                let batch: Vec<QueuedResult> = {
+                    let mut queued = self.queued_results.borrow_mut();
+                    let n = queued.len().min(RESULT_BATCH);
+                    queued.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let (records, waiting): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|q| ((q.record, q.custom_state), q.done)).unzip();
+                match self.backend.store_many(&records).await {
+                    Ok(written) => {
+                        for (done, w) in waiting.into_iter().zip(written) {
+                            let _ = done.send(Ok(w));
+                        }
+                    }
+                    Err(e) => {
+                        for done in waiting {
+                            let _ = done.send(Err(e.shared()));
+                        }
+                    }
                 }
             }
         }
