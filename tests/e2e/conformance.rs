@@ -211,6 +211,24 @@ async fn results_round_trip(url: String) {
     assert_eq!(timeout.to_string(), "no ready result for task never within 0.1s");
 }
 
+async fn results_stored_together_keep_their_order_and_never_overwrite_success(url: String) {
+    let r = backend::connect(&url, None).await.unwrap();
+    let exc = taskhost::protocol::ExceptionInfo::new("builtins", "ValueError", "late");
+    let batch = vec![
+        (ResultRecord::started("b1", 1, "w@h"), None),
+        (ResultRecord::success("b1", serde_json::json!(1)), None),
+        (ResultRecord::failure("b1", &exc, None), None),
+        (ResultRecord::custom("b2", serde_json::json!({"done": 1})), Some("PROGRESS".to_string())),
+        (ResultRecord::success("b3", serde_json::json!("three")), None),
+    ];
+    let written = r.store_many(&batch).await.unwrap();
+    assert_eq!(written, vec![true, true, false, true, true], "the FAILURE after a SUCCESS in the same batch is refused");
+    assert_eq!(r.get("b1").await.unwrap().unwrap().result, 1);
+    assert_eq!(r.get("b2").await.unwrap().unwrap().status, State::Custom);
+    assert_eq!(r.get("b3").await.unwrap().unwrap().result, "three");
+    assert!(r.store_many(&[]).await.unwrap().is_empty());
+}
+
 async fn results_expire(url: String) {
     let r = backend::connect(&url, Some(Duration::from_secs(1))).await.unwrap();
     r.store(&ResultRecord::success("short", serde_json::json!(1)), None).await.unwrap();
@@ -233,6 +251,7 @@ macro_rules! conformance {
 conformance!(
     fifo_order,
     priorities,
+    results_stored_together_keep_their_order_and_never_overwrite_success,
     queues_in_order_within_a_band,
     ack_forgets,
     redelivery_after_visibility_timeout,
