@@ -48,13 +48,7 @@ pub trait ResultBackend: Send + Sync {
 
     /// Writes several records in order, as [`ResultBackend::store`] would one by one,
     /// in as few round trips or transactions as the backend allows. One flag per record.
-    async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
-        let mut written = Vec::with_capacity(records.len());
-        for (record, custom_state) in records {
-            written.push(self.store(record, custom_state.as_deref()).await?);
-        }
-        Ok(written)
-    }
+    async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError>;
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError>;
 

@@ -12,22 +12,10 @@ use std::time::Duration;
 
 pub const KEY_PREFIX: &str = "celery-task-meta-";
 
-/// ARGV: record, expiry seconds (0 = none). Skips when the stored status is SUCCESS.
+/// Writes records in order, each skipped when its stored status is SUCCESS. KEYS are the
+/// result keys, ARGV[1] the expiry seconds (0 = none), ARGV[1 + i] the record for
+/// KEYS[i]. Returns 1 (written) or 0 per key.
 const STORE: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, rec = pcall(cjson.decode, cur)
-  if ok and type(rec) == 'table' and rec.status == 'SUCCESS' then return 0 end
-end
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"#;
-
-/// STORE for many records in one call: KEYS are the result keys, ARGV[1] the expiry
-/// seconds, ARGV[1 + i] the record for KEYS[i]. Returns 1 (written) or 0 per key.
-const STORE_MANY: &str = r#"
 local ttl = tonumber(ARGV[1])
 local written = {}
 for i, key in ipairs(KEYS) do
@@ -106,7 +94,6 @@ pub struct RedisBackend {
     client: redis::Client,
     conn: ConnectionManager,
     store: Script,
-    store_many: Script,
     chord_join: Script,
     chord_done: Script,
     expires: Option<Duration>,
@@ -120,11 +107,30 @@ impl RedisBackend {
             client,
             conn,
             store: Script::new(STORE),
-            store_many: Script::new(STORE_MANY),
             chord_join: Script::new(CHORD_JOIN),
             chord_done: Script::new(CHORD_DONE),
             expires,
         })
+    }
+
+    /// Runs STORE over `records`, in order, in one call.
+    async fn write<'a>(
+        &self,
+        records: impl Iterator<Item = (&'a ResultRecord, Option<&'a str>)>,
+    ) -> Result<Vec<bool>, BackendError> {
+        let ttl = self.expires.map_or(0, |d| d.as_secs().max(1));
+        let mut call = self.store.prepare_invoke();
+        call.arg(ttl);
+        let mut count = 0;
+        for (record, custom_state) in records {
+            call.key(format!("{KEY_PREFIX}{}", record.task_id)).arg(record.to_json(custom_state));
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let written: Vec<i64> = call.invoke_async(&mut self.conn.clone()).await.map_err(err)?;
+        Ok(written.into_iter().map(|w| w == 1).collect())
     }
 
     fn parse(task_id: &str, raw: &str) -> Result<ResultRecord, BackendError> {
@@ -135,30 +141,11 @@ impl RedisBackend {
 #[async_trait]
 impl ResultBackend for RedisBackend {
     async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
-        let ttl = self.expires.map_or(0, |d| d.as_secs().max(1));
-        let written: i64 = self
-            .store
-            .key(format!("{KEY_PREFIX}{}", record.task_id))
-            .arg(record.to_json(custom_state))
-            .arg(ttl)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(err)?;
-        Ok(written == 1)
+        Ok(self.write(std::iter::once((record, custom_state))).await?.first() == Some(&true))
     }
 
     async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ttl = self.expires.map_or(0, |d| d.as_secs().max(1));
-        let mut call = self.store_many.prepare_invoke();
-        call.arg(ttl);
-        for (record, custom_state) in records {
-            call.key(format!("{KEY_PREFIX}{}", record.task_id)).arg(record.to_json(custom_state.as_deref()));
-        }
-        let written: Vec<i64> = call.invoke_async(&mut self.conn.clone()).await.map_err(err)?;
-        Ok(written.into_iter().map(|w| w == 1).collect())
+        self.write(records.iter().map(|(record, state)| (record, state.as_deref()))).await
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError> {

@@ -46,9 +46,14 @@ impl SqliteBackend {
     /// Writes rows in one transaction: one commit (and one turn of the write lock the
     /// worker processes share) for a whole batch of records.
     async fn write_rows(&self, rows: Vec<ResultRow>) -> Result<Vec<bool>, BackendError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let expires_at = self.expires.map(|e| now_secs() + e.as_secs_f64());
-        let before = self.stores.fetch_add(rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let purge = before / PURGE_EVERY != (before + rows.len() as u64) / PURGE_EVERY || before == 0;
+        let count = rows.len() as u64;
+        let before = self.stores.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        // As when each store counted itself: a purge when any of these is a multiple.
+        let purge = (before..before + count).any(|n| n % PURGE_EVERY == 0);
         self.db
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -83,9 +88,6 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
         let rows = records.iter().map(|(record, state)| row_for(record, state.as_deref())).collect();
         self.write_rows(rows).await
     }
