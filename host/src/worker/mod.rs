@@ -531,11 +531,11 @@ impl Worker {
             _ = draining.wait_for(|d| *d) => None,
             permit = self.slots.acquire() => permit.ok(),
         };
-        if permit.is_none() || *self.draining.borrow() {
+        let Some(permit) = permit.filter(|_| !*self.draining.borrow()) else {
             self.restore(&delivery).await;
             self.stats.borrow_mut().restored_on_shutdown += 1;
             return;
-        }
+        };
         // Revoked or expired while it waited for its turn or a slot.
         let expired = h.expires.is_some_and(|e| e.to_utc() <= Utc::now());
         if self.is_revoked(&h.id) || expired {
@@ -544,10 +544,20 @@ impl Worker {
             self.skip_unrun(&delivery, &decoded, reason, ignore_result).await;
             return;
         }
-        self.execute(&delivery, &decoded, &task, ignore_result).await;
+        self.execute(&delivery, &decoded, &task, ignore_result, permit).await;
     }
 
-    async fn execute(&self, delivery: &Delivery, decoded: &Decoded, task: &Arc<TaskVersion>, ignore_result: bool) {
+    /// Runs the task in a sandbox held by `slot`, which is given back as soon as the
+    /// sandbox is gone: storing the outcome and acking need no sandbox, and holding the
+    /// slot through them left the cores idle while results were being written.
+    async fn execute(
+        &self,
+        delivery: &Delivery,
+        decoded: &Decoded,
+        task: &Arc<TaskVersion>,
+        ignore_result: bool,
+        slot: tokio::sync::SemaphorePermit<'_>,
+    ) {
         let h = &decoded.headers;
         let acks_late = task.manifest.acks_late.unwrap_or(true);
         if !acks_late {
@@ -603,6 +613,7 @@ impl Worker {
             self.store_progress(p, ignore_result).await;
         }
         self.running.borrow_mut().remove(&h.id);
+        drop(slot);
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
             if acks_late {
                 // Stopped by the shutdown, not by a user: it runs again elsewhere.
