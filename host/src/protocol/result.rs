@@ -150,12 +150,18 @@ impl ResultRecord {
         }
     }
 
+    /// The record as stored. Written straight from the struct, so in Celery's key order
+    /// (status, result, traceback, children, date_done, task_id); only a custom state
+    /// goes through a `Value` to have its name put in.
     pub fn to_json(&self, custom_state: Option<&str>) -> String {
-        let mut v = serde_json::to_value(self).expect("record serializes");
-        if let (State::Custom, Some(state)) = (self.status, custom_state) {
-            v["status"] = Value::from(state);
+        match (self.status, custom_state) {
+            (State::Custom, Some(state)) => {
+                let mut v = serde_json::to_value(self).expect("record serializes");
+                v["status"] = Value::from(state);
+                v.to_string()
+            }
+            _ => serde_json::to_string(self).expect("record serializes"),
         }
-        v.to_string()
     }
 }
 
@@ -185,6 +191,10 @@ mod tests {
         assert_eq!(v["result"], serde_json::json!({"exc_type": "TaskFailed", "exc_message": ["boom"], "exc_module": "taskhost"}));
         assert!(v["date_done"].is_string());
         assert!(v.get("group_id").is_none());
+        let text = r.to_json(None);
+        let at = |key: &str| text.find(&format!("\"{key}\":")).unwrap();
+        let order = ["status", "result", "traceback", "children", "date_done", "task_id"].map(at);
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "keys not in Celery's order: {text}");
         let started: Value = serde_json::from_str(&ResultRecord::started("t", 7, "w@h").to_json(None)).unwrap();
         assert_eq!(started["date_done"], Value::Null);
         assert_eq!(started["result"]["hostname"], "w@h");
