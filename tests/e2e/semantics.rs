@@ -1,5 +1,5 @@
 //! Task semantics in production: revoke, inspect, ETA parking, time limits from headers,
-//! rate limits, autoretry, dead-letter management, early acks.
+//! rate limits, autoretry, dead-letter management, early acks, sandbox slots.
 
 use crate::support::*;
 use std::path::Path;
@@ -204,6 +204,38 @@ fn early_ack_means_a_lost_worker_loses_that_task_and_acks_late_does_not() {
         redis.query(redis::cmd("LLEN").arg("celery")),
     );
     assert_eq!((unacked, queued), (0, 0), "an early-acked message is gone with its worker");
+}
+
+#[test]
+fn a_sandbox_slot_is_free_again_while_its_result_is_still_being_written() {
+    // One slot, results on a second Redis whose writes are paused: the first task's result
+    // cannot be written, yet the second task takes the slot and runs. Its early ack (before
+    // running) on the broker is what shows it started.
+    let plugins = plugins_with(&[("tasks.noop@1.0.0.wasm", Some("acks_late = false\n"))]);
+    let (broker, results) = (RedisServer::start(), RedisServer::start());
+    let extra = ["-c", "1", "--track-started", "false", "--result-backend", &results.url()];
+    let _worker = WorkerProcess::start_with_plugins(&broker.url(), plugins.path(), &extra);
+    let () = results.query(redis::cmd("CLIENT").arg("PAUSE").arg(8000).arg("WRITE"));
+    let paused_at = Instant::now();
+    let ids: Vec<String> = (0..2).map(|_| stdout(&send(&broker.url(), &["tasks.noop"]))).collect();
+    loop {
+        let (unacked, queued): (usize, usize) = (
+            broker.query(redis::cmd("HLEN").arg("unacked")),
+            broker.query(redis::cmd("LLEN").arg("celery")),
+        );
+        if (unacked, queued) == (0, 0) {
+            break;
+        }
+        assert!(
+            paused_at.elapsed() < Duration::from_secs(6),
+            "the second task waited for the first one's result write: {unacked} unacked, {queued} queued"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(paused_at.elapsed() < Duration::from_secs(8), "both ran before the result store took writes again");
+    for id in &ids {
+        wait_status(&results.url(), id, "SUCCESS", Duration::from_secs(10));
+    }
 }
 
 #[test]
