@@ -10,7 +10,8 @@
 //!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
 //! worker ──► canvas               chain / group / chord bookkeeping (pure)
 //! cli ──► beat ──► broker          periodic tasks: lease, persisted ticks
-//! observe: tracing setup shared by all.
+//! observe: tracing setup shared by all; ceilings: the operator's limits, read by
+//! runtime (memory, compiles, clocks), registry (manifests) and worker (messages).
 //! ```
 
 pub mod alloc;
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod beat;
 pub mod broker;
 pub mod canvas;
+pub mod ceilings;
 pub mod cli;
 pub mod observe;
 pub mod protocol;

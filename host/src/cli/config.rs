@@ -27,6 +27,8 @@ pub struct FileConfig {
     pub result_expires: Option<f64>,
     pub track_started: Option<bool>,
     pub hostname: Option<String>,
+    /// The operator's ceilings (see `cli/limits.rs`).
+    pub limits: Option<super::limits::LimitsFile>,
 }
 
 impl FileConfig {

@@ -7,6 +7,7 @@ mod beat;
 mod bench;
 mod config;
 mod dlq;
+mod limits;
 mod plugins;
 mod result;
 mod revoke;

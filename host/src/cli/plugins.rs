@@ -3,7 +3,10 @@
 
 use super::CliError;
 use crate::registry::{ByteSize, Registry};
+use super::limits::LimitArgs;
+use crate::ceilings::Ceilings;
 use crate::runtime::{Runtime, RuntimeConfig};
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,27 +19,41 @@ pub enum PluginsCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Compile every component into the compile cache ($TASKHOST_CACHE_DIR), on all cores.
     Compile {
         #[arg(long, env = "TASKHOST_PLUGINS")]
         plugins: Option<PathBuf>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Compile the component on stdin into the compile cache: the child process a worker
+    /// compiles in, held to the compile ceilings.
+    #[command(hide = true)]
+    CompileOne {
+        #[command(flatten)]
+        limits: LimitArgs,
     },
 }
 
 pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), CliError> {
-    let (plugins, json) = match cmd {
-        PluginsCommand::List { plugins, json } => (plugins, json),
-        PluginsCommand::Compile { plugins } => return compile(file.plugins(plugins.as_deref())),
+    let (plugins, json, limits) = match cmd {
+        PluginsCommand::List { plugins, json, limits } => (plugins, json, limits),
+        PluginsCommand::Compile { plugins, limits } => {
+            return compile(file.plugins(plugins.as_deref()), limits.resolve(file, 1)?)
+        }
+        PluginsCommand::CompileOne { limits } => return compile_one(limits.resolve(file, 1)?),
     };
-    let all = open(file.plugins(plugins.as_deref()))?.all();
+    let all = open(file.plugins(plugins.as_deref()), limits.resolve(file, 1)?)?.all();
     if !json {
         println!("{:<22} {:<9} {:<14} {:<12} {:>8} {:>8} {:>9}  {}", "TASK", "VERSION", "DIGEST", "QUEUE", "HARD", "SOFT", "MEMORY", "RETRIES");
     }
     for tv in all {
         let limits = tv.limits();
         let queue = tv.manifest.queue.clone().unwrap_or_else(|| "celery".into());
-        let retries = tv.manifest.max_retries.unwrap_or(super::run::DEFAULT_MAX_RETRIES);
+        let retries = tv.manifest.max_retries.unwrap_or(crate::worker::retry::DEFAULT_MAX_RETRIES);
         if json {
             let row = serde_json::json!({
                 "task": tv.name, "version": tv.version.to_string(), "digest": tv.component.digest,
@@ -63,14 +80,35 @@ pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), 
     Ok(())
 }
 
-/// Loads every component of `dir`, compiling (on all cores) what the cache lacks.
-fn open(dir: PathBuf) -> Result<Arc<Registry>, CliError> {
-    let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() }).map_err(CliError::usage)?);
+/// Loads every component of `dir`, compiling what the cache lacks in child processes
+/// held to the compile ceilings (one per core at once).
+fn open(dir: PathBuf, ceilings: Ceilings) -> Result<Arc<Registry>, CliError> {
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            max_instances: 1,
+            ceilings,
+            compiler: std::env::current_exe().ok(),
+            ..Default::default()
+        })
+        .map_err(CliError::usage)?,
+    );
     Registry::open(dir, runtime).map_err(CliError::usage)
 }
 
-fn compile(dir: PathBuf) -> Result<(), CliError> {
-    let all = open(dir)?.all();
+fn compile_one(ceilings: Ceilings) -> Result<(), CliError> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin().take(ceilings.max_component_size + 1), &mut bytes)
+        .map_err(CliError::failed)?;
+    if bytes.len() as u64 > ceilings.max_component_size {
+        return Err(CliError::failed(anyhow::anyhow!("component above max_component_size")));
+    }
+    let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ceilings, parallel_compilation: false, ..Default::default() })
+        .map_err(CliError::usage)?;
+    runtime.compile_into_cache(&bytes).map_err(CliError::failed)
+}
+
+fn compile(dir: PathBuf, ceilings: Ceilings) -> Result<(), CliError> {
+    let all = open(dir, ceilings)?.all();
     let compiled = all.iter().filter(|tv| !tv.component.from_cache).count();
     println!("{} components: {compiled} compiled, {} already cached", all.len(), all.len() - compiled);
     Ok(())

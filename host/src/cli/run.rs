@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Celery's default `max_retries`.
-pub const DEFAULT_MAX_RETRIES: u32 = 3;
+use super::limits::LimitArgs;
+use crate::worker::retry::DEFAULT_MAX_RETRIES;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -35,6 +35,8 @@ pub struct RunArgs {
     /// Soft time limit in seconds (overrides the manifest).
     #[arg(long)]
     pub soft_time_limit: Option<f64>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 fn check_json(text: &str, what: &str, want_array: bool) -> Result<(), CliError> {
@@ -51,7 +53,7 @@ fn check_json(text: &str, what: &str, want_array: bool) -> Result<(), CliError> 
 fn positive_secs(value: Option<f64>, flag: &str) -> Result<Option<Duration>, CliError> {
     match value {
         Some(s) if !(s > 0.0 && s.is_finite()) => Err(CliError::usage(anyhow!("{flag} must be a positive number of seconds"))),
-        other => Ok(other.map(Duration::from_secs_f64)),
+        other => Ok(other.map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))),
     }
 }
 
@@ -61,7 +63,17 @@ pub fn run(args: RunArgs, file: &super::config::FileConfig) -> Result<(), CliErr
     let hard = positive_secs(args.time_limit, "--time-limit")?;
     let soft = positive_secs(args.soft_time_limit, "--soft-time-limit")?;
 
-    let runtime = Arc::new(Runtime::new(RuntimeConfig { max_instances: 4, ..Default::default() }).map_err(CliError::usage)?);
+    let ceilings = args.limits.resolve(file, 1)?;
+    let (hard, soft) = (hard.map(|h| h.min(ceilings.max_time_limit)), soft.map(|s| s.min(ceilings.max_time_limit)));
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            max_instances: 4,
+            ceilings,
+            compiler: std::env::current_exe().ok(),
+            ..Default::default()
+        })
+        .map_err(CliError::usage)?,
+    );
     let registry = Registry::open(file.plugins(args.plugins.as_deref()), runtime.clone()).map_err(CliError::usage)?;
     let task = registry.resolve(&args.task, args.version_req.as_ref()).map_err(CliError::usage)?;
     let mut limits = task.limits();

@@ -8,6 +8,8 @@ use crate::registry::{Registry, WATCH_INTERVAL};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::worker::{Worker, WorkerConfig, DEFAULT_PREFETCH_MULTIPLIER, DEFAULT_VISIBILITY_TIMEOUT};
 use super::config::FileConfig;
+use super::limits::{child_flags, LimitArgs};
+use crate::ceilings::Ceilings;
 use anyhow::{anyhow, Context as _};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +75,8 @@ pub struct ServeArgs {
     pub schedule: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Set by the supervisor on the processes it starts.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
@@ -96,6 +100,7 @@ struct Settings {
     worker_index: Option<usize>,
     /// Run beat in this process (single-process mode) or as a supervised child.
     schedule: Option<PathBuf>,
+    ceilings: Ceilings,
 }
 
 impl Settings {
@@ -114,7 +119,9 @@ impl Settings {
             .or(file.processes)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
+        let ceilings = args.limits.resolve(file, processes)?;
         Ok(Settings {
+            ceilings,
             plugins: file.plugins(args.plugins.as_deref()),
             queues,
             concurrency,
@@ -211,18 +218,22 @@ pub fn redact(url: &str) -> String {
 }
 
 /// A worker process's engine, sized for `concurrency` sandboxes, and its plugins.
+/// Components are compiled in child processes held to the compile ceilings.
 pub(crate) fn worker_sandboxes(
     plugins: &std::path::Path,
     concurrency: usize,
+    ceilings: &Ceilings,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), CliError> {
     // A few spare slots: a task's instance is torn down just after its slot is freed.
     let runtime = Arc::new(
         Runtime::new(RuntimeConfig {
             max_instances: concurrency as u32 + 4,
             parallel_compilation: false,
+            ceilings: ceilings.clone(),
+            compiler: std::env::current_exe().ok(),
             ..Default::default()
         })
-            .map_err(CliError::usage)?,
+        .map_err(CliError::usage)?,
     );
     let registry = Registry::open(plugins, runtime.clone()).map_err(CliError::usage)?;
     Ok((runtime, registry))
@@ -231,7 +242,7 @@ pub(crate) fn worker_sandboxes(
 fn serve_here(args: Settings) -> Result<(), CliError> {
     let node = node_name(&args);
     let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
-    let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency)?;
+    let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings)?;
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
@@ -308,10 +319,11 @@ pub async fn shutdown_signal() {
 /// Fills the compile cache in a short-lived child on all cores, so workers start by mapping
 /// compiled code (shared page cache) instead of each compiling the same components into
 /// private memory. Best effort: on failure every worker compiles what it needs itself.
-fn precompile(exe: &std::path::Path, plugins: &std::path::Path) {
+fn precompile(exe: &std::path::Path, plugins: &std::path::Path, ceilings: &Ceilings) {
     let status = std::process::Command::new(exe)
         .args(["plugins", "compile", "--plugins"])
         .arg(plugins)
+        .args(child_flags(ceilings))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
@@ -338,7 +350,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         tasks.sort();
         banner(args, &tasks, &node_name(args));
     }
-    precompile(&exe, &args.plugins);
+    precompile(&exe, &args.plugins, &args.ceilings);
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
@@ -356,7 +368,8 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 .args(["--result-expires", &args.result_expires.as_secs_f64().to_string()])
                 .args(["--track-started", &args.track_started.to_string()])
                 .args(["--broker", &args.broker])
-                .args(["--result-backend", &args.result_backend]);
+                .args(["--result-backend", &args.result_backend])
+                .args(child_flags(&args.ceilings));
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);
             }

@@ -1,6 +1,12 @@
 //! Logging: `tracing` to stderr, human-readable by default or one JSON object per line,
 //! filtered by `RUST_LOG` or the CLI's verbosity.
+//!
+//! Log text comes partly from outside (a guest's log lines, task names and ids from
+//! producers), so the human format escapes control characters: every event stays one
+//! line, and a guest's `\n` cannot forge a line of its own. JSON escapes them anyway.
 
+use std::io::Write;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -14,9 +20,87 @@ pub enum LogFormat {
 pub fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
-        LogFormat::Human => builder.with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Human => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(OneLinePerEvent { keep_escape: ansi })
+            .with_ansi(ansi)
+            .with_target(false)
+            .try_init(),
+        LogFormat::Json => {
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).json().flatten_event(true).try_init()
+        }
     };
+}
+
+/// Stderr, with each formatted event's control characters escaped except the newline
+/// that ends it (and ESC where colours are on: the terminal's own escapes).
+#[derive(Clone, Copy)]
+struct OneLinePerEvent {
+    keep_escape: bool,
+}
+
+impl<'a> MakeWriter<'a> for OneLinePerEvent {
+    type Writer = EscapingStderr;
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapingStderr { keep_escape: self.keep_escape }
+    }
+}
+
+struct EscapingStderr {
+    keep_escape: bool,
+}
+
+impl Write for EscapingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The fmt layer hands over one whole event per write.
+        std::io::stderr().lock().write_all(&escape_event(buf, self.keep_escape))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// `buf` with every control byte but tab (and ESC if `keep_escape`) written as `\n`,
+/// `\r` or `\xNN`; one trailing newline is kept as the line's end.
+fn escape_event(buf: &[u8], keep_escape: bool) -> Vec<u8> {
+    let (body, end) = match buf.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (buf, &b""[..]),
+    };
+    if !body.iter().any(|b| needs_escape(*b, keep_escape)) {
+        return buf.to_vec();
+    }
+    let mut out = Vec::with_capacity(buf.len() + 16);
+    for &b in body {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b if needs_escape(b, keep_escape) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            b => out.push(b),
+        }
+    }
+    out.extend_from_slice(end);
+    out
+}
+
+fn needs_escape(b: u8, keep_escape: bool) -> bool {
+    (b < 0x20 && b != b'\t' && !(keep_escape && b == 0x1b)) || b == 0x7f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_event;
+
+    #[test]
+    fn an_event_stays_one_line_whatever_its_text() {
+        let forged = b"INFO task log\nINFO succeeded task=tasks.payroll\r\x1b[2K\n";
+        let out = String::from_utf8(escape_event(forged, false)).unwrap();
+        assert_eq!(out, "INFO task log\\nINFO succeeded task=tasks.payroll\\r\\x1b[2K\n");
+        assert_eq!(out.matches('\n').count(), 1);
+        assert_eq!(escape_event(b"plain\tline\n", false), b"plain\tline\n");
+        assert_eq!(escape_event(b"\x1b[32mINFO\x1b[0m x\n", true), b"\x1b[32mINFO\x1b[0m x\n");
+    }
 }

@@ -38,6 +38,9 @@ pub struct Manifest {
     pub acks_late: Option<bool>,
     /// Store no result at all.
     pub ignore_result: Option<bool>,
+    /// Exact clocks (nanoseconds) instead of the operator's coarse ones; honoured only
+    /// where the operator sets `allow_precise_clocks`.
+    pub precise_clocks: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -48,6 +51,8 @@ pub enum ManifestError {
     NotPositive { field: &'static str, value: f64 },
     #[error("soft_time_limit ({soft}s) must be below time_limit ({hard}s)")]
     SoftAboveHard { soft: f64, hard: f64 },
+    #[error("{field} = {value} is above this worker's ceiling of {ceiling} (taskhost.toml [limits] {setting})")]
+    AboveCeiling { field: &'static str, value: String, ceiling: String, setting: &'static str },
 }
 
 impl Manifest {
@@ -82,12 +87,50 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks every limit against the operator's ceilings: a manifest may lower a
+    /// limit, never raise one past its ceiling.
+    pub fn check_ceilings(&self, c: &crate::ceilings::Ceilings) -> Result<(), ManifestError> {
+        let max_time = c.max_time_limit.as_secs_f64();
+        for (field, value) in [("time_limit", self.time_limit), ("soft_time_limit", self.soft_time_limit)] {
+            if let Some(v) = value.filter(|v| *v > max_time) {
+                return Err(ManifestError::AboveCeiling {
+                    field,
+                    value: format!("{v}s"),
+                    ceiling: format!("{max_time}s"),
+                    setting: "max_time_limit",
+                });
+            }
+        }
+        if let Some(m) = self.memory_limit {
+            for (ceiling, setting) in [(c.max_task_memory, "max_task_memory"), (c.max_process_memory, "max_process_memory")] {
+                if m.0 > ceiling {
+                    return Err(ManifestError::AboveCeiling {
+                        field: "memory_limit",
+                        value: m.to_string(),
+                        ceiling: ByteSize(ceiling).to_string(),
+                        setting,
+                    });
+                }
+            }
+        }
+        if let Some(r) = self.max_retries.filter(|r| *r > c.max_retries) {
+            return Err(ManifestError::AboveCeiling {
+                field: "max_retries",
+                value: r.to_string(),
+                ceiling: c.max_retries.to_string(),
+                setting: "max_retries",
+            });
+        }
+        Ok(())
+    }
+
+    /// The hard limit, if set (validated finite and positive; `None` past `Duration`'s range).
     pub fn hard_limit(&self) -> Option<Duration> {
-        self.time_limit.map(Duration::from_secs_f64)
+        self.time_limit.and_then(|s| Duration::try_from_secs_f64(s).ok())
     }
 
     pub fn soft_limit(&self) -> Option<Duration> {
-        self.soft_time_limit.map(Duration::from_secs_f64)
+        self.soft_time_limit.and_then(|s| Duration::try_from_secs_f64(s).ok())
     }
 }
 
@@ -249,7 +292,7 @@ mod tests {
         let err = |text: &str| Manifest::parse(text).unwrap_err().to_string();
         assert_eq!(
             err("queue = \"q\"\ntimeout = 3"),
-            "unknown field `timeout`, expected one of `queue`, `time_limit`, `soft_time_limit`, `memory_limit`, `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`, `retry_jitter`, `autoretry`, `rate_limit`, `rate_limit_scope`, `acks_late`, `ignore_result`"
+            "unknown field `timeout`, expected one of `queue`, `time_limit`, `soft_time_limit`, `memory_limit`, `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`, `retry_jitter`, `autoretry`, `rate_limit`, `rate_limit_scope`, `acks_late`, `ignore_result`, `precise_clocks`"
         );
         assert_eq!(err("time_limit = 0"), "time_limit must be a positive number of seconds, got 0");
         assert_eq!(err("time_limit = 1\nsoft_time_limit = 2"), "soft_time_limit (2s) must be below time_limit (1s)");
@@ -265,6 +308,38 @@ mod tests {
             err("autoretry = [\"always\"]"),
             "unknown variant `always`, expected one of `trap`, `time_limit`, `memory_limit`"
         );
+    }
+
+    #[test]
+    fn limits_above_the_operator_ceilings_are_refused_by_name() {
+        use crate::ceilings::Ceilings;
+        let c = Ceilings {
+            max_time_limit: Duration::from_secs(600),
+            max_task_memory: 1 << 30,
+            max_process_memory: 2 << 30,
+            max_retries: 10,
+            ..Default::default()
+        };
+        let err = |text: &str| Manifest::parse(text).unwrap().check_ceilings(&c).unwrap_err().to_string();
+        assert_eq!(
+            err("time_limit = 1e30"),
+            "time_limit = 1000000000000000000000000000000s is above this worker's ceiling of 600s (taskhost.toml [limits] max_time_limit)"
+        );
+        assert_eq!(
+            err("time_limit = 700\nsoft_time_limit = 650"),
+            "time_limit = 700s is above this worker's ceiling of 600s (taskhost.toml [limits] max_time_limit)"
+        );
+        assert_eq!(
+            err("memory_limit = \"4GiB\""),
+            "memory_limit = 4GiB is above this worker's ceiling of 1GiB (taskhost.toml [limits] max_task_memory)"
+        );
+        assert_eq!(
+            err("max_retries = 4000000000"),
+            "max_retries = 4000000000 is above this worker's ceiling of 10 (taskhost.toml [limits] max_retries)"
+        );
+        assert!(Manifest::parse("time_limit = 600\nmemory_limit = \"1GiB\"\nmax_retries = 10").unwrap().check_ceilings(&c).is_ok());
+        // Past Duration's range: no limit from the manifest rather than a panic.
+        assert_eq!(Manifest::parse("time_limit = 1e30").unwrap().hard_limit(), None);
     }
 
     #[test]

@@ -4,22 +4,26 @@
 //! A rescan (polled, see [`WATCH_INTERVAL`]) loads new or changed files and drops
 //! vanished ones. Running tasks hold an `Arc` of the version they started on, so a
 //! removed or replaced version finishes its in-flight work. An invalid file is logged
-//! once per change and the rest keep serving.
+//! once per change and the rest keep serving; a file that fails to load never unloads
+//! the build it was meant to replace. Only regular files are read, within size caps.
 
 pub mod manifest;
 
 pub use manifest::{AutoRetry, Backoff, ByteSize, Manifest, ManifestError, RateLimit, RateLimitScope};
 
+use crate::ceilings::Ceilings;
 use crate::runtime::{LoadedComponent, Runtime, TaskLimits, DEFAULT_HARD_LIMIT, DEFAULT_MEMORY_LIMIT};
 use semver::{Version, VersionReq};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 /// 300 ms: a new version is serving within the promised 1 s even if the first look
 /// catches the file half-written.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(300);
+/// Largest manifest read.
+const MAX_MANIFEST_BYTES: u64 = 64 << 10;
 
 /// One loaded version of one task.
 pub struct TaskVersion {
@@ -29,16 +33,23 @@ pub struct TaskVersion {
     pub component: LoadedComponent,
     pub path: PathBuf,
     pub size: u64,
+    limits: TaskLimits,
 }
 
 impl TaskVersion {
-    /// Limits from the manifest, or the defaults.
+    /// Limits from the manifest, or the defaults, within the operator's ceilings.
     pub fn limits(&self) -> TaskLimits {
-        TaskLimits {
-            hard: self.manifest.hard_limit().unwrap_or(DEFAULT_HARD_LIMIT),
-            soft: self.manifest.soft_limit(),
-            memory: self.manifest.memory_limit.map_or(DEFAULT_MEMORY_LIMIT, |b| b.0),
-        }
+        self.limits
+    }
+}
+
+fn limits_within(manifest: &Manifest, ceilings: &Ceilings) -> TaskLimits {
+    let hard = manifest.hard_limit().unwrap_or(DEFAULT_HARD_LIMIT).min(ceilings.max_time_limit);
+    TaskLimits {
+        hard,
+        soft: manifest.soft_limit().map(|s| s.min(hard)),
+        memory: manifest.memory_limit.map_or(DEFAULT_MEMORY_LIMIT, |b| b.0).min(ceilings.max_task_memory),
+        precise_clocks: manifest.precise_clocks.unwrap_or(false),
     }
 }
 
@@ -48,6 +59,8 @@ pub enum RegistryError {
     UnknownTask { name: String },
     #[error("task {name}: no loaded version matches {req} (loaded: {loaded})")]
     NoMatchingVersion { name: String, req: String, loaded: String },
+    #[error("plugins directory {} does not exist", dir.display())]
+    Missing { dir: PathBuf },
     #[error("cannot read plugins directory {dir}: {reason}")]
     Dir { dir: PathBuf, reason: String },
 }
@@ -61,8 +74,14 @@ pub enum FileError {
     BadVersion(String, String),
     #[error("manifest {path}: {source}")]
     Manifest { path: PathBuf, source: ManifestError },
-    #[error("memory_limit {limit} is above this worker's maximum of {max}")]
-    MemoryAboveMax { limit: ByteSize, max: ByteSize },
+    #[error("{} is a symbolic link; links are not followed unless the operator sets allow_symlinks", .0.display())]
+    Symlink(PathBuf),
+    #[error("{} is not a regular file", .0.display())]
+    NotRegular(PathBuf),
+    #[error("{} is {size} bytes, above this worker's ceiling of {max} (max_component_size)", path.display())]
+    TooLarge { path: PathBuf, size: u64, max: ByteSize },
+    #[error("{0} (remembered for this digest; not compiled again)")]
+    Remembered(String),
     #[error("{0}")]
     Load(#[from] crate::runtime::LoadError),
     #[error("{0}")]
@@ -90,12 +109,19 @@ type Versions = BTreeMap<Version, Arc<TaskVersion>>;
 struct State {
     tasks: BTreeMap<String, Versions>,
     stamps: HashMap<PathBuf, Stamp>,
+    /// Files being loaded now, with the stamp being loaded and the task they name.
+    loading: HashMap<PathBuf, (Stamp, String)>,
+    /// Components that failed to compile or link, by digest: a copy under another name,
+    /// or the same bytes touched again, fails at once instead of compiling again.
+    failed: HashMap<String, String>,
 }
 
 pub struct Registry {
     dir: PathBuf,
     runtime: Arc<Runtime>,
     state: RwLock<State>,
+    /// Loads running at once (one per core): each compiles on its thread or child.
+    load_slots: (Mutex<usize>, Condvar),
 }
 
 /// Splits `tasks.add@1.2.0.wasm` into `("tasks.add", "1.2.0")`.
@@ -110,18 +136,57 @@ pub fn parse_file_name(file_name: &str) -> Result<(String, Version), FileError> 
 }
 
 fn stamp_of(path: &Path) -> std::io::Result<(u64, Option<SystemTime>)> {
-    let meta = std::fs::metadata(path)?;
+    let meta = std::fs::symlink_metadata(path)?;
     Ok((meta.len(), meta.modified().ok()))
+}
+
+/// Reads a file of the plugins directory: a regular file only (never a FIFO or a device,
+/// whose open or read could block the loader), a symlink only where allowed, at most
+/// `max` bytes. Checked on the opened file, so a swap after the check changes nothing.
+fn read_plugin_file(path: &Path, max: u64, allow_symlinks: bool) -> Result<Vec<u8>, FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut flags = libc::O_NONBLOCK;
+    if !allow_symlinks {
+        if std::fs::symlink_metadata(path)?.file_type().is_symlink() {
+            return Err(FileError::Symlink(path.to_path_buf()));
+        }
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            FileError::Symlink(path.to_path_buf())
+        } else {
+            FileError::Io(e)
+        }
+    })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(FileError::NotRegular(path.to_path_buf()));
+    }
+    if meta.len() > max {
+        return Err(FileError::TooLarge { path: path.to_path_buf(), size: meta.len(), max: ByteSize(max) });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // A file still growing is read up to the cap and no further.
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, max + 1), &mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(FileError::TooLarge { path: path.to_path_buf(), size: bytes.len() as u64, max: ByteSize(max) });
+    }
+    Ok(bytes)
 }
 
 impl Registry {
     /// Opens `dir` and loads what is there now.
     pub fn open(dir: impl Into<PathBuf>, runtime: Arc<Runtime>) -> Result<Arc<Registry>, RegistryError> {
         let dir = dir.into();
+        if !dir.exists() {
+            return Err(RegistryError::Missing { dir });
+        }
         if !dir.is_dir() {
             return Err(RegistryError::Dir { dir, reason: "not a directory".into() });
         }
-        let registry = Arc::new(Registry { dir, runtime, state: RwLock::default() });
+        let slots = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let registry = Arc::new(Registry { dir, runtime, state: RwLock::default(), load_slots: (Mutex::new(slots), Condvar::new()) });
         registry.scan()?;
         Ok(registry)
     }
@@ -130,9 +195,20 @@ impl Registry {
         &self.dir
     }
 
-    /// Brings the loaded set in line with the directory. Compiles on the calling
-    /// thread: from async code run it with `spawn_blocking` (as [`Registry::watch`] does).
-    pub fn scan(&self) -> Result<ScanReport, RegistryError> {
+    fn ceilings(&self) -> &Ceilings {
+        &self.runtime.config().ceilings
+    }
+
+    /// Brings the loaded set in line with the directory and waits for every load it
+    /// started. Compiles on other threads: from async code run it with `spawn_blocking`.
+    pub fn scan(self: &Arc<Self>) -> Result<ScanReport, RegistryError> {
+        self.rescan(true)
+    }
+
+    /// One look at the directory. Each changed file loads on a thread of its own, so a
+    /// slow compile (a bomb, say) holds up only its own file; with `wait` false the
+    /// loads finish in the background and a later look sees them done.
+    fn rescan(self: &Arc<Self>, wait: bool) -> Result<ScanReport, RegistryError> {
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| RegistryError::Dir { dir: self.dir.clone(), reason: e.to_string() })?;
         let mut report = ScanReport::default();
@@ -147,43 +223,109 @@ impl Registry {
             present.insert(path, Stamp { wasm, manifest });
         }
 
-        let changed: Vec<(PathBuf, Stamp)> = {
-            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-            present.iter().filter(|(p, s)| state.stamps.get(*p) != Some(s)).map(|(p, s)| (p.clone(), s.clone())).collect()
-        };
-        // Compile outside the lock: lookups keep being served meanwhile.
-        let mut loaded = Vec::new();
-        for (path, stamp) in changed {
-            match self.load_file(&path) {
-                Ok(tv) => loaded.push((path, stamp, Some(Arc::new(tv)))),
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), "component not loaded: {e}");
-                    report.invalid.push((path.clone(), e.to_string()));
-                    loaded.push((path, stamp, None));
+        let mut started = Vec::new();
+        {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            for (path, stamp) in &present {
+                let busy = state.loading.get(path).is_some_and(|(s, _)| s == stamp);
+                if busy || state.stamps.get(path) == Some(stamp) {
+                    continue;
                 }
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| parse_file_name(n).ok())
+                    .map(|(name, _)| name)
+                    .unwrap_or_default();
+                state.loading.insert(path.clone(), (stamp.clone(), name));
+                started.push((path.clone(), stamp.clone()));
             }
-        }
-
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        for (path, stamp, tv) in loaded {
-            // A file that was serving and turned invalid stops serving.
-            Self::remove_path(&mut state, &path, &mut report);
-            state.stamps.insert(path, stamp);
-            if let Some(tv) = tv {
-                tracing::debug!(task = %tv.name, version = %tv.version, digest = &tv.component.digest[..12], cached = tv.component.from_cache, "component loaded");
-                report.added.push((tv.name.clone(), tv.version.clone()));
-                state.tasks.entry(tv.name.clone()).or_default().insert(tv.version.clone(), tv);
+            let vanished: Vec<PathBuf> = state.stamps.keys().filter(|p| !present.contains_key(*p)).cloned().collect();
+            for path in vanished {
+                state.stamps.remove(&path);
+                Self::remove_path(&mut state, &path, &mut report);
             }
-        }
-        let vanished: Vec<PathBuf> = state.stamps.keys().filter(|p| !present.contains_key(*p)).cloned().collect();
-        for path in vanished {
-            state.stamps.remove(&path);
-            Self::remove_path(&mut state, &path, &mut report);
         }
         for (name, version) in &report.removed {
             tracing::info!(task = %name, version = %version, "component unloaded; in-flight tasks finish on it");
         }
+
+        let mut threads = Vec::new();
+        for (path, stamp) in started {
+            let registry = Arc::clone(self);
+            let spawned = std::thread::Builder::new().name("taskhost-load".into()).spawn(move || {
+                let mut report = ScanReport::default();
+                let result = {
+                    let _slot = registry.load_slot();
+                    registry.load_file(&path)
+                };
+                registry.install(path, stamp, result, &mut report);
+                report
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!("cannot start a loader thread: {e}"),
+            }
+        }
+        if wait {
+            for t in threads {
+                if let Ok(r) = t.join() {
+                    report.added.extend(r.added);
+                    report.removed.extend(r.removed);
+                    report.invalid.extend(r.invalid);
+                }
+            }
+        }
         Ok(report)
+    }
+
+    fn load_slot(&self) -> impl Drop + '_ {
+        struct Slot<'a>(&'a (Mutex<usize>, Condvar));
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                self.0 .1.notify_one();
+            }
+        }
+        let (count, freed) = &self.load_slots;
+        let mut free = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Slot(&self.load_slots)
+    }
+
+    /// Puts one file's load outcome in place. A file that fails to load never takes
+    /// down the version it replaces: a half-written copy over a serving file, or a bad
+    /// build, leaves the earlier build serving until a good one arrives.
+    fn install(&self, path: PathBuf, stamp: Stamp, result: Result<TaskVersion, FileError>, report: &mut ScanReport) {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.loading.get(&path).is_some_and(|(s, _)| *s == stamp) {
+            state.loading.remove(&path);
+        }
+        if std::fs::symlink_metadata(&path).is_err() {
+            // Gone while it loaded: a later look has already unloaded it, or will.
+            return;
+        }
+        state.stamps.insert(path.clone(), stamp);
+        match result {
+            Ok(tv) => {
+                Self::remove_path(&mut state, &path, report);
+                tracing::debug!(task = %tv.name, version = %tv.version, digest = &tv.component.digest[..12], cached = tv.component.from_cache, "component loaded");
+                report.added.push((tv.name.clone(), tv.version.clone()));
+                state.tasks.entry(tv.name.clone()).or_default().insert(tv.version.clone(), Arc::new(tv));
+            }
+            Err(e) => {
+                let serving = state.tasks.values().flat_map(|vs| vs.values()).any(|tv| tv.path == path);
+                if serving {
+                    tracing::warn!(file = %path.display(), "component not loaded, the build loaded earlier keeps serving: {e}");
+                } else {
+                    tracing::warn!(file = %path.display(), "component not loaded: {e}");
+                }
+                report.invalid.push((path, e.to_string()));
+            }
+        }
     }
 
     fn remove_path(state: &mut State, path: &Path, report: &mut ScanReport) {
@@ -206,21 +348,38 @@ impl Registry {
     fn load_file(&self, path: &Path) -> Result<TaskVersion, FileError> {
         let file_name = path.file_name().and_then(|n| n.to_str()).ok_or(FileError::BadName)?;
         let (name, version) = parse_file_name(file_name)?;
+        let ceilings = self.ceilings();
         let manifest_path = path.with_extension("toml");
-        let manifest = match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => Manifest::parse(&text).map_err(|source| FileError::Manifest { path: manifest_path, source })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
-            Err(e) => return Err(e.into()),
-        };
-        let max = self.runtime.config().max_memory_limit;
-        if let Some(limit) = manifest.memory_limit {
-            if limit.0 > max {
-                return Err(FileError::MemoryAboveMax { limit, max: ByteSize(max) });
+        let manifest = match read_plugin_file(&manifest_path, MAX_MANIFEST_BYTES, ceilings.allow_symlinks) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let manifest = Manifest::parse(&text)
+                    .and_then(|m| m.check_ceilings(ceilings).map(|()| m))
+                    .map_err(|source| FileError::Manifest { path: manifest_path.clone(), source })?;
+                manifest
             }
+            Err(FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
+            Err(e) => return Err(e),
+        };
+        if manifest.precise_clocks == Some(true) && !ceilings.allow_precise_clocks {
+            tracing::warn!(file = %path.display(), "precise_clocks asked for but not allowed (allow_precise_clocks); the task gets coarse clocks");
         }
-        let bytes = std::fs::read(path)?;
-        let component = self.runtime.load(&bytes)?;
-        Ok(TaskVersion { name, version, manifest, component, path: path.to_path_buf(), size: bytes.len() as u64 })
+        let bytes = read_plugin_file(path, ceilings.max_component_size, ceilings.allow_symlinks)?;
+        let digest = crate::runtime::digest(&bytes);
+        if let Some(reason) = self.state.read().unwrap_or_else(|p| p.into_inner()).failed.get(&digest) {
+            return Err(FileError::Remembered(reason.clone()));
+        }
+        let component = self.runtime.load(&bytes).inspect_err(|e| {
+            self.state.write().unwrap_or_else(|p| p.into_inner()).failed.insert(digest.clone(), e.to_string());
+        })?;
+        let limits = limits_within(&manifest, ceilings);
+        Ok(TaskVersion { name, version, manifest, component, path: path.to_path_buf(), size: bytes.len() as u64, limits })
+    }
+
+    /// Whether a file naming task `name` is being loaded right now: a message for it
+    /// is better held a moment than dead-lettered as unknown.
+    pub fn is_loading(&self, name: &str) -> bool {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).loading.values().any(|(_, n)| n == name)
     }
 
     /// The newest version of `name`, or the newest matching `req`.
@@ -250,7 +409,9 @@ impl Registry {
         state.tasks.keys().cloned().collect()
     }
 
-    /// Rescans every `interval` until the returned handle is dropped or aborted.
+    /// Rescans every `interval` until the returned handle is dropped or aborted. A look
+    /// never waits for the loads it starts, so a file that takes long to compile does
+    /// not keep the next one from being seen.
     pub fn watch(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let registry = Arc::clone(self);
         tokio::spawn(async move {
@@ -259,7 +420,7 @@ impl Registry {
             loop {
                 tick.tick().await;
                 let r = Arc::clone(&registry);
-                match tokio::task::spawn_blocking(move || r.scan()).await {
+                match tokio::task::spawn_blocking(move || r.rescan(false)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!("plugins rescan failed: {e}"),
                     Err(e) => tracing::error!("plugins rescan panicked: {e}"),

@@ -28,22 +28,36 @@ impl CompileCache {
         self.dir.as_ref().map(|d| d.join(format!("{digest}-{}.cwasm", self.engine_key)))
     }
 
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The cached compiled form of the component with `digest`, if there is a usable one.
+    pub fn cached(&self, engine: &Engine, digest: &str) -> Option<Component> {
+        let path = self.path_for(digest)?;
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the file was written by `store` below from wasmtime's own
+        // serialization, under a name bound to this engine's compatibility hash;
+        // wasmtime still checks the header and refuses an incompatible artifact.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "discarding unusable compile cache entry: {e:#}");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
     /// Loads the compiled form of `bytes`, compiling (and storing) it on a miss.
     pub fn load(&self, engine: &Engine, bytes: &[u8], digest: &str) -> wasmtime::Result<(Component, bool)> {
         let Some(path) = self.path_for(digest) else {
             return Ok((Component::new(engine, bytes)?, false));
         };
-        if path.exists() {
-            // SAFETY: the file was written by `store` below from wasmtime's own
-            // serialization, under a name bound to this engine's compatibility hash;
-            // wasmtime still checks the header and refuses an incompatible artifact.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok((component, true)),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "discarding unusable compile cache entry: {e:#}");
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
+        if let Some(component) = self.cached(engine, digest) {
+            return Ok((component, true));
         }
         let component = Component::new(engine, bytes)?;
         if let Err(e) = store(&path, &component.serialize()?) {

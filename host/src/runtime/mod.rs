@@ -6,13 +6,19 @@
 
 mod bindings;
 mod cache;
+mod clocks;
+mod compile;
 mod limits;
 mod output;
 mod sandbox;
 
+pub use compile::CHILD_ARGS as COMPILER_CHILD_ARGS;
 pub use output::Captured;
-pub use sandbox::{Progress, MAX_LOG_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_UPDATES};
+pub use sandbox::{
+    Progress, MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_STATE_BYTES, MAX_PROGRESS_UPDATES,
+};
 
+use crate::ceilings::{deadline_after, Ceilings};
 use bindings::{TaskInfo, TaskPre};
 use sandbox::{Deadlines, TaskState};
 use std::path::PathBuf;
@@ -34,16 +40,45 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 128 << 20;
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 1 << 20;
 /// Guest stdout and stderr kept per task, each.
 pub const DEFAULT_OUTPUT_CAP: usize = 64 << 10;
+/// Longest failure message, reject or retry reason kept from a guest; the rest is cut
+/// with a marker. They are stored twice (message and traceback) and logged.
+pub const MAX_GUEST_TEXT: usize = 8 << 10;
+/// Bytes a guest may hand the host in one call, its result included (wasmtime's
+/// "hostcall fuel", 128 MiB by default): the largest result kept plus room for a
+/// failure's text; a bigger transfer traps before the host copies it.
+fn hostcall_budget(max_result_bytes: usize) -> usize {
+    max_result_bytes.max(DEFAULT_OUTPUT_CAP) + (64 << 10)
+}
+
+/// Keeps at most `max` bytes of `text` (cut on a character boundary) and says how much
+/// was cut: what a guest hands over is stored and logged, so it must be bounded.
+pub fn cap_text(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let dropped = text.len() - cut;
+    text.truncate(cut);
+    text.push_str(&format!("… [truncated {dropped} bytes]"));
+    text
+}
 
 /// How the engine is sized; one per process.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Sandboxes that may exist at once (the pool is sized for this many).
     pub max_instances: u32,
-    /// Highest memory cap any task may be given.
-    pub max_memory_limit: u64,
+    /// The operator's ceilings: memory per task, compile limits, clocks, isolation.
+    pub ceilings: Ceilings,
     /// Where compiled components are cached; `None` compiles in memory every time.
     pub cache_dir: Option<PathBuf>,
+    /// The `taskhost` binary to compile components in, as a child process held to
+    /// `ceilings.compile_memory` and `compile_timeout`; `None` compiles in this process
+    /// (tests, `taskhost run`). Needs `cache_dir`: the child hands its work over there.
+    pub compiler: Option<PathBuf>,
     pub max_result_bytes: usize,
     pub output_cap: usize,
     /// Compile a component's functions on all cores. Off in worker processes: there is one
@@ -56,13 +91,20 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             max_instances: 64,
-            max_memory_limit: 4 << 30,
+            ceilings: Ceilings::default(),
             cache_dir: default_cache_dir(),
+            compiler: None,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             output_cap: DEFAULT_OUTPUT_CAP,
             parallel_compilation: true,
         }
     }
+}
+
+/// SHA-256 of a component's bytes, hex: how components are known in the cache, in
+/// logs and in remembered load failures.
+pub fn digest(bytes: &[u8]) -> String {
+    cache::digest(bytes)
 }
 
 /// `$TASKHOST_CACHE_DIR`, else `$XDG_CACHE_HOME/taskhost`, else `~/.cache/taskhost`.
@@ -111,11 +153,13 @@ pub struct TaskLimits {
     pub hard: Duration,
     pub soft: Option<Duration>,
     pub memory: u64,
+    /// Exact clocks instead of ones rounded to the operator's resolution.
+    pub precise_clocks: bool,
 }
 
 impl Default for TaskLimits {
     fn default() -> Self {
-        TaskLimits { hard: DEFAULT_HARD_LIMIT, soft: None, memory: DEFAULT_MEMORY_LIMIT }
+        TaskLimits { hard: DEFAULT_HARD_LIMIT, soft: None, memory: DEFAULT_MEMORY_LIMIT, precise_clocks: false }
     }
 }
 
@@ -212,6 +256,20 @@ pub struct TaskRun {
     pub logs_dropped: u64,
 }
 
+impl TaskRun {
+    /// A run the host could not carry out (no thread for it, say).
+    fn host_failure(message: String, started: Instant) -> TaskRun {
+        TaskRun {
+            result: Err(TaskError::Trap { message, guest_stderr: String::new() }),
+            elapsed: started.elapsed(),
+            instantiate: None,
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            logs_dropped: 0,
+        }
+    }
+}
+
 /// A compiled, linked component ready to instantiate.
 #[derive(Clone)]
 pub struct LoadedComponent {
@@ -302,7 +360,7 @@ impl Runtime {
             .max_core_instances_per_component(16)
             .max_memories_per_component(2)
             .max_tables_per_component(8)
-            .max_memory_size(config.max_memory_limit as usize)
+            .max_memory_size(config.ceilings.max_task_memory as usize)
             // Decommits are not batched (wasmtime's default of 1): since slots are reset in
             // place below, batching no longer speeds up small tasks (measured equal), and a
             // batch of 64 held up to 64 large tasks' memory resident (~100 MB per worker
@@ -337,8 +395,12 @@ impl Runtime {
     /// call it off the async thread.
     pub fn load(&self, bytes: &[u8]) -> Result<LoadedComponent, LoadError> {
         let digest = cache::digest(bytes);
-        let (component, from_cache): (Component, bool) =
-            self.cache.load(&self.engine, bytes, &digest).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let (component, from_cache): (Component, bool) = match &self.config.compiler {
+            Some(exe) if self.config.cache_dir.is_some() => {
+                compile::in_child(exe, &self.config.ceilings, &self.cache, &self.engine, bytes, &digest)?
+            }
+            _ => self.cache.load(&self.engine, bytes, &digest).map_err(|e| LoadError::Compile(format!("{e:#}")))?,
+        };
         if !from_cache {
             crate::alloc::release_free_memory();
         }
@@ -350,9 +412,67 @@ impl Runtime {
         Ok(LoadedComponent { pre, digest, from_cache })
     }
 
+    /// Compiles `bytes` into the compile cache and nothing more: what the compiler child
+    /// process does (see `config.compiler`).
+    pub fn compile_into_cache(&self, bytes: &[u8]) -> Result<(), LoadError> {
+        let digest = cache::digest(bytes);
+        self.cache.load(&self.engine, bytes, &digest).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        Ok(())
+    }
+
     /// Runs one task in a fresh instance. Never panics on account of the guest.
     /// Takes the input by value: its strings move into what the guest is handed.
+    ///
+    /// A task whose memory cap is above `ceilings.isolate_memory_above` runs on a thread
+    /// of its own: wasm's bulk-memory instructions (`memory.fill`, `memory.copy`) cannot
+    /// be interrupted, and one over a few GiB would hold the worker's thread, and every
+    /// task on it, for seconds. Below that cap one instruction blocks the worker for at
+    /// most the time to fill that much memory (README, Security).
     pub async fn run(
+        self: &Arc<Self>,
+        component: &LoadedComponent,
+        version: &str,
+        input: TaskInput,
+        limits: &TaskLimits,
+        control: Arc<RunControl>,
+    ) -> TaskRun {
+        if self.memory_cap(limits) > self.config.ceilings.isolate_memory_above {
+            return self.run_on_own_thread(component, version, input, limits, control).await;
+        }
+        self.run_here(component, version, input, limits, control).await
+    }
+
+    fn memory_cap(&self, limits: &TaskLimits) -> u64 {
+        limits.memory.min(self.config.ceilings.max_task_memory)
+    }
+
+    async fn run_on_own_thread(
+        self: &Arc<Self>,
+        component: &LoadedComponent,
+        version: &str,
+        input: TaskInput,
+        limits: &TaskLimits,
+        control: Arc<RunControl>,
+    ) -> TaskRun {
+        let started = Instant::now();
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let (runtime, component, version, limits) = (self.clone(), component.clone(), version.to_string(), *limits);
+        let spawned = std::thread::Builder::new().name("taskhost-large".into()).spawn(move || {
+            let run = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(runtime.run_here(&component, &version, input, &limits, control)),
+                Err(e) => TaskRun::host_failure(format!("cannot start the task's own runtime: {e}"), started),
+            };
+            let _ = done.send(run);
+        });
+        if let Err(e) = spawned {
+            return TaskRun::host_failure(format!("cannot start a thread for a large-memory task: {e}"), started);
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| TaskRun::host_failure("the task's thread ended without an outcome".into(), started))
+    }
+
+    async fn run_here(
         &self,
         component: &LoadedComponent,
         version: &str,
@@ -361,21 +481,24 @@ impl Runtime {
         control: Arc<RunControl>,
     ) -> TaskRun {
         let started = Instant::now();
-        let hard = started + limits.hard;
-        let soft = limits.soft.map_or(hard, |s| (started + s).min(hard));
+        let hard = deadline_after(started, limits.hard);
+        let soft = limits.soft.map_or(hard, |s| deadline_after(started, s).min(hard));
         let stdout = output::CappedPipe::new(self.config.output_cap);
         let stderr = output::CappedPipe::new(self.config.output_cap);
+        let precise = limits.precise_clocks && self.config.ceilings.allow_precise_clocks;
         let state = TaskState::new(
             &input.id,
             &input.name,
-            limits.memory.min(self.config.max_memory_limit),
+            self.memory_cap(limits),
             &stdout,
             &stderr,
             control.clone(),
             Deadlines { soft, hard },
+            (!precise).then_some(self.config.ceilings.clock_resolution),
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(hostcall_budget(self.config.max_result_bytes));
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             let state = ctx.data();
@@ -395,8 +518,8 @@ impl Runtime {
             retries,
             queue,
             eta,
-            hard_limit_ms: limits.hard.as_millis() as u64,
-            soft_limit_ms: limits.soft.map(|s| s.as_millis() as u64),
+            hard_limit_ms: u64::try_from(limits.hard.as_millis()).unwrap_or(u64::MAX),
+            soft_limit_ms: limits.soft.map(|s| u64::try_from(s.as_millis()).unwrap_or(u64::MAX)),
             parent_id,
             root_id,
         };
@@ -423,11 +546,13 @@ impl Runtime {
         let stderr_text = stderr.take();
         let result = match raced {
             Err(interrupt) => Err(interrupted(interrupt, limits)),
-            Ok(Err(error)) => Err(classify(error, store.data(), limits, &stderr_text)),
+            Ok(Err(error)) => Err(classify(error, store.data(), limits, &stderr_text, hostcall_budget(self.config.max_result_bytes))),
             Ok(Ok(Err(guest))) => Err(match guest {
-                bindings::TaskError::Fail(message) => TaskError::Fail { message },
-                bindings::TaskError::Retry(r) => TaskError::Retry { reason: r.reason, countdown: r.countdown },
-                bindings::TaskError::Reject(reason) => TaskError::Reject { reason },
+                bindings::TaskError::Fail(message) => TaskError::Fail { message: cap_text(message, MAX_GUEST_TEXT) },
+                bindings::TaskError::Retry(r) => {
+                    TaskError::Retry { reason: cap_text(r.reason, MAX_GUEST_TEXT), countdown: r.countdown }
+                }
+                bindings::TaskError::Reject(reason) => TaskError::Reject { reason: cap_text(reason, MAX_GUEST_TEXT) },
             }),
             Ok(Ok(Ok(json))) => self.check_result(json),
         };
@@ -450,11 +575,12 @@ impl Runtime {
         let state = TaskState::new(
             &input.id,
             &input.name,
-            self.config.max_memory_limit,
+            self.config.ceilings.max_task_memory,
             &pipe,
             &pipe,
             Arc::new(RunControl::default()),
             Deadlines { soft: far, hard: far },
+            None,
         );
         let mut store = Store::new(&self.engine, state);
         store.set_epoch_deadline(u64::MAX / 2);
@@ -500,7 +626,7 @@ fn interrupted(interrupt: Interrupt, limits: &TaskLimits) -> TaskError {
 /// Last bytes of the guest's stderr: a Rust guest's panic message lands there.
 const STDERR_TAIL: usize = 1024;
 
-fn classify(error: wasmtime::Error, state: &TaskState, limits: &TaskLimits, stderr: &Captured) -> TaskError {
+fn classify(error: wasmtime::Error, state: &TaskState, limits: &TaskLimits, stderr: &Captured, budget: usize) -> TaskError {
     if let Some(interrupt) = error.downcast_ref::<Interrupt>() {
         return interrupted(
             match interrupt {
@@ -525,6 +651,9 @@ fn classify(error: wasmtime::Error, state: &TaskState, limits: &TaskLimits, stde
         .join("\n");
     let message = match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),
+        None if format!("{error:#}").contains("fuel allocated for hostcalls") => {
+            format!("the guest handed the host more than {budget} bytes in one call (result, failure text, log line or output write)")
+        }
         None => format!("{error:#}"),
     };
     TaskError::Trap { message, guest_stderr }

@@ -3,15 +3,17 @@
 //!
 //! What the sandbox grants, all of it: no preopened directories, no environment
 //! variables, no arguments, no sockets (TCP, UDP and name lookup are switched off, not
-//! merely address-filtered), an empty stdin, stdout/stderr captured up to a cap, and the
-//! host's wall and monotonic clocks and random source.
+//! merely address-filtered), an empty stdin, stdout/stderr captured up to a cap, the
+//! host's random source, and wall and monotonic clocks rounded to a resolution (1 ms by
+//! default; exact only where a manifest asks and the operator allows).
 
 use super::bindings::taskhost::task::host::{Host, LogLevel};
+use super::clocks::{CoarseMonotonicClock, CoarseWallClock};
 use super::limits::MemoryLimiter;
 use super::output::CappedPipe;
-use super::RunControl;
+use super::{cap_text, RunControl};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -21,6 +23,10 @@ pub const MAX_LOG_BYTES: usize = 64 * 1024;
 pub const MAX_PROGRESS_UPDATES: u32 = 1_000;
 /// Largest `set-progress` metadata accepted.
 pub const MAX_PROGRESS_BYTES: usize = 64 * 1024;
+/// Longest `set-progress` state name kept (Celery's are words such as "PROGRESS").
+pub const MAX_PROGRESS_STATE_BYTES: usize = 256;
+/// Longest single `log` line kept; the rest of a longer line is cut with a marker.
+pub const MAX_LOG_LINE_BYTES: usize = 8 * 1024;
 
 /// A custom state a task published (Celery's `update_state`).
 #[derive(Debug, Clone, PartialEq)]
@@ -58,8 +64,12 @@ impl TaskState {
         stderr: &CappedPipe,
         control: Arc<RunControl>,
         deadlines: Deadlines,
+        clock_resolution: Option<Duration>,
     ) -> Self {
         let mut builder = WasiCtx::builder();
+        if let Some(resolution) = clock_resolution {
+            builder.wall_clock(CoarseWallClock::new(resolution)).monotonic_clock(CoarseMonotonicClock::new(resolution));
+        }
         builder
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -89,11 +99,14 @@ impl WasiView for TaskState {
 
 impl Host for TaskState {
     fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        let message = cap_text(message, MAX_LOG_LINE_BYTES);
         if self.log_bytes + message.len() > MAX_LOG_BYTES {
             self.logs_dropped += 1;
             return Ok(());
         }
         self.log_bytes += message.len();
+        // The human log format escapes control characters (see observe), so a guest's
+        // newline cannot start a line of its own.
         let (id, name) = (&self.task_id, &self.task_name);
         match level {
             LogLevel::Trace => tracing::trace!(target: "task", task_id = %id, task = %name, "{message}"),
@@ -114,6 +127,7 @@ impl Host for TaskState {
             return Ok(());
         }
         self.progress_sent += 1;
+        let state = cap_text(state, MAX_PROGRESS_STATE_BYTES);
         if let Some(sink) = &self.control.progress {
             let _ = sink.send(Progress { task_id: self.task_id.clone(), state, meta });
         }

@@ -15,6 +15,7 @@ pub use control::REVOKE_LIFETIME;
 use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{Broker, BrokerError, DeadLetter, Delivery};
 use crate::canvas;
+use crate::ceilings::Ceilings;
 use crate::protocol::{self, encode_task, Decoded, ExceptionInfo, OutgoingTask, ResultRecord};
 use crate::registry::{AutoRetry, Registry, TaskVersion};
 use crate::runtime::{Progress, RunControl, Runtime, TaskError, TaskInput, TaskLimits, TaskRun};
@@ -57,6 +58,10 @@ const RESULT_BATCH: usize = 256;
 const ACK_BATCH: usize = 256;
 /// An ETA this close counts as due.
 const ETA_SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
+/// The memory budget's unit.
+const MIB: u64 = 1 << 20;
+/// How often a message for a task whose component is still loading looks again.
+const LOADING_POLL: Duration = Duration::from_millis(50);
 
 /// Messages being handled, polled by `consume` and then by `drain`.
 type Handlings = FuturesUnordered<Pin<Box<dyn Future<Output = ()>>>>;
@@ -101,6 +106,9 @@ pub struct Worker {
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     slots: Semaphore,
+    /// The process's memory budget in MiB (`ceilings.max_process_memory`): a task
+    /// reserves its memory cap here before it takes a sandbox slot.
+    memory_budget: Semaphore,
     /// Tags of messages fetched and not yet acked or restored.
     held: RefCell<HashSet<String>>,
     pending_acks: RefCell<Vec<String>>,
@@ -124,6 +132,9 @@ pub struct Worker {
     started: Instant,
     stats: RefCell<WorkerStats>,
     pid: u32,
+    /// Debug builds only: a task name whose handling panics on purpose
+    /// (`TASKHOST_FAILPOINT_PANIC_TASK`), so tests can check what a panic leaves behind.
+    failpoint_panic: Option<String>,
 }
 
 /// A task running here: its control handle and what `inspect active` shows.
@@ -208,8 +219,10 @@ impl Worker {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn ResultBackend>,
     ) -> Rc<Worker> {
+        let budget_mib = runtime.config().ceilings.max_process_memory.div_ceil(MIB).clamp(1, Semaphore::MAX_PERMITS as u64);
         Rc::new(Worker {
             slots: Semaphore::new(cfg.concurrency.max(1)),
+            memory_budget: Semaphore::new(budget_mib as usize),
             cfg,
             registry,
             runtime,
@@ -232,6 +245,7 @@ impl Worker {
             started: Instant::now(),
             stats: RefCell::default(),
             pid: std::process::id(),
+            failpoint_panic: if cfg!(debug_assertions) { std::env::var("TASKHOST_FAILPOINT_PANIC_TASK").ok() } else { None },
         })
     }
 
@@ -361,20 +375,50 @@ impl Worker {
         handlings
     }
 
-    /// One message's handling, as `consume` and `drain` poll it: counted while it lasts,
-    /// and a panic in it is logged, not allowed to take the worker down.
+    /// One message's handling, as `consume` and `drain` poll it: counted while it lasts.
+    /// A panic in it is caught and the message dead-lettered with the reason: handing it
+    /// back would only run into the same panic at every redelivery, forever.
     fn handling(self: Rc<Self>, delivery: Delivery) -> Pin<Box<dyn Future<Output = ()>>> {
         let counted = InProgress::new(&self);
-        let (worker, tag) = (self.clone(), delivery.tag.clone());
-        Box::pin(std::panic::AssertUnwindSafe(self.handle(delivery, counted)).catch_unwind().map(move |outcome| {
-            if outcome.is_err() {
-                // No longer refreshed as held, so the visibility sweep hands it back.
-                if let Some(tag) = &tag {
-                    worker.held.borrow_mut().remove(tag);
-                }
-                tracing::error!("handling a message panicked; it is redelivered after the visibility timeout");
+        let delivery = Rc::new(delivery);
+        let worker = self.clone();
+        let caught = std::panic::AssertUnwindSafe(self.handle(delivery.clone(), counted)).catch_unwind();
+        Box::pin(async move {
+            if let Err(payload) = caught.await {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                worker.after_panic(&delivery, &what).await;
             }
-        }))
+        })
+    }
+
+    /// What a panicked handling leaves: no running entry, a dead letter with the reason,
+    /// a FAILURE for the task, and the message acked (or handed back if no letter could
+    /// be written, so it is never lost).
+    async fn after_panic(&self, delivery: &Delivery, what: &str) {
+        let decoded = protocol::decode(&delivery.raw).ok();
+        if let Some(d) = &decoded {
+            self.running.borrow_mut().remove(&d.headers.id);
+        }
+        let reason = format!("the worker panicked handling this message: {what}");
+        tracing::error!(queue = %delivery.queue, id = ?decoded.as_ref().map(|d| &d.headers.id), "{reason}; dead-lettered");
+        if !self.dead_letter(delivery, decoded.as_ref(), reason.clone()).await {
+            self.restore(delivery).await;
+            return;
+        }
+        if let Some(d) = &decoded {
+            if d.headers.ignore_result != Some(true) {
+                let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "WorkerPanic", reason.as_str());
+                let mut record = ResultRecord::failure(&d.headers.id, &exc, Some(format!("taskhost: {reason}")));
+                link_fields(&mut record, d);
+                self.store(&record, None).await;
+            }
+        }
+        self.stats.borrow_mut().failed += 1;
+        self.ack(delivery).await;
     }
 
     async fn drain(&self, mut handlings: Handlings) {
@@ -434,7 +478,7 @@ impl Worker {
         }
     }
 
-    async fn handle(self: Rc<Self>, delivery: Delivery, _in_progress: InProgress) {
+    async fn handle(self: Rc<Self>, delivery: Rc<Delivery>, _in_progress: InProgress) {
         let decoded = protocol::decode(&delivery.raw);
         if let (None, Ok(d)) = (&delivery.tag, &decoded) {
             // Not recorded as unacked by the broker: running it would break at-least-once.
@@ -452,8 +496,19 @@ impl Worker {
             }
         };
         let h = &decoded.headers;
+        if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
+            panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
+        }
         let now = Utc::now();
-        let resolved = self.registry.resolve(&h.task, None);
+        let mut resolved = self.registry.resolve(&h.task, None);
+        if resolved.is_err() && self.registry.is_loading(&h.task) {
+            // Its component is being compiled: better a moment's wait than a dead letter.
+            let give_up = Instant::now() + self.runtime.config().ceilings.compile_timeout + Duration::from_secs(1);
+            while self.registry.is_loading(&h.task) && Instant::now() < give_up {
+                tokio::time::sleep(LOADING_POLL).await;
+            }
+            resolved = self.registry.resolve(&h.task, None);
+        }
         let ignore_result = h
             .ignore_result
             .or_else(|| resolved.as_ref().ok().and_then(|tv| tv.manifest.ignore_result))
@@ -525,11 +580,18 @@ impl Worker {
                 }
             }
         }
+        let limits = limits_for(&task, h.time_limit, &self.runtime.config().ceilings);
         let mut draining = self.draining.subscribe();
+        // Memory first, then a sandbox: a task waiting for the budget holds no sandbox.
+        let wanted = limits.memory.div_ceil(MIB).min(self.memory_budget_total()) as u32;
         let permit = tokio::select! {
             biased;
             _ = draining.wait_for(|d| *d) => None,
-            permit = self.slots.acquire() => permit.ok(),
+            permits = async {
+                let memory = self.memory_budget.acquire_many(wanted).await.ok()?;
+                let slot = self.slots.acquire().await.ok()?;
+                Some((memory, slot))
+            } => permits,
         };
         let Some(permit) = permit.filter(|_| !*self.draining.borrow()) else {
             self.restore(&delivery).await;
@@ -544,7 +606,11 @@ impl Worker {
             self.skip_unrun(&delivery, &decoded, reason, ignore_result).await;
             return;
         }
-        self.execute(&delivery, &decoded, &task, ignore_result, permit).await;
+        self.execute(&delivery, &decoded, &task, &limits, ignore_result, permit).await;
+    }
+
+    fn memory_budget_total(&self) -> u64 {
+        self.runtime.config().ceilings.max_process_memory.div_ceil(MIB).clamp(1, Semaphore::MAX_PERMITS as u64)
     }
 
     /// Runs the task in a sandbox held by `slot`, which is given back as soon as the
@@ -556,8 +622,9 @@ impl Worker {
         delivery: &Delivery,
         decoded: &Decoded,
         task: &Arc<TaskVersion>,
+        limits: &TaskLimits,
         ignore_result: bool,
-        slot: tokio::sync::SemaphorePermit<'_>,
+        slot: (tokio::sync::SemaphorePermit<'_>, tokio::sync::SemaphorePermit<'_>),
     ) {
         let h = &decoded.headers;
         let acks_late = task.manifest.acks_late.unwrap_or(true);
@@ -569,7 +636,6 @@ impl Worker {
             link_fields(&mut started, decoded);
             self.store(&started, None).await;
         }
-        let limits = limits_for(task, h.time_limit);
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let control = Arc::new(RunControl::with_progress(progress_tx));
         let input = TaskInput {
@@ -601,7 +667,7 @@ impl Worker {
         let run = {
             // Boxed: wasmtime's instantiate/call futures are large, and inline they would
             // make every spawned `handle` future large too (memcpy'd on spawn and poll).
-            let mut running = Box::pin(self.runtime.run(&task.component, &version, input, &limits, control));
+            let mut running = Box::pin(self.runtime.run(&task.component, &version, input, limits, control));
             loop {
                 tokio::select! {
                     biased;
@@ -1083,14 +1149,14 @@ impl Worker {
     }
 }
 
-/// Manifest limits, overridden by the message's `timelimit` header as Celery does.
-fn limits_for(task: &TaskVersion, header: (Option<f64>, Option<f64>)) -> TaskLimits {
+/// Manifest limits, overridden by the message's `timelimit` header as Celery does, but
+/// never past the operator's ceiling: a producer cannot buy a task more time than that.
+fn limits_for(task: &TaskVersion, header: (Option<f64>, Option<f64>), ceilings: &Ceilings) -> TaskLimits {
     let mut limits = task.limits();
-    // Out-of-range values (1e30 s) are ignored rather than trusted.
-    if let Some(hard) = header.0.and_then(|h| Duration::try_from_secs_f64(h).ok()) {
+    if let Some(hard) = header.0.and_then(|h| ceilings.clamp_message_time(h)) {
         limits.hard = hard;
     }
-    if let Some(soft) = header.1.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+    if let Some(soft) = header.1.and_then(|s| ceilings.clamp_message_time(s)) {
         limits.soft = Some(soft);
     }
     limits

@@ -27,12 +27,23 @@ pub fn exception_for(error: &TaskError) -> ExceptionInfo {
     }
 }
 
-/// A traceback-like text for the record: where it ran, what happened, what the guest said.
+/// Most of a guest's stderr kept in a traceback: its last bytes, where a failure says why.
+pub const TRACEBACK_STDERR_BYTES: usize = 4 << 10;
+
+/// A traceback-like text for the record: where it ran, what happened, the end of what
+/// the guest wrote to stderr.
 pub fn traceback_for(task: &str, version: &str, error: &TaskError, stderr: &str) -> String {
     let mut text = format!("taskhost: {task}@{version} ended: {error}");
     if !stderr.is_empty() && !matches!(error, TaskError::Trap { .. }) {
+        let mut cut = stderr.len().saturating_sub(TRACEBACK_STDERR_BYTES);
+        while !stderr.is_char_boundary(cut) {
+            cut += 1;
+        }
         text.push_str("\nguest stderr:\n");
-        text.push_str(stderr);
+        if cut > 0 {
+            text.push_str(&format!("[{cut} earlier bytes cut] …"));
+        }
+        text.push_str(&stderr[cut..]);
     }
     text
 }

@@ -1,0 +1,189 @@
+//! The operator's ceilings on the command line and in `taskhost.toml`'s `[limits]`
+//! table, resolved (flags > file > defaults) and validated once into `Ceilings`.
+
+use super::config::FileConfig;
+use super::CliError;
+use crate::ceilings::{default_process_memory, Ceilings};
+use crate::registry::ByteSize;
+use anyhow::anyhow;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Largest memory a wasm32 task can address: a higher ceiling would mean nothing.
+const WASM32_MEMORY: u64 = 4 << 30;
+
+/// `[limits]` in `taskhost.toml`; every key optional, unknown keys rejected.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_time_limit: Option<f64>,
+    pub max_task_memory: Option<ByteSize>,
+    pub max_process_memory: Option<ByteSize>,
+    pub max_retries: Option<u32>,
+    pub max_component_size: Option<ByteSize>,
+    pub compile_memory: Option<ByteSize>,
+    pub compile_timeout: Option<f64>,
+    pub isolate_memory_above: Option<ByteSize>,
+    pub clock_resolution: Option<f64>,
+    pub allow_precise_clocks: Option<bool>,
+    pub allow_symlinks: Option<bool>,
+}
+
+/// Ceilings as flags; each overrides the file's `[limits]` key of the same name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitArgs {
+    /// Longest hard time limit any manifest or message may set, seconds [default: 3600].
+    #[arg(long, value_name = "SECS")]
+    pub max_time_limit: Option<f64>,
+    /// Largest memory cap a manifest may set per task [default: 4GiB].
+    #[arg(long, value_name = "SIZE")]
+    pub max_task_memory: Option<ByteSize>,
+    /// Memory the sandboxes of one worker process may hold at once; tasks wait for room
+    /// [default: the machine's memory divided by the worker processes].
+    #[arg(long, value_name = "SIZE")]
+    pub max_process_memory: Option<ByteSize>,
+    /// Highest max_retries a manifest may set [default: 100].
+    #[arg(long, value_name = "N")]
+    pub max_retries: Option<u32>,
+    /// Largest component file loaded [default: 64MiB].
+    #[arg(long, value_name = "SIZE")]
+    pub max_component_size: Option<ByteSize>,
+    /// Memory one component's compile may use, in its own process [default: 2GiB].
+    #[arg(long, value_name = "SIZE")]
+    pub compile_memory: Option<ByteSize>,
+    /// Time one component's compile may take, seconds [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub compile_timeout: Option<f64>,
+    /// Tasks with a larger memory cap run on a thread of their own [default: 128MiB].
+    #[arg(long, value_name = "SIZE")]
+    pub isolate_memory_above: Option<ByteSize>,
+    /// Resolution of the clocks guests see, seconds [default: 0.001].
+    #[arg(long, value_name = "SECS")]
+    pub clock_resolution: Option<f64>,
+    /// Honour a manifest's `precise_clocks = true`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_precise_clocks: Option<bool>,
+    /// Follow symbolic links in the plugins directory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_symlinks: Option<bool>,
+}
+
+fn secs(v: f64, name: &str) -> Result<Duration, CliError> {
+    if v > 0.0 && v.is_finite() {
+        Duration::try_from_secs_f64(v).map_err(|_| CliError::usage(anyhow!("{name} = {v} is too large")))
+    } else {
+        Err(CliError::usage(anyhow!("{name} must be a positive number of seconds, got {v}")))
+    }
+}
+
+impl LimitArgs {
+    /// Flags > `[limits]` > defaults, validated. `processes` shares the machine's
+    /// memory out for the default `max_process_memory`.
+    pub fn resolve(&self, file: &FileConfig, processes: usize) -> Result<Ceilings, CliError> {
+        let f = file.limits.clone().unwrap_or_default();
+        let d = Ceilings::default();
+        let c = Ceilings {
+            max_time_limit: match self.max_time_limit.or(f.max_time_limit) {
+                Some(v) => secs(v, "max_time_limit")?,
+                None => d.max_time_limit,
+            },
+            max_task_memory: self.max_task_memory.or(f.max_task_memory).map_or(d.max_task_memory, |b| b.0),
+            max_process_memory: self
+                .max_process_memory
+                .or(f.max_process_memory)
+                .map_or_else(|| default_process_memory(processes), |b| b.0),
+            max_retries: self.max_retries.or(f.max_retries).unwrap_or(d.max_retries),
+            max_component_size: self.max_component_size.or(f.max_component_size).map_or(d.max_component_size, |b| b.0),
+            compile_memory: self.compile_memory.or(f.compile_memory).map_or(d.compile_memory, |b| b.0),
+            compile_timeout: match self.compile_timeout.or(f.compile_timeout) {
+                Some(v) => secs(v, "compile_timeout")?,
+                None => d.compile_timeout,
+            },
+            isolate_memory_above: self
+                .isolate_memory_above
+                .or(f.isolate_memory_above)
+                .map_or(d.isolate_memory_above, |b| b.0),
+            clock_resolution: match self.clock_resolution.or(f.clock_resolution) {
+                Some(v) => secs(v, "clock_resolution")?,
+                None => d.clock_resolution,
+            },
+            allow_precise_clocks: self.allow_precise_clocks.or(f.allow_precise_clocks).unwrap_or(false),
+            allow_symlinks: self.allow_symlinks.or(f.allow_symlinks).unwrap_or(false),
+        };
+        if c.max_task_memory > WASM32_MEMORY || c.max_task_memory < (1 << 20) {
+            return Err(CliError::usage(anyhow!(
+                "max_task_memory must be between 1MiB and 4GiB (all a wasm32 task can address), got {}",
+                ByteSize(c.max_task_memory)
+            )));
+        }
+        for (name, value) in [("max_process_memory", c.max_process_memory), ("compile_memory", c.compile_memory)] {
+            if value < (1 << 20) {
+                return Err(CliError::usage(anyhow!("{name} must be at least 1MiB, got {}", ByteSize(value))));
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The flags that hand resolved ceilings to a child process (a worker, the precompile).
+pub fn child_flags(c: &Ceilings) -> Vec<String> {
+    vec![
+        format!("--max-time-limit={}", c.max_time_limit.as_secs_f64()),
+        format!("--max-task-memory={}", c.max_task_memory),
+        format!("--max-process-memory={}", c.max_process_memory),
+        format!("--max-retries={}", c.max_retries),
+        format!("--max-component-size={}", c.max_component_size),
+        format!("--compile-memory={}", c.compile_memory),
+        format!("--compile-timeout={}", c.compile_timeout.as_secs_f64()),
+        format!("--isolate-memory-above={}", c.isolate_memory_above),
+        format!("--clock-resolution={}", c.clock_resolution.as_secs_f64()),
+        format!("--allow-precise-clocks={}", c.allow_precise_clocks),
+        format!("--allow-symlinks={}", c.allow_symlinks),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        limits: LimitArgs,
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_round_trip_to_children() {
+        let file: FileConfig =
+            toml::from_str("[limits]\nmax_time_limit = 60\nmax_task_memory = \"1GiB\"\nallow_symlinks = true").unwrap();
+        let args = Cmd::parse_from(["x", "--max-time-limit", "5", "--max-process-memory", "2GiB"]).limits;
+        let c = args.resolve(&file, 2).unwrap();
+        assert_eq!(c.max_time_limit, Duration::from_secs(5));
+        assert_eq!(c.max_task_memory, 1 << 30);
+        assert_eq!(c.max_process_memory, 2 << 30);
+        assert!(c.allow_symlinks);
+        let again = Cmd::parse_from(std::iter::once("x".to_string()).chain(child_flags(&c))).limits;
+        assert_eq!(again.resolve(&FileConfig::default(), 2).unwrap(), c);
+    }
+
+    #[test]
+    fn nonsense_ceilings_are_refused() {
+        let file = FileConfig::default();
+        let err = |argv: &[&str]| {
+            let args = Cmd::parse_from(std::iter::once("x").chain(argv.iter().copied())).limits;
+            match args.resolve(&file, 1) {
+                Err(CliError::Usage(e)) => e.to_string(),
+                other => panic!("expected a usage error, got {other:?}"),
+            }
+        };
+        assert_eq!(err(&["--max-time-limit", "0"]), "max_time_limit must be a positive number of seconds, got 0");
+        assert_eq!(err(&["--max-time-limit", "1e30"]), "max_time_limit = 1000000000000000000000000000000 is too large");
+        assert_eq!(
+            err(&["--max-task-memory", "8GiB"]),
+            "max_task_memory must be between 1MiB and 4GiB (all a wasm32 task can address), got 8GiB"
+        );
+        let unknown = toml::from_str::<FileConfig>("[limits]\nmax_memory = 1").unwrap_err();
+        assert!(unknown.message().starts_with("unknown field `max_memory`"), "{}", unknown.message());
+    }
+}

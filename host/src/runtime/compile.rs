@@ -1,0 +1,118 @@
+//! Compiling a component in a child process held to the operator's compile memory and
+//! time, so a compile bomb costs that child, never the worker; the child's work lands in
+//! the compile cache, from which the worker maps it.
+
+use super::cache::CompileCache;
+use super::LoadError;
+use crate::ceilings::Ceilings;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+/// How often the child's resident memory and time are checked. Memory can overshoot the
+/// limit by what a compile touches in this long (tens of MB at most).
+const POLL: Duration = Duration::from_millis(20);
+
+/// The hidden subcommand the child runs: component bytes on stdin, result in the cache.
+pub const CHILD_ARGS: [&str; 2] = ["plugins", "compile-one"];
+
+/// Compiles `bytes` in a child of `exe` unless the cache has them already.
+/// Returns the component and whether it came from the cache.
+pub(super) fn in_child(
+    exe: &Path,
+    ceilings: &Ceilings,
+    cache: &CompileCache,
+    engine: &Engine,
+    bytes: &[u8],
+    digest: &str,
+) -> Result<(Component, bool), LoadError> {
+    if let Some(component) = cache.cached(engine, digest) {
+        return Ok((component, true));
+    }
+    let dir = cache.dir().ok_or_else(|| LoadError::Compile("compiling in a child needs a compile cache".into()))?;
+    let mut child = Command::new(exe)
+        .args(CHILD_ARGS)
+        .args(["--max-task-memory", &ceilings.max_task_memory.to_string()])
+        .env("TASKHOST_CACHE_DIR", dir)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LoadError::Compile(format!("cannot start the compiler process {}: {e}", exe.display())))?;
+    let pid = child.id();
+    // Fed and read on threads of their own: a child that stops reading (or floods its
+    // stderr) must not block this loop, which is what enforces the limits.
+    let mut stdin = child.stdin.take().expect("piped");
+    let input = bytes.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.by_ref().take(64 << 10).read_to_end(&mut text);
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        String::from_utf8_lossy(&text).into_owned()
+    });
+
+    let started = Instant::now();
+    let mut peak = 0u64;
+    let verdict = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) => {}
+            Err(e) => break Err(format!("waiting for the compiler process: {e}")),
+        }
+        peak = peak.max(resident_bytes(pid).unwrap_or(0));
+        if peak > ceilings.compile_memory {
+            break Err(format!(
+                "compiling needed more than {} of memory (ceiling compile_memory); stopped",
+                crate::registry::ByteSize(ceilings.compile_memory)
+            ));
+        }
+        if started.elapsed() > ceilings.compile_timeout {
+            break Err(format!(
+                "compiling took longer than {}s (ceiling compile_timeout); stopped",
+                ceilings.compile_timeout.as_secs_f64()
+            ));
+        }
+        std::thread::sleep(POLL);
+    };
+    if verdict.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let _ = feeder.join();
+    let said = reader.join().unwrap_or_default();
+    let status = verdict.map_err(LoadError::Compile)?;
+    if !status.success() {
+        let reason = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        let reason = reason.strip_prefix("error: ").unwrap_or(reason);
+        return Err(LoadError::Compile(if reason.is_empty() {
+            format!("the compiler process ended with {status}")
+        } else {
+            reason.to_string()
+        }));
+    }
+    tracing::debug!(digest = &digest[..12.min(digest.len())], took = ?started.elapsed(), peak_rss = peak, "compiled in a child process");
+    match cache.cached(engine, digest) {
+        Some(component) => Ok((component, false)),
+        None => Err(LoadError::Compile(format!(
+            "the compiler process succeeded but left nothing usable in the compile cache {}",
+            dir.display()
+        ))),
+    }
+}
+
+/// Resident set size of process `pid`, bytes.
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as u64)
+}

@@ -1,0 +1,62 @@
+//! `tasks.hostile(mode, n?)`: what a hostile tenant's task tries, one mode per attack, so
+//! tests can show each one contained: huge texts, forged log lines, bulk memory work,
+//! clock probing.
+use serde_json::json;
+use std::time::{Instant, SystemTime};
+use taskhost_sdk::{task, Context, TaskError};
+
+#[task]
+fn hostile(ctx: &Context, mode: String, n: Option<u64>) -> Result<serde_json::Value, TaskError> {
+    let n = n.unwrap_or(0) as usize;
+    let big = || "x".repeat(n);
+    match mode.as_str() {
+        "fail" => Err(TaskError::fail(big())),
+        "reject" => Err(TaskError::reject(big())),
+        "retry" => Err(TaskError::retry_in(big(), 0.0)),
+        "progress" => {
+            ctx.set_progress(&big(), &json!({"step": 1}));
+            Ok(json!(n))
+        }
+        "log" => {
+            // A newline, then what a real worker line looks like.
+            ctx.info("harmless\nINFO succeeded task=tasks.payroll id=forged\r\x1b[2K");
+            ctx.info(&big());
+            Ok(json!("logged"))
+        }
+        "fill" => {
+            // One `memory.fill` over n bytes: a single wasm instruction that no epoch
+            // tick can interrupt.
+            let mut buffer: Vec<u8> = Vec::with_capacity(n);
+            unsafe {
+                std::ptr::write_bytes(buffer.as_mut_ptr(), 0x5a, n);
+                buffer.set_len(n);
+            }
+            Ok(json!(buffer[n / 2] as u64 + buffer.len() as u64))
+        }
+        "clock" => {
+            // The smallest step each clock shows between consecutive readings.
+            let (mut mono_step, mut wall_step) = (u128::MAX, u128::MAX);
+            let (mut last_mono, mut last_wall) = (Instant::now(), SystemTime::now());
+            let started = Instant::now();
+            let mut readings = 0u64;
+            while started.elapsed().as_millis() < 50 && readings < 5_000_000 {
+                let (mono, wall) = (Instant::now(), SystemTime::now());
+                let dm = mono.duration_since(last_mono).as_nanos();
+                let dw = wall.duration_since(last_wall).map(|d| d.as_nanos()).unwrap_or(0);
+                if dm > 0 {
+                    mono_step = mono_step.min(dm);
+                    last_mono = mono;
+                }
+                if dw > 0 {
+                    wall_step = wall_step.min(dw);
+                    last_wall = wall;
+                }
+                readings += 1;
+            }
+            let wall_now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+            Ok(json!({"mono_min_step_ns": mono_step as u64, "wall_min_step_ns": wall_step as u64,
+                      "wall_subsec_ns": (wall_now % 1_000_000_000) as u64, "readings": readings}))
+        }
+        other => Err(TaskError::reject(format!("unknown mode {other:?}"))),
+    }
+}
