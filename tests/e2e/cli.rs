@@ -67,7 +67,7 @@ fn run_fails_clearly() {
 
     let out = taskhost(&["run", "tasks.add", "--plugins", "/nonexistent/plugins"]);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(stderr(&out), "error: cannot read plugins directory /nonexistent/plugins: not a directory");
+    assert_eq!(stderr(&out), "error: plugins directory /nonexistent/plugins does not exist");
 }
 
 #[test]

@@ -509,3 +509,23 @@ fn each_task_reserves_its_memory_cap_from_the_process_budget() {
     // A manifest asking for more than the process budget does not load.
     assert!(worker.log_text().contains("memory_limit = 300MiB is above this worker's ceiling of 256MiB"), "{}", worker.log_text());
 }
+
+/// How long one uninterruptible instruction can hold a worker's thread: a `memory.fill`
+/// over all of a task's memory at the isolation threshold (128 MiB), fresh pages, inline.
+/// The figure README's Security section quotes; run with `--ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check: prints the bound README quotes"]
+fn longest_uninterruptible_instruction_at_the_isolation_threshold() {
+    let pages = (taskhost::ceilings::DEFAULT_ISOLATE_MEMORY_ABOVE >> 16) as u32 - 32;
+    let rt = runtime_with(Ceilings { isolate_memory_above: u64::MAX, ..Default::default() });
+    let loaded = rt.load(&bulk_fill_component(pages)).unwrap();
+    let limits = TaskLimits { memory: taskhost::ceilings::DEFAULT_ISOLATE_MEMORY_ABOVE, ..Default::default() };
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let input = TaskInput { name: "tasks.fill".into(), args: "[]".into(), kwargs: "{}".into(), ..Default::default() };
+        let run = block_on(rt.run(&loaded, "1.0.0", input, &limits, Arc::default()));
+        assert_eq!(run.result, Ok("1".into()));
+        times.push(run.elapsed);
+    }
+    println!("memory.fill over {} MiB, fresh instance each: {times:?}", (pages as u64) >> 4);
+}
