@@ -3,10 +3,15 @@
 Starts its own redis-server on a free port, runs each scenario against Celery
 (examples/tasks.py with -P prefork -c 2 and -P threads -c 8) and taskhost (one process per
 core), prints one table with both figures and the ratio, and writes the figures as JSON
-under bench/results/. Counts scale with --scale (CI runs a tiny smoke version).
+under bench/results/, with an SVG chart of them beside it (bench/chart.py). Counts scale
+with --scale (CI runs a tiny smoke version). Each scenario's start and end go to stderr.
+
+`run.py --chart-only bench/results/X.json` only redraws X.svg from X.json (no bench run,
+and no package beyond the standard library needed).
 """
 import argparse
 import base64
+import contextlib
 import datetime
 import io
 import json
@@ -19,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import redis
+from chart import write_chart
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -33,6 +38,8 @@ def free_port():
 
 class Redis:
     def __init__(self):
+        import redis  # here, like celery and PIL, so that --chart-only needs none of them
+
         self.port = free_port()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -116,6 +123,22 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class Progress:
+    """Numbered start and end lines on stderr, so a long `make bench` shows where it is."""
+
+    def __init__(self, total):
+        self.total, self.started = total, 0
+
+    @contextlib.contextmanager
+    def step(self, label):
+        self.started += 1
+        tag = f"[{self.started}/{self.total}]"
+        print(f"{tag} {label} …", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        yield
+        print(f"{tag} … done in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def celery_app(url):
@@ -207,7 +230,11 @@ def main():
     ap.add_argument("--plugins", default=str(ROOT / "dist/plugins"))
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every count (0.01 for a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
+    ap.add_argument("--chart-only", metavar="JSON", help="only redraw the SVG chart of this results file")
     args = ap.parse_args()
+    if args.chart_only:
+        print(f"written {write_chart(args.chart_only)}")
+        return
     n = lambda base: max(10, int(base * args.scale))
     cores = os.cpu_count() or 1
     python = sys.executable
@@ -239,56 +266,68 @@ def main():
                                               env={"RUST_LOG": "warn"}), ready_celery),
     ]
 
+    # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
+    progress = Progress(3 + 6 * len(systems) + 1)
+
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
-    start = time.time()
-    for _ in range(count):
-        app.send_task("tasks.noop", queue="enqueue.py", ignore_result=True)
-    py_rate = count / (time.time() - start)
-    start = time.time()
-    fill(args.taskhost, url, "enqueue.th", count)
-    th_rate = count / (time.time() - start)
+    with progress.step("enqueue, python celery client"):
+        start = time.time()
+        for _ in range(count):
+            app.send_task("tasks.noop", queue="enqueue.py", ignore_result=True)
+        py_rate = count / (time.time() - start)
+    with progress.step("enqueue, taskhost send --count (batched)"):
+        start = time.time()
+        fill(args.taskhost, url, "enqueue.th", count)
+        th_rate = count / (time.time() - start)
     results["enqueue"] = {"python celery client": py_rate, "taskhost send --count (batched)": th_rate}
     rds.r.flushdb()
 
-    ceiling = json.loads(subprocess.run([args.taskhost, "bench", "runtime", "--plugins", args.plugins, "--processes",
-                                         str(cores), "--seconds", str(max(1.0, 3 * min(args.scale, 1.0))), "--json"],
-                                        check=True, capture_output=True, text=True).stdout)
+    with progress.step("sandbox ceiling: taskhost bench runtime"):
+        ceiling = json.loads(subprocess.run([args.taskhost, "bench", "runtime", "--plugins", args.plugins, "--processes",
+                                             str(cores), "--seconds", str(max(1.0, 3 * min(args.scale, 1.0))), "--json"],
+                                            check=True, capture_output=True, text=True).stdout)
     results["sandbox_ceiling"] = ceiling
 
     for label, worker, ready in systems:
         is_taskhost = worker.name == "taskhost"
         fig = {}
         rds.r.flushdb()
-        worker.start(ready)
+        with progress.step(f"start worker: {label}"):
+            worker.start(ready)
         fig.update(memory_figures(worker.proc.pid, "idle"))
         drain_n = n(100_000 if is_taskhost else 20_000)
-        fill(args.taskhost, url, "bench.fill", drain_n)
-        fig["drain_ignored_per_s"], fig["drain_ignored_cpu"] = drain(rds, "bench", "bench.fill", drain_n, results=False,
-                                                                     worker_pid=worker.proc.pid)
+        with progress.step(f"drain, results ignored: {label}"):
+            fill(args.taskhost, url, "bench.fill", drain_n)
+            fig["drain_ignored_per_s"], fig["drain_ignored_cpu"] = drain(rds, "bench", "bench.fill", drain_n,
+                                                                         results=False, worker_pid=worker.proc.pid)
         rds.r.flushdb()
-        fill(args.taskhost, url, "bench.fill", drain_n, ignore_result=False)
-        fig["drain_results_per_s"], fig["drain_results_cpu"] = drain(rds, "bench", "bench.fill", drain_n, results=True,
-                                                                     worker_pid=worker.proc.pid)
+        with progress.step(f"drain, results stored: {label}"):
+            fill(args.taskhost, url, "bench.fill", drain_n, ignore_result=False)
+            fig["drain_results_per_s"], fig["drain_results_cpu"] = drain(rds, "bench", "bench.fill", drain_n,
+                                                                         results=True, worker_pid=worker.proc.pid)
         rds.r.flushdb()
-        p50, p99 = round_trip(app, n(1000))
+        with progress.step(f"round trip, python client: {label}"):
+            p50, p99 = round_trip(app, n(1000))
         fig["round_trip_p50_ms"], fig["round_trip_p99_ms"] = p50, p99
         # The same measure from taskhost's Rust client, which adds far less of its own.
-        native = json.loads(subprocess.run([args.taskhost, "bench", "roundtrip", "--broker", url, "--count", str(n(1000)),
-                                            "--json"], check=True, capture_output=True, text=True).stdout)
+        with progress.step(f"round trip, rust client: {label}"):
+            native = json.loads(subprocess.run([args.taskhost, "bench", "roundtrip", "--broker", url, "--count",
+                                                str(n(1000)), "--json"], check=True, capture_output=True, text=True).stdout)
         fig["native_round_trip_p50_ms"], fig["native_round_trip_p99_ms"] = native["p50_ms"], native["p99_ms"]
-        fig["thumbnails_per_s"] = thumbnails(app, n(200), image)
+        with progress.step(f"media.thumbnail: {label}"):
+            fig["thumbnails_per_s"] = thumbnails(app, n(200), image)
         if is_taskhost:
             fig["rss_before_1m_mb"] = rss_kb(worker.proc.pid) / 1024
             big = n(1_000_000)
             rds.r.flushdb()
-            fill(args.taskhost, url, "bench.fill", big)
-            fig["sustained_per_s"], _ = drain(rds, "bench", "bench.fill", big, results=False)
+            with progress.step(f"sustained drain of {big} tasks: {label}"):
+                fill(args.taskhost, url, "bench.fill", big)
+                fig["sustained_per_s"], _ = drain(rds, "bench", "bench.fill", big, results=False)
             fig["sustained_count"] = big
         fig.update(memory_figures(worker.proc.pid, "after"))
         worker.stop()
         results["systems"][label] = fig
-        print(f"measured {label}", file=sys.stderr)
     rds.stop()
 
     report(results)
@@ -298,6 +337,7 @@ def main():
     path = out / f"{datetime.date.today().isoformat()}-{commit or 'nogit'}-scale{args.scale}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwritten {path}")
+    print(f"written {write_chart(path)}")
 
 
 def report(res):

@@ -113,17 +113,31 @@ pub(crate) fn now_secs() -> f64 {
 pub struct Db(Arc<Mutex<Connection>>);
 
 impl Db {
+    /// Opens (creating if need be) the database file. Its directory must exist: a typo
+    /// in a URL should not quietly create a directory tree somewhere.
     pub fn open(path: &Path) -> Result<Db, String> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if !dir.is_dir() {
+                return Err(format!("directory {} does not exist (create it, or fix the sqlite:// path)", dir.display()));
+            }
         }
         let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| e.to_string())?;
-        // WAL: readers never block the writer; NORMAL sync: durable across a process
-        // crash (the case that matters here), one fsync per checkpoint, not per commit.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| e.to_string())?;
-        conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        // Several processes (a supervisor's workers) open a new file at once. Switching
+        // to WAL and creating the schema take locks SQLite's busy handler does not wait
+        // for in every case, so the set-up is retried on "database is locked".
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match set_up(&conn) {
+                Ok(()) => break,
+                Err(e) if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
         Ok(Db(Arc::new(Mutex::new(conn))))
     }
 
@@ -141,6 +155,21 @@ impl Db {
         .await
         .unwrap_or_else(|e| Err(rusqlite::Error::ToSqlConversionFailure(format!("database task failed: {e}").into())))
     }
+}
+
+/// WAL: readers never block the writer; NORMAL sync: durable across a process crash
+/// (the case that matters here), one fsync per checkpoint, not per commit.
+fn set_up(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 fn err(e: rusqlite::Error) -> BrokerError {

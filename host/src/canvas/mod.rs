@@ -171,6 +171,64 @@ pub enum Workflow {
     Chord { header: Vec<Signature>, body: Signature },
 }
 
+/// The shape a user should have written, for error messages.
+const STEP_SHAPE: &str = r#"{"task": "tasks.add", "args": [1, 2]}"#;
+
+impl Workflow {
+    /// Parses a workflow, saying in the user's terms what shape was expected where:
+    /// `chain step 2: missing "task"` rather than a type name from this crate.
+    pub fn parse(text: &str) -> Result<Workflow, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let kinds = r#"one key, "chain", "group" or "chord""#;
+        let Some(object) = value.as_object().filter(|o| o.len() == 1) else {
+            return Err(format!("expected an object with {kinds}, got {}", shorten(&value)));
+        };
+        let (kind, body) = object.iter().next().expect("one key");
+        let steps = |what: &str, v: &Value| -> Result<Vec<Signature>, String> {
+            let Some(list) = v.as_array() else {
+                return Err(format!("{what} must be a list of steps like {STEP_SHAPE}, got {}", shorten(v)));
+            };
+            list.iter().enumerate().map(|(i, s)| step(&format!("{what} step {}", i + 1), s)).collect()
+        };
+        match kind.as_str() {
+            "chain" => Ok(Workflow::Chain(steps("\"chain\"", body)?)),
+            "group" => Ok(Workflow::Group(steps("\"group\"", body)?)),
+            "chord" => {
+                let shape = format!(r#""chord" must be {{"header": [steps…], "body": step}}, a step being {STEP_SHAPE}"#);
+                let Some(parts) = body.as_object() else {
+                    return Err(format!("{shape}; got {}", shorten(body)));
+                };
+                if let Some(extra) = parts.keys().find(|k| *k != "header" && *k != "body") {
+                    return Err(format!("{shape}; unexpected key \"{extra}\""));
+                }
+                let header = parts.get("header").ok_or_else(|| format!("{shape}; \"header\" is missing"))?;
+                let callback = parts.get("body").ok_or_else(|| format!("{shape}; \"body\" is missing"))?;
+                Ok(Workflow::Chord { header: steps("chord \"header\"", header)?, body: step("chord \"body\"", callback)? })
+            }
+            other => Err(format!("expected {kinds}, got \"{other}\"")),
+        }
+    }
+}
+
+fn step(what: &str, v: &Value) -> Result<Signature, String> {
+    if !v.is_object() {
+        return Err(format!("{what} must be an object like {STEP_SHAPE}, got {}", shorten(v)));
+    }
+    if !v.get("task").is_some_and(Value::is_string) {
+        return Err(format!("{what} needs \"task\", a task name such as \"tasks.add\""));
+    }
+    serde_json::from_value(v.clone()).map_err(|e| format!("{what}: {e} (expected {STEP_SHAPE})"))
+}
+
+/// A value as the user wrote it, cut short.
+fn shorten(v: &Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
 /// What to publish for a workflow, and what to wait on.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -264,6 +322,20 @@ pub fn plan(workflow: Workflow, origin: &str, default_queue: &str) -> Result<Pla
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workflow_errors_name_the_shape_expected_where() {
+        let err = |text: &str| Workflow::parse(text).unwrap_err();
+        assert_eq!(err(r#"{"chord": 1}"#), r#""chord" must be {"header": [steps…], "body": step}, a step being {"task": "tasks.add", "args": [1, 2]}; got 1"#);
+        assert_eq!(err(r#"{"chain": {"task": "x"}}"#), r#""chain" must be a list of steps like {"task": "tasks.add", "args": [1, 2]}, got {"task":"x"}"#);
+        assert_eq!(err(r#"{"chain": [{"task": "a"}, {"args": [1]}]}"#), r#""chain" step 2 needs "task", a task name such as "tasks.add""#);
+        assert_eq!(err(r#"{"group": [{"task": "a", "args": 3}]}"#), r#""group" step 1: invalid type: integer `3`, expected a sequence (expected {"task": "tasks.add", "args": [1, 2]})"#);
+        assert_eq!(err(r#"{"chord": {"header": [{"task": "a"}]}}"#), r#""chord" must be {"header": [steps…], "body": step}, a step being {"task": "tasks.add", "args": [1, 2]}; "body" is missing"#);
+        assert_eq!(err(r#"{"pipeline": []}"#), r#"expected one key, "chain", "group" or "chord", got "pipeline""#);
+        assert_eq!(err("[1]"), r#"expected an object with one key, "chain", "group" or "chord", got [1]"#);
+        assert!(err("{").starts_with("not valid JSON"));
+        assert!(matches!(Workflow::parse(r#"{"chord": {"header": [{"task": "a"}], "body": {"task": "b"}}}"#), Ok(Workflow::Chord { .. })));
+    }
 
     fn sig(task: &str, args: Value, options: Value) -> Signature {
         serde_json::from_value(serde_json::json!({"task": task, "args": args, "kwargs": {}, "options": options,

@@ -1,7 +1,8 @@
 //! The command line: clap structs, one file per subcommand, exit codes decided here.
 //!
 //! Exit codes: 0 success; 1 the task (or command) failed; 2 bad invocation or setup
-//! (unknown task, unreadable plugins dir, invalid JSON), as clap does for usage errors.
+//! (unknown task, unreadable plugins dir, invalid JSON), as clap does for usage errors;
+//! 3 the task has no outcome yet (PENDING, STARTED, RETRY or a custom state).
 
 mod beat;
 mod bench;
@@ -67,6 +68,8 @@ pub enum CliError {
     Failed(anyhow::Error),
     /// Bad invocation or setup.
     Usage(anyhow::Error),
+    /// The task is not ready yet: asking again later may succeed.
+    NotReady(anyhow::Error),
 }
 
 impl CliError {
@@ -115,6 +118,10 @@ pub fn main() -> ExitCode {
         Err(CliError::Usage(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+        Err(CliError::NotReady(e)) => {
+            eprintln!("{e:#}");
+            ExitCode::from(3)
         }
     }
 }

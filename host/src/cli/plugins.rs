@@ -46,7 +46,9 @@ pub fn run(cmd: PluginsCommand, file: &super::config::FileConfig) -> Result<(), 
         }
         PluginsCommand::CompileOne { limits } => return compile_one(limits.resolve(file, 1)?),
     };
-    let all = open(file.plugins(plugins.as_deref()), limits.resolve(file, 1)?)?.all();
+    let dir = file.plugins(plugins.as_deref());
+    let all = open(dir.clone(), limits.resolve(file, 1)?)?.all();
+    eprintln!("{}: {} loaded", crate::registry::describe_dir(&dir), all.len());
     if !json {
         println!("{:<22} {:<9} {:<14} {:<12} {:>8} {:>8} {:>9}  {}", "TASK", "VERSION", "DIGEST", "QUEUE", "HARD", "SOFT", "MEMORY", "RETRIES");
     }

@@ -2,7 +2,6 @@
 
 use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
-use anyhow::anyhow;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -37,7 +36,7 @@ pub fn run(args: ResultArgs, file: &super::config::FileConfig) -> Result<(), Cli
                 println!("{}", serde_json::json!({"status": "PENDING", "result": null, "task_id": args.id}));
                 return Ok(());
             }
-            return Err(CliError::failed(anyhow!("task {} is PENDING (no result stored)", args.id)));
+            return Err(super::send::not_ready(&args.id, crate::protocol::State::Pending));
         };
         if args.json {
             println!("{}", record.to_json(None));

@@ -166,8 +166,7 @@ fn send_workflow(args: &SendArgs, spec: &str, broker_url: &str, backend_url: &st
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}")).map_err(CliError::Usage)?,
         None => spec.to_string(),
     };
-    let workflow: crate::canvas::Workflow =
-        serde_json::from_str(&text).map_err(|e| CliError::usage(anyhow!("--workflow: {e}")))?;
+    let workflow = crate::canvas::Workflow::parse(&text).map_err(|e| CliError::usage(anyhow!("--workflow: {e}")))?;
     let plan = crate::canvas::plan(workflow, &origin(), &args.queue).map_err(|e| CliError::usage(anyhow!("--workflow: {e}")))?;
     let rt = current_thread_runtime()?;
     rt.block_on(async {
@@ -203,6 +202,15 @@ fn send_workflow(args: &SendArgs, spec: &str, broker_url: &str, backend_url: &st
     })
 }
 
+/// "task ID is not ready yet: STARTED" (exit 3).
+pub fn not_ready(id: &str, state: State) -> CliError {
+    let name = match state {
+        State::Custom => "a custom state (set by the task)".to_string(),
+        other => serde_json::to_value(other).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+    };
+    CliError::NotReady(anyhow!("task {id} is not ready yet: {name}"))
+}
+
 /// Prints a ready record: the result on stdout, or the error on stderr with exit 1.
 pub fn print_outcome(task: &str, record: &ResultRecord) -> Result<(), CliError> {
     match record.status {
@@ -218,6 +226,6 @@ pub fn print_outcome(task: &str, record: &ResultRecord) -> Result<(), CliError> 
             let state = if record.status == State::Revoked { "was revoked" } else { "failed" };
             Err(CliError::failed(anyhow!("task {task} [{}] {state}: {what}", record.task_id)))
         }
-        other => Err(CliError::failed(anyhow!("task {task} [{}] is {other:?}", record.task_id))),
+        other => Err(not_ready(&record.task_id, other)),
     }
 }

@@ -106,7 +106,14 @@ struct Settings {
 impl Settings {
     fn resolve(args: ServeArgs, file: &FileConfig) -> Result<Settings, CliError> {
         let (broker, result_backend) = args.broker.urls(file);
-        let queues = args.queues.or_else(|| file.queues.clone()).unwrap_or_else(|| vec!["celery".into()]);
+        let plugins = file.plugins(args.plugins.as_deref());
+        // No -Q: `celery` and every queue a manifest names, so a component whose manifest
+        // routes it to `media_heavy` is served out of the box.
+        let queues = args.queues.or_else(|| file.queues.clone()).unwrap_or_else(|| {
+            let mut queues = vec![crate::worker::DEFAULT_QUEUE.to_string()];
+            queues.extend(crate::registry::manifest_queues(&plugins).into_iter().filter(|q| q != crate::worker::DEFAULT_QUEUE));
+            queues
+        });
         if queues.is_empty() || queues.iter().any(|q| q.is_empty()) {
             return Err(CliError::usage(anyhow!("-Q: queue names must not be empty")));
         }
@@ -122,7 +129,7 @@ impl Settings {
         let ceilings = args.limits.resolve(file, processes)?;
         Ok(Settings {
             ceilings,
-            plugins: file.plugins(args.plugins.as_deref()),
+            plugins,
             queues,
             concurrency,
             processes,
@@ -186,7 +193,7 @@ fn banner(args: &Settings, tasks: &[String], node: &str) {
         env!("CARGO_PKG_VERSION"),
         redact(&args.broker),
         redact(&args.result_backend),
-        args.plugins.display(),
+        crate::registry::describe_dir(&args.plugins),
         args.concurrency,
         args.processes,
         args.concurrency * args.prefetch_multiplier.max(1),
@@ -243,6 +250,9 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
     let node = node_name(&args);
     let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
     let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings)?;
+    if registry.all().is_empty() && args.worker_index.unwrap_or(0) == 0 {
+        tracing::warn!("serving nothing yet: {}", crate::registry::describe_dir(&args.plugins));
+    }
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
@@ -276,13 +286,44 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         };
         tracing::info!(node = %node, queues = %args.queues.join(","), "worker ready");
         let worker = Worker::new(cfg, registry.clone(), runtime.clone(), broker, backend);
-        let stats = worker.run(shutdown_signal()).await;
+        let shutdown = {
+            let worker = worker.clone();
+            let supervised = args.worker_index.is_some();
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = orphaned(), if supervised => {
+                        tracing::warn!("the supervisor is gone: returning held messages and exiting");
+                        worker.hurry();
+                    }
+                }
+            }
+        };
+        let stats = worker.run(shutdown).await;
         if let Some(beat) = beat {
             beat.abort();
         }
         tracing::info!(node = %node, processed = stats.processed, succeeded = stats.succeeded, failed = stats.failed, "worker stopped");
         Ok(())
     })
+}
+
+/// The signal a worker process gets when its supervisor dies (`PR_SET_PDEATHSIG`).
+const ORPHAN_SIGNAL: i32 = libc::SIGUSR2;
+
+/// Resolves once this worker's supervisor is gone: the kernel signals it (see
+/// [`ORPHAN_SIGNAL`]), and a look at the parent pid every second backs that up.
+async fn orphaned() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let supervisor = std::os::unix::process::parent_id();
+    let mut signalled = signal(SignalKind::from_raw(ORPHAN_SIGNAL)).ok();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            Some(()) = async { match signalled.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => return,
+            _ = every.tick() => if std::os::unix::process::parent_id() != supervisor { return },
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once (cold shutdown:
@@ -332,6 +373,42 @@ fn precompile(exe: &std::path::Path, plugins: &std::path::Path, ceilings: &Ceili
     }
 }
 
+/// Has the kernel send `signal` to the child when this process dies (even by SIGKILL),
+/// so no worker keeps consuming unsupervised; a child whose parent is already gone by
+/// the time it starts does not start.
+fn die_with_supervisor(cmd: &mut tokio::process::Command, signal: i32) {
+    let supervisor = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != supervisor {
+                return Err(std::io::Error::other("the supervisor exited before its worker started"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// "exited with status 2", "was killed by signal 9 (Killed)".
+fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(sig)) => {
+                // SAFETY: strsignal returns a pointer to a static or thread-local string.
+                let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) }.to_string_lossy().into_owned();
+                format!("was killed by signal {sig} ({name})")
+            }
+            (None, None) => format!("ended ({s})"),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
 /// Starts `processes` workers and restarts any that dies until asked to stop.
 fn supervise(args: &Settings) -> Result<(), CliError> {
     let processes = args.processes;
@@ -374,12 +451,14 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 cmd.args(["--hostname", h]);
             }
             cmd.envs(crate::alloc::worker_env());
+            die_with_supervisor(&mut cmd, ORPHAN_SIGNAL);
             // Own process group: a terminal Ctrl-C reaches only the supervisor, which forwards one SIGTERM.
             cmd.process_group(0).kill_on_drop(false).spawn()
         };
         let spawn_beat = |path: &PathBuf| {
             let mut cmd = tokio::process::Command::new(&exe);
             cmd.arg("beat").arg("--schedule").arg(path).args(["--broker", &args.broker]);
+            die_with_supervisor(&mut cmd, libc::SIGTERM);
             cmd.process_group(0).kill_on_drop(false).spawn()
         };
         let spawn = |i: usize| match (&args.schedule, i == processes) {
@@ -416,7 +495,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 ((i, status), _, _) = any_exit => Some((i, status)),
             };
             if let Some((i, status)) = exited {
-                tracing::warn!(worker = i, "worker process exited ({status:?}); restarting in 1 s");
+                tracing::warn!(worker = i, "worker process {}; restarting in 1 s", describe_exit(&status));
                 children[i] = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 children[i] = Some(spawn(i).context("restarting a worker process").map_err(CliError::Failed)?);

@@ -175,6 +175,44 @@ fn read_plugin_file(path: &Path, max: u64, allow_symlinks: bool) -> Result<Vec<u
     Ok(bytes)
 }
 
+/// Queues the manifests in `dir` name (`queue = "media_heavy"`), sorted, without loading
+/// any component: what a worker given no `-Q` serves besides `celery`.
+pub fn manifest_queues(dir: &Path) -> Vec<String> {
+    let mut queues = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "toml") || !path.with_extension("wasm").exists() {
+            continue;
+        }
+        let Ok(bytes) = read_plugin_file(&path, MAX_MANIFEST_BYTES, false) else { continue };
+        if let Ok(Some(queue)) = Manifest::parse(&String::from_utf8_lossy(&bytes)).map(|m| m.queue) {
+            queues.insert(queue);
+        }
+    }
+    queues.into_iter().collect()
+}
+
+/// What a plugins directory holds, for messages: "dist/plugins (19 components)", or why
+/// it holds none — with the way out when it is a folder of crates (`./plugins` in a
+/// checkout of this repository holds the example components' sources).
+pub fn describe_dir(dir: &Path) -> String {
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    let components = entries.iter().filter(|p| p.extension().is_some_and(|e| e == "wasm")).count();
+    if components > 0 {
+        return format!("{} ({components} component{})", dir.display(), if components == 1 { "" } else { "s" });
+    }
+    let crates = entries.iter().filter(|p| p.join("Cargo.toml").is_file()).count();
+    if crates > 0 {
+        format!(
+            "{}: no components (<task>@<version>.wasm), but {crates} Rust crate(s): build them with `make plugins` \
+             and use --plugins dist/plugins",
+            dir.display()
+        )
+    } else {
+        format!("{}: no components (<task>@<version>.wasm)", dir.display())
+    }
+}
+
 impl Registry {
     /// Opens `dir` and loads what is there now.
     pub fn open(dir: impl Into<PathBuf>, runtime: Arc<Runtime>) -> Result<Arc<Registry>, RegistryError> {

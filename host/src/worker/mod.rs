@@ -121,6 +121,9 @@ pub struct Worker {
     draining: watch::Sender<bool>,
     /// Set once the grace period ends: a run stopped now is requeued, not REVOKED.
     killing: Cell<bool>,
+    /// Set when the drain must not wait out the grace period (the supervisor is gone).
+    hurried: Cell<bool>,
+    hurry_now: Notify,
     running: RefCell<HashMap<String, RunningTask>>,
     /// Task ids revoked: the broker's persisted set (re-read periodically) and those
     /// received by broadcast (kept here for their lifetime even if persisting failed).
@@ -237,6 +240,8 @@ impl Worker {
             slot_freed: Notify::new(),
             draining: watch::channel(false).0,
             killing: Cell::new(false),
+            hurried: Cell::new(false),
+            hurry_now: Notify::new(),
             running: RefCell::default(),
             revoked: RefCell::default(),
             revoked_here: RefCell::default(),
@@ -417,19 +422,32 @@ impl Worker {
                 self.store(&record, None).await;
             }
         }
-        self.stats.borrow_mut().failed += 1;
+        {
+            let mut stats = self.stats.borrow_mut();
+            stats.processed += 1;
+            stats.failed += 1;
+        }
         self.ack(delivery).await;
     }
 
+    /// Makes the shutdown skip its grace period: running tasks are stopped and requeued
+    /// at once. For a worker whose supervisor is gone, which must hand back what it holds
+    /// and exit promptly rather than run on unsupervised.
+    pub fn hurry(&self) {
+        self.hurried.set(true);
+        self.hurry_now.notify_one();
+    }
+
     async fn drain(&self, mut handlings: Handlings) {
-        tracing::info!(in_progress = self.in_progress.get(), grace = ?self.cfg.shutdown_grace, "draining: no new messages; waiting for running tasks");
+        let grace = if self.hurried.get() { Duration::ZERO } else { self.cfg.shutdown_grace };
+        tracing::info!(in_progress = self.in_progress.get(), grace = ?grace, "draining: no new messages; waiting for running tasks");
         self.draining.send_replace(true);
-        let deadline = tokio::time::sleep(self.cfg.shutdown_grace);
+        let deadline = tokio::time::sleep(grace);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 next = handlings.next() => if next.is_none() { break },
-                _ = &mut deadline, if !self.killing.get() => {
+                _ = async { tokio::select! { _ = &mut deadline => {}, _ = self.hurry_now.notified() => {} } }, if !self.killing.get() => {
                     tracing::warn!(running = self.running.borrow().len(), "grace period over: stopping running tasks and requeueing them");
                     self.killing.set(true);
                     for running in self.running.borrow().values() {
@@ -964,6 +982,7 @@ impl Worker {
     /// REVOKED (`revoked` or `expired`) for a message that will not run; a chord it
     /// belongs to counts it as failed, as Celery does.
     async fn skip_unrun(&self, delivery: &Delivery, decoded: &Decoded, reason: &str, ignore_result: bool) {
+        self.stats.borrow_mut().processed += 1;
         let mut record = ResultRecord::revoked(&decoded.headers.id, reason);
         link_fields(&mut record, decoded);
         let stored = ignore_result || self.store(&record, None).await;
@@ -981,6 +1000,7 @@ impl Worker {
         reason: String,
         ignore_result: bool,
     ) {
+        self.stats.borrow_mut().processed += 1;
         if !self.dead_letter(delivery, Some(decoded), reason.clone()).await {
             self.restore(delivery).await;
             return;
