@@ -3,11 +3,20 @@ CARGO ?= cargo
 PLUGINS_DIR ?= dist/plugins
 TASKHOST := target/debug/taskhost
 
-.PHONY: run test plugins build bench test-deps clean
+.PHONY: run test plugins build bench test-deps clean install
+## Where `make install` puts the binary: $(PREFIX)/bin/taskhost.
+PREFIX ?= $(HOME)/.local
 
-## Serve the example plugins on the embedded broker (builds everything first).
+## Serve the example plugins on the embedded broker (builds everything first);
+## `make run BROKER=redis://127.0.0.1:6379/0` serves a Redis instead (examples/producer.py).
 run: plugins build
-	$(TASKHOST) serve --plugins $(PLUGINS_DIR)
+	$(TASKHOST) serve --plugins $(PLUGINS_DIR) $(if $(BROKER),--broker $(BROKER))
+
+## A release build of taskhost on PATH (as $(PREFIX)/bin/taskhost).
+install:
+	$(CARGO) install --locked --path host --root $(PREFIX)
+	@echo "installed $(PREFIX)/bin/taskhost; make sure $(PREFIX)/bin is on PATH"
+
 
 ## The whole test suite: installs what it needs, builds plugins once, runs every test.
 test: test-deps plugins

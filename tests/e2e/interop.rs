@@ -358,9 +358,13 @@ fn the_celery_comparison_benchmark_runs_in_smoke_size() {
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let table = stdout(&out);
     assert!(table.contains("celery prefork -c 2") && table.contains("taskhost -p"), "{table}");
-    let written = std::fs::read_dir(out_dir.path()).unwrap().next().unwrap().unwrap().path();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(written).unwrap()).unwrap();
+    let written: Vec<std::path::PathBuf> = std::fs::read_dir(out_dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    let json_path = written.iter().find(|p| p.extension().is_some_and(|e| e == "json")).expect("a JSON of results");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
     assert_eq!(json["systems"].as_object().unwrap().len(), 3);
+    let chart = std::fs::read_to_string(json_path.with_extension("svg")).expect("a chart beside the JSON");
+    assert!(chart.starts_with("<svg") || chart.starts_with("<?xml"), "{}", &chart[..chart.len().min(200)]);
+    assert!(chart.contains("taskhost"), "the chart names taskhost");
 }
 
 #[test]

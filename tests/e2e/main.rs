@@ -7,6 +7,7 @@ mod beat;
 mod canvas;
 mod cli;
 mod conformance;
+mod first_run;
 mod hardening;
 mod interop;
 mod runtime;

@@ -109,9 +109,40 @@ fn compile_one(ceilings: Ceilings) -> Result<(), CliError> {
     runtime.compile_into_cache(&bytes).map_err(CliError::failed)
 }
 
+/// Compiles what the cache lacks, saying on stderr what it is doing: a large component
+/// takes many seconds, and a silent terminal looks hung.
 fn compile(dir: PathBuf, ceilings: Ceilings) -> Result<(), CliError> {
-    let all = open(dir, ceilings)?.all();
+    let started = std::time::Instant::now();
+    eprintln!("compiling {} (cached ones are only mapped)…", crate::registry::describe_dir(&dir));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut said = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let secs = started.elapsed().as_secs();
+                if secs >= said + 5 {
+                    said = secs;
+                    eprintln!("  … still compiling ({secs} s)");
+                }
+            }
+        })
+    };
+    let opened = open(dir, ceilings);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = ticker.join();
+    let all = opened?.all();
+    for tv in &all {
+        let how = if tv.component.from_cache { "cached".to_string() } else { format!("compiled in {:.1} s", tv.load_time.as_secs_f64()) };
+        eprintln!("  {}@{}  {how}", tv.name, tv.version);
+    }
     let compiled = all.iter().filter(|tv| !tv.component.from_cache).count();
-    println!("{} components: {compiled} compiled, {} already cached", all.len(), all.len() - compiled);
+    println!(
+        "{} components: {compiled} compiled, {} already cached ({:.1} s)",
+        all.len(),
+        all.len() - compiled,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

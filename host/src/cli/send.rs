@@ -152,11 +152,7 @@ pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliEr
             return Ok(());
         }
         let backend = super::connect_backend(&backend_url, None).await?;
-        let timeout = args.timeout.map(Duration::from_secs_f64);
-        let record = backend.wait(&task.id, timeout).await.map_err(|e| match e {
-            BackendError::Timeout { .. } => CliError::failed(anyhow!("{e}")),
-            other => CliError::failed(other),
-        })?;
+        let record = wait_with_hint(backend.as_ref(), &task.id, &task.queue, args.timeout).await?;
         print_outcome(&task_name, &record)
     })
 }
@@ -199,6 +195,48 @@ fn send_workflow(args: &SendArgs, spec: &str, broker_url: &str, backend_url: &st
             println!("{}", values.pop().unwrap_or(Value::Null));
         }
         Ok(())
+    })
+}
+
+/// How long `--wait` waits before saying that no worker may be taking the task.
+const HINT_AFTER: Duration = Duration::from_secs(10);
+
+/// Waits for a task's outcome. If nothing, not even STARTED, shows up for
+/// [`HINT_AFTER`], says on stderr which queue it waits in and how to serve that queue:
+/// the usual cause is a worker not consuming it. A `--timeout` ends the wait with the
+/// same hint.
+async fn wait_with_hint(
+    backend: &dyn crate::backend::ResultBackend,
+    id: &str,
+    queue: &str,
+    timeout: Option<f64>,
+) -> Result<ResultRecord, CliError> {
+    let started = std::time::Instant::now();
+    let limit = timeout.map(Duration::from_secs_f64);
+    let hint = || {
+        format!(
+            "no worker has started it; it waits in queue {queue:?}. Is a worker consuming that queue? \
+             (`taskhost serve -Q {queue}`, or `serve` with no -Q, which serves `celery` and the queues manifests name)"
+        )
+    };
+    let first = limit.map_or(HINT_AFTER, |l| l.min(HINT_AFTER));
+    match backend.wait(id, Some(first)).await {
+        Ok(record) => return Ok(record),
+        Err(BackendError::Timeout { .. }) => {}
+        Err(other) => return Err(CliError::failed(other)),
+    }
+    let untouched = matches!(backend.get(id).await, Ok(None));
+    if limit.is_some_and(|l| started.elapsed() >= l) {
+        let why = if untouched { hint() } else { "it has not finished".to_string() };
+        return Err(CliError::NotReady(anyhow!("task {id}: gave up waiting after {}s: {why}", timeout.unwrap_or(0.0))));
+    }
+    if untouched {
+        eprintln!("still waiting for task {id} after {}s: {}", HINT_AFTER.as_secs(), hint());
+    }
+    let rest = limit.map(|l| l.saturating_sub(started.elapsed()));
+    backend.wait(id, rest).await.map_err(|e| match e {
+        BackendError::Timeout { .. } => CliError::NotReady(anyhow!("task {id}: {e}")),
+        other => CliError::failed(other),
     })
 }
 

@@ -33,6 +33,8 @@ pub struct TaskVersion {
     pub component: LoadedComponent,
     pub path: PathBuf,
     pub size: u64,
+    /// How long reading, compiling (or mapping) and linking it took.
+    pub load_time: Duration,
     limits: TaskLimits,
 }
 
@@ -384,6 +386,7 @@ impl Registry {
     }
 
     fn load_file(&self, path: &Path) -> Result<TaskVersion, FileError> {
+        let started = std::time::Instant::now();
         let file_name = path.file_name().and_then(|n| n.to_str()).ok_or(FileError::BadName)?;
         let (name, version) = parse_file_name(file_name)?;
         let ceilings = self.ceilings();
@@ -411,7 +414,16 @@ impl Registry {
             self.state.write().unwrap_or_else(|p| p.into_inner()).failed.insert(digest.clone(), e.to_string());
         })?;
         let limits = limits_within(&manifest, ceilings);
-        Ok(TaskVersion { name, version, manifest, component, path: path.to_path_buf(), size: bytes.len() as u64, limits })
+        Ok(TaskVersion {
+            name,
+            version,
+            manifest,
+            component,
+            path: path.to_path_buf(),
+            size: bytes.len() as u64,
+            load_time: started.elapsed(),
+            limits,
+        })
     }
 
     /// Whether a file naming task `name` is being loaded right now: a message for it
