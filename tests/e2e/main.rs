@@ -10,5 +10,6 @@ mod conformance;
 mod first_run;
 mod hardening;
 mod interop;
+mod readme;
 mod runtime;
 mod semantics;
