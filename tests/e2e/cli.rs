@@ -59,7 +59,8 @@ fn run_fails_clearly() {
 
     let out = run("tasks.nope", &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(stderr(&out), "error: no component serves task tasks.nope");
+    let searched = format!("error: no component serves task tasks.nope (searched {} (", plugins_dir().display());
+    assert!(stderr(&out).starts_with(&searched) && stderr(&out).ends_with(" components))"), "{}", stderr(&out));
 
     let out = run("tasks.add", &["--args", "{}"]);
     assert_eq!(out.status.code(), Some(2));
