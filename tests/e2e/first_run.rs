@@ -63,19 +63,26 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
+/// `taskhost serve -p 2 <extra>` (a supervisor and two workers) logging to `log`.
+fn supervisor(broker: &str, extra: &[&str], log: &std::path::Path) -> std::process::Child {
+    let file = std::fs::File::create(log).unwrap();
+    Command::new(taskhost_bin())
+        .args(["serve", "-p", "2", "--broker", broker])
+        .args(extra)
+        .arg("--plugins")
+        .arg(plugins_dir())
+        .env("TASKHOST_CACHE_DIR", cache_dir())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn workers_exit_with_their_killed_supervisor_and_hand_back_their_messages() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-    let mut supervisor = Command::new(taskhost_bin())
-        .args(["serve", "-p", "2", "-c", "1", "--broker", &redis.url(), "--plugins"])
-        .arg(plugins_dir())
-        .env("TASKHOST_CACHE_DIR", cache_dir())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut supervisor = supervisor(&redis.url(), &["-c", "1"], &dir.path().join("serve.log"));
     let ids: Vec<String> =
         (0..6).map(|_| stdout(&send(&redis.url(), &["tasks.sleep", "--args", "[20000]"]))).collect();
     // Two running (one per worker), the rest held or queued.
@@ -108,15 +115,7 @@ fn the_supervisor_says_how_a_worker_ended() {
     let (_dir, broker) = embedded_broker();
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("serve.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut supervisor = Command::new(taskhost_bin())
-        .args(["serve", "-p", "2", "--broker", &broker, "--plugins"])
-        .arg(plugins_dir())
-        .env("TASKHOST_CACHE_DIR", cache_dir())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut supervisor = supervisor(&broker, &[], &log_path);
     let deadline = Instant::now() + Duration::from_secs(30);
     let worker = loop {
         let text = std::fs::read_to_string(&log_path).unwrap();

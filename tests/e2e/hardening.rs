@@ -368,13 +368,19 @@ fn manifests_above_the_ceilings_do_not_load_and_plugins_list_says_why() {
     std::fs::copy(plugin("tasks.add@1.0.0.wasm"), dir.path().join("tasks.add@1.0.0.wasm")).unwrap();
     std::fs::write(dir.path().join("tasks.add@1.0.0.toml"), "max_retries = 4000000000\nmemory_limit = \"64MiB\"\n").unwrap();
     std::fs::copy(plugin("tasks.mul@1.0.0.wasm"), dir.path().join("tasks.mul@1.0.0.wasm")).unwrap();
-    let out = run_bounded(
-        std::process::Command::new(taskhost_bin())
-            .args(["plugins", "list", "--plugins"])
-            .arg(dir.path())
-            .env("TASKHOST_CACHE_DIR", cache_dir()),
-        Duration::from_secs(60),
-    );
+    // Bounded: a FIFO must not hang it.
+    let list = |extra: &[&str]| {
+        run_bounded(
+            std::process::Command::new(taskhost_bin())
+                .args(["plugins", "list"])
+                .args(extra)
+                .arg("--plugins")
+                .arg(dir.path())
+                .env("TASKHOST_CACHE_DIR", cache_dir()),
+            Duration::from_secs(60),
+        )
+    };
+    let out = list(&[]);
     let (so, se) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "{so}\n{se}");
     assert!(so.contains("tasks.mul"), "{so}");
@@ -384,21 +390,9 @@ fn manifests_above_the_ceilings_do_not_load_and_plugins_list_says_why() {
     // A FIFO in the directory does not hang the listing.
     let fifo = std::ffi::CString::new(dir.path().join("x@1.0.0.wasm").to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
-    let out = run_bounded(
-        std::process::Command::new(taskhost_bin())
-            .args(["plugins", "list", "--max-time-limit", "1e31", "--plugins"])
-            .arg(dir.path())
-            .env("TASKHOST_CACHE_DIR", cache_dir()),
-        Duration::from_secs(60),
-    );
+    let out = list(&["--max-time-limit", "1e31"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    let out = run_bounded(
-        std::process::Command::new(taskhost_bin())
-            .args(["plugins", "list", "--plugins"])
-            .arg(dir.path())
-            .env("TASKHOST_CACHE_DIR", cache_dir()),
-        Duration::from_secs(60),
-    );
+    let out = list(&[]);
     assert!(stderr(&out).contains("is not a regular file"), "{}", stderr(&out));
 }
 

@@ -35,7 +35,9 @@ pub(super) fn in_child(
     let dir = cache.dir().ok_or_else(|| LoadError::Compile("compiling in a child needs a compile cache".into()))?;
     let mut child = Command::new(exe)
         .args(CHILD_ARGS)
+        // What shapes the compiled code (the memory reservation) and what the child reads.
         .args(["--max-task-memory", &ceilings.max_task_memory.to_string()])
+        .args(["--max-component-size", &ceilings.max_component_size.to_string()])
         .env("TASKHOST_CACHE_DIR", dir)
         .env("RUST_LOG", "error")
         .stdin(Stdio::piped())
