@@ -523,3 +523,18 @@ fn longest_uninterruptible_instruction_at_the_isolation_threshold() {
     }
     println!("memory.fill over {} MiB, fresh instance each: {times:?}", (pages as u64) >> 4);
 }
+
+#[test]
+fn out_of_range_durations_on_the_command_line_are_usage_errors_not_panics() {
+    let (_dir, broker) = embedded_broker();
+    for args in [
+        vec!["result", "some-id", "--wait", "--timeout", "-1"],
+        vec!["result", "some-id", "--wait", "--timeout", "1e30"],
+        vec!["serve", "--shutdown-grace", "1e30"],
+        vec!["revoke", "some-id", "--expires", "1e30"],
+    ] {
+        let out = cli(&broker, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+    }
+}

@@ -84,7 +84,7 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
     if !(secs >= 0.1 && secs.is_finite()) {
         return Err(format!("interval {text:?} must be at least 100ms"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("interval {text:?} is too long"))
 }
 
 pub fn parse(text: &str) -> Result<Vec<Entry>, ScheduleError> {
@@ -108,7 +108,7 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, ScheduleError> {
         };
         let expires = match e.expires {
             Some(s) if !(s > 0.0 && s.is_finite()) => return Err(bad("expires must be positive seconds".into())),
-            other => other.map(Duration::from_secs_f64),
+            other => other.map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)),
         };
         out.push(Entry {
             name: e.name,

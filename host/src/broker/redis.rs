@@ -630,7 +630,7 @@ impl Broker for RedisBroker {
             .invoke_async(&mut self.conn())
             .await
             .map_err(cmd_err)?;
-        Ok(Duration::from_secs_f64(wait.parse::<f64>().unwrap_or(0.0).max(0.0)))
+        Ok(Duration::try_from_secs_f64(wait.parse::<f64>().unwrap_or(0.0).max(0.0)).unwrap_or(Duration::MAX))
     }
 
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {

@@ -529,7 +529,7 @@ impl Broker for SqliteBroker {
                     params![key, start + interval],
                 )?;
                 tx.commit()?;
-                Ok(Duration::from_secs_f64((start - now).max(0.0)))
+                Ok(Duration::try_from_secs_f64((start - now).max(0.0)).unwrap_or(Duration::MAX))
             })
             .await
             .map_err(err)

@@ -14,7 +14,11 @@ pub struct Lineage<'a> {
 }
 
 fn seconds(v: &Value) -> Option<TimeDelta> {
-    v.as_f64().filter(|s| s.is_finite() && *s >= 0.0).and_then(|s| TimeDelta::from_std(std::time::Duration::from_secs_f64(s)).ok())
+    // Checked all the way: a countdown of 1e300 from a producer is "never", not a panic.
+    v.as_f64()
+        .filter(|s| *s >= 0.0)
+        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+        .and_then(|d| TimeDelta::from_std(d).ok())
 }
 
 fn time_option(v: Option<&Value>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {

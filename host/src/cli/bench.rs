@@ -161,7 +161,7 @@ fn measure_here(args: &RuntimeBench) -> Result<RuntimeFigures, CliError> {
         kwargs: "{}".into(),
         ..Default::default()
     };
-    let measure = Duration::from_secs_f64(args.seconds);
+    let measure = super::seconds_flag(Some(args.seconds), "--seconds")?.unwrap_or_default();
     let warmup = Duration::from_millis(300);
     let rt = current_thread_runtime()?;
     let control = Arc::new(RunControl::default());

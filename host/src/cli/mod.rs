@@ -147,6 +147,17 @@ pub(crate) async fn connect_backend(
         .map_err(CliError::Usage)
 }
 
+/// A seconds flag (`--timeout 2.5`) as a duration: negative, NaN or out-of-range values
+/// are a usage error, never a panic.
+pub(crate) fn seconds_flag(value: Option<f64>, flag: &str) -> Result<Option<std::time::Duration>, CliError> {
+    value
+        .map(|v| {
+            std::time::Duration::try_from_secs_f64(v)
+                .map_err(|_| CliError::usage(anyhow::anyhow!("{flag} must be a non-negative number of seconds, got {v}")))
+        })
+        .transpose()
+}
+
 /// A single-threaded async runtime: one per process, as the process model wants.
 pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CliError::usage)

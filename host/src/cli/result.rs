@@ -2,7 +2,6 @@
 
 use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
-use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct ResultArgs {
@@ -27,7 +26,8 @@ pub fn run(args: ResultArgs, file: &super::config::FileConfig) -> Result<(), Cli
     rt.block_on(async {
         let backend = super::connect_backend(&backend_url, None).await?;
         let record = if args.wait {
-            Some(backend.wait(&args.id, args.timeout.map(Duration::from_secs_f64)).await.map_err(CliError::failed)?)
+            let timeout = super::seconds_flag(args.timeout, "--timeout")?;
+            Some(backend.wait(&args.id, timeout).await.map_err(CliError::failed)?)
         } else {
             backend.get(&args.id).await.map_err(CliError::failed)?
         };

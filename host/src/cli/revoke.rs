@@ -32,7 +32,7 @@ pub fn run(args: RevokeArgs, file: &super::config::FileConfig) -> Result<(), Cli
     let (broker_url, backend_url) = args.broker.urls(file);
     let lifetime = match args.expires {
         Some(s) if !(s.is_finite() && s > 0.0) => return Err(CliError::usage(anyhow!("--expires must be positive"))),
-        Some(s) => Duration::from_secs_f64(s),
+        Some(s) => Duration::try_from_secs_f64(s).map_err(|_| CliError::usage(anyhow!("--expires {s} is too large")))?,
         None => REVOKE_LIFETIME,
     };
     let rt = current_thread_runtime()?;

@@ -94,7 +94,7 @@ pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliEr
         if !(v.is_finite() && v >= 0.0) {
             return Err(CliError::usage(anyhow!("{flag} must be a non-negative number of seconds")));
         }
-        Ok(TimeDelta::from_std(Duration::from_secs_f64(v)).unwrap_or(TimeDelta::MAX))
+        Ok(Duration::try_from_secs_f64(v).ok().and_then(|d| TimeDelta::from_std(d).ok()).unwrap_or(TimeDelta::MAX))
     };
     let eta = match (&args.countdown, &args.eta) {
         (Some(c), _) => Some(now + secs(*c, "--countdown")?),
@@ -180,7 +180,7 @@ fn send_workflow(args: &SendArgs, spec: &str, broker_url: &str, backend_url: &st
             }
             return Ok(());
         }
-        let timeout = args.timeout.map(Duration::from_secs_f64);
+        let timeout = super::seconds_flag(args.timeout, "--timeout")?;
         let mut values = Vec::new();
         for id in &plan.results {
             let record = backend.wait(id, timeout).await.map_err(CliError::failed)?;
@@ -212,7 +212,7 @@ async fn wait_with_hint(
     timeout: Option<f64>,
 ) -> Result<ResultRecord, CliError> {
     let started = std::time::Instant::now();
-    let limit = timeout.map(Duration::from_secs_f64);
+    let limit = super::seconds_flag(timeout, "--timeout")?;
     let hint = || {
         format!(
             "no worker has started it; it waits in queue {queue:?}. Is a worker consuming that queue? \

@@ -155,7 +155,7 @@ impl Settings {
 
 fn positive(v: f64, flag: &str) -> Result<Duration, CliError> {
     if v.is_finite() && v >= 0.0 {
-        Ok(Duration::from_secs_f64(v))
+        Duration::try_from_secs_f64(v).map_err(|_| CliError::usage(anyhow!("{flag} {v} is too large")))
     } else {
         Err(CliError::usage(anyhow!("{flag} must be a non-negative number of seconds")))
     }
