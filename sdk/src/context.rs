@@ -1,5 +1,5 @@
-//! The task's view of its own run: identity, logging, progress, time left and revocation,
-//! each a thin call into the host imports of `wit/task.wit`.
+//! The task's view of its own run: identity, logging, progress, time left, revocation and
+//! follow-up tasks, each a thin call into the host imports of `wit/task.wit`.
 
 use crate::bindings::taskhost::task::host;
 use crate::bindings::taskhost::task::types::TaskInfo;
@@ -69,4 +69,52 @@ impl Context {
     pub fn is_revoked(&self) -> bool {
         host::is_revoked()
     }
+
+    /// Sends a follow-up task, like Celery's `send_task` from inside a task: its parent is
+    /// this task. `args` must serialize to a JSON array, `kwargs` to an object (`()` is
+    /// read as "none"). Allowed only to names the manifest grants (`[grants] send_tasks`);
+    /// returns the new task's id, or why the host refused.
+    pub fn send_task(
+        &self,
+        name: &str,
+        args: &impl serde::Serialize,
+        kwargs: &impl serde::Serialize,
+        options: &SendOptions,
+    ) -> Result<String, String> {
+        let args = json_or(args, "[]").map_err(|e| format!("send_task({name}): args: {e}"))?;
+        let kwargs = json_or(kwargs, "{}").map_err(|e| format!("send_task({name}): kwargs: {e}"))?;
+        host::send_task(name, &args, &kwargs, &options.to_wit())
+    }
+}
+
+/// How [`Context::send_task`] publishes; every field optional.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SendOptions {
+    /// Queue; none: the target's manifest queue where the worker knows it, else `celery`.
+    pub queue: Option<String>,
+    /// Seconds before it may run.
+    pub countdown: Option<f64>,
+    /// 0 (first) to 9.
+    pub priority: Option<u8>,
+    /// Semver requirement on the target's component version, e.g. `"^1.2"`.
+    pub version: Option<String>,
+}
+
+impl SendOptions {
+    fn to_wit(&self) -> crate::bindings::taskhost::task::types::SendOptions {
+        crate::bindings::taskhost::task::types::SendOptions {
+            queue: self.queue.clone(),
+            countdown: self.countdown,
+            priority: self.priority,
+            version: self.version.clone(),
+        }
+    }
+}
+
+/// `value` as JSON text, or `empty` where it serializes to null (`()`, `None`).
+fn json_or(value: &impl serde::Serialize, empty: &str) -> Result<String, serde_json::Error> {
+    Ok(match serde_json::to_value(value)? {
+        serde_json::Value::Null => empty.to_string(),
+        other => other.to_string(),
+    })
 }

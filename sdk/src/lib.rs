@@ -11,7 +11,7 @@
 //! ```
 //!
 //! A parameter of type `&Context` receives the task's context (id, retries, logging,
-//! progress, remaining time, revocation) and is not counted as an argument.
+//! progress, remaining time, revocation, follow-up tasks) and is not counted as an argument.
 
 extern crate self as taskhost_sdk;
 
@@ -20,7 +20,7 @@ mod context;
 mod error;
 
 pub use args::{ArgError, Args};
-pub use context::{Context, LogLevel};
+pub use context::{Context, LogLevel, SendOptions};
 pub use error::TaskError;
 pub use taskhost_sdk_macros::task;
 

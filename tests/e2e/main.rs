@@ -5,6 +5,7 @@ mod support;
 
 mod beat;
 mod canvas;
+mod capabilities;
 mod cli;
 mod conformance;
 mod first_run;

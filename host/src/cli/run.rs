@@ -102,7 +102,13 @@ pub fn run(args: RunArgs, file: &super::config::FileConfig) -> Result<(), CliErr
     input.root_id = Some(input.id.clone());
     let version = task.version.to_string();
     loop {
-        let run = rt.block_on(runtime.run(&task.component, &version, input.clone(), &limits, Arc::new(RunControl::default())));
+        // Follow-ups are shown, not run: there is no broker here to publish them to.
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
+        let control = RunControl::default().with_sent_tasks(sent_tx).with_grants(task.grants());
+        let run = rt.block_on(runtime.run(&task.component, &version, input.clone(), &limits, Arc::new(control)));
+        while let Ok(sent) = sent_rx.try_recv() {
+            eprintln!("[{} sent] {} [{}] args {} kwargs {} (not run by `taskhost run`)", task.name, sent.name, sent.id, sent.args, sent.kwargs);
+        }
         for (stream, captured) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
             if !captured.text.is_empty() {
                 eprint!("[{} {stream}] {}", task.name, captured.text);

@@ -41,6 +41,21 @@ pub struct Manifest {
     /// Exact clocks (nanoseconds) instead of the operator's coarse ones; honoured only
     /// where the operator sets `allow_precise_clocks`.
     pub precise_clocks: Option<bool>,
+    /// Follow-up tasks one run may send with `send-task` (default 100).
+    pub max_sent_tasks: Option<u32>,
+    /// What the task may reach beyond its arguments; absent means nothing.
+    #[serde(default)]
+    pub grants: GrantsTable,
+}
+
+/// A manifest's `[grants]` table. Only what is named is allowed; unknown keys are errors,
+/// so a grant this worker does not implement yet is refused rather than ignored.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantsTable {
+    /// Task names (`*` matches any run of characters) `send-task` may publish.
+    #[serde(default)]
+    pub send_tasks: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -78,6 +93,9 @@ impl Manifest {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(ManifestError::NotPositive { field: "default_retry_delay", value: v });
             }
+        }
+        if let Some(bad) = self.grants.send_tasks.iter().find(|p| p.is_empty() || p.chars().any(char::is_whitespace)) {
+            return Err(ManifestError::Parse(format!("[grants] send_tasks: {bad:?} is not a task name or pattern")));
         }
         if let (Some(soft), Some(hard)) = (self.soft_time_limit, self.time_limit) {
             if soft >= hard {
@@ -292,8 +310,13 @@ mod tests {
         let err = |text: &str| Manifest::parse(text).unwrap_err().to_string();
         assert_eq!(
             err("queue = \"q\"\ntimeout = 3"),
-            "unknown field `timeout`, expected one of `queue`, `time_limit`, `soft_time_limit`, `memory_limit`, `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`, `retry_jitter`, `autoretry`, `rate_limit`, `rate_limit_scope`, `acks_late`, `ignore_result`, `precise_clocks`"
+            "unknown field `timeout`, expected one of `queue`, `time_limit`, `soft_time_limit`, `memory_limit`, `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`, `retry_jitter`, `autoretry`, `rate_limit`, `rate_limit_scope`, `acks_late`, `ignore_result`, `precise_clocks`, `max_sent_tasks`, `grants`"
         );
+        assert_eq!(
+            err("[grants]\nhttp = [\"https://api.example.com\"]"),
+            "unknown field `http`, expected `send_tasks`"
+        );
+        assert_eq!(err("[grants]\nsend_tasks = [\"\"]"), "[grants] send_tasks: \"\" is not a task name or pattern");
         assert_eq!(err("time_limit = 0"), "time_limit must be a positive number of seconds, got 0");
         assert_eq!(err("time_limit = 1\nsoft_time_limit = 2"), "soft_time_limit (2s) must be below time_limit (1s)");
         assert_eq!(

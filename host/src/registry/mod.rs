@@ -12,7 +12,7 @@ pub mod manifest;
 pub use manifest::{AutoRetry, Backoff, ByteSize, Manifest, ManifestError, RateLimit, RateLimitScope};
 
 use crate::ceilings::Ceilings;
-use crate::runtime::{LoadedComponent, Runtime, TaskLimits, DEFAULT_HARD_LIMIT, DEFAULT_MEMORY_LIMIT};
+use crate::runtime::{Grants, LoadedComponent, Runtime, TaskLimits, DEFAULT_HARD_LIMIT, DEFAULT_MAX_SENT_TASKS, DEFAULT_MEMORY_LIMIT};
 use semver::{Version, VersionReq};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -36,12 +36,18 @@ pub struct TaskVersion {
     /// How long reading, compiling (or mapping) and linking it took.
     pub load_time: Duration,
     limits: TaskLimits,
+    grants: Arc<Grants>,
 }
 
 impl TaskVersion {
     /// Limits from the manifest, or the defaults, within the operator's ceilings.
     pub fn limits(&self) -> TaskLimits {
         self.limits
+    }
+
+    /// What its manifest grants each run.
+    pub fn grants(&self) -> Arc<Grants> {
+        self.grants.clone()
     }
 }
 
@@ -414,6 +420,10 @@ impl Registry {
             self.state.write().unwrap_or_else(|p| p.into_inner()).failed.insert(digest.clone(), e.to_string());
         })?;
         let limits = limits_within(&manifest, ceilings);
+        let grants = Arc::new(Grants {
+            send_tasks: manifest.grants.send_tasks.clone(),
+            max_sent_tasks: manifest.max_sent_tasks.unwrap_or(DEFAULT_MAX_SENT_TASKS),
+        });
         Ok(TaskVersion {
             name,
             version,
@@ -423,6 +433,7 @@ impl Registry {
             size: bytes.len() as u64,
             load_time: started.elapsed(),
             limits,
+            grants,
         })
     }
 

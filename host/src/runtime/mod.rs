@@ -8,11 +8,13 @@ mod bindings;
 mod cache;
 mod clocks;
 mod compile;
+mod grants;
 mod limits;
 mod output;
 mod sandbox;
 
 pub use compile::CHILD_ARGS as COMPILER_CHILD_ARGS;
+pub use grants::{Grants, SentTask, DEFAULT_MAX_SENT_TASKS};
 pub use output::Captured;
 pub use sandbox::{
     Progress, MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_STATE_BYTES, MAX_PROGRESS_UPDATES,
@@ -128,7 +130,7 @@ pub enum RuntimeError {
 pub enum LoadError {
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("component does not fit the taskhost:task@0.1.0 world: {0}")]
+    #[error("component does not fit the taskhost:task world (0.2.0 or 0.1.0): {0}")]
     Incompatible(String),
 }
 
@@ -163,7 +165,8 @@ impl Default for TaskLimits {
     }
 }
 
-/// The worker's handle on a running task: revoke it, receive its progress updates.
+/// The worker's handle on a running task: revoke it, receive its progress updates and
+/// the follow-ups it sends, and what it is granted.
 #[derive(Default)]
 pub struct RunControl {
     /// Set by a plain revoke: the guest sees it through `is-revoked` and may stop.
@@ -172,11 +175,25 @@ pub struct RunControl {
     terminated: AtomicBool,
     wake: tokio::sync::Notify,
     progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+    sent: Option<tokio::sync::mpsc::UnboundedSender<SentTask>>,
+    grants: Arc<Grants>,
 }
 
 impl RunControl {
     pub fn with_progress(sink: tokio::sync::mpsc::UnboundedSender<Progress>) -> Self {
         RunControl { progress: Some(sink), ..Default::default() }
+    }
+
+    /// Where the follow-ups the task sends go; without a sink `send-task` is refused.
+    pub fn with_sent_tasks(mut self, sink: tokio::sync::mpsc::UnboundedSender<SentTask>) -> Self {
+        self.sent = Some(sink);
+        self
+    }
+
+    /// What the task may reach (nothing by default).
+    pub fn with_grants(mut self, grants: Arc<Grants>) -> Self {
+        self.grants = grants;
+        self
     }
 
     /// Stops the task at its next epoch tick or host wait (within about one tick).
@@ -381,6 +398,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::taskhost::task::host::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        bindings::v0_1::taskhost::task::host::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache = cache::CompileCache::new(&engine, config.cache_dir.clone());
         let ticker = EpochTicker::start(&engine);

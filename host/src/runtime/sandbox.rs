@@ -8,6 +8,9 @@
 //! default; exact only where a manifest asks and the operator allows).
 
 use super::bindings::taskhost::task::host::{Host, LogLevel};
+use super::bindings::taskhost::task::types::SendOptions;
+use super::bindings::v0_1::taskhost::task::host as host_v0_1;
+use super::grants::SentTask;
 use super::clocks::{CoarseMonotonicClock, CoarseWallClock};
 use super::limits::MemoryLimiter;
 use super::output::CappedPipe;
@@ -53,6 +56,9 @@ pub(super) struct TaskState {
     log_bytes: usize,
     pub logs_dropped: u64,
     progress_sent: u32,
+    tasks_sent: u32,
+    /// Requests refused for want of a grant, for the worker's counters.
+    pub denials: u32,
 }
 
 impl TaskState {
@@ -87,6 +93,8 @@ impl TaskState {
             log_bytes: 0,
             logs_dropped: 0,
             progress_sent: 0,
+            tasks_sent: 0,
+            denials: 0,
         }
     }
 }
@@ -141,5 +149,110 @@ impl Host for TaskState {
 
     fn is_revoked(&mut self) -> wasmtime::Result<bool> {
         Ok(self.control.is_revoked())
+    }
+
+    fn send_task(
+        &mut self,
+        name: String,
+        args_json: String,
+        kwargs_json: String,
+        options: SendOptions,
+    ) -> wasmtime::Result<Result<String, String>> {
+        Ok(self.check_send(&name, &args_json, &kwargs_json, &options).and_then(|()| {
+            let id = uuid::Uuid::new_v4().to_string();
+            let sink = self.control.sent.as_ref().ok_or("send-task is not available here: no worker publishes follow-ups")?;
+            let sent = SentTask {
+                id: id.clone(),
+                name,
+                args: args_json,
+                kwargs: kwargs_json,
+                queue: options.queue,
+                countdown: options.countdown,
+                priority: options.priority,
+                version: options.version,
+            };
+            sink.send(sent).map_err(|_| "send-task is no longer possible: the worker stopped listening".to_string())?;
+            self.tasks_sent += 1;
+            Ok(id)
+        }))
+    }
+}
+
+/// Longest task name a follow-up may carry.
+const MAX_TASK_NAME: usize = 256;
+/// Largest args or kwargs of a follow-up (each), as JSON text.
+const MAX_SENT_ARGS_BYTES: usize = 256 << 10;
+
+impl TaskState {
+    /// Why a `send-task` request is refused, if it is: not granted, over the run's
+    /// allowance, or malformed. A refusal is the guest's error, never a trap.
+    fn check_send(&mut self, name: &str, args: &str, kwargs: &str, options: &SendOptions) -> Result<(), String> {
+        let grants = self.control.grants.clone();
+        if !grants.may_send(name) {
+            self.denials += 1;
+            tracing::warn!(task_id = %self.task_id, task = %self.task_name, target = %name, "send-task denied: not granted");
+            return Err(format!(
+                "send-task to {name:?} denied: not granted (a manifest grants it with [grants] send_tasks = [{name:?}])"
+            ));
+        }
+        if self.tasks_sent >= grants.max_sent_tasks {
+            self.denials += 1;
+            tracing::warn!(task_id = %self.task_id, task = %self.task_name, target = %name, "send-task denied: allowance spent");
+            return Err(format!(
+                "send-task to {name:?} denied: this run already sent {} tasks, all its manifest allows (max_sent_tasks)",
+                self.tasks_sent
+            ));
+        }
+        if name.is_empty() || name.len() > MAX_TASK_NAME || name.chars().any(char::is_control) {
+            return Err(format!("send-task: {name:?} is not a task name"));
+        }
+        let json = |text: &str, what: &str, object: bool| -> Result<(), String> {
+            if text.len() > MAX_SENT_ARGS_BYTES {
+                return Err(format!("send-task: {what} is {} bytes, above {MAX_SENT_ARGS_BYTES}", text.len()));
+            }
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(v) if (object && v.is_object()) || (!object && v.is_array()) => Ok(()),
+                Ok(_) => Err(format!("send-task: {what} must be a JSON {}", if object { "object" } else { "array" })),
+                Err(e) => Err(format!("send-task: {what} is not JSON: {e}")),
+            }
+        };
+        json(args, "args-json", false)?;
+        json(kwargs, "kwargs-json", true)?;
+        if options.priority.is_some_and(|p| p > 9) {
+            return Err("send-task: priority must be 0 to 9".into());
+        }
+        if options.countdown.is_some_and(|c| !(c.is_finite() && c >= 0.0)) {
+            return Err("send-task: countdown must be a non-negative number of seconds".into());
+        }
+        if let Some(req) = &options.version {
+            semver::VersionReq::parse(req).map_err(|e| format!("send-task: version {req:?} is not a semver requirement: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Components built against 0.1.0 call the same host through its older interface.
+impl host_v0_1::Host for TaskState {
+    fn log(&mut self, level: host_v0_1::LogLevel, message: String) -> wasmtime::Result<()> {
+        let level = match level {
+            host_v0_1::LogLevel::Trace => LogLevel::Trace,
+            host_v0_1::LogLevel::Debug => LogLevel::Debug,
+            host_v0_1::LogLevel::Info => LogLevel::Info,
+            host_v0_1::LogLevel::Warn => LogLevel::Warn,
+            host_v0_1::LogLevel::Error => LogLevel::Error,
+        };
+        Host::log(self, level, message)
+    }
+
+    fn set_progress(&mut self, state: String, meta: String) -> wasmtime::Result<()> {
+        Host::set_progress(self, state, meta)
+    }
+
+    fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
+        Host::remaining_ms(self)
+    }
+
+    fn is_revoked(&mut self) -> wasmtime::Result<bool> {
+        Host::is_revoked(self)
     }
 }

@@ -18,7 +18,7 @@ use crate::canvas;
 use crate::ceilings::Ceilings;
 use crate::protocol::{self, encode_task, Decoded, ExceptionInfo, OutgoingTask, ResultRecord};
 use crate::registry::{AutoRetry, Registry, TaskVersion};
-use crate::runtime::{Progress, RunControl, Runtime, TaskError, TaskInput, TaskLimits, TaskRun};
+use crate::runtime::{Progress, RunControl, Runtime, SentTask, TaskError, TaskInput, TaskLimits, TaskRun};
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
@@ -655,7 +655,10 @@ impl Worker {
             self.store(&started, None).await;
         }
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-        let control = Arc::new(RunControl::with_progress(progress_tx));
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<SentTask>();
+        let control =
+            Arc::new(RunControl::with_progress(progress_tx).with_sent_tasks(sent_tx).with_grants(task.grants()));
+        let mut sent_ids = Vec::new();
         let input = TaskInput {
             id: h.id.clone(),
             name: h.task.clone(),
@@ -691,11 +694,16 @@ impl Worker {
                     biased;
                     run = &mut running => break run,
                     Some(p) = progress_rx.recv() => self.store_progress(p, ignore_result).await,
+                    // Published as soon as asked, as Celery's apply_async inside a task is.
+                    Some(t) = sent_rx.recv() => sent_ids.push(self.publish_sent(t, decoded).await),
                 }
             }
         };
         while let Ok(p) = progress_rx.try_recv() {
             self.store_progress(p, ignore_result).await;
+        }
+        while let Ok(t) = sent_rx.try_recv() {
+            sent_ids.push(self.publish_sent(t, decoded).await);
         }
         self.running.borrow_mut().remove(&h.id);
         drop(slot);
@@ -712,7 +720,47 @@ impl Worker {
             }
             return;
         }
-        Box::pin(self.finish(delivery, decoded, task, run, ignore_result, acks_late)).await;
+        Box::pin(self.finish(delivery, decoded, task, run, sent_ids, ignore_result, acks_late)).await;
+    }
+
+    /// Publishes a follow-up a task sent (`send-task`): its parent is that task, its root
+    /// the task's root. With no queue named it goes where its own manifest routes it, if
+    /// this worker knows the task, else to `celery`. Returns its id.
+    async fn publish_sent(&self, sent: SentTask, decoded: &Decoded) -> String {
+        let h = &decoded.headers;
+        let queue = sent.queue.clone().unwrap_or_else(|| {
+            self.registry
+                .resolve(&sent.name, None)
+                .ok()
+                .and_then(|tv| tv.manifest.queue.clone())
+                .unwrap_or_else(|| DEFAULT_QUEUE.to_string())
+        });
+        let mut extra_headers = serde_json::Map::new();
+        if let Some(req) = &sent.version {
+            extra_headers.insert("taskhost_version".into(), serde_json::Value::from(req.clone()));
+        }
+        let eta = sent
+            .countdown
+            .and_then(|c| Duration::try_from_secs_f64(c).ok())
+            .and_then(|d| chrono::TimeDelta::from_std(d).ok())
+            .and_then(|d| Utc::now().checked_add_signed(d));
+        let msg = OutgoingTask {
+            task: sent.name.clone(),
+            id: sent.id.clone(),
+            args: serde_json::from_str(&sent.args).unwrap_or_default(),
+            kwargs: serde_json::from_str(&sent.kwargs).unwrap_or_default(),
+            queue,
+            priority: sent.priority.unwrap_or(0),
+            eta,
+            root_id: Some(h.root_id.clone().unwrap_or_else(|| h.id.clone())),
+            parent_id: Some(h.id.clone()),
+            origin: self.cfg.node_name.clone(),
+            extra_headers,
+            ..Default::default()
+        };
+        tracing::info!(task = %h.task, id = %h.id, sent = %msg.task, sent_id = %msg.id, queue = %msg.queue, "follow-up sent");
+        self.publish_task(&msg).await;
+        sent.id
     }
 
     async fn finish(
@@ -721,6 +769,7 @@ impl Worker {
         decoded: &Decoded,
         task: &TaskVersion,
         run: TaskRun,
+        sent_ids: Vec<String>,
         ignore_result: bool,
         acks_late: bool,
     ) {
@@ -744,7 +793,8 @@ impl Worker {
                 tracing::debug!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "succeeded: {json}");
                 self.stats.borrow_mut().succeeded += 1;
                 // Celery's order: next chain step and links first, then the SUCCESS naming them.
-                let children = self.hand_on(decoded, &value).await;
+                let mut children: Vec<serde_json::Value> = sent_ids.iter().map(|id| canvas::child_tuple(id)).collect();
+                children.extend(self.hand_on(decoded, &value).await);
                 let stored = ignore_result || {
                     let mut record = ResultRecord::success(&h.id, value.clone());
                     record.children = children;

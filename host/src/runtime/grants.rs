@@ -1,0 +1,82 @@
+//! What a task may reach beyond its arguments, as its manifest grants: today the
+//! follow-up tasks it may send. Everything not granted is denied, with a guest-visible
+//! error that names the grant that would allow it.
+
+/// Follow-ups one run may send when its manifest does not say (`max_sent_tasks`).
+pub const DEFAULT_MAX_SENT_TASKS: u32 = 100;
+
+/// One task version's grants, shared by all its runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grants {
+    /// Task names (or patterns with `*`) `send-task` may publish.
+    pub send_tasks: Vec<String>,
+    pub max_sent_tasks: u32,
+}
+
+impl Default for Grants {
+    /// Nothing granted.
+    fn default() -> Self {
+        Grants { send_tasks: Vec::new(), max_sent_tasks: DEFAULT_MAX_SENT_TASKS }
+    }
+}
+
+impl Grants {
+    pub fn may_send(&self, task: &str) -> bool {
+        self.send_tasks.iter().any(|pattern| glob(pattern, task))
+    }
+}
+
+/// `*` matches any run of characters (dots included): `mail.*`, `*.render`, `a.*.b`.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// A follow-up task a run asked the host to publish; the worker turns it into a Celery
+/// message whose parent is the run's task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentTask {
+    pub id: String,
+    pub name: String,
+    /// JSON array.
+    pub args: String,
+    /// JSON object.
+    pub kwargs: String,
+    pub queue: Option<String>,
+    pub countdown: Option<f64>,
+    pub priority: Option<u8>,
+    /// Semver requirement on the target's version.
+    pub version: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_granted_names_may_be_sent() {
+        let g = Grants { send_tasks: vec!["mail.*".into(), "reports.render".into(), "*.audit".into()], ..Default::default() };
+        assert!(g.may_send("mail.send"));
+        assert!(g.may_send("mail.queue.flush"));
+        assert!(g.may_send("reports.render"));
+        assert!(g.may_send("billing.audit"));
+        assert!(!g.may_send("reports.render2"));
+        assert!(!g.may_send("mailx.send"));
+        assert!(!g.may_send("mail"));
+        assert!(!g.may_send("billing.audit.x"));
+        assert!(!Grants::default().may_send("anything"));
+        let all = Grants { send_tasks: vec!["*".into()], ..Default::default() };
+        assert!(all.may_send("x.y"));
+        assert!(glob("a*b*c", "a-b-c") && !glob("a*b*c", "a-c") && glob("a*a", "aa") && !glob("a*a", "a"));
+    }
+}
