@@ -48,6 +48,38 @@ pub struct Ceilings {
     pub allow_precise_clocks: bool,
     /// Whether symbolic links in the plugins directory are followed.
     pub allow_symlinks: bool,
+    /// Host directories a manifest may grant (and whether writable); none by default:
+    /// a component's author does not decide what of the worker's disk it reaches.
+    pub dirs: Vec<AllowedDir>,
+}
+
+/// A directory tree the operator lets manifests grant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowedDir {
+    pub path: std::path::PathBuf,
+    pub writable: bool,
+}
+
+impl std::str::FromStr for AllowedDir {
+    type Err = String;
+    /// `/srv/reports` (read and write) or `/srv/reports:ro`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, writable) = match s.rsplit_once(':') {
+            Some((p, "ro")) => (p, false),
+            Some((p, "rw")) => (p, true),
+            _ => (s, true),
+        };
+        if !path.starts_with('/') {
+            return Err(format!("{path:?} is not an absolute path"));
+        }
+        Ok(AllowedDir { path: path.into(), writable })
+    }
+}
+
+impl std::fmt::Display for AllowedDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.path.display(), if self.writable { "rw" } else { "ro" })
+    }
 }
 
 impl Default for Ceilings {
@@ -64,6 +96,7 @@ impl Default for Ceilings {
             clock_resolution: DEFAULT_CLOCK_RESOLUTION,
             allow_precise_clocks: false,
             allow_symlinks: false,
+            dirs: Vec::new(),
         }
     }
 }

@@ -119,3 +119,84 @@ print(children == ids)
         assert_eq!(r["parent_id"], parent, "{r}");
     }
 }
+
+/// A plugins dir holding `tasks.hostile` and `files.wordcount`, both granted `dirs`,
+/// opened by a runtime whose operator allows `allowed`.
+fn with_dirs(dirs_toml: &str, allowed: &[taskhost::ceilings::AllowedDir]) -> (tempfile::TempDir, Arc<Registry>) {
+    let plugins = tempfile::tempdir().unwrap();
+    for (file, task) in [("tasks.hostile@1.0.0.wasm", "tasks.hostile@1.0.0"), ("files.wordcount@1.0.0.wasm", "files.wordcount@1.0.0")] {
+        std::fs::copy(plugin(file), plugins.path().join(file)).unwrap();
+        std::fs::write(plugins.path().join(format!("{task}.toml")), format!("[grants]\ndirs = {dirs_toml}\n")).unwrap();
+    }
+    let ceilings = taskhost::ceilings::Ceilings { dirs: allowed.to_vec(), ..Default::default() };
+    let rt = Arc::new(
+        taskhost::runtime::Runtime::new(taskhost::runtime::RuntimeConfig {
+            max_instances: 4,
+            ceilings,
+            cache_dir: Some(cache_dir()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let registry = Registry::open(plugins.path(), rt).unwrap();
+    (plugins, registry)
+}
+
+fn call(registry: &Registry, name: &str, args: serde_json::Value) -> Result<serde_json::Value, TaskError> {
+    let tv = registry.resolve(name, None).unwrap();
+    let control = Arc::new(RunControl::default().with_grants(tv.grants()));
+    let input = TaskInput { name: name.into(), args: args.to_string(), kwargs: "{}".into(), ..Default::default() };
+    let rt = registry.runtime();
+    block_on(rt.run(&tv.component, "1.0.0", input, &tv.limits(), control)).result.map(|j| serde_json::from_str(&j).unwrap())
+}
+
+#[test]
+fn a_granted_directory_is_readable_and_nothing_above_it_is() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("report.txt"), "three little words").unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("secret.txt"), "not yours").unwrap();
+    std::os::unix::fs::symlink(secret.path().join("secret.txt"), data.path().join("link.txt")).unwrap();
+    let allowed = [data.path().to_str().unwrap().parse().unwrap()];
+    let spec = format!(r#"[{{ host = "{}", guest = "/reports", mode = "ro" }}]"#, data.path().display());
+    let (_plugins, registry) = with_dirs(&spec, &allowed);
+
+    assert_eq!(call(&registry, "files.wordcount", serde_json::json!(["/reports/report.txt"])), Ok(serde_json::json!(3)));
+    let read = |path: &str| call(&registry, "tasks.hostile", serde_json::json!(["read", 0, path])).unwrap();
+    assert_eq!(read("/reports/report.txt")["read"], "three little words");
+    // Out of the directory by `..`, by an absolute path, by a link: all refused.
+    let outside = format!("/reports/../{}/secret.txt", secret.path().display());
+    for path in [outside.as_str(), "/etc/passwd", "/reports/link.txt", "/reports/../../etc/passwd"] {
+        let got = read(path);
+        assert!(got.get("read").is_none(), "{path} was read: {got}");
+        assert!(got["error"].is_string(), "{path}: {got}");
+    }
+    // Read-only: writing is refused and leaves nothing on the host.
+    let wrote = call(&registry, "tasks.hostile", serde_json::json!(["write", 0, "/reports/new.txt"])).unwrap();
+    assert!(wrote["error"].is_string(), "{wrote}");
+    assert!(!data.path().join("new.txt").exists());
+}
+
+#[test]
+fn a_directory_is_granted_only_inside_what_the_operator_allows() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("report.txt"), "a b").unwrap();
+    let rw = format!(r#"[{{ host = "{}", guest = "/data", mode = "rw" }}]"#, data.path().display());
+    // No operator allowance: the manifest's grant is dropped at load.
+    let (_p, registry) = with_dirs(&rw, &[]);
+    assert!(registry.resolve("tasks.hostile", None).unwrap().grants().dirs.is_empty());
+    let got = call(&registry, "tasks.hostile", serde_json::json!(["read", 0, "/data/report.txt"])).unwrap();
+    assert!(got["error"].is_string(), "{got}");
+    // Allowed read-only: granted read-only even though the manifest asks rw.
+    let ro = [format!("{}:ro", data.path().display()).parse().unwrap()];
+    let (_p, registry) = with_dirs(&rw, &ro);
+    assert_eq!(call(&registry, "tasks.hostile", serde_json::json!(["read", 0, "/data/report.txt"])).unwrap()["read"], "a b");
+    let wrote = call(&registry, "tasks.hostile", serde_json::json!(["write", 0, "/data/out.txt"])).unwrap();
+    assert!(wrote["error"].is_string(), "{wrote}");
+    // Allowed read-write: the write lands on the host.
+    let rw_allowed = [data.path().to_str().unwrap().parse().unwrap()];
+    let (_p, registry) = with_dirs(&rw, &rw_allowed);
+    let wrote = call(&registry, "tasks.hostile", serde_json::json!(["write", 0, "/data/out.txt"])).unwrap();
+    assert_eq!(wrote["wrote"], "/data/out.txt", "{wrote}");
+    assert_eq!(std::fs::read_to_string(data.path().join("out.txt")).unwrap(), "written by a task");
+}

@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub hostname: Option<String>,
     /// The operator's ceilings (see `cli/limits.rs`).
     pub limits: Option<super::limits::LimitsFile>,
+    /// The most any manifest may grant (see `cli/limits.rs`).
+    pub grants: Option<super::limits::GrantsFile>,
 }
 
 impl FileConfig {

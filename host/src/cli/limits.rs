@@ -3,7 +3,7 @@
 
 use super::config::FileConfig;
 use super::CliError;
-use crate::ceilings::{default_process_memory, Ceilings};
+use crate::ceilings::{default_process_memory, AllowedDir, Ceilings};
 use crate::registry::ByteSize;
 use anyhow::anyhow;
 use serde::Deserialize;
@@ -66,6 +66,19 @@ pub struct LimitArgs {
     /// Follow symbolic links in the plugins directory.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub allow_symlinks: Option<bool>,
+    /// A host directory manifests may grant (`/srv/reports`, or `/srv/reports:ro` for
+    /// read-only); repeat for more. Replaces taskhost.toml's `[grants] dirs` [default: none].
+    #[arg(long = "allow-dir", value_name = "PATH[:ro]")]
+    pub allow_dirs: Vec<AllowedDir>,
+}
+
+/// `[grants]` in `taskhost.toml`: the most any manifest's grants may reach.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantsFile {
+    /// Directories manifests may grant: `"/srv/reports"` or `"/srv/reports:ro"`.
+    #[serde(default)]
+    pub dirs: Vec<String>,
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, CliError> {
@@ -109,6 +122,15 @@ impl LimitArgs {
             },
             allow_precise_clocks: self.allow_precise_clocks.or(f.allow_precise_clocks).unwrap_or(false),
             allow_symlinks: self.allow_symlinks.or(f.allow_symlinks).unwrap_or(false),
+            dirs: if self.allow_dirs.is_empty() {
+                let listed = file.grants.as_ref().map(|g| g.dirs.clone()).unwrap_or_default();
+                listed
+                    .iter()
+                    .map(|d| d.parse::<AllowedDir>().map_err(|e| CliError::usage(anyhow!("[grants] dirs: {e}"))))
+                    .collect::<Result<_, _>>()?
+            } else {
+                self.allow_dirs.clone()
+            },
         };
         if c.max_task_memory > WASM32_MEMORY || c.max_task_memory < (1 << 20) {
             return Err(CliError::usage(anyhow!(
@@ -140,6 +162,9 @@ pub fn child_flags(c: &Ceilings) -> Vec<String> {
         format!("--allow-precise-clocks={}", c.allow_precise_clocks),
         format!("--allow-symlinks={}", c.allow_symlinks),
     ]
+    .into_iter()
+    .chain(c.dirs.iter().map(|d| format!("--allow-dir={d}")))
+    .collect()
 }
 
 #[cfg(test)]
@@ -157,12 +182,13 @@ mod tests {
     fn flags_beat_the_file_and_round_trip_to_children() {
         let file: FileConfig =
             toml::from_str("[limits]\nmax_time_limit = 60\nmax_task_memory = \"1GiB\"\nallow_symlinks = true").unwrap();
-        let args = Cmd::parse_from(["x", "--max-time-limit", "5", "--max-process-memory", "2GiB"]).limits;
+        let args = Cmd::parse_from(["x", "--max-time-limit", "5", "--max-process-memory", "2GiB", "--allow-dir", "/srv/a:ro"]).limits;
         let c = args.resolve(&file, 2).unwrap();
         assert_eq!(c.max_time_limit, Duration::from_secs(5));
         assert_eq!(c.max_task_memory, 1 << 30);
         assert_eq!(c.max_process_memory, 2 << 30);
         assert!(c.allow_symlinks);
+        assert_eq!(c.dirs, vec![AllowedDir { path: "/srv/a".into(), writable: false }]);
         let again = Cmd::parse_from(std::iter::once("x".to_string()).chain(child_flags(&c))).limits;
         assert_eq!(again.resolve(&FileConfig::default(), 2).unwrap(), c);
     }

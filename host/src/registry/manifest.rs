@@ -56,6 +56,27 @@ pub struct GrantsTable {
     /// Task names (`*` matches any run of characters) `send-task` may publish.
     #[serde(default)]
     pub send_tasks: Vec<String>,
+    /// Host directories the task sees, each at a guest path.
+    #[serde(default)]
+    pub dirs: Vec<DirSpec>,
+}
+
+/// `{ host = "/srv/reports", guest = "/reports", mode = "ro" }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirSpec {
+    pub host: std::path::PathBuf,
+    pub guest: String,
+    #[serde(default)]
+    pub mode: DirMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirMode {
+    #[default]
+    Ro,
+    Rw,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -96,6 +117,15 @@ impl Manifest {
         }
         if let Some(bad) = self.grants.send_tasks.iter().find(|p| p.is_empty() || p.chars().any(char::is_whitespace)) {
             return Err(ManifestError::Parse(format!("[grants] send_tasks: {bad:?} is not a task name or pattern")));
+        }
+        for dir in &self.grants.dirs {
+            if !dir.host.is_absolute() || !dir.guest.starts_with('/') {
+                return Err(ManifestError::Parse(format!(
+                    "[grants] dirs: host {:?} and guest {:?} must both be absolute paths",
+                    dir.host.display().to_string(),
+                    dir.guest
+                )));
+            }
         }
         if let (Some(soft), Some(hard)) = (self.soft_time_limit, self.time_limit) {
             if soft >= hard {
@@ -314,7 +344,15 @@ mod tests {
         );
         assert_eq!(
             err("[grants]\nhttp = [\"https://api.example.com\"]"),
-            "unknown field `http`, expected `send_tasks`"
+            "unknown field `http`, expected `send_tasks` or `dirs`"
+        );
+        assert_eq!(
+            err("[grants]\ndirs = [{ host = \"srv\", guest = \"/r\" }]"),
+            "[grants] dirs: host \"srv\" and guest \"/r\" must both be absolute paths"
+        );
+        assert_eq!(
+            err("[grants]\ndirs = [{ host = \"/srv\", guest = \"/r\", mode = \"rwx\" }]"),
+            "unknown variant `rwx`, expected `ro` or `rw`"
         );
         assert_eq!(err("[grants]\nsend_tasks = [\"\"]"), "[grants] send_tasks: \"\" is not a task name or pattern");
         assert_eq!(err("time_limit = 0"), "time_limit must be a positive number of seconds, got 0");

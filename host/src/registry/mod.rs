@@ -12,7 +12,7 @@ pub mod manifest;
 pub use manifest::{AutoRetry, Backoff, ByteSize, Manifest, ManifestError, RateLimit, RateLimitScope};
 
 use crate::ceilings::Ceilings;
-use crate::runtime::{Grants, LoadedComponent, Runtime, TaskLimits, DEFAULT_HARD_LIMIT, DEFAULT_MAX_SENT_TASKS, DEFAULT_MEMORY_LIMIT};
+use crate::runtime::{DirGrant, Grants, LoadedComponent, Runtime, TaskLimits, DEFAULT_HARD_LIMIT, DEFAULT_MAX_SENT_TASKS, DEFAULT_MEMORY_LIMIT};
 use semver::{Version, VersionReq};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -183,6 +183,35 @@ fn read_plugin_file(path: &Path, max: u64, allow_symlinks: bool) -> Result<Vec<u
     Ok(bytes)
 }
 
+/// The directories a manifest asks for that the operator allows: each must exist and lie
+/// inside a directory the operator lists; a writable grant under a read-only one is
+/// granted read-only. What is dropped is reported at load; the task runs without it.
+fn effective_dirs(asked: &[manifest::DirSpec], allowed: &[crate::ceilings::AllowedDir], file: &Path) -> Vec<DirGrant> {
+    asked
+        .iter()
+        .filter_map(|spec| {
+            let shown = spec.host.display();
+            let Some(host) = spec.host.canonicalize().ok().filter(|p| p.is_dir()) else {
+                tracing::warn!(file = %file.display(), "[grants] dirs: {shown} is not an existing directory; not granted");
+                return None;
+            };
+            let roots = allowed.iter().filter(|a| a.path.canonicalize().is_ok_and(|root| host.starts_with(root)));
+            let Some(writable_root) = roots.map(|a| a.writable).max() else {
+                tracing::warn!(
+                    file = %file.display(),
+                    "[grants] dirs: {shown} is not inside a directory the operator allows (taskhost.toml [grants] dirs, --allow-dir); not granted"
+                );
+                return None;
+            };
+            let writable = spec.mode == manifest::DirMode::Rw;
+            if writable && !writable_root {
+                tracing::warn!(file = %file.display(), "[grants] dirs: {shown} granted read-only: the operator allows it read-only");
+            }
+            Some(DirGrant { host, guest: spec.guest.clone(), writable: writable && writable_root })
+        })
+        .collect()
+}
+
 /// Queues the manifests in `dir` name (`queue = "media_heavy"`), sorted, without loading
 /// any component: what a worker given no `-Q` serves besides `celery`.
 pub fn manifest_queues(dir: &Path) -> Vec<String> {
@@ -235,6 +264,11 @@ impl Registry {
         let registry = Arc::new(Registry { dir, runtime, state: RwLock::default(), load_slots: (Mutex::new(slots), Condvar::new()) });
         registry.scan()?;
         Ok(registry)
+    }
+
+    /// The engine its components were compiled for.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.clone()
     }
 
     pub fn dir(&self) -> &Path {
@@ -423,6 +457,7 @@ impl Registry {
         let grants = Arc::new(Grants {
             send_tasks: manifest.grants.send_tasks.clone(),
             max_sent_tasks: manifest.max_sent_tasks.unwrap_or(DEFAULT_MAX_SENT_TASKS),
+            dirs: effective_dirs(&manifest.grants.dirs, &ceilings.dirs, path),
         });
         Ok(TaskVersion {
             name,

@@ -5,18 +5,29 @@
 /// Follow-ups one run may send when its manifest does not say (`max_sent_tasks`).
 pub const DEFAULT_MAX_SENT_TASKS: u32 = 100;
 
-/// One task version's grants, shared by all its runs.
+/// One task version's grants, shared by all its runs: already the intersection of what
+/// its manifest asks and what the operator allows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grants {
     /// Task names (or patterns with `*`) `send-task` may publish.
     pub send_tasks: Vec<String>,
     pub max_sent_tasks: u32,
+    /// Host directories preopened for the guest; nothing above them is reachable.
+    pub dirs: Vec<DirGrant>,
+}
+
+/// A host directory a task sees at `guest`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirGrant {
+    pub host: std::path::PathBuf,
+    pub guest: String,
+    pub writable: bool,
 }
 
 impl Default for Grants {
     /// Nothing granted.
     fn default() -> Self {
-        Grants { send_tasks: Vec::new(), max_sent_tasks: DEFAULT_MAX_SENT_TASKS }
+        Grants { send_tasks: Vec::new(), max_sent_tasks: DEFAULT_MAX_SENT_TASKS, dirs: Vec::new() }
     }
 }
 

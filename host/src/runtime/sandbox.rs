@@ -1,7 +1,8 @@
 //! One task's store data: a deny-by-default WASI context, captured stdio, the memory
 //! limiter, deadlines, and the `taskhost:task/host` imports the guest may call.
 //!
-//! What the sandbox grants, all of it: no preopened directories, no environment
+//! What the sandbox grants by default, all of it: no preopened directories (only those a
+//! task's grants name, see `grants.rs`), no environment
 //! variables, no arguments, no sockets (TCP, UDP and name lookup are switched off, not
 //! merely address-filtered), an empty stdin, stdout/stderr captured up to a cap, the
 //! host's random source, and wall and monotonic clocks rounded to a resolution (1 ms by
@@ -18,7 +19,7 @@ use super::{cap_text, RunControl};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 /// Most host `log` bytes kept per task; further lines are counted, not emitted.
 pub const MAX_LOG_BYTES: usize = 64 * 1024;
@@ -75,6 +76,13 @@ impl TaskState {
         let mut builder = WasiCtx::builder();
         if let Some(resolution) = clock_resolution {
             builder.wall_clock(CoarseWallClock::new(resolution)).monotonic_clock(CoarseMonotonicClock::new(resolution));
+        }
+        for dir in &control.grants.dirs {
+            let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+            // Opened per task through cap-std: `..` and links cannot leave it.
+            if let Err(e) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
+                tracing::warn!(task_id, dir = %dir.host.display(), "granted directory not available to this run: {e:#}");
+            }
         }
         builder
             .stdout(stdout.clone())

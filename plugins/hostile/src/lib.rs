@@ -1,13 +1,14 @@
 //! `tasks.hostile(mode, n?)`: what a hostile tenant's task tries, one mode per attack, so
 //! tests can show each one contained: huge texts, forged log lines, bulk memory work,
-//! clock probing.
+//! clock probing, reads and writes outside what is granted.
 use serde_json::json;
 use std::time::{Instant, SystemTime};
 use taskhost_sdk::{task, Context, TaskError};
 
 #[task]
-fn hostile(ctx: &Context, mode: String, n: Option<u64>) -> Result<serde_json::Value, TaskError> {
+fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) -> Result<serde_json::Value, TaskError> {
     let n = n.unwrap_or(0) as usize;
+    let path = path.unwrap_or_default();
     let big = || "x".repeat(n);
     match mode.as_str() {
         "fail" => Err(TaskError::fail(big())),
@@ -57,6 +58,15 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>) -> Result<serde_json::Va
             Ok(json!({"mono_min_step_ns": mono_step as u64, "wall_min_step_ns": wall_step as u64,
                       "wall_subsec_ns": (wall_now % 1_000_000_000) as u64, "readings": readings}))
         }
+        // Files: whatever the sandbox lets through, or the error it gave.
+        "read" => Ok(match std::fs::read_to_string(&path) {
+            Ok(text) => json!({"read": text}),
+            Err(e) => json!({"error": e.to_string()}),
+        }),
+        "write" => Ok(match std::fs::write(&path, b"written by a task") {
+            Ok(()) => json!({"wrote": path}),
+            Err(e) => json!({"error": e.to_string()}),
+        }),
         other => Err(TaskError::reject(format!("unknown mode {other:?}"))),
     }
 }
