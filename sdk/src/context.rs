@@ -70,6 +70,16 @@ impl Context {
         host::is_revoked()
     }
 
+    /// A configuration value or secret by name (`wasi:config`): `Ok(None)` where the worker
+    /// has none by that name, an error where the manifest does not grant it
+    /// (`[grants] config = ["NAME"]`).
+    pub fn config(&self, name: &str) -> Result<Option<String>, String> {
+        use crate::bindings::wasi::config::store::{self, Error};
+        store::get(name).map_err(|e| match e {
+            Error::Upstream(m) | Error::Io(m) => m,
+        })
+    }
+
     /// Sends a follow-up task, like Celery's `send_task` from inside a task: its parent is
     /// this task. `args` must serialize to a JSON array, `kwargs` to an object (`()` is
     /// read as "none"). Allowed only to names the manifest grants (`[grants] send_tasks`);

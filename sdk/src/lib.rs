@@ -34,6 +34,7 @@ pub mod bindings {
         export_macro_name: "__export_task_world",
         default_bindings_module: "taskhost_sdk::bindings",
         runtime_path: "taskhost_sdk::__private::wit_bindgen::rt",
+        generate_all,
     });
 }
 

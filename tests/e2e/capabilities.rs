@@ -200,3 +200,59 @@ fn a_directory_is_granted_only_inside_what_the_operator_allows() {
     assert_eq!(wrote["wrote"], "/data/out.txt", "{wrote}");
     assert_eq!(std::fs::read_to_string(data.path().join("out.txt")).unwrap(), "written by a task");
 }
+
+#[test]
+fn a_task_reads_only_the_secrets_its_manifest_grants() {
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(plugin("tasks.hostile@1.0.0.wasm"), plugins.path().join("tasks.hostile@1.0.0.wasm")).unwrap();
+    std::fs::write(plugins.path().join("tasks.hostile@1.0.0.toml"), "[grants]\nconfig = [\"API_TOKEN\", \"ABSENT\"]\n").unwrap();
+    let secrets: std::collections::BTreeMap<String, String> =
+        [("API_TOKEN", "s3cret-value"), ("SMTP_PASSWORD", "hunter2")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+    let rt = Arc::new(
+        taskhost::runtime::Runtime::new(taskhost::runtime::RuntimeConfig {
+            max_instances: 4,
+            cache_dir: Some(cache_dir()),
+            secrets: Arc::new(secrets),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let registry = Registry::open(plugins.path(), rt).unwrap();
+    let read = |name: &str| call(&registry, "tasks.hostile", serde_json::json!(["config", 0, name])).unwrap();
+    assert_eq!(read("API_TOKEN"), serde_json::json!({"len": 12}));
+    assert_eq!(read("ABSENT"), serde_json::json!({"missing": true}));
+    assert_eq!(
+        read("SMTP_PASSWORD"),
+        serde_json::json!({"error": "config \"SMTP_PASSWORD\" denied: not granted (a manifest grants it with [grants] config = [\"SMTP_PASSWORD\"])"})
+    );
+}
+
+#[test]
+fn a_worker_hands_granted_secrets_from_its_file_and_environment_and_never_logs_them() {
+    let (dir, broker) = {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("taskhost.db").display());
+        (dir, url)
+    };
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(plugin("tasks.hostile@1.0.0.wasm"), plugins.path().join("tasks.hostile@1.0.0.wasm")).unwrap();
+    std::fs::write(plugins.path().join("tasks.hostile@1.0.0.toml"), "[grants]\nconfig = [\"API_TOKEN\", \"FROM_ENV\"]\n").unwrap();
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(&secrets, "API_TOKEN = \"file-secret-1234\"\nSMTP_PASSWORD = \"file-secret-5678\"\n").unwrap();
+    let worker = WorkerProcess::start_with_env(
+        &broker,
+        plugins.path(),
+        &["--secrets", secrets.to_str().unwrap()],
+        &[("TASKHOST_SECRET_FROM_ENV", "env-secret-9999")],
+    );
+    let ask = |name: &str| stdout(&send(&broker, &["tasks.hostile", "--args", &format!("[\"config\", 0, \"{name}\"]"), "--wait", "--timeout", "20"]));
+    assert_eq!(ask("API_TOKEN"), r#"{"len":16}"#);
+    assert_eq!(ask("FROM_ENV"), r#"{"len":15}"#);
+    assert!(ask("SMTP_PASSWORD").contains("denied: not granted"));
+    worker.wait_for_log("config read denied", Duration::from_secs(5));
+    let log = worker.log_text();
+    assert!(log.contains("name=SMTP_PASSWORD"), "{log}");
+    for value in ["file-secret-1234", "file-secret-5678", "env-secret-9999"] {
+        assert!(!log.contains(value), "a secret value reached the log");
+    }
+}

@@ -150,6 +150,11 @@ impl WorkerProcess {
     }
 
     pub fn start_with_plugins(broker: &str, plugins: &std::path::Path, extra: &[&str]) -> WorkerProcess {
+        Self::start_with_env(broker, plugins, extra, &[])
+    }
+
+    /// As `start_with_plugins`, with extra environment variables for the worker only.
+    pub fn start_with_env(broker: &str, plugins: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -159,6 +164,7 @@ impl WorkerProcess {
             .args(extra)
             .env("TASKHOST_CACHE_DIR", cache_dir())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()

@@ -13,6 +13,7 @@ mod plugins;
 mod result;
 mod revoke;
 mod run;
+mod secrets;
 mod send;
 mod serve;
 

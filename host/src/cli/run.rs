@@ -37,6 +37,9 @@ pub struct RunArgs {
     pub soft_time_limit: Option<f64>,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Secrets the task may read where its manifest grants the name (see `serve --secrets`).
+    #[arg(long, env = "TASKHOST_SECRETS", value_name = "FILE")]
+    pub secrets: Option<PathBuf>,
 }
 
 fn check_json(text: &str, what: &str, want_array: bool) -> Result<(), CliError> {
@@ -70,6 +73,7 @@ pub fn run(args: RunArgs, file: &super::config::FileConfig) -> Result<(), CliErr
             max_instances: 4,
             ceilings,
             compiler: std::env::current_exe().ok(),
+            secrets: Arc::new(super::secrets::load(args.secrets.as_deref())?),
             ..Default::default()
         })
         .map_err(CliError::usage)?,

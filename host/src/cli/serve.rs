@@ -77,6 +77,10 @@ pub struct ServeArgs {
     pub broker: BrokerArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Secrets tasks may read through wasi:config where their manifest grants the name:
+    /// a TOML file of NAME = "value"; TASKHOST_SECRET_<NAME> variables add to it.
+    #[arg(long, env = "TASKHOST_SECRETS", value_name = "FILE")]
+    pub secrets: Option<PathBuf>,
     /// Set by the supervisor on the processes it starts.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
@@ -101,6 +105,7 @@ struct Settings {
     /// Run beat in this process (single-process mode) or as a supervised child.
     schedule: Option<PathBuf>,
     ceilings: Ceilings,
+    secrets: Option<PathBuf>,
 }
 
 impl Settings {
@@ -129,6 +134,7 @@ impl Settings {
         let ceilings = args.limits.resolve(file, processes)?;
         Ok(Settings {
             ceilings,
+            secrets: args.secrets,
             plugins,
             queues,
             concurrency,
@@ -230,6 +236,7 @@ pub(crate) fn worker_sandboxes(
     plugins: &std::path::Path,
     concurrency: usize,
     ceilings: &Ceilings,
+    secrets: Option<&std::path::Path>,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), CliError> {
     // A few spare slots: a task's instance is torn down just after its slot is freed.
     let runtime = Arc::new(
@@ -238,6 +245,7 @@ pub(crate) fn worker_sandboxes(
             parallel_compilation: false,
             ceilings: ceilings.clone(),
             compiler: std::env::current_exe().ok(),
+            secrets: Arc::new(super::secrets::load(secrets)?),
             ..Default::default()
         })
         .map_err(CliError::usage)?,
@@ -249,7 +257,7 @@ pub(crate) fn worker_sandboxes(
 fn serve_here(args: Settings) -> Result<(), CliError> {
     let node = node_name(&args);
     let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
-    let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings)?;
+    let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref())?;
     if registry.all().is_empty() && args.worker_index.unwrap_or(0) == 0 {
         tracing::warn!("serving nothing yet: {}", crate::registry::describe_dir(&args.plugins));
     }
@@ -447,6 +455,10 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 .args(["--broker", &args.broker])
                 .args(["--result-backend", &args.result_backend])
                 .args(child_flags(&args.ceilings));
+            // The file's path only: secret values never go on a command line.
+            if let Some(path) = &args.secrets {
+                cmd.arg("--secrets").arg(path);
+            }
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);
             }

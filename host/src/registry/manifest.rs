@@ -59,6 +59,9 @@ pub struct GrantsTable {
     /// Host directories the task sees, each at a guest path.
     #[serde(default)]
     pub dirs: Vec<DirSpec>,
+    /// Names of the worker's secrets the task may read through `wasi:config`.
+    #[serde(default)]
+    pub config: Vec<String>,
 }
 
 /// `{ host = "/srv/reports", guest = "/reports", mode = "ro" }`.
@@ -117,6 +120,9 @@ impl Manifest {
         }
         if let Some(bad) = self.grants.send_tasks.iter().find(|p| p.is_empty() || p.chars().any(char::is_whitespace)) {
             return Err(ManifestError::Parse(format!("[grants] send_tasks: {bad:?} is not a task name or pattern")));
+        }
+        if let Some(bad) = self.grants.config.iter().find(|n| n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control())) {
+            return Err(ManifestError::Parse(format!("[grants] config: {bad:?} is not a name")));
         }
         for dir in &self.grants.dirs {
             if !dir.host.is_absolute() || !dir.guest.starts_with('/') {
@@ -344,7 +350,7 @@ mod tests {
         );
         assert_eq!(
             err("[grants]\nhttp = [\"https://api.example.com\"]"),
-            "unknown field `http`, expected `send_tasks` or `dirs`"
+            "unknown field `http`, expected one of `send_tasks`, `dirs`, `config`"
         );
         assert_eq!(
             err("[grants]\ndirs = [{ host = \"srv\", guest = \"/r\" }]"),

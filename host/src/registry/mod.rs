@@ -458,6 +458,7 @@ impl Registry {
             send_tasks: manifest.grants.send_tasks.clone(),
             max_sent_tasks: manifest.max_sent_tasks.unwrap_or(DEFAULT_MAX_SENT_TASKS),
             dirs: effective_dirs(&manifest.grants.dirs, &ceilings.dirs, path),
+            config: manifest.grants.config.clone(),
         });
         Ok(TaskVersion {
             name,

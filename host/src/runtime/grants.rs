@@ -14,6 +14,8 @@ pub struct Grants {
     pub max_sent_tasks: u32,
     /// Host directories preopened for the guest; nothing above them is reachable.
     pub dirs: Vec<DirGrant>,
+    /// Names the guest may read through `wasi:config/store`, from the worker's secrets.
+    pub config: Vec<String>,
 }
 
 /// A host directory a task sees at `guest`.
@@ -27,7 +29,7 @@ pub struct DirGrant {
 impl Default for Grants {
     /// Nothing granted.
     fn default() -> Self {
-        Grants { send_tasks: Vec::new(), max_sent_tasks: DEFAULT_MAX_SENT_TASKS, dirs: Vec::new() }
+        Grants { send_tasks: Vec::new(), max_sent_tasks: DEFAULT_MAX_SENT_TASKS, dirs: Vec::new(), config: Vec::new() }
     }
 }
 

@@ -83,6 +83,9 @@ pub struct RuntimeConfig {
     pub compiler: Option<PathBuf>,
     pub max_result_bytes: usize,
     pub output_cap: usize,
+    /// Values tasks may read through `wasi:config`, each only where its manifest grants
+    /// the name. Never logged, never part of an error.
+    pub secrets: Arc<std::collections::BTreeMap<String, String>>,
     /// Compile a component's functions on all cores. Off in worker processes: there is one
     /// per core already, and compiling on the loading thread lets it hand the compiler's
     /// memory back afterwards (idle workers stayed at 75–130 MB after a cold start).
@@ -96,6 +99,7 @@ impl Default for RuntimeConfig {
             ceilings: Ceilings::default(),
             cache_dir: default_cache_dir(),
             compiler: None,
+            secrets: Arc::default(),
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             output_cap: DEFAULT_OUTPUT_CAP,
             parallel_compilation: true,
@@ -401,6 +405,8 @@ impl Runtime {
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::v0_1::taskhost::task::host::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        bindings::wasi::config::store::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache = cache::CompileCache::new(&engine, config.cache_dir.clone());
         let ticker = EpochTicker::start(&engine);
         Ok(Runtime { engine, linker, cache, config, _ticker: ticker })
@@ -514,6 +520,7 @@ impl Runtime {
             control.clone(),
             Deadlines { soft, hard },
             (!precise).then_some(self.config.ceilings.clock_resolution),
+            self.config.secrets.clone(),
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -600,6 +607,7 @@ impl Runtime {
             Arc::new(RunControl::default()),
             Deadlines { soft: far, hard: far },
             None,
+            Arc::default(),
         );
         let mut store = Store::new(&self.engine, state);
         store.set_epoch_deadline(u64::MAX / 2);

@@ -11,11 +11,13 @@
 use super::bindings::taskhost::task::host::{Host, LogLevel};
 use super::bindings::taskhost::task::types::SendOptions;
 use super::bindings::v0_1::taskhost::task::host as host_v0_1;
+use super::bindings::wasi::config::store as config_store;
 use super::grants::SentTask;
 use super::clocks::{CoarseMonotonicClock, CoarseWallClock};
 use super::limits::MemoryLimiter;
 use super::output::CappedPipe;
 use super::{cap_text, RunControl};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTable;
@@ -60,6 +62,7 @@ pub(super) struct TaskState {
     tasks_sent: u32,
     /// Requests refused for want of a grant, for the worker's counters.
     pub denials: u32,
+    secrets: Arc<BTreeMap<String, String>>,
 }
 
 impl TaskState {
@@ -72,6 +75,7 @@ impl TaskState {
         control: Arc<RunControl>,
         deadlines: Deadlines,
         clock_resolution: Option<Duration>,
+        secrets: Arc<BTreeMap<String, String>>,
     ) -> Self {
         let mut builder = WasiCtx::builder();
         if let Some(resolution) = clock_resolution {
@@ -103,6 +107,7 @@ impl TaskState {
             progress_sent: 0,
             tasks_sent: 0,
             denials: 0,
+            secrets,
         }
     }
 }
@@ -236,6 +241,27 @@ impl TaskState {
             semver::VersionReq::parse(req).map_err(|e| format!("send-task: version {req:?} is not a semver requirement: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// `wasi:config/store`: the worker's secrets, each readable only where the manifest
+/// grants its name. A name not granted is an error that names the grant, and is logged
+/// (the name, never a value).
+impl config_store::Host for TaskState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<String>, config_store::Error>> {
+        if !self.control.grants.config.iter().any(|n| *n == key) {
+            self.denials += 1;
+            tracing::warn!(task_id = %self.task_id, task = %self.task_name, name = %key, "config read denied: not granted");
+            return Ok(Err(config_store::Error::Upstream(format!(
+                "config {key:?} denied: not granted (a manifest grants it with [grants] config = [{key:?}])"
+            ))));
+        }
+        Ok(Ok(self.secrets.get(&key).cloned()))
+    }
+
+    fn get_all(&mut self) -> wasmtime::Result<Result<Vec<(String, String)>, config_store::Error>> {
+        let granted = self.control.grants.config.iter();
+        Ok(Ok(granted.filter_map(|n| self.secrets.get(n).map(|v| (n.clone(), v.clone()))).collect()))
     }
 }
 

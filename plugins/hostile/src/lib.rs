@@ -67,6 +67,12 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
             Ok(()) => json!({"wrote": path}),
             Err(e) => json!({"error": e.to_string()}),
         }),
+        // Secrets: how long the value is (never the value), or the host's refusal.
+        "config" => Ok(match ctx.config(&path) {
+            Ok(Some(value)) => json!({"len": value.len()}),
+            Ok(None) => json!({"missing": true}),
+            Err(e) => json!({"error": e}),
+        }),
         other => Err(TaskError::reject(format!("unknown mode {other:?}"))),
     }
 }
