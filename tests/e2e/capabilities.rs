@@ -239,7 +239,7 @@ fn a_worker_hands_granted_secrets_from_its_file_and_environment_and_never_logs_t
     std::fs::write(plugins.path().join("tasks.hostile@1.0.0.toml"), "[grants]\nconfig = [\"API_TOKEN\", \"FROM_ENV\"]\n").unwrap();
     let secrets = dir.path().join("secrets.toml");
     std::fs::write(&secrets, "API_TOKEN = \"file-secret-1234\"\nSMTP_PASSWORD = \"file-secret-5678\"\n").unwrap();
-    let worker = WorkerProcess::start_with_env(
+    let mut worker = WorkerProcess::start_with_env(
         &broker,
         plugins.path(),
         &["--secrets", secrets.to_str().unwrap()],
@@ -250,7 +250,10 @@ fn a_worker_hands_granted_secrets_from_its_file_and_environment_and_never_logs_t
     assert_eq!(ask("FROM_ENV"), r#"{"len":15}"#);
     assert!(ask("SMTP_PASSWORD").contains("denied: not granted"));
     worker.wait_for_log("config read denied", Duration::from_secs(5));
+    worker.signal(libc::SIGTERM);
+    worker.wait(Duration::from_secs(20));
     let log = worker.log_text();
+    assert!(log.contains("grant_denials=1"), "the denial is counted: {log}");
     assert!(log.contains("name=SMTP_PASSWORD"), "{log}");
     for value in ["file-secret-1234", "file-secret-5678", "env-secret-9999"] {
         assert!(!log.contains(value), "a secret value reached the log");

@@ -311,7 +311,14 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         if let Some(beat) = beat {
             beat.abort();
         }
-        tracing::info!(node = %node, processed = stats.processed, succeeded = stats.succeeded, failed = stats.failed, "worker stopped");
+        tracing::info!(
+            node = %node,
+            processed = stats.processed,
+            succeeded = stats.succeeded,
+            failed = stats.failed,
+            grant_denials = stats.grant_denials,
+            "worker stopped"
+        );
         Ok(())
     })
 }

@@ -275,6 +275,8 @@ pub struct TaskRun {
     pub stdout: Captured,
     pub stderr: Captured,
     pub logs_dropped: u64,
+    /// Requests the guest made that its grants did not allow (each logged with its name).
+    pub denials: u32,
 }
 
 impl TaskRun {
@@ -287,6 +289,7 @@ impl TaskRun {
             stdout: Captured::default(),
             stderr: Captured::default(),
             logs_dropped: 0,
+            denials: 0,
         }
     }
 }
@@ -589,6 +592,7 @@ impl Runtime {
             stdout: stdout.take(),
             stderr: stderr_text,
             logs_dropped: store.data().logs_dropped,
+            denials: store.data().denials,
         }
     }
 

@@ -96,6 +96,8 @@ pub struct WorkerStats {
     pub retried: u64,
     pub dead_lettered: u64,
     pub restored_on_shutdown: u64,
+    /// Requests tasks made that their grants did not allow.
+    pub grant_denials: u64,
     pub per_task: HashMap<String, u64>,
 }
 
@@ -777,6 +779,7 @@ impl Worker {
         {
             let mut stats = self.stats.borrow_mut();
             stats.processed += 1;
+            stats.grant_denials += u64::from(run.denials);
             match stats.per_task.get_mut(&h.task) {
                 Some(count) => *count += 1,
                 None => {
