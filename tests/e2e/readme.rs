@@ -212,22 +212,34 @@ impl Shell {
             // `make run` builds (cargo would wait on this test run's own lock), then
             // serves: the serve line it runs is checked, then run, here.
             "make-run" => {
-                let dry = Command::new("make").args(["-n", "run"]).current_dir(repo()).output().unwrap();
-                let lines = stdout(&dry);
-                let serve = lines.lines().last().unwrap().trim().to_string();
+                let lines = stdout(&dry_run("run"));
+                let serve = lines.lines().map(str::trim).find(|l| l.contains(" serve ")).unwrap_or_default().to_string();
                 assert_eq!(serve, "target/debug/taskhost serve --plugins dist/plugins", "{lines}");
                 self.serves(&serve, "worker ready node=taskhost-1");
             }
             // The release build takes minutes; bench/run.py itself runs in smoke size in
             // interop::the_celery_comparison_benchmark_runs_in_smoke_size.
             "bench" => {
-                let dry = Command::new("make").args(["-n", "bench"]).current_dir(repo()).output().unwrap();
-                assert!(stdout(&dry).contains("bench/run.py"), "{}", stdout(&dry));
+                let dry = stdout(&dry_run("bench"));
+                assert!(dry.contains("bench/run.py"), "{dry}");
                 assert!(read("tests/e2e/interop.rs").contains("fn the_celery_comparison_benchmark_runs_in_smoke_size"));
             }
             other => panic!("no reason {other:?}"),
         }
     }
+}
+
+/// `make -n <target>` as a user would type it, not as the `make test` running this sees
+/// it (a nested make would print its directory and inherit the outer one's flags).
+fn dry_run(target: &str) -> std::process::Output {
+    Command::new("make")
+        .args(["-n", "--no-print-directory", target])
+        .current_dir(repo())
+        .env_remove("MAKEFLAGS")
+        .env_remove("MFLAGS")
+        .env_remove("MAKELEVEL")
+        .output()
+        .unwrap()
 }
 
 fn thumbnail_base64() -> String {
