@@ -112,8 +112,8 @@ fn bulk_fill_component(pages: u32) -> Vec<u8> {
 
 #[test]
 fn a_bulk_fill_over_a_large_memory_stalls_only_its_own_thread() {
-    let component = bulk_fill_component(8192); // 512 MiB
-    let limits = TaskLimits { memory: 600 << 20, ..Default::default() };
+    let component = bulk_fill_component(16384); // 1 GiB
+    let limits = TaskLimits { memory: 1100 << 20, ..Default::default() };
     // Largest gap a 5 ms ticker on the worker's thread sees while the fill runs beside it.
     let gap_beside_fill = |rt: Arc<Runtime>| {
         let loaded = rt.load(&component).unwrap();
@@ -150,7 +150,7 @@ fn a_bulk_fill_over_a_large_memory_stalls_only_its_own_thread() {
     assert!(stalled >= took / 2, "inline: worst gap {stalled:?}, fill took {took:?}");
     // Contained: above the isolation threshold it runs on a thread of its own.
     let (gap, took) = gap_beside_fill(runtime());
-    assert!(gap * 4 < took.max(Duration::from_millis(200)), "isolated: worst gap {gap:?}, fill took {took:?}");
+    assert!(gap * 3 < took, "isolated: worst gap {gap:?}, fill took {took:?}");
 }
 
 #[test]
@@ -281,10 +281,10 @@ fn a_compile_bomb_is_stopped_in_its_own_process_remembered_and_holds_up_no_other
     assert!(invalid_reason(&report, "tasks.bomb2@1.0.0.wasm").contains("remembered for this digest"));
     assert!(started.elapsed() < Duration::from_millis(500), "a remembered failure took {:?}", started.elapsed());
 
-    // Time: while a bomb compiles (stopped at 3 s), a component deployed beside it serves.
+    // Time: while a bomb compiles (stopped at 6 s), a component deployed beside it serves.
     let cache = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let rt = compiling_runtime(Ceilings { compile_timeout: Duration::from_secs(3), ..Default::default() }, cache.path());
+    let rt = compiling_runtime(Ceilings { compile_timeout: Duration::from_secs(6), ..Default::default() }, cache.path());
     let registry = Registry::open(dir.path(), rt).unwrap();
     block_on(async {
         let watch = registry.watch(taskhost::registry::WATCH_INTERVAL);
@@ -294,7 +294,7 @@ fn a_compile_bomb_is_stopped_in_its_own_process_remembered_and_holds_up_no_other
         std::fs::copy(plugin("tasks.add@1.0.0.wasm"), dir.path().join("tasks.add@1.0.0.wasm")).unwrap();
         let deployed = Instant::now();
         while registry.resolve("tasks.add", None).is_err() {
-            assert!(deployed.elapsed() < Duration::from_millis(2000), "tasks.add waited for the bomb");
+            assert!(deployed.elapsed() < Duration::from_secs(4), "tasks.add waited for the bomb");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let beside = deployed.elapsed();
@@ -302,7 +302,7 @@ fn a_compile_bomb_is_stopped_in_its_own_process_remembered_and_holds_up_no_other
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(registry.resolve("tasks.bomb", None).is_err());
-        assert!(beside < Duration::from_secs(2), "tasks.add served after {beside:?}");
+        assert!(beside < Duration::from_secs(4), "tasks.add served after {beside:?}");
         watch.abort();
     });
     let report = registry.scan().unwrap();
