@@ -657,9 +657,18 @@ impl Worker {
             self.store(&started, None).await;
         }
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<SentTask>();
-        let control =
-            Arc::new(RunControl::with_progress(progress_tx).with_sent_tasks(sent_tx).with_grants(task.grants()));
+        let grants = task.grants();
+        let mut control = RunControl::with_progress(progress_tx);
+        // A channel for follow-ups only where some are granted: most tasks send none,
+        // and a channel per task cost the no-op drain ~3% (68.4k → 70.5k/s without it, 5
+        // alternating pairs of 200k drains).
+        let mut sent_rx = None;
+        if !grants.send_tasks.is_empty() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<SentTask>();
+            control = control.with_sent_tasks(tx);
+            sent_rx = Some(rx);
+        }
+        let control = Arc::new(control.with_grants(grants));
         let mut sent_ids = Vec::new();
         let input = TaskInput {
             id: h.id.clone(),
@@ -697,14 +706,16 @@ impl Worker {
                     run = &mut running => break run,
                     Some(p) = progress_rx.recv() => self.store_progress(p, ignore_result).await,
                     // Published as soon as asked, as Celery's apply_async inside a task is.
-                    Some(t) = sent_rx.recv() => sent_ids.push(self.publish_sent(t, decoded).await),
+                    Some(t) = async { sent_rx.as_mut()?.recv().await }, if sent_rx.is_some() => {
+                        sent_ids.push(self.publish_sent(t, decoded).await)
+                    }
                 }
             }
         };
         while let Ok(p) = progress_rx.try_recv() {
             self.store_progress(p, ignore_result).await;
         }
-        while let Ok(t) = sent_rx.try_recv() {
+        while let Some(t) = sent_rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
             sent_ids.push(self.publish_sent(t, decoded).await);
         }
         self.running.borrow_mut().remove(&h.id);
