@@ -51,6 +51,9 @@ pub struct Ceilings {
     /// Host directories a manifest may grant (and whether writable); none by default:
     /// a component's author does not decide what of the worker's disk it reaches.
     pub dirs: Vec<AllowedDir>,
+    /// Task names (patterns with `*`) any follow-up must also match; `None`: whatever
+    /// the manifests grant.
+    pub send_tasks: Option<Vec<String>>,
 }
 
 /// A directory tree the operator lets manifests grant.
@@ -97,6 +100,7 @@ impl Default for Ceilings {
             allow_precise_clocks: false,
             allow_symlinks: false,
             dirs: Vec::new(),
+            send_tasks: None,
         }
     }
 }

@@ -259,3 +259,41 @@ fn a_worker_hands_granted_secrets_from_its_file_and_environment_and_never_logs_t
         assert!(!log.contains(value), "a secret value reached the log");
     }
 }
+
+#[test]
+fn the_operator_caps_which_follow_ups_any_manifest_may_send() {
+    let ceilings = taskhost::ceilings::Ceilings { send_tasks: Some(vec!["tasks.mul".into()]), ..Default::default() };
+    let rt = Arc::new(
+        taskhost::runtime::Runtime::new(taskhost::runtime::RuntimeConfig {
+            max_instances: 4,
+            ceilings,
+            cache_dir: Some(cache_dir()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugin("tasks.fanout@1.0.0.wasm"), dir.path().join("tasks.fanout@1.0.0.wasm")).unwrap();
+    // The manifest grants tasks.* (wider than the operator's tasks.mul).
+    std::fs::write(dir.path().join("tasks.fanout@1.0.0.toml"), "[grants]\nsend_tasks = [\"tasks.*\"]\n").unwrap();
+    let registry = Registry::open(dir.path(), rt.clone()).unwrap();
+    let tv = registry.resolve("tasks.fanout", None).unwrap();
+    let run = |target: &str| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let control = Arc::new(RunControl::default().with_sent_tasks(tx).with_grants(tv.grants()));
+        let input = TaskInput { name: "tasks.fanout".into(), args: format!("[1, \"{target}\"]"), kwargs: "{}".into(), ..Default::default() };
+        let run = block_on(rt.run(&tv.component, "1.0.0", input, &tv.limits(), control));
+        (run.result, rx.try_recv().ok())
+    };
+    let (denied, sent) = run("tasks.add");
+    assert!(sent.is_none());
+    assert_eq!(
+        denied,
+        Err(TaskError::Fail {
+            message: r#"send-task to "tasks.add" denied: this worker's operator does not allow it ([grants] send_tasks in taskhost.toml, --allow-send)"#.into()
+        })
+    );
+    let (ok, sent) = run("tasks.mul");
+    assert!(ok.is_ok(), "{ok:?}");
+    assert_eq!(sent.map(|t| t.name), Some("tasks.mul".to_string()));
+}

@@ -70,6 +70,11 @@ pub struct LimitArgs {
     /// read-only); repeat for more. Replaces taskhost.toml's `[grants] dirs` [default: none].
     #[arg(long = "allow-dir", value_name = "PATH[:ro]")]
     pub allow_dirs: Vec<AllowedDir>,
+    /// A task name (or pattern with `*`) follow-ups may be sent to, on top of each
+    /// manifest's own grant; repeat for more; an empty value allows none. Replaces
+    /// taskhost.toml's `[grants] send_tasks` [default: whatever manifests grant].
+    #[arg(long = "allow-send", value_name = "PATTERN")]
+    pub allow_sends: Vec<String>,
 }
 
 /// `[grants]` in `taskhost.toml`: the most any manifest's grants may reach.
@@ -79,6 +84,8 @@ pub struct GrantsFile {
     /// Directories manifests may grant: `"/srv/reports"` or `"/srv/reports:ro"`.
     #[serde(default)]
     pub dirs: Vec<String>,
+    /// Task names (patterns with `*`) follow-ups may go to, whatever manifests grant.
+    pub send_tasks: Option<Vec<String>>,
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, CliError> {
@@ -131,6 +138,11 @@ impl LimitArgs {
             } else {
                 self.allow_dirs.clone()
             },
+            send_tasks: if self.allow_sends.is_empty() {
+                file.grants.as_ref().and_then(|g| g.send_tasks.clone())
+            } else {
+                Some(self.allow_sends.iter().filter(|p| !p.is_empty()).cloned().collect())
+            },
         };
         if c.max_task_memory > WASM32_MEMORY || c.max_task_memory < (1 << 20) {
             return Err(CliError::usage(anyhow!(
@@ -164,6 +176,11 @@ pub fn child_flags(c: &Ceilings) -> Vec<String> {
     ]
     .into_iter()
     .chain(c.dirs.iter().map(|d| format!("--allow-dir={d}")))
+    .chain(match &c.send_tasks {
+        None => Vec::new(),
+        Some(allowed) if allowed.is_empty() => vec!["--allow-send=".to_string()],
+        Some(allowed) => allowed.iter().map(|p| format!("--allow-send={p}")).collect(),
+    })
     .collect()
 }
 
@@ -182,13 +199,21 @@ mod tests {
     fn flags_beat_the_file_and_round_trip_to_children() {
         let file: FileConfig =
             toml::from_str("[limits]\nmax_time_limit = 60\nmax_task_memory = \"1GiB\"\nallow_symlinks = true").unwrap();
-        let args = Cmd::parse_from(["x", "--max-time-limit", "5", "--max-process-memory", "2GiB", "--allow-dir", "/srv/a:ro"]).limits;
+        let args = Cmd::parse_from([
+            "x", "--max-time-limit", "5", "--max-process-memory", "2GiB", "--allow-dir", "/srv/a:ro", "--allow-send", "tasks.*",
+        ])
+        .limits;
         let c = args.resolve(&file, 2).unwrap();
         assert_eq!(c.max_time_limit, Duration::from_secs(5));
         assert_eq!(c.max_task_memory, 1 << 30);
         assert_eq!(c.max_process_memory, 2 << 30);
         assert!(c.allow_symlinks);
         assert_eq!(c.dirs, vec![AllowedDir { path: "/srv/a".into(), writable: false }]);
+        assert_eq!(c.send_tasks, Some(vec!["tasks.*".to_string()]));
+        let none = Cmd::parse_from(["x", "--allow-send", ""]).limits.resolve(&FileConfig::default(), 1).unwrap();
+        assert_eq!(none.send_tasks, Some(vec![]));
+        let again = Cmd::parse_from(std::iter::once("x".to_string()).chain(child_flags(&none))).limits;
+        assert_eq!(again.resolve(&FileConfig::default(), 1).unwrap().send_tasks, Some(vec![]));
         let again = Cmd::parse_from(std::iter::once("x".to_string()).chain(child_flags(&c))).limits;
         assert_eq!(again.resolve(&FileConfig::default(), 2).unwrap(), c);
     }

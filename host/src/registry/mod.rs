@@ -459,7 +459,13 @@ impl Registry {
             max_sent_tasks: manifest.max_sent_tasks.unwrap_or(DEFAULT_MAX_SENT_TASKS),
             dirs: effective_dirs(&manifest.grants.dirs, &ceilings.dirs, path),
             config: manifest.grants.config.clone(),
+            operator_send_tasks: ceilings.send_tasks.clone(),
         });
+        if let Some(allowed) = &ceilings.send_tasks {
+            for pattern in manifest.grants.send_tasks.iter().filter(|p| !crate::runtime::grants_within(p, allowed)) {
+                tracing::warn!(file = %path.display(), "[grants] send_tasks: {pattern:?} reaches beyond what the operator allows; each follow-up must match both");
+            }
+        }
         Ok(TaskVersion {
             name,
             version,

@@ -16,6 +16,8 @@ pub struct Grants {
     pub dirs: Vec<DirGrant>,
     /// Names the guest may read through `wasi:config/store`, from the worker's secrets.
     pub config: Vec<String>,
+    /// The operator's patterns every follow-up must match as well (`None`: no cap).
+    pub operator_send_tasks: Option<Vec<String>>,
 }
 
 /// A host directory a task sees at `guest`.
@@ -29,14 +31,32 @@ pub struct DirGrant {
 impl Default for Grants {
     /// Nothing granted.
     fn default() -> Self {
-        Grants { send_tasks: Vec::new(), max_sent_tasks: DEFAULT_MAX_SENT_TASKS, dirs: Vec::new(), config: Vec::new() }
+        Grants {
+            send_tasks: Vec::new(),
+            max_sent_tasks: DEFAULT_MAX_SENT_TASKS,
+            dirs: Vec::new(),
+            config: Vec::new(),
+            operator_send_tasks: None,
+        }
     }
 }
 
 impl Grants {
+    /// Whether the manifest grants sending `task` (the operator is asked separately).
     pub fn may_send(&self, task: &str) -> bool {
         self.send_tasks.iter().any(|pattern| glob(pattern, task))
     }
+
+    /// Whether the operator's cap lets `task` be sent.
+    pub fn operator_allows_send(&self, task: &str) -> bool {
+        self.operator_send_tasks.as_ref().is_none_or(|allowed| allowed.iter().any(|p| glob(p, task)))
+    }
+}
+
+/// Whether every name `pattern` matches is also matched by one of `allowed`, as far as
+/// can be told without enumerating names: true for a pattern one of them matches as text.
+pub fn within(pattern: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|a| glob(a, pattern))
 }
 
 /// `*` matches any run of characters (dots included): `mail.*`, `*.render`, `a.*.b`.
@@ -90,6 +110,10 @@ mod tests {
         assert!(!Grants::default().may_send("anything"));
         let all = Grants { send_tasks: vec!["*".into()], ..Default::default() };
         assert!(all.may_send("x.y"));
+        let capped = Grants { operator_send_tasks: Some(vec!["tasks.*".into()]), ..g.clone() };
+        assert!(capped.operator_allows_send("tasks.add") && !capped.operator_allows_send("mail.send"));
+        assert!(g.operator_allows_send("anything"), "no operator cap by default");
+        assert!(within("tasks.a*", &["tasks.*".into()]) && !within("*", &["tasks.*".into()]));
         assert!(glob("a*b*c", "a-b-c") && !glob("a*b*c", "a-c") && glob("a*a", "aa") && !glob("a*a", "a"));
     }
 }

@@ -14,7 +14,7 @@ mod output;
 mod sandbox;
 
 pub use compile::CHILD_ARGS as COMPILER_CHILD_ARGS;
-pub use grants::{DirGrant, Grants, SentTask, DEFAULT_MAX_SENT_TASKS};
+pub use grants::{within as grants_within, DirGrant, Grants, SentTask, DEFAULT_MAX_SENT_TASKS};
 pub use output::Captured;
 pub use sandbox::{
     Progress, MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_STATE_BYTES, MAX_PROGRESS_UPDATES,

@@ -208,6 +208,13 @@ impl TaskState {
                 "send-task to {name:?} denied: not granted (a manifest grants it with [grants] send_tasks = [{name:?}])"
             ));
         }
+        if !grants.operator_allows_send(name) {
+            self.denials += 1;
+            tracing::warn!(task_id = %self.task_id, task = %self.task_name, target = %name, "send-task denied: not allowed by the operator");
+            return Err(format!(
+                "send-task to {name:?} denied: this worker's operator does not allow it ([grants] send_tasks in taskhost.toml, --allow-send)"
+            ));
+        }
         if self.tasks_sent >= grants.max_sent_tasks {
             self.denials += 1;
             tracing::warn!(task_id = %self.task_id, task = %self.task_name, target = %name, "send-task denied: allowance spent");
