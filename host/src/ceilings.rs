@@ -12,6 +12,8 @@ pub const DEFAULT_MAX_TIME_LIMIT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_TASK_MEMORY: u64 = 4 << 30;
 /// Highest `max_retries` a manifest may set: every retry is another run on the fleet.
 pub const DEFAULT_RETRIES_CEILING: u32 = 100;
+/// Highest `max_sent_tasks` a manifest may set: follow-ups per run.
+pub const DEFAULT_SENT_TASKS_CEILING: u32 = 1000;
 /// Largest component file loaded; a bigger one is refused before it is read.
 pub const DEFAULT_MAX_COMPONENT_SIZE: u64 = 64 << 20;
 /// Memory one compile may use (resident); a compile bomb is stopped there.
@@ -39,6 +41,7 @@ pub struct Ceilings {
     /// its cap before it starts, and waits (holding no sandbox) while the budget is spent.
     pub max_process_memory: u64,
     pub max_retries: u32,
+    pub max_sent_tasks: u32,
     pub max_component_size: u64,
     pub compile_memory: u64,
     pub compile_timeout: Duration,
@@ -92,6 +95,7 @@ impl Default for Ceilings {
             max_task_memory: DEFAULT_MAX_TASK_MEMORY,
             max_process_memory: default_process_memory(1),
             max_retries: DEFAULT_RETRIES_CEILING,
+            max_sent_tasks: DEFAULT_SENT_TASKS_CEILING,
             max_component_size: DEFAULT_MAX_COMPONENT_SIZE,
             compile_memory: DEFAULT_COMPILE_MEMORY,
             compile_timeout: DEFAULT_COMPILE_TIMEOUT,
@@ -105,11 +109,19 @@ impl Default for Ceilings {
     }
 }
 
-/// The machine's memory shared out between `processes` worker processes (at least
-/// 256 MiB each): together they cannot promise their sandboxes more than there is.
+/// The memory this machine (or the container's cgroup, if less) has, shared out between
+/// `processes` worker processes (at least 256 MiB each): together they cannot promise
+/// their sandboxes more than there is.
 pub fn default_process_memory(processes: usize) -> u64 {
-    let total = physical_memory().unwrap_or(8 << 30);
+    let total = physical_memory().unwrap_or(8 << 30).min(cgroup_memory_limit().unwrap_or(u64::MAX));
     (total / processes.max(1) as u64).max(256 << 20)
+}
+
+/// The cgroup's memory limit: v2 `memory.max`, else v1 `memory.limit_in_bytes`.
+fn cgroup_memory_limit() -> Option<u64> {
+    ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
 }
 
 /// `MemTotal` from /proc/meminfo, in bytes.

@@ -254,7 +254,7 @@ fn a_worker_hands_granted_secrets_from_its_file_and_environment_and_never_logs_t
     worker.wait(Duration::from_secs(20));
     let log = worker.log_text();
     assert!(log.contains("grant_denials=1"), "the denial is counted: {log}");
-    assert!(log.contains("name=SMTP_PASSWORD"), "{log}");
+    assert!(log.contains("name=\"SMTP_PASSWORD\""), "{log}");
     for value in ["file-secret-1234", "file-secret-5678", "env-secret-9999"] {
         assert!(!log.contains(value), "a secret value reached the log");
     }
@@ -296,4 +296,25 @@ fn the_operator_caps_which_follow_ups_any_manifest_may_send() {
     let (ok, sent) = run("tasks.mul");
     assert!(ok.is_ok(), "{ok:?}");
     assert_eq!(sent.map(|t| t.name), Some("tasks.mul".to_string()));
+}
+
+#[test]
+fn a_granted_directory_swapped_for_a_link_after_load_is_not_opened() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = root.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("ok.txt"), "fine").unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("ok.txt"), "not yours").unwrap();
+    let allowed = [root.path().to_str().unwrap().parse().unwrap()];
+    let spec = format!(r#"[{{ host = "{}", guest = "/data", mode = "ro" }}]"#, sub.display());
+    let (_plugins, registry) = with_dirs(&spec, &allowed);
+    let read = || call(&registry, "tasks.hostile", serde_json::json!(["read", 0, "/data/ok.txt"])).unwrap();
+    assert_eq!(read()["read"], "fine");
+    // Someone with write access beside it (another task's rw grant, a local user) swaps
+    // the granted directory for a link to somewhere else.
+    std::fs::rename(&sub, root.path().join("old")).unwrap();
+    std::os::unix::fs::symlink(secret.path(), &sub).unwrap();
+    let got = read();
+    assert!(got.get("read").is_none(), "followed the swapped-in link: {got}");
 }

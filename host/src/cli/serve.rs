@@ -258,6 +258,14 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
     let node = node_name(&args);
     let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
     let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref())?;
+    let default_tasks = args.ceilings.max_process_memory / crate::runtime::DEFAULT_MEMORY_LIMIT;
+    if (args.concurrency as u64) > default_tasks && args.worker_index.unwrap_or(0) == 0 {
+        tracing::warn!(
+            "max_process_memory ({}) fits {default_tasks} tasks of the default 128MiB at once, fewer than -c {}: the rest wait for memory",
+            crate::registry::ByteSize(args.ceilings.max_process_memory),
+            args.concurrency
+        );
+    }
     if registry.all().is_empty() && args.worker_index.unwrap_or(0) == 0 {
         tracing::warn!("serving nothing yet: {}", crate::registry::describe_dir(&args.plugins));
     }
@@ -400,7 +408,8 @@ fn die_with_supervisor(cmd: &mut tokio::process::Command, signal: i32) {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() as u32 != supervisor {
-                return Err(std::io::Error::other("the supervisor exited before its worker started"));
+                // The supervisor is gone already (no allocation here: this runs after fork).
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

@@ -70,17 +70,25 @@ fn escape_event(buf: &[u8], keep_escape: bool) -> Vec<u8> {
         Some(body) => (body, &b"\n"[..]),
         None => (buf, &b""[..]),
     };
-    if !body.iter().any(|b| needs_escape(*b, keep_escape)) {
+    let c1 = |i: usize| body[i] == 0xc2 && body.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n));
+    if !body.iter().enumerate().any(|(i, b)| needs_escape(*b, keep_escape) || c1(i)) {
         return buf.to_vec();
     }
     let mut out = Vec::with_capacity(buf.len() + 16);
-    for &b in body {
-        match b {
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b if needs_escape(b, keep_escape) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            // C1 controls (U+0080–U+009F, CSI among them) act like ESC sequences on terminals.
+            _ if c1(i) => {
+                out.extend_from_slice(format!("\\u{{{:x}}}", body[i + 1]).as_bytes());
+                i += 1;
+            }
             b => out.push(b),
         }
+        i += 1;
     }
     out.extend_from_slice(end);
     out
@@ -102,5 +110,6 @@ mod tests {
         assert_eq!(out.matches('\n').count(), 1);
         assert_eq!(escape_event(b"plain\tline\n", false), b"plain\tline\n");
         assert_eq!(escape_event(b"\x1b[32mINFO\x1b[0m x\n", true), b"\x1b[32mINFO\x1b[0m x\n");
+        assert_eq!(escape_event("a\u{9b}2Kb é\n".as_bytes(), true), "a\\u{9b}2Kb é\n".as_bytes());
     }
 }

@@ -167,6 +167,14 @@ impl Manifest {
                 }
             }
         }
+        if let Some(n) = self.max_sent_tasks.filter(|n| *n > c.max_sent_tasks) {
+            return Err(ManifestError::AboveCeiling {
+                field: "max_sent_tasks",
+                value: n.to_string(),
+                ceiling: c.max_sent_tasks.to_string(),
+                setting: "max_sent_tasks",
+            });
+        }
         if let Some(r) = self.max_retries.filter(|r| *r > c.max_retries) {
             return Err(ManifestError::AboveCeiling {
                 field: "max_retries",
@@ -403,6 +411,10 @@ mod tests {
         assert_eq!(
             err("max_retries = 4000000000"),
             "max_retries = 4000000000 is above this worker's ceiling of 10 (taskhost.toml [limits] max_retries)"
+        );
+        assert_eq!(
+            err("max_sent_tasks = 4294967295"),
+            "max_sent_tasks = 4294967295 is above this worker's ceiling of 1000 (taskhost.toml [limits] max_sent_tasks)"
         );
         assert!(Manifest::parse("time_limit = 600\nmemory_limit = \"1GiB\"\nmax_retries = 10").unwrap().check_ceilings(&c).is_ok());
         // Past Duration's range: no limit from the manifest rather than a panic.

@@ -333,6 +333,7 @@ impl Registry {
         let mut threads = Vec::new();
         for (path, stamp) in started {
             let registry = Arc::clone(self);
+            let this_path = path.clone();
             let spawned = std::thread::Builder::new().name("taskhost-load".into()).spawn(move || {
                 let mut report = ScanReport::default();
                 let result = {
@@ -344,7 +345,12 @@ impl Registry {
             });
             match spawned {
                 Ok(t) => threads.push(t),
-                Err(e) => tracing::error!("cannot start a loader thread: {e}"),
+                Err(e) => {
+                    tracing::error!("cannot start a loader thread: {e}");
+                    // Not loading after all: a later look tries again.
+                    let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+                    state.loading.remove(&this_path);
+                }
             }
         }
         if wait {
@@ -381,9 +387,12 @@ impl Registry {
     /// build, leaves the earlier build serving until a good one arrives.
     fn install(&self, path: PathBuf, stamp: Stamp, result: Result<TaskVersion, FileError>, report: &mut ScanReport) {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        if state.loading.get(&path).is_some_and(|(s, _)| *s == stamp) {
-            state.loading.remove(&path);
+        // Only the load of the newest stamp seen counts: an older load that finishes
+        // after a newer one must not put the older build back.
+        if !state.loading.get(&path).is_some_and(|(s, _)| *s == stamp) {
+            return;
         }
+        state.loading.remove(&path);
         if std::fs::symlink_metadata(&path).is_err() {
             // Gone while it loaded: a later look has already unloaded it, or will.
             return;
@@ -451,7 +460,11 @@ impl Registry {
             return Err(FileError::Remembered(reason.clone()));
         }
         let component = self.runtime.load(&bytes).inspect_err(|e| {
-            self.state.write().unwrap_or_else(|p| p.into_inner()).failed.insert(digest.clone(), e.to_string());
+            // Only what the bytes decide is remembered: a timeout on a busy machine or a
+            // host fault (no compiler process, no cache) may pass.
+            if !matches!(e, crate::runtime::LoadError::CompileTimeout(_) | crate::runtime::LoadError::Host(_)) {
+                self.state.write().unwrap_or_else(|p| p.into_inner()).failed.insert(digest.clone(), e.to_string());
+            }
         })?;
         let limits = limits_within(&manifest, ceilings);
         let grants = Arc::new(Grants {

@@ -32,8 +32,20 @@ pub(super) fn in_child(
     if let Some(component) = cache.cached(engine, digest) {
         return Ok((component, true));
     }
-    let dir = cache.dir().ok_or_else(|| LoadError::Compile("compiling in a child needs a compile cache".into()))?;
-    let mut child = Command::new(exe)
+    let dir = cache.dir().ok_or_else(|| LoadError::Host("compiling in a child needs a compile cache".into()))?;
+    let mut command = Command::new(exe);
+    // SAFETY: prctl is async-signal-safe, as pre_exec requires. The child must not
+    // outlive this process: its limits are enforced only from here.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(CHILD_ARGS)
         // What shapes the compiled code (the memory reservation) and what the child reads.
         .args(["--max-task-memory", &ceilings.max_task_memory.to_string()])
@@ -44,7 +56,7 @@ pub(super) fn in_child(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| LoadError::Compile(format!("cannot start the compiler process {}: {e}", exe.display())))?;
+        .map_err(|e| LoadError::Host(format!("cannot start the compiler process {}: {e}", exe.display())))?;
     let pid = child.id();
     // Fed and read on threads of their own: a child that stops reading (or floods its
     // stderr) must not block this loop, which is what enforces the limits.
@@ -67,20 +79,24 @@ pub(super) fn in_child(
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
             Ok(None) => {}
-            Err(e) => break Err(format!("waiting for the compiler process: {e}")),
+            Err(e) => break Err(LoadError::Host(format!("waiting for the compiler process: {e}"))),
         }
-        peak = peak.max(resident_bytes(pid).unwrap_or(0));
+        // A limit that cannot be checked is not enforced: fail closed.
+        let Some(rss) = resident_bytes(pid) else {
+            break Err(LoadError::Host(format!("cannot read the compiler process's memory (/proc/{pid}/statm)")));
+        };
+        peak = peak.max(rss);
         if peak > ceilings.compile_memory {
-            break Err(format!(
+            break Err(LoadError::Compile(format!(
                 "compiling needed more than {} of memory (ceiling compile_memory); stopped",
                 crate::registry::ByteSize(ceilings.compile_memory)
-            ));
+            )));
         }
         if started.elapsed() > ceilings.compile_timeout {
-            break Err(format!(
+            break Err(LoadError::CompileTimeout(format!(
                 "compiling took longer than {}s (ceiling compile_timeout); stopped",
                 ceilings.compile_timeout.as_secs_f64()
-            ));
+            )));
         }
         std::thread::sleep(POLL);
     };
@@ -90,7 +106,7 @@ pub(super) fn in_child(
     let _ = child.wait();
     let _ = feeder.join();
     let said = reader.join().unwrap_or_default();
-    let status = verdict.map_err(LoadError::Compile)?;
+    let status = verdict?;
     if !status.success() {
         let reason = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
         let reason = reason.strip_prefix("error: ").unwrap_or(reason);
@@ -103,7 +119,7 @@ pub(super) fn in_child(
     tracing::debug!(digest = &digest[..12.min(digest.len())], took = ?started.elapsed(), peak_rss = peak, "compiled in a child process");
     match cache.cached(engine, digest) {
         Some(component) => Ok((component, false)),
-        None => Err(LoadError::Compile(format!(
+        None => Err(LoadError::Host(format!(
             "the compiler process succeeded but left nothing usable in the compile cache {}",
             dir.display()
         ))),

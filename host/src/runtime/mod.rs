@@ -136,6 +136,13 @@ pub enum LoadError {
     Compile(String),
     #[error("component does not fit the taskhost:task world (0.2.0 or 0.1.0): {0}")]
     Incompatible(String),
+    /// The compile ran past `compile_timeout`: perhaps a bomb, perhaps a busy machine.
+    #[error("{0}")]
+    CompileTimeout(String),
+    /// The host could not compile at all (no compiler process, no cache): says nothing
+    /// about the component.
+    #[error("{0}")]
+    Host(String),
 }
 
 /// Everything the guest is told about the message it runs.

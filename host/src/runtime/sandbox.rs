@@ -63,6 +63,9 @@ pub(super) struct TaskState {
     /// Requests refused for want of a grant, for the worker's counters.
     pub denials: u32,
     secrets: Arc<BTreeMap<String, String>>,
+    clock_resolution: Option<Duration>,
+    /// Bytes of follow-ups (args and kwargs) this run has handed over.
+    sent_bytes: usize,
 }
 
 impl TaskState {
@@ -83,6 +86,13 @@ impl TaskState {
         }
         for dir in &control.grants.dirs {
             let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+            // The path was checked against the operator's allowance at load, resolved. A
+            // link put in its place since (by another task with a writable parent grant,
+            // say) would now lead elsewhere: the path must still resolve to itself.
+            if std::fs::canonicalize(&dir.host).ok().as_deref() != Some(dir.host.as_path()) {
+                tracing::warn!(task_id, dir = %dir.host.display(), "granted directory now resolves elsewhere; not opened for this run");
+                continue;
+            }
             // Opened per task through cap-std: `..` and links cannot leave it.
             if let Err(e) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
                 tracing::warn!(task_id, dir = %dir.host.display(), "granted directory not available to this run: {e:#}");
@@ -108,6 +118,8 @@ impl TaskState {
             tasks_sent: 0,
             denials: 0,
             secrets,
+            clock_resolution,
+            sent_bytes: 0,
         }
     }
 }
@@ -144,7 +156,10 @@ impl Host for TaskState {
             return Ok(());
         }
         if serde_json::from_str::<serde::de::IgnoredAny>(&meta).is_err() {
-            tracing::warn!(task_id = %self.task_id, "set-progress meta is not JSON; ignored");
+            if self.logs_dropped == 0 {
+                tracing::warn!(task_id = %self.task_id, "set-progress meta is not JSON; ignored");
+            }
+            self.logs_dropped += 1;
             return Ok(());
         }
         self.progress_sent += 1;
@@ -157,7 +172,10 @@ impl Host for TaskState {
 
     fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
         let until = self.deadlines.soft.min(self.deadlines.hard);
-        Ok(until.saturating_duration_since(Instant::now()).as_millis() as u64)
+        let left = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+        // No finer than the clocks: a countdown is a clock too.
+        let step = self.clock_resolution.map_or(1, |r| (r.as_millis() as u64).max(1));
+        Ok(left - left % step)
     }
 
     fn is_revoked(&mut self) -> wasmtime::Result<bool> {
@@ -194,30 +212,39 @@ impl Host for TaskState {
 /// Longest task name a follow-up may carry.
 const MAX_TASK_NAME: usize = 256;
 /// Largest args or kwargs of a follow-up (each), as JSON text.
-const MAX_SENT_ARGS_BYTES: usize = 256 << 10;
+const MAX_SENT_ARGS_BYTES: usize = 64 << 10;
+/// Follow-up bytes one run may hand over in all: what waits in host memory for the
+/// broker stays bounded however many follow-ups the manifest allows.
+const MAX_SENT_BYTES_PER_RUN: usize = 1 << 20;
 
 impl TaskState {
+    /// Counts a refusal and logs the first of the run (a guest asking in a loop must not
+    /// flood the log); the name is quoted, so it cannot carry terminal escapes.
+    fn deny(&mut self, name: &str, what: &str) {
+        if self.denials == 0 {
+            tracing::warn!(task_id = %self.task_id, task = %self.task_name, name = ?name, "{what} (further denials of this run counted, not logged)");
+        }
+        self.denials += 1;
+    }
+
     /// Why a `send-task` request is refused, if it is: not granted, over the run's
     /// allowance, or malformed. A refusal is the guest's error, never a trap.
     fn check_send(&mut self, name: &str, args: &str, kwargs: &str, options: &SendOptions) -> Result<(), String> {
         let grants = self.control.grants.clone();
         if !grants.may_send(name) {
-            self.denials += 1;
-            tracing::warn!(task_id = %self.task_id, task = %self.task_name, target = %name, "send-task denied: not granted");
+            self.deny(name, "send-task denied: not granted");
             return Err(format!(
                 "send-task to {name:?} denied: not granted (a manifest grants it with [grants] send_tasks = [{name:?}])"
             ));
         }
         if !grants.operator_allows_send(name) {
-            self.denials += 1;
-            tracing::warn!(task_id = %self.task_id, task = %self.task_name, target = %name, "send-task denied: not allowed by the operator");
+            self.deny(name, "send-task denied: not allowed by the operator");
             return Err(format!(
                 "send-task to {name:?} denied: this worker's operator does not allow it ([grants] send_tasks in taskhost.toml, --allow-send)"
             ));
         }
         if self.tasks_sent >= grants.max_sent_tasks {
-            self.denials += 1;
-            tracing::warn!(task_id = %self.task_id, task = %self.task_name, target = %name, "send-task denied: allowance spent");
+            self.deny(name, "send-task denied: allowance spent");
             return Err(format!(
                 "send-task to {name:?} denied: this run already sent {} tasks, all its manifest allows (max_sent_tasks)",
                 self.tasks_sent
@@ -238,6 +265,11 @@ impl TaskState {
         };
         json(args, "args-json", false)?;
         json(kwargs, "kwargs-json", true)?;
+        let bytes = args.len() + kwargs.len() + name.len();
+        if self.sent_bytes + bytes > MAX_SENT_BYTES_PER_RUN {
+            return Err(format!("send-task: this run's follow-ups would exceed {MAX_SENT_BYTES_PER_RUN} bytes of arguments"));
+        }
+        self.sent_bytes += bytes;
         if options.priority.is_some_and(|p| p > 9) {
             return Err("send-task: priority must be 0 to 9".into());
         }
@@ -257,8 +289,7 @@ impl TaskState {
 impl config_store::Host for TaskState {
     fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<String>, config_store::Error>> {
         if !self.control.grants.config.iter().any(|n| *n == key) {
-            self.denials += 1;
-            tracing::warn!(task_id = %self.task_id, task = %self.task_name, name = %key, "config read denied: not granted");
+            self.deny(&key, "config read denied: not granted");
             return Ok(Err(config_store::Error::Upstream(format!(
                 "config {key:?} denied: not granted (a manifest grants it with [grants] config = [{key:?}])"
             ))));

@@ -524,8 +524,13 @@ impl Worker {
         if resolved.is_err() && self.registry.is_loading(&h.task) {
             // Its component is being compiled: better a moment's wait than a dead letter.
             let give_up = Instant::now() + self.runtime.config().ceilings.compile_timeout + Duration::from_secs(1);
-            while self.registry.is_loading(&h.task) && Instant::now() < give_up {
+            while self.registry.is_loading(&h.task) && Instant::now() < give_up && !*self.draining.borrow() {
                 tokio::time::sleep(LOADING_POLL).await;
+            }
+            if *self.draining.borrow() {
+                self.restore(&delivery).await;
+                self.stats.borrow_mut().restored_on_shutdown += 1;
+                return;
             }
             resolved = self.registry.resolve(&h.task, None);
         }
@@ -670,6 +675,9 @@ impl Worker {
         }
         let control = Arc::new(control.with_grants(grants));
         let mut sent_ids = Vec::new();
+        // Follow-ups being published, polled beside the run: a slow broker must not
+        // keep the run from its time limit or a revoke.
+        let mut publishing: FuturesUnordered<Pin<Box<dyn Future<Output = Option<String>> + '_>>> = FuturesUnordered::new();
         let input = TaskInput {
             id: h.id.clone(),
             name: h.task.clone(),
@@ -707,8 +715,9 @@ impl Worker {
                     Some(p) = progress_rx.recv() => self.store_progress(p, ignore_result).await,
                     // Published as soon as asked, as Celery's apply_async inside a task is.
                     Some(t) = async { sent_rx.as_mut()?.recv().await }, if sent_rx.is_some() => {
-                        sent_ids.push(self.publish_sent(t, decoded).await)
+                        publishing.push(Box::pin(self.publish_sent(t, decoded)));
                     }
+                    Some(published) = publishing.next(), if !publishing.is_empty() => sent_ids.extend(published),
                 }
             }
         };
@@ -716,8 +725,12 @@ impl Worker {
             self.store_progress(p, ignore_result).await;
         }
         while let Some(t) = sent_rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
-            sent_ids.push(self.publish_sent(t, decoded).await);
+            publishing.push(Box::pin(self.publish_sent(t, decoded)));
         }
+        while let Some(published) = publishing.next().await {
+            sent_ids.extend(published);
+        }
+        drop(publishing);
         self.running.borrow_mut().remove(&h.id);
         drop(slot);
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
@@ -738,8 +751,9 @@ impl Worker {
 
     /// Publishes a follow-up a task sent (`send-task`): its parent is that task, its root
     /// the task's root. With no queue named it goes where its own manifest routes it, if
-    /// this worker knows the task, else to `celery`. Returns its id.
-    async fn publish_sent(&self, sent: SentTask, decoded: &Decoded) -> String {
+    /// this worker knows the task, else to `celery`. Its id, if the broker took it (only
+    /// those are listed as the task's children).
+    async fn publish_sent(&self, sent: SentTask, decoded: &Decoded) -> Option<String> {
         let h = &decoded.headers;
         let queue = sent.queue.clone().unwrap_or_else(|| {
             self.registry
@@ -771,9 +785,12 @@ impl Worker {
             extra_headers,
             ..Default::default()
         };
-        tracing::info!(task = %h.task, id = %h.id, sent = %msg.task, sent_id = %msg.id, queue = %msg.queue, "follow-up sent");
-        self.publish_task(&msg).await;
-        sent.id
+        if !self.publish_task(&msg).await {
+            tracing::error!(task = %h.task, id = %h.id, sent = ?msg.task, sent_id = %msg.id, "follow-up lost: the broker never took it");
+            return None;
+        }
+        tracing::info!(task = %h.task, id = %h.id, sent = ?msg.task, sent_id = %msg.id, queue = ?msg.queue, "follow-up sent");
+        Some(sent.id)
     }
 
     async fn finish(
@@ -834,7 +851,11 @@ impl Worker {
             }
             _ => None,
         };
-        let max_retries = task.manifest.max_retries.unwrap_or(retry::DEFAULT_MAX_RETRIES);
+        let max_retries = task
+            .manifest
+            .max_retries
+            .unwrap_or(retry::DEFAULT_MAX_RETRIES)
+            .min(self.runtime.config().ceilings.max_retries);
         if let Some((reason, countdown)) = retry_reason {
             if h.retries < max_retries {
                 self.retry(delivery, decoded, task, &reason, countdown, ignore_result, acks_late).await;
@@ -967,12 +988,13 @@ impl Worker {
     }
 
     /// Publishes a task this worker creates (chain step, link, errback, chord callback).
-    async fn publish_task(&self, msg: &OutgoingTask) {
+    /// Whether the broker took it (retried through outages, up to `STORE_GIVE_UP`).
+    async fn publish_task(&self, msg: &OutgoingTask) -> bool {
         let raw = encode_task(msg);
         match msg.eta.filter(|eta| *eta > Utc::now() + ETA_SLACK) {
             Some(eta) => self.broker_op("publish", || self.broker.schedule(&msg.queue, msg.priority, &raw, eta)).await,
             None => self.broker_op("publish", || self.broker.publish(&msg.queue, msg.priority, &raw)).await,
-        };
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
