@@ -677,7 +677,9 @@ impl Worker {
         let mut sent_ids = Vec::new();
         // Follow-ups being published, polled beside the run: a slow broker must not
         // keep the run from its time limit or a revoke.
-        let mut publishing: FuturesUnordered<Pin<Box<dyn Future<Output = Option<String>> + '_>>> = FuturesUnordered::new();
+        // Made only where follow-ups are granted (an allocation per task otherwise).
+        let mut publishing: Option<FuturesUnordered<Pin<Box<dyn Future<Output = Option<String>> + '_>>>> =
+            sent_rx.is_some().then(FuturesUnordered::new);
         let input = TaskInput {
             id: h.id.clone(),
             name: h.task.clone(),
@@ -715,20 +717,25 @@ impl Worker {
                     Some(p) = progress_rx.recv() => self.store_progress(p, ignore_result).await,
                     // Published as soon as asked, as Celery's apply_async inside a task is.
                     Some(t) = async { sent_rx.as_mut()?.recv().await }, if sent_rx.is_some() => {
-                        publishing.push(Box::pin(self.publish_sent(t, decoded)));
+                        if let Some(p) = publishing.as_mut() {
+                            p.push(Box::pin(self.publish_sent(t, decoded)));
+                        }
                     }
-                    Some(published) = publishing.next(), if !publishing.is_empty() => sent_ids.extend(published),
+                    Some(published) = async { publishing.as_mut()?.next().await },
+                        if publishing.as_ref().is_some_and(|p| !p.is_empty()) => sent_ids.extend(published),
                 }
             }
         };
         while let Ok(p) = progress_rx.try_recv() {
             self.store_progress(p, ignore_result).await;
         }
-        while let Some(t) = sent_rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
-            publishing.push(Box::pin(self.publish_sent(t, decoded)));
-        }
-        while let Some(published) = publishing.next().await {
-            sent_ids.extend(published);
+        if let (Some(rx), Some(p)) = (sent_rx.as_mut(), publishing.as_mut()) {
+            while let Ok(t) = rx.try_recv() {
+                p.push(Box::pin(self.publish_sent(t, decoded)));
+            }
+            while let Some(published) = p.next().await {
+                sent_ids.extend(published);
+            }
         }
         drop(publishing);
         self.running.borrow_mut().remove(&h.id);
