@@ -31,19 +31,23 @@ fn components_built_against_wit_0_1_0_still_load_and_run() {
     assert_eq!(run("tasks.watch", "[30]").result, Ok("\"finished\"".into()));
 }
 
-/// Runs `tasks.fanout` with its manifest's grants; the follow-ups it sent.
-fn fanout(args: &str) -> (TaskRun, Vec<SentTask>) {
-    let registry = Registry::open(plugins_dir(), runtime()).unwrap();
+/// Runs `tasks.fanout` of `registry` with its manifest's grants; the follow-ups it sent.
+fn fanout_in(registry: &Registry, args: &str) -> (TaskRun, Vec<SentTask>) {
     let tv = registry.resolve("tasks.fanout", None).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let control = Arc::new(RunControl::default().with_sent_tasks(tx).with_grants(tv.grants()));
     let input = TaskInput { name: "tasks.fanout".into(), args: args.into(), kwargs: "{}".into(), ..Default::default() };
-    let run = block_on(runtime().run(&tv.component, "1.0.0", input, &tv.limits(), control));
+    let run = block_on(registry.runtime().run(&tv.component, "1.0.0", input, &tv.limits(), control));
     let mut sent = Vec::new();
     while let Ok(t) = rx.try_recv() {
         sent.push(t);
     }
     (run, sent)
+}
+
+/// [`fanout_in`] the example plugins, under its own manifest.
+fn fanout(args: &str) -> (TaskRun, Vec<SentTask>) {
+    fanout_in(&Registry::open(plugins_dir(), runtime()).unwrap(), args)
 }
 
 #[test]
@@ -128,16 +132,7 @@ fn with_dirs(dirs_toml: &str, allowed: &[taskhost::ceilings::AllowedDir]) -> (te
         std::fs::copy(plugin(file), plugins.path().join(file)).unwrap();
         std::fs::write(plugins.path().join(format!("{task}.toml")), format!("[grants]\ndirs = {dirs_toml}\n")).unwrap();
     }
-    let ceilings = taskhost::ceilings::Ceilings { dirs: allowed.to_vec(), ..Default::default() };
-    let rt = Arc::new(
-        taskhost::runtime::Runtime::new(taskhost::runtime::RuntimeConfig {
-            max_instances: 4,
-            ceilings,
-            cache_dir: Some(cache_dir()),
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let rt = runtime_with(taskhost::ceilings::Ceilings { dirs: allowed.to_vec(), ..Default::default() });
     let registry = Registry::open(plugins.path(), rt).unwrap();
     (plugins, registry)
 }
@@ -208,15 +203,7 @@ fn a_task_reads_only_the_secrets_its_manifest_grants() {
     std::fs::write(plugins.path().join("tasks.hostile@1.0.0.toml"), "[grants]\nconfig = [\"API_TOKEN\", \"ABSENT\"]\n").unwrap();
     let secrets: std::collections::BTreeMap<String, String> =
         [("API_TOKEN", "s3cret-value"), ("SMTP_PASSWORD", "hunter2")].map(|(k, v)| (k.to_string(), v.to_string())).into();
-    let rt = Arc::new(
-        taskhost::runtime::Runtime::new(taskhost::runtime::RuntimeConfig {
-            max_instances: 4,
-            cache_dir: Some(cache_dir()),
-            secrets: Arc::new(secrets),
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let rt = custom_runtime(taskhost::runtime::RuntimeConfig { max_instances: 4, secrets: Arc::new(secrets), ..Default::default() });
     let registry = Registry::open(plugins.path(), rt).unwrap();
     let read = |name: &str| call(&registry, "tasks.hostile", serde_json::json!(["config", 0, name])).unwrap();
     assert_eq!(read("API_TOKEN"), serde_json::json!({"len": 12}));
@@ -262,28 +249,15 @@ fn a_worker_hands_granted_secrets_from_its_file_and_environment_and_never_logs_t
 
 #[test]
 fn the_operator_caps_which_follow_ups_any_manifest_may_send() {
-    let ceilings = taskhost::ceilings::Ceilings { send_tasks: Some(vec!["tasks.mul".into()]), ..Default::default() };
-    let rt = Arc::new(
-        taskhost::runtime::Runtime::new(taskhost::runtime::RuntimeConfig {
-            max_instances: 4,
-            ceilings,
-            cache_dir: Some(cache_dir()),
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let rt = runtime_with(taskhost::ceilings::Ceilings { send_tasks: Some(vec!["tasks.mul".into()]), ..Default::default() });
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(plugin("tasks.fanout@1.0.0.wasm"), dir.path().join("tasks.fanout@1.0.0.wasm")).unwrap();
     // The manifest grants tasks.* (wider than the operator's tasks.mul).
     std::fs::write(dir.path().join("tasks.fanout@1.0.0.toml"), "[grants]\nsend_tasks = [\"tasks.*\"]\n").unwrap();
-    let registry = Registry::open(dir.path(), rt.clone()).unwrap();
-    let tv = registry.resolve("tasks.fanout", None).unwrap();
+    let registry = Registry::open(dir.path(), rt).unwrap();
     let run = |target: &str| {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let control = Arc::new(RunControl::default().with_sent_tasks(tx).with_grants(tv.grants()));
-        let input = TaskInput { name: "tasks.fanout".into(), args: format!("[1, \"{target}\"]"), kwargs: "{}".into(), ..Default::default() };
-        let run = block_on(rt.run(&tv.component, "1.0.0", input, &tv.limits(), control));
-        (run.result, rx.try_recv().ok())
+        let (run, sent) = fanout_in(&registry, &format!("[1, \"{target}\"]"));
+        (run.result, sent.into_iter().next())
     };
     let (denied, sent) = run("tasks.add");
     assert!(sent.is_none());

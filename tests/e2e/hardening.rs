@@ -24,10 +24,6 @@ fn hostile_input(mode: &str, n: u64) -> TaskInput {
     }
 }
 
-fn runtime_with(ceilings: Ceilings) -> Arc<Runtime> {
-    Arc::new(Runtime::new(RuntimeConfig { max_instances: 8, ceilings, cache_dir: Some(cache_dir()), ..Default::default() }).unwrap())
-}
-
 fn hostile(rt: &Arc<Runtime>) -> taskhost::runtime::LoadedComponent {
     rt.load(&std::fs::read(plugin("tasks.hostile@1.0.0.wasm")).unwrap()).unwrap()
 }

@@ -50,6 +50,17 @@ pub fn runtime() -> Arc<Runtime> {
         .clone()
 }
 
+/// An engine of its own, for a test that needs other settings than [`runtime`]'s
+/// (ceilings, secrets), compiling into the test compile cache.
+pub fn custom_runtime(config: RuntimeConfig) -> Arc<Runtime> {
+    Arc::new(Runtime::new(RuntimeConfig { cache_dir: Some(cache_dir()), ..config }).expect("runtime"))
+}
+
+/// [`custom_runtime`] with these ceilings.
+pub fn runtime_with(ceilings: taskhost::ceilings::Ceilings) -> Arc<Runtime> {
+    custom_runtime(RuntimeConfig { max_instances: 8, ceilings, ..Default::default() })
+}
+
 /// Runs `taskhost <args>` to completion.
 pub fn taskhost(args: &[&str]) -> Output {
     std::process::Command::new(taskhost_bin())

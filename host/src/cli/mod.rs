@@ -148,15 +148,16 @@ pub(crate) async fn connect_backend(
         .map_err(CliError::Usage)
 }
 
-/// A seconds flag (`--timeout 2.5`) as a duration: negative, NaN or out-of-range values
-/// are a usage error, never a panic.
+/// A seconds value (`--shutdown-grace 2.5`) as a duration: negative, NaN or out-of-range
+/// values are a usage error, never a panic.
+pub(crate) fn seconds(v: f64, flag: &str) -> Result<std::time::Duration, CliError> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| CliError::usage(anyhow::anyhow!("{flag} must be a non-negative number of seconds, got {v}")))
+}
+
+/// [`seconds`] for an optional flag (`--timeout`).
 pub(crate) fn seconds_flag(value: Option<f64>, flag: &str) -> Result<Option<std::time::Duration>, CliError> {
-    value
-        .map(|v| {
-            std::time::Duration::try_from_secs_f64(v)
-                .map_err(|_| CliError::usage(anyhow::anyhow!("{flag} must be a non-negative number of seconds, got {v}")))
-        })
-        .transpose()
+    value.map(|v| seconds(v, flag)).transpose()
 }
 
 /// A single-threaded async runtime: one per process, as the process model wants.

@@ -140,12 +140,12 @@ impl Settings {
             concurrency,
             processes,
             prefetch_multiplier: args.prefetch_multiplier.or(file.prefetch_multiplier).unwrap_or(DEFAULT_PREFETCH_MULTIPLIER),
-            visibility_timeout: positive(
+            visibility_timeout: super::seconds(
                 args.visibility_timeout.or(file.visibility_timeout).unwrap_or(DEFAULT_VISIBILITY_TIMEOUT.as_secs_f64()),
                 "--visibility-timeout",
             )?,
-            shutdown_grace: positive(args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30.0), "--shutdown-grace")?,
-            result_expires: positive(
+            shutdown_grace: super::seconds(args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30.0), "--shutdown-grace")?,
+            result_expires: super::seconds(
                 args.result_expires.or(file.result_expires).unwrap_or(DEFAULT_RESULT_EXPIRES.as_secs_f64()),
                 "--result-expires",
             )?,
@@ -156,14 +156,6 @@ impl Settings {
             worker_index: args.worker_index,
             schedule: if args.beat { args.schedule } else { None },
         })
-    }
-}
-
-fn positive(v: f64, flag: &str) -> Result<Duration, CliError> {
-    if v.is_finite() && v >= 0.0 {
-        Duration::try_from_secs_f64(v).map_err(|_| CliError::usage(anyhow!("{flag} {v} is too large")))
-    } else {
-        Err(CliError::usage(anyhow!("{flag} must be a non-negative number of seconds")))
     }
 }
 

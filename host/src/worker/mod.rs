@@ -111,6 +111,8 @@ pub struct Worker {
     /// The process's memory budget in MiB (`ceilings.max_process_memory`): a task
     /// reserves its memory cap here before it takes a sandbox slot.
     memory_budget: Semaphore,
+    /// Its size, the most one task may reserve.
+    memory_budget_mib: u64,
     /// Tags of messages fetched and not yet acked or restored.
     held: RefCell<HashSet<String>>,
     pending_acks: RefCell<Vec<String>>,
@@ -228,6 +230,7 @@ impl Worker {
         Rc::new(Worker {
             slots: Semaphore::new(cfg.concurrency.max(1)),
             memory_budget: Semaphore::new(budget_mib as usize),
+            memory_budget_mib: budget_mib,
             cfg,
             registry,
             runtime,
@@ -528,8 +531,7 @@ impl Worker {
                 tokio::time::sleep(LOADING_POLL).await;
             }
             if *self.draining.borrow() {
-                self.restore(&delivery).await;
-                self.stats.borrow_mut().restored_on_shutdown += 1;
+                self.restore_on_shutdown(&delivery).await;
                 return;
             }
             resolved = self.registry.resolve(&h.task, None);
@@ -599,8 +601,7 @@ impl Worker {
                 };
                 self.in_progress.set(self.in_progress.get() + 1);
                 if drained {
-                    self.restore(&delivery).await;
-                    self.stats.borrow_mut().restored_on_shutdown += 1;
+                    self.restore_on_shutdown(&delivery).await;
                     return;
                 }
             }
@@ -608,7 +609,7 @@ impl Worker {
         let limits = limits_for(&task, h.time_limit, &self.runtime.config().ceilings);
         let mut draining = self.draining.subscribe();
         // Memory first, then a sandbox: a task waiting for the budget holds no sandbox.
-        let wanted = limits.memory.div_ceil(MIB).min(self.memory_budget_total()) as u32;
+        let wanted = limits.memory.div_ceil(MIB).min(self.memory_budget_mib) as u32;
         let permit = tokio::select! {
             biased;
             _ = draining.wait_for(|d| *d) => None,
@@ -619,8 +620,7 @@ impl Worker {
             } => permits,
         };
         let Some(permit) = permit.filter(|_| !*self.draining.borrow()) else {
-            self.restore(&delivery).await;
-            self.stats.borrow_mut().restored_on_shutdown += 1;
+            self.restore_on_shutdown(&delivery).await;
             return;
         };
         // Revoked or expired while it waited for its turn or a slot.
@@ -634,9 +634,6 @@ impl Worker {
         self.execute(&delivery, &decoded, &task, &limits, ignore_result, permit).await;
     }
 
-    fn memory_budget_total(&self) -> u64 {
-        self.runtime.config().ceilings.max_process_memory.div_ceil(MIB).clamp(1, Semaphore::MAX_PERMITS as u64)
-    }
 
     /// Runs the task in a sandbox held by `slot`, which is given back as soon as the
     /// sandbox is gone: storing the outcome and acking need no sandbox, and holding the
@@ -743,8 +740,7 @@ impl Worker {
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
             if acks_late {
                 // Stopped by the shutdown, not by a user: it runs again elsewhere.
-                self.restore(delivery).await;
-                self.stats.borrow_mut().restored_on_shutdown += 1;
+                self.restore_on_shutdown(delivery).await;
             } else if !ignore_result {
                 // Acked before it ran (at most once): nothing to requeue; say what happened.
                 let mut record = ResultRecord::revoked(&h.id, "terminated");
@@ -1235,6 +1231,12 @@ impl Worker {
             tokio::task::yield_now().await;
             self.flush_acks().await;
         }
+    }
+
+    /// Hands a message back because the worker is stopping, and counts it.
+    async fn restore_on_shutdown(&self, delivery: &Delivery) {
+        self.restore(delivery).await;
+        self.stats.borrow_mut().restored_on_shutdown += 1;
     }
 
     async fn restore(&self, delivery: &Delivery) {
