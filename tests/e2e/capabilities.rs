@@ -292,3 +292,32 @@ fn a_granted_directory_swapped_for_a_link_after_load_is_not_opened() {
     let got = read();
     assert!(got.get("read").is_none(), "followed the swapped-in link: {got}");
 }
+
+#[test]
+fn follow_ups_are_bounded_in_size_each_and_per_run() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugin("tasks.hostile@1.0.0.wasm"), dir.path().join("tasks.hostile@1.0.0.wasm")).unwrap();
+    std::fs::write(dir.path().join("tasks.hostile@1.0.0.toml"), "max_sent_tasks = 1000\n[grants]\nsend_tasks = [\"tasks.add\"]\n").unwrap();
+    let registry = Registry::open(dir.path(), runtime()).unwrap();
+    let tv = registry.resolve("tasks.hostile", None).unwrap();
+    let send = |bytes: u64| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let control = Arc::new(RunControl::default().with_sent_tasks(tx).with_grants(tv.grants()));
+        let args = serde_json::json!(["send", bytes]).to_string();
+        let input = TaskInput { name: "tasks.hostile".into(), args, kwargs: "{}".into(), ..Default::default() };
+        let run = block_on(runtime().run(&tv.component, "1.0.0", input, &tv.limits(), control));
+        let mut handed_over = 0;
+        while rx.try_recv().is_ok() {
+            handed_over += 1;
+        }
+        (serde_json::from_str::<serde_json::Value>(&run.result.unwrap()).unwrap(), handed_over)
+    };
+    // One follow-up above 64 KiB of arguments: refused.
+    let (report, handed_over) = send(70_000);
+    assert_eq!(handed_over, 0);
+    assert_eq!(report["error"], "send-task: args-json is 70004 bytes, above 65536", "{report}");
+    // Many below it: refused once the run's 1 MiB is spent (60,015 bytes each).
+    let (report, handed_over) = send(60_000);
+    assert_eq!((report["sent"].as_u64(), handed_over), (Some(17), 17), "{report}");
+    assert_eq!(report["error"], "send-task: this run's follow-ups would exceed 1048576 bytes of arguments", "{report}");
+}

@@ -67,6 +67,20 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
             Ok(()) => json!({"wrote": path}),
             Err(e) => json!({"error": e.to_string()}),
         }),
+        // Follow-ups of n bytes of arguments each, until the host refuses one.
+        "send" => {
+            let args = vec![big()];
+            let mut sent = 0;
+            loop {
+                match ctx.send_task("tasks.add", &args, &(), &taskhost_sdk::SendOptions::default()) {
+                    Ok(_) => sent += 1,
+                    Err(e) => break Ok(json!({"sent": sent, "error": e})),
+                }
+                if sent >= 10_000 {
+                    break Ok(json!({"sent": sent}));
+                }
+            }
+        }
         // Secrets: how long the value is (never the value), or the host's refusal.
         "config" => Ok(match ctx.config(&path) {
             Ok(Some(value)) => json!({"len": value.len()}),
