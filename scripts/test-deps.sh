@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh machine: the wasm32-wasip2 target,
-# redis-server, and a Python venv with Celery for the interop tests. Idempotent.
+# redis-server, and a Python venv with Celery for the interop tests (aiosmtpd for the mail
+# test, gevent for make bench). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt-get install -y -qq redis-server >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL' 2>/dev/null; then
+# aiosmtpd: the SMTP server mail.send is tested against; gevent: Celery's pool in make bench.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL, aiosmtpd, gevent' 2>/dev/null; then
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6' pillow
+    .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6' pillow 'aiosmtpd>=1.4,<2' 'gevent>=24,<26'
 fi

@@ -57,6 +57,10 @@ pub struct Ceilings {
     /// Task names (patterns with `*`) any follow-up must also match; `None`: whatever
     /// the manifests grant.
     pub send_tasks: Option<Vec<String>>,
+    /// Origins any `[grants] http` must be among; `None`: whatever the manifests grant.
+    pub http: Option<Vec<crate::runtime::Origin>>,
+    /// host:port pairs any `[grants] tcp` must be among; `None`: whatever the manifests grant.
+    pub tcp: Option<Vec<crate::runtime::TcpTarget>>,
 }
 
 /// A directory tree the operator lets manifests grant.
@@ -105,6 +109,8 @@ impl Default for Ceilings {
             allow_symlinks: false,
             dirs: Vec::new(),
             send_tasks: None,
+            http: None,
+            tcp: None,
         }
     }
 }

@@ -11,13 +11,16 @@
 //! ```
 //!
 //! A parameter of type `&Context` receives the task's context (id, retries, logging,
-//! progress, remaining time, revocation, follow-up tasks) and is not counted as an argument.
+//! progress, remaining time, revocation, follow-up tasks, config) and is not counted as an
+//! argument. [`http`] sends HTTP requests where the manifest grants the origin; `std::fs`
+//! works on granted directories, `std::net::TcpStream` on granted TCP targets.
 
 extern crate self as taskhost_sdk;
 
 mod args;
 mod context;
 mod error;
+pub mod http;
 
 pub use args::{ArgError, Args};
 pub use context::{Context, LogLevel, SendOptions};

@@ -11,6 +11,7 @@ mod conformance;
 mod first_run;
 mod hardening;
 mod interop;
+mod network;
 mod readme;
 mod runtime;
 mod semantics;

@@ -79,6 +79,15 @@ pub struct LimitArgs {
     /// taskhost.toml's `[grants] send_tasks` [default: whatever manifests grant].
     #[arg(long = "allow-send", value_name = "PATTERN")]
     pub allow_sends: Vec<String>,
+    /// An origin (`https://api.example.com`) manifests may grant HTTP requests to; repeat
+    /// for more; an empty value allows none. Replaces taskhost.toml's `[grants] http`
+    /// [default: whatever manifests grant].
+    #[arg(long = "allow-http", value_name = "ORIGIN")]
+    pub allow_http: Vec<String>,
+    /// A host:port manifests may grant TCP connects to; repeat for more; an empty value
+    /// allows none. Replaces taskhost.toml's `[grants] tcp` [default: whatever manifests grant].
+    #[arg(long = "allow-tcp", value_name = "HOST:PORT")]
+    pub allow_tcp: Vec<String>,
 }
 
 /// `[grants]` in `taskhost.toml`: the most any manifest's grants may reach.
@@ -90,6 +99,23 @@ pub struct GrantsFile {
     pub dirs: Vec<String>,
     /// Task names (patterns with `*`) follow-ups may go to, whatever manifests grant.
     pub send_tasks: Option<Vec<String>>,
+    /// Origins manifests may grant HTTP requests to.
+    pub http: Option<Vec<String>>,
+    /// host:port pairs manifests may grant TCP connects to.
+    pub tcp: Option<Vec<String>>,
+}
+
+/// The operator's list for a network grant: the flags if any were given (an empty value
+/// allowing none), else the file's list, else no cap; each entry parsed.
+fn network_cap<T: std::str::FromStr<Err = String>>(flags: &[String], file: Option<&Vec<String>>, key: &str) -> Result<Option<Vec<T>>, CliError> {
+    let listed: Option<Vec<&String>> = if flags.is_empty() {
+        file.map(|l| l.iter().collect())
+    } else {
+        Some(flags.iter().filter(|f| !f.is_empty()).collect())
+    };
+    listed
+        .map(|l| l.into_iter().map(|e| e.parse::<T>().map_err(|e| CliError::usage(anyhow!("[grants] {key}: {e}")))).collect())
+        .transpose()
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, CliError> {
@@ -148,6 +174,8 @@ impl LimitArgs {
             } else {
                 Some(self.allow_sends.iter().filter(|p| !p.is_empty()).cloned().collect())
             },
+            http: network_cap(&self.allow_http, file.grants.as_ref().and_then(|g| g.http.as_ref()), "http")?,
+            tcp: network_cap(&self.allow_tcp, file.grants.as_ref().and_then(|g| g.tcp.as_ref()), "tcp")?,
         };
         if c.max_task_memory > WASM32_MEMORY || c.max_task_memory < (1 << 20) {
             return Err(CliError::usage(anyhow!(
@@ -186,6 +214,16 @@ pub fn child_flags(c: &Ceilings) -> Vec<String> {
         None => Vec::new(),
         Some(allowed) if allowed.is_empty() => vec!["--allow-send=".to_string()],
         Some(allowed) => allowed.iter().map(|p| format!("--allow-send={p}")).collect(),
+    })
+    .chain(match &c.http {
+        None => Vec::new(),
+        Some(allowed) if allowed.is_empty() => vec!["--allow-http=".to_string()],
+        Some(allowed) => allowed.iter().map(|o| format!("--allow-http={o}")).collect(),
+    })
+    .chain(match &c.tcp {
+        None => Vec::new(),
+        Some(allowed) if allowed.is_empty() => vec!["--allow-tcp=".to_string()],
+        Some(allowed) => allowed.iter().map(|t| format!("--allow-tcp={t}")).collect(),
     })
     .collect()
 }

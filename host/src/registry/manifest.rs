@@ -43,6 +43,10 @@ pub struct Manifest {
     pub precise_clocks: Option<bool>,
     /// Follow-up tasks one run may send with `send-task` (default 100).
     pub max_sent_tasks: Option<u32>,
+    /// HTTP requests one run may make (default 50).
+    pub max_http_requests: Option<u32>,
+    /// Response body bytes one run may read over all its requests (default 10MiB).
+    pub max_http_response_bytes: Option<ByteSize>,
     /// What the task may reach beyond its arguments; absent means nothing.
     #[serde(default)]
     pub grants: GrantsTable,
@@ -62,6 +66,13 @@ pub struct GrantsTable {
     /// Names of the worker's secrets the task may read through `wasi:config`.
     #[serde(default)]
     pub config: Vec<String>,
+    /// Origins (`https://api.example.com`, `http://127.0.0.1:8080`) `wasi:http` requests
+    /// may go to.
+    #[serde(default)]
+    pub http: Vec<crate::runtime::Origin>,
+    /// host:port pairs (`smtp.example.com:587`) `wasi:sockets` may connect to.
+    #[serde(default)]
+    pub tcp: Vec<crate::runtime::TcpTarget>,
 }
 
 /// `{ host = "/srv/reports", guest = "/reports", mode = "ro" }`.
@@ -354,11 +365,19 @@ mod tests {
         let err = |text: &str| Manifest::parse(text).unwrap_err().to_string();
         assert_eq!(
             err("queue = \"q\"\ntimeout = 3"),
-            "unknown field `timeout`, expected one of `queue`, `time_limit`, `soft_time_limit`, `memory_limit`, `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`, `retry_jitter`, `autoretry`, `rate_limit`, `rate_limit_scope`, `acks_late`, `ignore_result`, `precise_clocks`, `max_sent_tasks`, `grants`"
+            "unknown field `timeout`, expected one of `queue`, `time_limit`, `soft_time_limit`, `memory_limit`, `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`, `retry_jitter`, `autoretry`, `rate_limit`, `rate_limit_scope`, `acks_late`, `ignore_result`, `precise_clocks`, `max_sent_tasks`, `max_http_requests`, `max_http_response_bytes`, `grants`"
         );
         assert_eq!(
-            err("[grants]\nhttp = [\"https://api.example.com\"]"),
-            "unknown field `http`, expected one of `send_tasks`, `dirs`, `config`"
+            err("[grants]\nhttps = [\"https://api.example.com\"]"),
+            "unknown field `https`, expected one of `send_tasks`, `dirs`, `config`, `http`, `tcp`"
+        );
+        assert_eq!(
+            err("[grants]\nhttp = [\"https://api.example.com/v1\"]"),
+            "\"https://api.example.com/v1\" is not an origin such as \"https://api.example.com\" (an origin has no path, query, user or wildcard)"
+        );
+        assert_eq!(
+            err("[grants]\ntcp = [\"smtp.example.com\"]"),
+            "\"smtp.example.com\" is not a host:port such as \"smtp.example.com:587\" (the port is missing)"
         );
         assert_eq!(
             err("[grants]\ndirs = [{ host = \"srv\", guest = \"/r\" }]"),

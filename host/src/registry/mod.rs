@@ -212,6 +212,23 @@ fn effective_dirs(asked: &[manifest::DirSpec], allowed: &[crate::ceilings::Allow
         .collect()
 }
 
+/// The network grants a manifest asks for that the operator's list (if any) also names;
+/// what is dropped is reported at load and the task runs without it.
+fn within_operator<T: PartialEq + Clone + std::fmt::Display>(asked: &[T], allowed: &Option<Vec<T>>, key: &str, file: &Path) -> Vec<T> {
+    let Some(allowed) = allowed else { return asked.to_vec() };
+    asked
+        .iter()
+        .filter(|a| {
+            let ok = allowed.contains(a);
+            if !ok {
+                tracing::warn!(file = %file.display(), "[grants] {key}: \"{a}\" is not allowed by the operator (taskhost.toml [grants] {key}, --allow-{key}); not granted");
+            }
+            ok
+        })
+        .cloned()
+        .collect()
+}
+
 /// Queues the manifests in `dir` name (`queue = "media_heavy"`), sorted, without loading
 /// any component: what a worker given no `-Q` serves besides `celery`.
 pub fn manifest_queues(dir: &Path) -> Vec<String> {
@@ -473,6 +490,12 @@ impl Registry {
             dirs: effective_dirs(&manifest.grants.dirs, &ceilings.dirs, path),
             config: manifest.grants.config.clone(),
             operator_send_tasks: ceilings.send_tasks.clone(),
+            http: within_operator(&manifest.grants.http, &ceilings.http, "http", path),
+            max_http_requests: manifest.max_http_requests.unwrap_or(crate::runtime::DEFAULT_MAX_HTTP_REQUESTS),
+            max_http_response_bytes: manifest
+                .max_http_response_bytes
+                .map_or(crate::runtime::DEFAULT_MAX_HTTP_RESPONSE_BYTES, |b| b.0),
+            tcp: within_operator(&manifest.grants.tcp, &ceilings.tcp, "tcp", path),
         });
         if let Some(allowed) = &ceilings.send_tasks {
             for pattern in manifest.grants.send_tasks.iter().filter(|p| !crate::runtime::grants_within(p, allowed)) {

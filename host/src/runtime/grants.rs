@@ -1,6 +1,9 @@
-//! What a task may reach beyond its arguments, as its manifest grants: today the
-//! follow-up tasks it may send. Everything not granted is denied, with a guest-visible
-//! error that names the grant that would allow it.
+//! What a task may reach beyond its arguments, as its manifest grants: follow-up tasks,
+//! directories, config names, HTTP origins and TCP targets. Everything not granted is
+//! denied, with a guest-visible error that names the grant that would allow it.
+
+use super::net::{Origin, TcpTarget};
+use super::outbound::{DEFAULT_MAX_HTTP_REQUESTS, DEFAULT_MAX_HTTP_RESPONSE_BYTES};
 
 /// Follow-ups one run may send when its manifest does not say (`max_sent_tasks`).
 pub const DEFAULT_MAX_SENT_TASKS: u32 = 100;
@@ -18,6 +21,14 @@ pub struct Grants {
     pub config: Vec<String>,
     /// The operator's patterns every follow-up must match as well (`None`: no cap).
     pub operator_send_tasks: Option<Vec<String>>,
+    /// Origins `wasi:http` requests may go to (already within the operator's).
+    pub http: Vec<Origin>,
+    /// Requests one run may make.
+    pub max_http_requests: u32,
+    /// Response body bytes one run may read, all requests together.
+    pub max_http_response_bytes: u64,
+    /// host:port pairs `wasi:sockets` may connect to (already within the operator's).
+    pub tcp: Vec<TcpTarget>,
 }
 
 /// A host directory a task sees at `guest`.
@@ -37,6 +48,10 @@ impl Default for Grants {
             dirs: Vec::new(),
             config: Vec::new(),
             operator_send_tasks: None,
+            http: Vec::new(),
+            max_http_requests: DEFAULT_MAX_HTTP_REQUESTS,
+            max_http_response_bytes: DEFAULT_MAX_HTTP_RESPONSE_BYTES,
+            tcp: Vec::new(),
         }
     }
 }

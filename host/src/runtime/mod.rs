@@ -10,11 +10,15 @@ mod clocks;
 mod compile;
 mod grants;
 mod limits;
+mod net;
+mod outbound;
 mod output;
 mod sandbox;
 
 pub use compile::CHILD_ARGS as COMPILER_CHILD_ARGS;
 pub use grants::{within as grants_within, DirGrant, Grants, SentTask, DEFAULT_MAX_SENT_TASKS};
+pub use net::{Origin, TcpTarget};
+pub use outbound::{DEFAULT_MAX_HTTP_REQUESTS, DEFAULT_MAX_HTTP_RESPONSE_BYTES};
 pub use output::Captured;
 pub use sandbox::{
     Progress, MAX_LOG_BYTES, MAX_LOG_LINE_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_STATE_BYTES, MAX_PROGRESS_UPDATES,
@@ -417,6 +421,11 @@ impl Runtime {
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::wasi::config::store::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        // Name lookups again, through the gate: only granted TCP host names resolve.
+        linker.allow_shadowing(true);
+        sandbox::add_gated_lookup_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        linker.allow_shadowing(false);
         let cache = cache::CompileCache::new(&engine, config.cache_dir.clone());
         let ticker = EpochTicker::start(&engine);
         Ok(Runtime { engine, linker, cache, config, _ticker: ticker })
@@ -599,7 +608,7 @@ impl Runtime {
             stdout: stdout.take(),
             stderr: stderr_text,
             logs_dropped: store.data().logs_dropped,
-            denials: store.data().denials,
+            denials: store.data().gate.denials(),
         }
     }
 

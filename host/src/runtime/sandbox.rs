@@ -2,9 +2,10 @@
 //! limiter, deadlines, and the `taskhost:task/host` imports the guest may call.
 //!
 //! What the sandbox grants by default, all of it: no preopened directories (only those a
-//! task's grants name, see `grants.rs`), no environment
-//! variables, no arguments, no sockets (TCP, UDP and name lookup are switched off, not
-//! merely address-filtered), an empty stdin, stdout/stderr captured up to a cap, the
+//! task's grants name, see `grants.rs`), no environment variables, no arguments, no
+//! network (TCP and name lookup are switched on only for a run granted `tcp`, and then
+//! filtered by `outbound.rs`; UDP never; `wasi:http` requests go through the same gate
+//! and are refused unless `http` grants the origin), an empty stdin, stdout/stderr captured up to a cap, the
 //! host's random source, and wall and monotonic clocks rounded to a resolution (1 ms by
 //! default; exact only where a manifest asks and the operator allows).
 
@@ -15,6 +16,7 @@ use super::bindings::wasi::config::store as config_store;
 use super::grants::SentTask;
 use super::clocks::{CoarseMonotonicClock, CoarseWallClock};
 use super::limits::MemoryLimiter;
+use super::outbound::{socket_check, Gate};
 use super::output::CappedPipe;
 use super::{cap_text, RunControl};
 use std::collections::BTreeMap;
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Most host `log` bytes kept per task; further lines are counted, not emitted.
 pub const MAX_LOG_BYTES: usize = 64 * 1024;
@@ -60,8 +63,9 @@ pub(super) struct TaskState {
     pub logs_dropped: u64,
     progress_sent: u32,
     tasks_sent: u32,
-    /// Requests refused for want of a grant, for the worker's counters.
-    pub denials: u32,
+    /// The run's network grants and allowances; counts every refusal of the run.
+    pub gate: Gate,
+    http: WasiHttpCtx,
     secrets: Arc<BTreeMap<String, String>>,
     clock_resolution: Option<Duration>,
     /// Bytes of follow-ups (args and kwargs) this run has handed over.
@@ -98,12 +102,17 @@ impl TaskState {
                 tracing::warn!(task_id, dir = %dir.host.display(), "granted directory not available to this run: {e:#}");
             }
         }
+        let gate = Gate::new(control.grants.clone(), task_id, task_name, deadlines.hard);
+        let tcp = !control.grants.tcp.is_empty();
         builder
             .stdout(stdout.clone())
             .stderr(stderr.clone())
-            .allow_tcp(false)
+            .allow_tcp(tcp)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(tcp);
+        if tcp {
+            builder.socket_addr_check(socket_check(gate.shared()));
+        }
         TaskState {
             wasi: builder.build(),
             table: ResourceTable::new(),
@@ -116,7 +125,8 @@ impl TaskState {
             logs_dropped: 0,
             progress_sent: 0,
             tasks_sent: 0,
-            denials: 0,
+            gate,
+            http: WasiHttpCtx::new(),
             secrets,
             clock_resolution,
             sent_bytes: 0,
@@ -127,6 +137,12 @@ impl TaskState {
 impl WasiView for TaskState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for TaskState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.gate }
     }
 }
 
@@ -218,13 +234,8 @@ const MAX_SENT_ARGS_BYTES: usize = 64 << 10;
 const MAX_SENT_BYTES_PER_RUN: usize = 1 << 20;
 
 impl TaskState {
-    /// Counts a refusal and logs the first of the run (a guest asking in a loop must not
-    /// flood the log); the name is quoted, so it cannot carry terminal escapes.
-    fn deny(&mut self, name: &str, what: &str) {
-        if self.denials == 0 {
-            tracing::warn!(task_id = %self.task_id, task = %self.task_name, name = ?name, "{what} (further denials of this run counted, not logged)");
-        }
-        self.denials += 1;
+    fn deny(&self, name: &str, what: &str) {
+        self.gate.deny(name, what)
     }
 
     /// Why a `send-task` request is refused, if it is: not granted, over the run's
@@ -326,5 +337,83 @@ impl host_v0_1::Host for TaskState {
 
     fn is_revoked(&mut self) -> wasmtime::Result<bool> {
         Host::is_revoked(self)
+    }
+}
+
+/// `wasi:sockets/ip-name-lookup` behind the gate: a name the run's TCP grants do not
+/// name is refused (`access-denied`) before any query leaves the host.
+struct GatedLookup;
+
+impl wasmtime::component::HasData for GatedLookup {
+    type Data<'a> = GatedLookupView<'a>;
+}
+
+struct GatedLookupView<'a> {
+    sockets: wasmtime_wasi::sockets::WasiSocketsCtxView<'a>,
+    gate: Arc<super::outbound::GateShared>,
+}
+
+pub(super) fn add_gated_lookup_to_linker(linker: &mut wasmtime::component::Linker<TaskState>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::sockets::WasiSocketsView;
+    lookup::add_to_linker::<TaskState, GatedLookup>(linker, |state| {
+        let gate = state.gate.shared();
+        GatedLookupView { sockets: state.sockets(), gate }
+    })
+}
+
+use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup as lookup;
+use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode as SocketErrorCode, IpAddress, Network};
+
+impl lookup::Host for GatedLookupView<'_> {
+    fn resolve_addresses(
+        &mut self,
+        network: wasmtime::component::Resource<Network>,
+        name: String,
+    ) -> Result<wasmtime::component::Resource<lookup::ResolveAddressStream>, wasmtime_wasi::p2::SocketError> {
+        if !self.gate.may_look_up(&name) {
+            self.gate.deny(&name, "name lookup denied: not a host the run's [grants] tcp names");
+            return Err(SocketErrorCode::AccessDenied.into());
+        }
+        lookup::Host::resolve_addresses(&mut self.sockets, network, name)
+    }
+}
+
+impl lookup::HostResolveAddressStream for GatedLookupView<'_> {
+    fn resolve_next_address(
+        &mut self,
+        stream: wasmtime::component::Resource<lookup::ResolveAddressStream>,
+    ) -> Result<Option<IpAddress>, wasmtime_wasi::p2::SocketError> {
+        lookup::HostResolveAddressStream::resolve_next_address(&mut self.sockets, stream)
+    }
+
+    fn subscribe(
+        &mut self,
+        stream: wasmtime::component::Resource<lookup::ResolveAddressStream>,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        lookup::HostResolveAddressStream::subscribe(&mut self.sockets, stream)
+    }
+
+    fn drop(&mut self, stream: wasmtime::component::Resource<lookup::ResolveAddressStream>) -> wasmtime::Result<()> {
+        lookup::HostResolveAddressStream::drop(&mut self.sockets, stream)
+    }
+}
+
+/// Error conversion for the lookup above, as wasmtime-wasi does it.
+impl wasmtime_wasi::p2::bindings::sockets::network::Host for GatedLookupView<'_> {
+    fn convert_error_code(&mut self, error: wasmtime_wasi::p2::SocketError) -> wasmtime::Result<SocketErrorCode> {
+        wasmtime_wasi::p2::bindings::sockets::network::Host::convert_error_code(&mut self.sockets, error)
+    }
+
+    fn network_error_code(
+        &mut self,
+        err: wasmtime::component::Resource<wasmtime_wasi::p2::bindings::sockets::network::Error>,
+    ) -> wasmtime::Result<Option<SocketErrorCode>> {
+        wasmtime_wasi::p2::bindings::sockets::network::Host::network_error_code(&mut self.sockets, err)
+    }
+}
+
+impl wasmtime_wasi::p2::bindings::sockets::network::HostNetwork for GatedLookupView<'_> {
+    fn drop(&mut self, network: wasmtime::component::Resource<Network>) -> wasmtime::Result<()> {
+        wasmtime_wasi::p2::bindings::sockets::network::HostNetwork::drop(&mut self.sockets, network)
     }
 }

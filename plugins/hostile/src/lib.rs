@@ -1,6 +1,6 @@
 //! `tasks.hostile(mode, n?)`: what a hostile tenant's task tries, one mode per attack, so
 //! tests can show each one contained: huge texts, forged log lines, bulk memory work,
-//! clock probing, reads and writes outside what is granted.
+//! clock probing, reads, writes and requests beyond what is granted.
 use serde_json::json;
 use std::time::{Instant, SystemTime};
 use taskhost_sdk::{task, Context, TaskError};
@@ -87,6 +87,21 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
             Ok(None) => json!({"missing": true}),
             Err(e) => json!({"error": e}),
         }),
+        // HTTP: GET the URL n times (at least once), until the host refuses one.
+        "http" => {
+            let mut fetched = 0;
+            let mut bytes = 0;
+            for _ in 0..n.max(1) {
+                match taskhost_sdk::http::get(&path) {
+                    Ok(r) => {
+                        fetched += 1;
+                        bytes += r.body.len();
+                    }
+                    Err(e) => return Ok(json!({"fetched": fetched, "bytes": bytes, "error": e.to_string()})),
+                }
+            }
+            Ok(json!({"fetched": fetched, "bytes": bytes}))
+        }
         other => Err(TaskError::reject(format!("unknown mode {other:?}"))),
     }
 }
