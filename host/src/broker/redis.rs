@@ -78,9 +78,12 @@ for i, key in ipairs(KEYS) do
     if n >= max then break end
   end
 end
-if #index > 0 then
-  redis.call('ZADD', 'unacked_index', unpack(index))
-  redis.call('HSET', 'unacked', unpack(held))
+-- In slices: Lua's unpack() fails past ~8000 values, and a script that fails after its
+-- RPOP has already taken the messages off the queue.
+for s = 1, #index, 1000 do
+  local e = math.min(s + 999, #index)
+  redis.call('ZADD', 'unacked_index', unpack(index, s, e))
+  redis.call('HSET', 'unacked', unpack(held, s, e))
 end
 return out
 "#
