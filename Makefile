@@ -35,12 +35,13 @@ build:
 test-deps:
 	bash scripts/test-deps.sh
 
-## taskhost against Celery, side by side (release build; BENCH_SCALE=0.1 for a quick run).
+## taskhost against Celery, side by side (release build; BENCH_SCALE=0.1 for a quick run;
+## BENCH_ARGS=--only-io for the http.fetch scenario alone).
 BENCH_SCALE ?= 1
 bench: test-deps plugins
 	.venv/bin/pip install --quiet --disable-pip-version-check pillow
-	$(CARGO) build --release -p taskhost
-	.venv/bin/python bench/run.py --taskhost target/release/taskhost --plugins $(PLUGINS_DIR) --scale $(BENCH_SCALE)
+	$(CARGO) build --release -p taskhost -p slow-server
+	.venv/bin/python bench/run.py --taskhost target/release/taskhost --plugins $(PLUGINS_DIR) --scale $(BENCH_SCALE) $(BENCH_ARGS)
 
 clean:
 	rm -rf dist

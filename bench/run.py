@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from chart import write_chart
+from io_bench import report_io, run_io
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -231,6 +232,9 @@ def main():
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every count (0.01 for a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--chart-only", metavar="JSON", help="only redraw the SVG chart of this results file")
+    ap.add_argument("--slow-server", default=str(ROOT / "target/release/slow-server"),
+                    help="the I/O scenario's HTTP peer (cargo build --release -p slow-server)")
+    ap.add_argument("--only-io", action="store_true", help="run only the I/O scenario (http.fetch against a 1-s server)")
     args = ap.parse_args()
     if args.chart_only:
         print(f"written {write_chart(args.chart_only)}")
@@ -238,6 +242,13 @@ def main():
     n = lambda base: max(10, int(base * args.scale))
     cores = os.cpu_count() or 1
     python = sys.executable
+    if args.only_io:
+        results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale}
+        results["io"] = run_io(sys.modules[__name__], args.taskhost, args.plugins, args.slow_server, args.scale, Progress(7))
+        report_io(results["io"])
+        save(results, args, "io-")
+        return
     rds = Redis()
     url = rds.url
     app = celery_app(url)
@@ -267,7 +278,7 @@ def main():
     ]
 
     # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
-    progress = Progress(3 + 6 * len(systems) + 1)
+    progress = Progress(3 + 6 * len(systems) + 1 + 7)
 
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
@@ -329,15 +340,26 @@ def main():
         worker.stop()
         results["systems"][label] = fig
     rds.stop()
+    # I/O-bound tasks: a Redis of its own, the same machine, right after.
+    results["io"] = run_io(sys.modules[__name__], args.taskhost, args.plugins, args.slow_server, args.scale, progress)
 
     report(results)
+    report_io(results["io"])
+    save(results, args)
+
+
+def save(results, args, prefix=""):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    path = out / f"{datetime.date.today().isoformat()}-{commit or 'nogit'}-scale{args.scale}.json"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    day = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    path = out / f"{prefix}{day}-{commit or 'nogit'}{'-dirty' if dirty else ''}-scale{args.scale}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwritten {path}")
-    print(f"written {write_chart(path)}")
+    if "systems" in results:
+        print(f"written {write_chart(path)}")
 
 
 def report(res):

@@ -246,7 +246,23 @@ pub(crate) fn worker_sandboxes(
     Ok((runtime, registry))
 }
 
+/// Lifts this process's open-file limit to its hard limit: at `-c 1000`, sandboxes waiting
+/// on HTTP or sockets hold a descriptor each, past the usual soft limit of 1024.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 fn serve_here(args: Settings) -> Result<(), CliError> {
+    raise_open_file_limit();
     let node = node_name(&args);
     let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
     let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref())?;
