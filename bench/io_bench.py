@@ -75,7 +75,7 @@ def run_io(h, taskhost, plugins, slow_server_exe, scale, progress):
     app = h.celery_app(rds.url)
     server = SlowServer(slow_server_exe, h.free_port())
     count = n(10_000)
-    per_process = 2000
+    per_process = 1250
     th_concurrency = per_process * cores
     out = {"tasks": count, "delay_s": DELAY_S, "systems": {}}
 

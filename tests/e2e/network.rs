@@ -353,3 +353,71 @@ except Exception as e:
     assert!(text.contains(&format!(r#"{{"length": 11, "sha256": "{sha}", "status": 200}}"#)), "{text}");
     assert!(text.contains("http request to http://169.254.169.254 denied: not granted"), "{text}");
 }
+
+/// A CA and a certificate it signed for 127.0.0.1, made with openssl.
+fn test_pki(dir: &std::path::Path) {
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj '/CN=taskhost test CA' 2>/dev/null");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout leaf.key -out leaf.csr -subj '/CN=127.0.0.1' 2>/dev/null");
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    sh("openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile ext 2>/dev/null");
+}
+
+#[test]
+fn https_is_verified_against_the_mozilla_roots_and_the_operators_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    test_pki(dir.path());
+    let port = free_port();
+    let server = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"secure hello"
+        self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("ready", flush=True); srv.serve_forever()
+"#;
+    let mut child = std::process::Command::new(python())
+        .args(["-c", server, &port.to_string()])
+        .arg(dir.path().join("leaf.pem"))
+        .arg(dir.path().join("leaf.key"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+    let origin = format!("https://127.0.0.1:{port}");
+    let plugins = plugins_with(&[("http.fetch", &format!("[grants]\nhttp = [\"{origin}\"]\n"))]);
+    let fetch = |ca: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(taskhost_bin());
+        cmd.args(["run", "http.fetch", "--args", &format!("[\"{origin}/x\"]"), "--plugins"])
+            .arg(plugins.path())
+            .env("TASKHOST_CACHE_DIR", cache_dir())
+            .env_remove("TASKHOST_HTTP_CA_FILE");
+        if let Some(ca) = ca {
+            cmd.env("TASKHOST_HTTP_CA_FILE", ca);
+        }
+        run_bounded(&mut cmd, Duration::from_secs(60))
+    };
+    // Signed by a CA nobody trusts: refused.
+    let out = fetch(None);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).to_lowercase().contains("tls") || stderr(&out).contains("certificate"), "{}", stderr(&out));
+    // The operator trusts the CA: fetched.
+    let out = fetch(Some(&dir.path().join("ca.pem")));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sha = hex::encode(Sha256::digest(b"secure hello"));
+    assert_eq!(stdout(&out).trim(), format!(r#"{{"status":200,"length":12,"sha256":"{sha}"}}"#));
+}

@@ -227,17 +227,12 @@ async fn send(
         (None, None) => return Err(HttpError::DestinationNotFound),
     };
     let io: Box<dyn IoStream> = if origin.https {
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| HttpError::InternalError(Some(format!("tls setup: {e}"))))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = tls_config().map_err(|e| HttpError::InternalError(Some(e.clone())))?;
         let name = match origin.literal() {
             Some(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
             None => rustls::pki_types::ServerName::try_from(origin.host.clone()).map_err(|_| HttpError::HttpRequestUriInvalid)?,
         };
-        let tls = tokio::time::timeout(connect_timeout, tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream))
+        let tls = tokio::time::timeout(connect_timeout, tokio_rustls::TlsConnector::from(config).connect(name, stream))
             .await
             .map_err(|_| HttpError::ConnectionTimeout)?
             .map_err(HttpError::Tls)?;
@@ -291,6 +286,36 @@ async fn send(
         }
     });
     Ok((response, io))
+}
+
+/// PEM file of CA certificates tasks' `https` requests trust besides the Mozilla roots
+/// (an internal API's private CA, say).
+pub const HTTP_CA_ENV: &str = "TASKHOST_HTTP_CA_FILE";
+
+/// One TLS client configuration per process: the Mozilla roots plus `$TASKHOST_HTTP_CA_FILE`.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, &'static String> {
+    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
+            if let Some(path) = std::env::var_os(HTTP_CA_ENV) {
+                let certs = rustls::pki_types::CertificateDer::pem_file_iter(&path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("{HTTP_CA_ENV}: cannot read {}: {e}", std::path::Path::new(&path).display()))?;
+                for cert in certs {
+                    roots.add(cert).map_err(|e| format!("{HTTP_CA_ENV}: {e}"))?;
+                }
+            }
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("tls setup: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Arc::new(config))
+        })
+        .as_ref()
+        .cloned()
 }
 
 trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
