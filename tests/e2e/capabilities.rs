@@ -321,3 +321,25 @@ fn follow_ups_are_bounded_in_size_each_and_per_run() {
     assert_eq!((report["sent"].as_u64(), handed_over), (Some(17), 17), "{report}");
     assert_eq!(report["error"], "send-task: this run's follow-ups would exceed 1048576 bytes of arguments", "{report}");
 }
+
+#[test]
+fn follow_ups_with_bad_options_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugin("tasks.hostile@1.0.0.wasm"), dir.path().join("tasks.hostile@1.0.0.wasm")).unwrap();
+    std::fs::write(dir.path().join("tasks.hostile@1.0.0.toml"), "[grants]\nsend_tasks = [\"tasks.add\"]\n").unwrap();
+    let registry = Registry::open(dir.path(), runtime()).unwrap();
+    let tv = registry.resolve("tasks.hostile", None).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let control = Arc::new(RunControl::default().with_sent_tasks(tx).with_grants(tv.grants()));
+    let input = TaskInput { name: "tasks.hostile".into(), args: r#"["sendopt"]"#.into(), kwargs: "{}".into(), ..Default::default() };
+    let run = block_on(registry.runtime().run(&tv.component, "1.0.0", input, &tv.limits(), control));
+    let said: Vec<String> = serde_json::from_str(&run.result.unwrap()).unwrap();
+    assert!(rx.try_recv().is_err(), "a follow-up with a bad option was published");
+    assert_eq!(said[0], "send-task: priority must be 0 to 9");
+    assert_eq!(said[1], "send-task: countdown must be a non-negative number of seconds");
+    assert_eq!(said[2], "send-task: countdown must be a non-negative number of seconds");
+    assert!(said[3].starts_with("send-task: version \"not a semver\" is not a semver requirement"), "{}", said[3]);
+    assert_eq!(said[4], r#"send-task: "q\r\nFLUSHALL" is not a queue name"#);
+    assert!(said[5].contains("is not a queue name"), "{}", said[5]);
+    assert_eq!(said[6], r#"send-task: "" is not a queue name"#);
+}

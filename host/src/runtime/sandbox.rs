@@ -276,20 +276,26 @@ impl TaskState {
         };
         json(args, "args-json", false)?;
         json(kwargs, "kwargs-json", true)?;
-        let bytes = args.len() + kwargs.len() + name.len();
-        if self.sent_bytes + bytes > MAX_SENT_BYTES_PER_RUN {
-            return Err(format!("send-task: this run's follow-ups would exceed {MAX_SENT_BYTES_PER_RUN} bytes of arguments"));
-        }
-        self.sent_bytes += bytes;
         if options.priority.is_some_and(|p| p > 9) {
             return Err("send-task: priority must be 0 to 9".into());
         }
         if options.countdown.is_some_and(|c| !(c.is_finite() && c >= 0.0)) {
             return Err("send-task: countdown must be a non-negative number of seconds".into());
         }
+        if let Some(queue) = &options.queue {
+            if queue.is_empty() || queue.len() > MAX_TASK_NAME || queue.chars().any(char::is_control) {
+                return Err(format!("send-task: {:?} is not a queue name", cap_text(queue.clone(), 64)));
+            }
+        }
         if let Some(req) = &options.version {
             semver::VersionReq::parse(req).map_err(|e| format!("send-task: version {req:?} is not a semver requirement: {e}"))?;
         }
+        // Counted only once the follow-up is accepted.
+        let bytes = args.len() + kwargs.len() + name.len() + options.queue.as_ref().map_or(0, String::len);
+        if self.sent_bytes + bytes > MAX_SENT_BYTES_PER_RUN {
+            return Err(format!("send-task: this run's follow-ups would exceed {MAX_SENT_BYTES_PER_RUN} bytes of arguments"));
+        }
+        self.sent_bytes += bytes;
         Ok(())
     }
 }

@@ -81,6 +81,27 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
                 }
             }
         }
+        // Follow-ups with each kind of bad option; what the host said to each.
+        "sendopt" => {
+            use taskhost_sdk::SendOptions;
+            let bad = [
+                SendOptions { priority: Some(10), ..Default::default() },
+                SendOptions { countdown: Some(-1.0), ..Default::default() },
+                SendOptions { countdown: Some(f64::NAN), ..Default::default() },
+                SendOptions { version: Some("not a semver".into()), ..Default::default() },
+                SendOptions { queue: Some("q\r\nFLUSHALL".into()), ..Default::default() },
+                SendOptions { queue: Some("q".repeat(300)), ..Default::default() },
+                SendOptions { queue: Some(String::new()), ..Default::default() },
+            ];
+            let said: Vec<String> = bad
+                .iter()
+                .map(|o| match ctx.send_task("tasks.add", &(1, 2), &(), o) {
+                    Ok(id) => format!("SENT {id}"),
+                    Err(e) => e,
+                })
+                .collect();
+            Ok(json!(said))
+        }
         // Secrets: how long the value is (never the value), or the host's refusal.
         "config" => Ok(match ctx.config(&path) {
             Ok(Some(value)) => json!({"len": value.len()}),
