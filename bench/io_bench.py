@@ -94,7 +94,8 @@ def run_io(h, taskhost, plugins, slow_server_exe, scale, progress):
     systems = [
         (f"taskhost -p {cores} -c {per_process}", th_concurrency, count,
          h.Worker("taskhost", [taskhost, "serve", "--plugins", str(plugins_dir), "-p", str(cores), "-c", str(per_process),
-                               "-Q", "bench", "--broker", rds.url, "--track-started", "false"], env={"RUST_LOG": "warn"})),
+                               "-Q", "bench", "--broker", rds.url, "--track-started", "false",
+                               "--allow-http", f"http://127.0.0.1:{server.port}"], env={"RUST_LOG": "warn"})),
         ("celery gevent -c 1000", 1000, count,
          h.Worker("celery-gevent", celery_cmd + ["-P", "gevent", "-c", "1000"], env={"BROKER": rds.url}, cwd=h.EXAMPLES)),
         # At 2 tasks a second, 10,000 would take 80 minutes: prefork drains a sample.

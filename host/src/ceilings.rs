@@ -14,6 +14,10 @@ pub const DEFAULT_MAX_TASK_MEMORY: u64 = 4 << 30;
 pub const DEFAULT_RETRIES_CEILING: u32 = 100;
 /// Highest `max_sent_tasks` a manifest may set: follow-ups per run.
 pub const DEFAULT_SENT_TASKS_CEILING: u32 = 1000;
+/// Highest `max_http_requests` a manifest may set: requests per run.
+pub const DEFAULT_HTTP_REQUESTS_CEILING: u32 = 1000;
+/// Highest `max_http_response_bytes` a manifest may set: response bytes per run.
+pub const DEFAULT_HTTP_RESPONSE_BYTES_CEILING: u64 = 256 << 20;
 /// Largest component file loaded; a bigger one is refused before it is read.
 pub const DEFAULT_MAX_COMPONENT_SIZE: u64 = 64 << 20;
 /// Memory one compile may use (resident); a compile bomb is stopped there.
@@ -42,6 +46,8 @@ pub struct Ceilings {
     pub max_process_memory: u64,
     pub max_retries: u32,
     pub max_sent_tasks: u32,
+    pub max_http_requests: u32,
+    pub max_http_response_bytes: u64,
     pub max_component_size: u64,
     pub compile_memory: u64,
     pub compile_timeout: Duration,
@@ -100,6 +106,8 @@ impl Default for Ceilings {
             max_process_memory: default_process_memory(1),
             max_retries: DEFAULT_RETRIES_CEILING,
             max_sent_tasks: DEFAULT_SENT_TASKS_CEILING,
+            max_http_requests: DEFAULT_HTTP_REQUESTS_CEILING,
+            max_http_response_bytes: DEFAULT_HTTP_RESPONSE_BYTES_CEILING,
             max_component_size: DEFAULT_MAX_COMPONENT_SIZE,
             compile_memory: DEFAULT_COMPILE_MEMORY,
             compile_timeout: DEFAULT_COMPILE_TIMEOUT,

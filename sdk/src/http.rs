@@ -131,13 +131,18 @@ impl Request {
     /// Sends the request and reads the whole response.
     pub fn send(self) -> Result<Response, HttpError> {
         let (scheme, authority, path) = split_url(&self.url)?;
-        let headers = Fields::from_list(&self.headers).map_err(|e| HttpError(format!("request headers refused: {e:?}")))?;
+        let mut headers = self.headers.clone();
+        // A length rather than chunked encoding: some servers refuse chunked bodies.
+        if !self.body.is_empty() && !headers.iter().any(|(n, _)| n == "content-length") {
+            headers.push(("content-length".into(), self.body.len().to_string().into_bytes()));
+        }
+        let headers = Fields::from_list(&headers).map_err(|e| HttpError(format!("request headers refused: {e:?}")))?;
         let request = OutgoingRequest::new(headers);
         let bad = |what: &str| HttpError(format!("{what} of {:?} refused", self.url));
         request.set_method(&self.method).map_err(|()| bad("method"))?;
         request.set_scheme(Some(&scheme)).map_err(|()| bad("scheme"))?;
         request.set_authority(Some(authority)).map_err(|()| bad("authority"))?;
-        request.set_path_with_query(Some(path)).map_err(|()| bad("path"))?;
+        request.set_path_with_query(Some(&path)).map_err(|()| bad("path"))?;
         let options = self.timeout.map(|t| {
             let ns = t.as_nanos().min(u64::MAX as u128) as u64;
             let options = RequestOptions::new();
@@ -212,7 +217,7 @@ fn write_body(body: &OutgoingBody, bytes: &[u8]) -> Result<(), HttpError> {
 }
 
 /// `https://host[:port]/path?query` → scheme, authority, path with query.
-fn split_url(url: &str) -> Result<(wasi::Scheme, &str, &str), HttpError> {
+fn split_url(url: &str) -> Result<(wasi::Scheme, &str, String), HttpError> {
     let bad = || HttpError(format!("{url:?} is not an http:// or https:// URL"));
     let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
     let scheme = match scheme.to_ascii_lowercase().as_str() {
@@ -220,10 +225,17 @@ fn split_url(url: &str) -> Result<(wasi::Scheme, &str, &str), HttpError> {
         "http" => wasi::Scheme::Http,
         _ => return Err(bad()),
     };
+    // The fragment is the client's own; it never goes on the wire.
+    let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
     let cut = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(cut);
     if authority.is_empty() {
         return Err(bad());
     }
-    Ok((scheme, authority, if path.is_empty() { "/" } else { path }))
+    let path = match path {
+        "" => "/".to_string(),
+        p if p.starts_with('?') => format!("/{p}"),
+        p => p.to_string(),
+    };
+    Ok((scheme, authority, path))
 }

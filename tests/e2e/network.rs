@@ -105,6 +105,15 @@ fn plugins_with(components: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// A runtime whose operator allows these HTTP origins (a loopback address is granted
+/// only where the operator allows it).
+fn allowing_http(origins: &[&str]) -> Arc<taskhost::runtime::Runtime> {
+    runtime_with(taskhost::ceilings::Ceilings {
+        http: Some(origins.iter().map(|o| o.parse().unwrap()).collect()),
+        ..Default::default()
+    })
+}
+
 fn run_task(registry: &Registry, name: &str, args: serde_json::Value) -> TaskRun {
     let tv = registry.resolve(name, None).unwrap();
     let control = Arc::new(RunControl::default().with_grants(tv.grants()));
@@ -123,8 +132,14 @@ fn json(run: &TaskRun) -> serde_json::Value {
 #[test]
 fn a_granted_origin_is_fetched_and_redirects_are_returned_not_followed() {
     let server = HttpServer::start();
-    let plugins = plugins_with(&[("http.fetch", &format!("[grants]\nhttp = [\"http://127.0.0.1:{}\"]\n", server.port))]);
+    let origin = format!("http://127.0.0.1:{}", server.port);
+    let plugins = plugins_with(&[("http.fetch", &format!("[grants]\nhttp = [\"{origin}\"]\n"))]);
+    // Without the operator's allowance, a loopback address is not granted.
     let registry = Registry::open(plugins.path(), runtime()).unwrap();
+    assert!(registry.resolve("http.fetch", None).unwrap().grants().http.is_empty());
+    let refused = run_task(&registry, "http.fetch", serde_json::json!([server.url("/hello")]));
+    assert!(matches!(&refused.result, Err(TaskError::Fail { message }) if message.contains("not granted")), "{:?}", refused.result);
+    let registry = Registry::open(plugins.path(), allowing_http(&[&origin])).unwrap();
     let got = json(&run_task(&registry, "http.fetch", serde_json::json!([server.url("/hello")])));
     let sha = hex::encode(Sha256::digest(b"hello world"));
     assert_eq!(got, serde_json::json!({"status": 200, "length": 11, "sha256": sha}));
@@ -169,7 +184,7 @@ fn every_way_around_the_grants_that_tasks_sneak_tries_is_refused() {
     assert_eq!(
         said("granted_name_private_address"),
         format!(
-            "denied: http request to http://localhost:{port} denied: localhost resolves to 127.0.0.1, a loopback, private or link-local address, which a granted name never reaches (a manifest grants the address itself with [grants] http = [\"http://127.0.0.1:{port}\"]; http only)"
+            "denied: http request to http://localhost:{port} denied: localhost resolves to a loopback, private or link-local address, which a granted name never reaches (grant the address itself, with the operator's allowance: [grants] http in taskhost.toml or --allow-http)"
         )
     );
     assert!(said("granted_name_as_raw_ip").contains("not granted"), "{}", said("granted_name_as_raw_ip"));
@@ -198,7 +213,7 @@ fn http_allowances_hold_per_run_requests_bytes_and_deadline() {
         "tasks.hostile",
         &format!("time_limit = 2\nmax_http_requests = 3\nmax_http_response_bytes = \"3MiB\"\n[grants]\nhttp = [\"{origin}\"]\n"),
     )]);
-    let registry = Registry::open(plugins.path(), runtime()).unwrap();
+    let registry = Registry::open(plugins.path(), allowing_http(&[&origin])).unwrap();
     let http = |n: u64, path: &str| json(&run_task(&registry, "tasks.hostile", serde_json::json!(["http", n, server.url(path)])));
     // Three requests a run, then a refusal that names the setting.
     let got = http(5, "/hello");
@@ -294,7 +309,8 @@ fn mail_registry(tcp_grant: &str, server: &str) -> (tempfile::TempDir, Arc<Regis
     )]);
     let secrets: std::collections::BTreeMap<String, String> =
         [("SMTP_SERVER", server), ("SMTP_FROM", "reports@example.com")].map(|(k, v)| (k.to_string(), v.to_string())).into();
-    let rt = custom_runtime(taskhost::runtime::RuntimeConfig { max_instances: 4, secrets: Arc::new(secrets), ..Default::default() });
+    let ceilings = taskhost::ceilings::Ceilings { tcp: Some(vec![tcp_grant.parse().unwrap()]), ..Default::default() };
+    let rt = custom_runtime(taskhost::runtime::RuntimeConfig { max_instances: 4, secrets: Arc::new(secrets), ceilings, ..Default::default() });
     let registry = Registry::open(plugins.path(), rt).unwrap();
     (plugins, registry)
 }
@@ -330,7 +346,8 @@ fn a_python_celery_client_enqueues_http_fetch_and_gets_the_result() {
     let server = HttpServer::start();
     let plugins = plugins_with(&[("http.fetch", &format!("[grants]\nhttp = [\"http://127.0.0.1:{}\"]\n", server.port))]);
     let redis = RedisServer::start();
-    let _worker = WorkerProcess::start_with_plugins(&redis.url(), plugins.path(), &[]);
+    let allow = format!("--allow-http=http://127.0.0.1:{}", server.port);
+    let _worker = WorkerProcess::start_with_plugins(&redis.url(), plugins.path(), &[&allow]);
     let script = r#"
 import os, sys
 from celery import Celery
@@ -400,7 +417,7 @@ print("ready", flush=True); srv.serve_forever()
     let plugins = plugins_with(&[("http.fetch", &format!("[grants]\nhttp = [\"{origin}\"]\n"))]);
     let fetch = |ca: Option<&std::path::Path>| {
         let mut cmd = std::process::Command::new(taskhost_bin());
-        cmd.args(["run", "http.fetch", "--args", &format!("[\"{origin}/x\"]"), "--plugins"])
+        cmd.args(["run", "http.fetch", "--args", &format!("[\"{origin}/x\"]"), "--allow-http", &origin, "--plugins"])
             .arg(plugins.path())
             .env("TASKHOST_CACHE_DIR", cache_dir())
             .env_remove("TASKHOST_HTTP_CA_FILE");
@@ -420,4 +437,38 @@ print("ready", flush=True); srv.serve_forever()
     assert!(out.status.success(), "{}", stderr(&out));
     let sha = hex::encode(Sha256::digest(b"secure hello"));
     assert_eq!(stdout(&out).trim(), format!(r#"{{"status":200,"length":12,"sha256":"{sha}"}}"#));
+}
+
+#[test]
+fn a_manifest_cannot_grant_itself_the_workers_private_network() {
+    // The cloud metadata address and the broker's port, named literally: dropped at load
+    // unless the operator's own list names them.
+    let plugins = plugins_with(&[(
+        "tasks.hostile",
+        "[grants]\nhttp = [\"http://169.254.169.254\", \"https://api.example.com\"]\ntcp = [\"127.0.0.1:6379\", \"smtp.example.com:587\"]\n",
+    )]);
+    let registry = Registry::open(plugins.path(), runtime()).unwrap();
+    let grants = registry.resolve("tasks.hostile", None).unwrap().grants();
+    assert_eq!(grants.http.iter().map(|o| o.to_string()).collect::<Vec<_>>(), ["https://api.example.com"]);
+    assert_eq!(grants.tcp.iter().map(|t| t.to_string()).collect::<Vec<_>>(), ["smtp.example.com:587"]);
+    let got = json(&run_task(&registry, "tasks.hostile", serde_json::json!(["http", 1, "http://169.254.169.254/latest/meta-data/"])));
+    assert!(got["error"].as_str().unwrap().contains("not granted"), "{got}");
+}
+
+#[test]
+fn a_run_opens_at_most_32_sockets() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let plugins = plugins_with(&[("tasks.hostile", &format!("[grants]\ntcp = [\"{addr}\"]\n"))]);
+    let rt = runtime_with(taskhost::ceilings::Ceilings { tcp: Some(vec![addr.parse().unwrap()]), ..Default::default() });
+    let registry = Registry::open(plugins.path(), rt).unwrap();
+    let got = json(&run_task(&registry, "tasks.hostile", serde_json::json!(["sockets", 100, addr])));
+    assert_eq!(got["connected"], 32, "{got}");
+    assert!(got["error"].is_string(), "{got}");
 }

@@ -21,6 +21,8 @@ pub struct LimitsFile {
     pub max_process_memory: Option<ByteSize>,
     pub max_retries: Option<u32>,
     pub max_sent_tasks: Option<u32>,
+    pub max_http_requests: Option<u32>,
+    pub max_http_response_bytes: Option<ByteSize>,
     pub max_component_size: Option<ByteSize>,
     pub compile_memory: Option<ByteSize>,
     pub compile_timeout: Option<f64>,
@@ -49,6 +51,12 @@ pub struct LimitArgs {
     /// Highest max_sent_tasks (follow-ups per run) a manifest may set [default: 1000].
     #[arg(long, value_name = "N")]
     pub max_sent_tasks: Option<u32>,
+    /// Highest max_http_requests (HTTP requests per run) a manifest may set [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_http_requests: Option<u32>,
+    /// Highest max_http_response_bytes (response bytes per run) a manifest may set [default: 256MiB].
+    #[arg(long, value_name = "SIZE")]
+    pub max_http_response_bytes: Option<ByteSize>,
     /// Largest component file loaded [default: 64MiB].
     #[arg(long, value_name = "SIZE")]
     pub max_component_size: Option<ByteSize>,
@@ -144,6 +152,11 @@ impl LimitArgs {
                 .map_or_else(|| default_process_memory(processes), |b| b.0),
             max_retries: self.max_retries.or(f.max_retries).unwrap_or(d.max_retries),
             max_sent_tasks: self.max_sent_tasks.or(f.max_sent_tasks).unwrap_or(d.max_sent_tasks),
+            max_http_requests: self.max_http_requests.or(f.max_http_requests).unwrap_or(d.max_http_requests),
+            max_http_response_bytes: self
+                .max_http_response_bytes
+                .or(f.max_http_response_bytes)
+                .map_or(d.max_http_response_bytes, |b| b.0),
             max_component_size: self.max_component_size.or(f.max_component_size).map_or(d.max_component_size, |b| b.0),
             compile_memory: self.compile_memory.or(f.compile_memory).map_or(d.compile_memory, |b| b.0),
             compile_timeout: match self.compile_timeout.or(f.compile_timeout) {
@@ -200,6 +213,8 @@ pub fn child_flags(c: &Ceilings) -> Vec<String> {
         format!("--max-process-memory={}", c.max_process_memory),
         format!("--max-retries={}", c.max_retries),
         format!("--max-sent-tasks={}", c.max_sent_tasks),
+        format!("--max-http-requests={}", c.max_http_requests),
+        format!("--max-http-response-bytes={}", c.max_http_response_bytes),
         format!("--max-component-size={}", c.max_component_size),
         format!("--compile-memory={}", c.compile_memory),
         format!("--compile-timeout={}", c.compile_timeout.as_secs_f64()),

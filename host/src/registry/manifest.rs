@@ -186,6 +186,22 @@ impl Manifest {
                 setting: "max_sent_tasks",
             });
         }
+        if let Some(n) = self.max_http_requests.filter(|n| *n > c.max_http_requests) {
+            return Err(ManifestError::AboveCeiling {
+                field: "max_http_requests",
+                value: n.to_string(),
+                ceiling: c.max_http_requests.to_string(),
+                setting: "max_http_requests",
+            });
+        }
+        if let Some(b) = self.max_http_response_bytes.filter(|b| b.0 > c.max_http_response_bytes) {
+            return Err(ManifestError::AboveCeiling {
+                field: "max_http_response_bytes",
+                value: b.to_string(),
+                ceiling: ByteSize(c.max_http_response_bytes).to_string(),
+                setting: "max_http_response_bytes",
+            });
+        }
         if let Some(r) = self.max_retries.filter(|r| *r > c.max_retries) {
             return Err(ManifestError::AboveCeiling {
                 field: "max_retries",
@@ -434,6 +450,14 @@ mod tests {
         assert_eq!(
             err("max_sent_tasks = 4294967295"),
             "max_sent_tasks = 4294967295 is above this worker's ceiling of 1000 (taskhost.toml [limits] max_sent_tasks)"
+        );
+        assert_eq!(
+            err("max_http_requests = 5000"),
+            "max_http_requests = 5000 is above this worker's ceiling of 1000 (taskhost.toml [limits] max_http_requests)"
+        );
+        assert_eq!(
+            err("max_http_response_bytes = \"1GiB\""),
+            "max_http_response_bytes = 1GiB is above this worker's ceiling of 256MiB (taskhost.toml [limits] max_http_response_bytes)"
         );
         assert!(Manifest::parse("time_limit = 600\nmemory_limit = \"1GiB\"\nmax_retries = 10").unwrap().check_ceilings(&c).is_ok());
         // Past Duration's range: no limit from the manifest rather than a panic.

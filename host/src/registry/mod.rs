@@ -213,15 +213,27 @@ fn effective_dirs(asked: &[manifest::DirSpec], allowed: &[crate::ceilings::Allow
 }
 
 /// The network grants a manifest asks for that the operator's list (if any) also names;
-/// what is dropped is reported at load and the task runs without it.
-fn within_operator<T: PartialEq + Clone + std::fmt::Display>(asked: &[T], allowed: &Option<Vec<T>>, key: &str, file: &Path) -> Vec<T> {
-    let Some(allowed) = allowed else { return asked.to_vec() };
+/// what is dropped is reported at load and the task runs without it. A loopback, private
+/// or link-local address named literally is granted only where the operator's list names
+/// it too: a component's author does not decide what of the worker's network it reaches
+/// (the cloud metadata address, the broker).
+fn within_operator<T: PartialEq + Clone + std::fmt::Display>(
+    asked: &[T],
+    allowed: &Option<Vec<T>>,
+    private_literal: impl Fn(&T) -> bool,
+    key: &str,
+    file: &Path,
+) -> Vec<T> {
     asked
         .iter()
         .filter(|a| {
-            let ok = allowed.contains(a);
+            let ok = match allowed {
+                Some(allowed) => allowed.contains(a),
+                None => !private_literal(a),
+            };
             if !ok {
-                tracing::warn!(file = %file.display(), "[grants] {key}: \"{a}\" is not allowed by the operator (taskhost.toml [grants] {key}, --allow-{key}); not granted");
+                let why = if allowed.is_none() { "a non-public address is granted only where the operator allows it" } else { "not allowed by the operator" };
+                tracing::warn!(file = %file.display(), "[grants] {key}: \"{a}\": {why} (taskhost.toml [grants] {key}, --allow-{key}); not granted");
             }
             ok
         })
@@ -490,12 +502,12 @@ impl Registry {
             dirs: effective_dirs(&manifest.grants.dirs, &ceilings.dirs, path),
             config: manifest.grants.config.clone(),
             operator_send_tasks: ceilings.send_tasks.clone(),
-            http: within_operator(&manifest.grants.http, &ceilings.http, "http", path),
+            http: within_operator(&manifest.grants.http, &ceilings.http, crate::runtime::Origin::is_private_literal, "http", path),
             max_http_requests: manifest.max_http_requests.unwrap_or(crate::runtime::DEFAULT_MAX_HTTP_REQUESTS),
             max_http_response_bytes: manifest
                 .max_http_response_bytes
                 .map_or(crate::runtime::DEFAULT_MAX_HTTP_RESPONSE_BYTES, |b| b.0),
-            tcp: within_operator(&manifest.grants.tcp, &ceilings.tcp, "tcp", path),
+            tcp: within_operator(&manifest.grants.tcp, &ceilings.tcp, crate::runtime::TcpTarget::is_private_literal, "tcp", path),
         });
         if let Some(allowed) = &ceilings.send_tasks {
             for pattern in manifest.grants.send_tasks.iter().filter(|p| !crate::runtime::grants_within(p, allowed)) {

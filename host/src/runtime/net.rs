@@ -42,6 +42,21 @@ impl Origin {
     pub fn literal(&self) -> Option<IpAddr> {
         self.host.parse().ok()
     }
+
+    /// `host[:port]` as sent in Host: brackets around IPv6, the default port left out.
+    pub fn authority(&self) -> String {
+        let default_port = if self.https { 443 } else { 80 };
+        if self.port == default_port {
+            bracketed(&self.host)
+        } else {
+            format!("{}:{}", bracketed(&self.host), self.port)
+        }
+    }
+
+    /// A grant of a non-public address by its literal: needs the operator's allowance.
+    pub fn is_private_literal(&self) -> bool {
+        self.literal().is_some_and(|ip| !is_public(ip))
+    }
 }
 
 impl fmt::Display for Origin {
@@ -69,6 +84,11 @@ impl TcpTarget {
 
     pub fn literal(&self) -> Option<IpAddr> {
         self.host.parse().ok()
+    }
+
+    /// A grant of a non-public address by its literal: needs the operator's allowance.
+    pub fn is_private_literal(&self) -> bool {
+        self.literal().is_some_and(|ip| !is_public(ip))
     }
 }
 
@@ -166,6 +186,10 @@ pub fn is_public(ip: IpAddr) -> bool {
             if s[0] == 0x2002 {
                 return is_public_v4(embedded(s[1], s[2]));
             }
+            // SIIT (::ffff:0:0:0/96) carries one too.
+            if s[0..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
+                return is_public_v4(embedded(s[6], s[7]));
+            }
             !(v6.is_unspecified()
                 || v6.is_loopback()
                 || v6.is_multicast()
@@ -174,6 +198,8 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64 (RFC 8215)
+                || (s[0] == 0x100 && s[1..4] == [0, 0, 0]) // discard-only
                 || (s[0] == 0x2001 && s[1] < 0x0200)) // IETF special purpose, Teredo
         }
     }
@@ -192,7 +218,8 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a >= 240 // reserved
         || (a == 100 && (b & 0xc0) == 64) // shared address space (CGNAT)
         || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
-        || (a == 198 && (b & 0xfe) == 18)) // benchmarking
+        || (a == 198 && (b & 0xfe) == 18) // benchmarking
+        || ip == Ipv4Addr::new(168, 63, 129, 16)) // Azure's host endpoint (WireServer)
 }
 
 #[cfg(test)]
@@ -267,6 +294,10 @@ mod tests {
             "2002:7f00:1::",
             "2002:c0a8:101::1",
             "2001:db8::1",
+            "::ffff:0:7f00:1",
+            "64:ff9b:1::a00:1",
+            "100::1",
+            "168.63.129.16",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip} should not be public");
         }

@@ -23,6 +23,19 @@ use std::time::{Duration, Instant};
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
+/// Name lookups running at once in this process for the gate's own checks: each holds a
+/// blocking thread until the resolver answers, even after its request gave up.
+const MAX_CONCURRENT_LOOKUPS: usize = 16;
+/// Sockets one run may create: each is a file descriptor of the worker process.
+pub const MAX_SOCKETS_PER_RUN: u32 = 32;
+/// Name lookups one run may ask for (its own through `wasi:sockets`, and the host's for
+/// its connects and requests, each name once a run).
+pub const MAX_LOOKUPS_PER_RUN: u32 = 64;
+/// The most hyper buffers of a response's head (status line and headers).
+const MAX_RESPONSE_HEAD: usize = 64 << 10;
+/// The most of a request body buffered per write (wasmtime's default is 1 MiB).
+const OUTGOING_BODY_CHUNK: usize = 64 << 10;
+
 /// HTTP requests one run may make when its manifest does not say (`max_http_requests`).
 pub const DEFAULT_MAX_HTTP_REQUESTS: u32 = 50;
 /// Response body bytes one run may read in all, unless its manifest says
@@ -45,6 +58,11 @@ pub(super) struct GateShared {
     /// Response body bytes the run may still read.
     body_left: AtomicU64,
     denials: AtomicU32,
+    sockets: AtomicU32,
+    lookups: AtomicU32,
+    /// What the host resolved this run, each name once: a run's connects and requests to
+    /// one name all go to addresses from one answer.
+    resolved: std::sync::Mutex<std::collections::HashMap<(String, u16), Vec<SocketAddr>>>,
 }
 
 impl Gate {
@@ -57,6 +75,9 @@ impl Gate {
             hard,
             body_left,
             denials: AtomicU32::new(0),
+            sockets: AtomicU32::new(0),
+            lookups: AtomicU32::new(0),
+            resolved: Default::default(),
         };
         Gate { shared: Arc::new(shared), requests: 0 }
     }
@@ -78,7 +99,10 @@ impl Gate {
     /// Whether this request may go out, and to which granted origin; else the guest's error.
     fn admit(&mut self, uri: &http::Uri) -> Result<Origin, String> {
         let grants = &self.shared.grants;
-        let origin = origin_of(uri).map_err(|e| format!("http request denied: {e}"))?;
+        let origin = origin_of(uri).map_err(|e| {
+            self.deny(&uri.to_string(), "http request denied: not a plain origin");
+            format!("http request denied: {e}")
+        })?;
         if !grants.http.contains(&origin) {
             self.deny(&origin.to_string(), "http request denied: origin not granted");
             return Err(format!(
@@ -112,7 +136,61 @@ impl GateShared {
     /// whether the name exists and no data leaves through DNS.
     pub fn may_look_up(&self, name: &str) -> bool {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        name.parse::<IpAddr>().is_ok() || self.grants.tcp.iter().any(|t| t.host == name)
+        if name.parse::<IpAddr>().is_ok() {
+            return true;
+        }
+        if !self.grants.tcp.iter().any(|t| t.host == name) {
+            self.deny(&name, "name lookup denied: not a host the run's [grants] tcp names");
+            return false;
+        }
+        if self.lookups.fetch_add(1, Ordering::Relaxed) >= MAX_LOOKUPS_PER_RUN {
+            self.deny(&name, "name lookup denied: the run's lookups are spent");
+            return false;
+        }
+        true
+    }
+
+    /// Whether the run may create one more socket.
+    pub fn may_create_socket(&self) -> bool {
+        if self.sockets.fetch_add(1, Ordering::Relaxed) >= MAX_SOCKETS_PER_RUN {
+            self.deny("tcp", "socket denied: the run's sockets are spent");
+            return false;
+        }
+        true
+    }
+
+    /// What `host` resolves to, once a run: the lookups of all runs of this process share a
+    /// bound, and each name's answer is reused for the rest of the run.
+    async fn resolve(&self, host: &str, port: u16, within: Duration) -> Result<Vec<SocketAddr>, String> {
+        let key = (host.to_string(), port);
+        if let Some(found) = self.resolved.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(found.clone());
+        }
+        if self.lookups.fetch_add(1, Ordering::Relaxed) >= MAX_LOOKUPS_PER_RUN {
+            return Err("the run's name lookups are spent".into());
+        }
+        static LOOKUPS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+        let slots = LOOKUPS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LOOKUPS))).clone();
+        let permit = tokio::time::timeout(within, slots.acquire_owned())
+            .await
+            .map_err(|_| "name lookup timed out waiting for a resolver".to_string())?
+            .map_err(|_| "name lookups closed".to_string())?;
+        let (name, at) = key.clone();
+        // The permit goes with the thread: a lookup the run stopped waiting for still
+        // holds its slot until the resolver answers.
+        let lookup = tokio::task::spawn_blocking(move || {
+            let found = (name.as_str(), at).to_socket_addrs().map(|a| a.collect::<Vec<_>>());
+            drop(permit);
+            found
+        });
+        let found = match tokio::time::timeout(within, lookup).await {
+            Err(_) => return Err("name lookup timed out".into()),
+            Ok(Err(e)) => return Err(format!("name lookup failed: {e}")),
+            Ok(Ok(Err(e))) => return Err(format!("name lookup failed: {e}")),
+            Ok(Ok(Ok(addrs))) => addrs,
+        };
+        self.resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(key, found.clone());
+        Ok(found)
     }
 
     /// Whether a socket may be bound or connected there: an implicit bind, or a connect
@@ -133,10 +211,8 @@ impl GateShared {
                 return true;
             }
             if target.literal().is_none() && is_public(addr.ip()) {
-                let host = target.host.clone();
-                let port = target.port;
-                let resolved = tokio::task::spawn_blocking(move || (host.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
-                if let Ok(Ok(addrs)) = resolved.await {
+                let left = self.hard.saturating_duration_since(Instant::now());
+                if let Ok(addrs) = self.resolve(&target.host, target.port, left).await {
                     if addrs.iter().any(|a| a.ip() == addr.ip()) {
                         return true;
                     }
@@ -157,7 +233,11 @@ impl GateShared {
 pub(super) fn socket_check(
     gate: Arc<GateShared>,
 ) -> impl Fn(SocketAddr, SocketAddrUse) -> Pin<Box<dyn Future<Output = bool> + Send + Sync>> + Send + Sync + 'static {
-    move |addr, used| Box::pin(gate.clone().may_use_socket(addr, used))
+    // Spawned, so the check's future is Sync as wasmtime asks; dropped with the run, it stops.
+    move |addr, used| {
+        let check = wasmtime_wasi::runtime::spawn(gate.clone().may_use_socket(addr, used));
+        Box::pin(check)
+    }
 }
 
 /// Scheme, host and port of a request's URI; the port defaults by scheme.
@@ -177,6 +257,27 @@ fn origin_of(uri: &http::Uri) -> Result<Origin, String> {
 }
 
 impl WasiHttpHooks for Gate {
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        OUTGOING_BODY_CHUNK
+    }
+
+    // The guest gets these as error codes; the host logs them at debug, not once per
+    // request at warn (a granted server that resets every connection would flood the log).
+    fn p2_error_from_hyper(&mut self, err: &hyper::Error) -> wasmtime_wasi_http::p2::bindings::http::types::ErrorCode {
+        tracing::debug!(task_id = %self.shared.task_id, "http: {err}");
+        wasmtime_wasi_http::p2::bindings::http::types::ErrorCode::HttpProtocolError
+    }
+
+    fn p2_error_from_connect(&mut self, err: &std::io::Error) -> wasmtime_wasi_http::p2::bindings::http::types::ErrorCode {
+        tracing::debug!(task_id = %self.shared.task_id, "http connect: {err}");
+        wasmtime_wasi_http::p2::bindings::http::types::ErrorCode::ConnectionRefused
+    }
+
+    fn p2_error_from_tls(&mut self, err: &std::io::Error) -> wasmtime_wasi_http::p2::bindings::http::types::ErrorCode {
+        tracing::debug!(task_id = %self.shared.task_id, "http tls: {err}");
+        wasmtime_wasi_http::p2::bindings::http::types::ErrorCode::TlsProtocolError
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -212,18 +313,18 @@ async fn send(
     let mut stream = None;
     let mut last_error = None;
     for addr in addrs {
-        match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await {
+        match tokio::time::timeout(within(options.and_then(|o| o.connect_timeout)), tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 stream = Some(s);
                 break;
             }
-            Ok(Err(e)) => last_error = Some(e),
-            Err(_) => return Err(HttpError::ConnectionTimeout),
+            Ok(Err(e)) => last_error = Some(HttpError::Connect(e)),
+            Err(_) => last_error = Some(HttpError::ConnectionTimeout),
         }
     }
     let stream = match (stream, last_error) {
         (Some(s), _) => s,
-        (None, Some(e)) => return Err(HttpError::Connect(e)),
+        (None, Some(e)) => return Err(e),
         (None, None) => return Err(HttpError::DestinationNotFound),
     };
     let io: Box<dyn IoStream> = if origin.https {
@@ -242,7 +343,9 @@ async fn send(
     };
     let (mut sender, connection) = tokio::time::timeout(
         connect_timeout,
-        hyper::client::conn::http1::Builder::new().handshake::<_, WasiBody>(wasmtime_wasi_http::io::TokioIo::new(io)),
+        hyper::client::conn::http1::Builder::new()
+            .max_buf_size(MAX_RESPONSE_HEAD)
+            .handshake::<_, WasiBody>(wasmtime_wasi_http::io::TokioIo::new(io)),
     )
     .await
     .map_err(|_| HttpError::ConnectionTimeout)?
@@ -251,9 +354,11 @@ async fn send(
     // store that holds it) is dropped.
     let connection = wasmtime_wasi::runtime::spawn(connection);
 
-    // What goes on the wire: the path alone, and a Host header that is the authority
-    // connected to, whatever the guest put there.
-    let authority = request.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+    // What goes on the wire: the path alone, and a Host header that is the granted
+    // origin's authority (normalised: no trailing dot, default port left out), whatever
+    // the guest put there.
+    let authority = origin.authority();
+    let head_request = request.method() == http::Method::HEAD;
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
     *request.uri_mut() = http::Uri::builder().path_and_query(path).build().map_err(|_| HttpError::HttpRequestUriInvalid)?;
     let host = http::HeaderValue::from_str(&authority).map_err(|_| HttpError::HttpRequestUriInvalid)?;
@@ -264,9 +369,16 @@ async fn send(
         .await
         .map_err(|_| HttpError::ConnectionReadTimeout)?
         .map_err(HttpError::from)?;
+    // The head counts against the run's allowance as well as the body.
+    let head: u64 = response.headers().iter().map(|(n, v)| (n.as_str().len() + v.len() + 4) as u64).sum();
+    if gate.body_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(head)).is_err() {
+        gate.body_left.store(0, Ordering::Relaxed);
+        return Err(HttpError::HttpResponseBodySize(Some(gate.grants.max_http_response_bytes)));
+    }
+    let bodiless = head_request || matches!(response.status().as_u16(), 204 | 304);
     let announced = response.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let allowance = gate.body_left.load(Ordering::Relaxed);
-    if announced.is_some_and(|n| n > allowance) {
+    if !bodiless && announced.is_some_and(|n| n > allowance) {
         return Err(HttpError::HttpResponseBodySize(announced));
     }
     let response = response.map(|incoming| {
@@ -327,24 +439,20 @@ async fn resolve(gate: &GateShared, origin: &Origin, timeout: Duration) -> Resul
     if let Some(ip) = origin.literal() {
         return Ok(vec![SocketAddr::new(ip, origin.port)]);
     }
-    let (host, port) = (origin.host.clone(), origin.port);
-    let lookup = tokio::task::spawn_blocking(move || (host.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
-    let found = match tokio::time::timeout(timeout, lookup).await {
-        Err(_) => return Err(HttpError::DnsTimeout),
-        Ok(Err(e)) => return Err(HttpError::InternalError(Some(format!("name lookup failed: {e}")))),
-        Ok(Ok(Err(e))) => return Err(HttpError::DnsError { rcode: Some(e.to_string()), info_code: None }),
-        Ok(Ok(Ok(addrs))) => addrs,
-    };
+    let found = gate.resolve(&origin.host, origin.port, timeout).await.map_err(|e| {
+        tracing::debug!(task_id = %gate.task_id, host = %origin.host, "{e}");
+        HttpError::DnsError { rcode: Some(format!("{} could not be resolved", origin.host)), info_code: None }
+    })?;
     let (public, private): (Vec<SocketAddr>, Vec<SocketAddr>) = found.into_iter().partition(|a| is_public(a.ip()));
     if public.is_empty() {
         if let Some(addr) = private.first() {
+            // The address stays in the host's log: the guest learns nothing of the
+            // network behind the name.
+            tracing::warn!(task_id = %gate.task_id, host = %origin.host, address = %addr.ip(), "http request denied: the granted name resolves to a non-public address");
             gate.deny(&origin.to_string(), "http request denied: the granted name resolves to a non-public address");
-            let scheme = if origin.https { "https" } else { "http" };
-            let literal = Origin { https: origin.https, host: addr.ip().to_string(), port: origin.port };
             return Err(HttpError::InternalError(Some(format!(
-                "http request to {origin} denied: {} resolves to {}, a loopback, private or link-local address, which a granted name never reaches (a manifest grants the address itself with [grants] http = [\"{literal}\"]; {scheme} only)",
-                origin.host,
-                addr.ip()
+                "http request to {origin} denied: {} resolves to a loopback, private or link-local address, which a granted name never reaches (grant the address itself, with the operator's allowance: [grants] http in taskhost.toml or --allow-http)",
+                origin.host
             ))));
         }
         return Err(HttpError::DestinationNotFound);

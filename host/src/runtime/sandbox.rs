@@ -359,12 +359,33 @@ struct GatedLookupView<'a> {
     gate: Arc<super::outbound::GateShared>,
 }
 
+/// Name lookups and socket creation through the gate (each shadows wasmtime-wasi's own).
 pub(super) fn add_gated_lookup_to_linker(linker: &mut wasmtime::component::Linker<TaskState>) -> wasmtime::Result<()> {
     use wasmtime_wasi::sockets::WasiSocketsView;
     lookup::add_to_linker::<TaskState, GatedLookup>(linker, |state| {
         let gate = state.gate.shared();
         GatedLookupView { sockets: state.sockets(), gate }
+    })?;
+    create_socket::add_to_linker::<TaskState, GatedLookup>(linker, |state| {
+        let gate = state.gate.shared();
+        GatedLookupView { sockets: state.sockets(), gate }
     })
+}
+
+use wasmtime_wasi::p2::bindings::sockets::tcp_create_socket as create_socket;
+
+/// At most `MAX_SOCKETS_PER_RUN` sockets a run: each is a descriptor of the worker
+/// process, created before any address is checked.
+impl create_socket::Host for GatedLookupView<'_> {
+    fn create_tcp_socket(
+        &mut self,
+        family: wasmtime_wasi::p2::bindings::sockets::network::IpAddressFamily,
+    ) -> Result<wasmtime::component::Resource<wasmtime_wasi::p2::bindings::sockets::tcp::TcpSocket>, wasmtime_wasi::p2::SocketError> {
+        if !self.gate.may_create_socket() {
+            return Err(SocketErrorCode::NewSocketLimit.into());
+        }
+        create_socket::Host::create_tcp_socket(&mut self.sockets, family)
+    }
 }
 
 use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup as lookup;
@@ -377,7 +398,6 @@ impl lookup::Host for GatedLookupView<'_> {
         name: String,
     ) -> Result<wasmtime::component::Resource<lookup::ResolveAddressStream>, wasmtime_wasi::p2::SocketError> {
         if !self.gate.may_look_up(&name) {
-            self.gate.deny(&name, "name lookup denied: not a host the run's [grants] tcp names");
             return Err(SocketErrorCode::AccessDenied.into());
         }
         lookup::Host::resolve_addresses(&mut self.sockets, network, name)

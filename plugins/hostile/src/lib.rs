@@ -81,6 +81,17 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
                 }
             }
         }
+        // TCP: n connections to path (host:port), all kept open, until one is refused.
+        "sockets" => {
+            let mut open = Vec::new();
+            for _ in 0..n.max(1) {
+                match std::net::TcpStream::connect(path.as_str()) {
+                    Ok(s) => open.push(s),
+                    Err(e) => return Ok(json!({"connected": open.len(), "error": e.to_string()})),
+                }
+            }
+            Ok(json!({"connected": open.len()}))
+        }
         // Follow-ups with each kind of bad option; what the host said to each.
         "sendopt" => {
             use taskhost_sdk::SendOptions;
