@@ -10,6 +10,7 @@
 //!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
 //! worker ──► canvas               chain / group / chord bookkeeping (pure)
 //! cli ──► beat ──► broker          periodic tasks: lease, persisted ticks
+//! worker ──► tenant               tenant identity, policy (tenants.toml), metering
 //! observe: tracing setup shared by all; ceilings: the operator's limits, read by
 //! runtime (memory, compiles, clocks), registry (manifests) and worker (messages).
 //! ```
@@ -25,4 +26,5 @@ pub mod observe;
 pub mod protocol;
 pub mod registry;
 pub mod runtime;
+pub mod tenant;
 pub mod worker;

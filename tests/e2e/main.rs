@@ -15,3 +15,4 @@ mod network;
 mod readme;
 mod runtime;
 mod semantics;
+mod tenants;

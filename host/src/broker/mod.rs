@@ -123,6 +123,12 @@ pub trait Broker: Send + Sync {
 
     /// The last tick recorded for `entry`.
     async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError>;
+
+    /// Adds metered usage to the per-hour sums every worker shares (high-water: the maximum).
+    async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError>;
+
+    /// The per-hour sums from `since_hour` (unix seconds / 3600) on.
+    async fn usage(&self, since_hour: i64) -> Result<Vec<crate::tenant::meter::UsageRow>, BrokerError>;
 }
 
 /// Opens the transport a URL names.

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+use std::collections::HashMap;
 use std::time::Duration;
 
 const UNACKED: &str = "unacked";
@@ -162,6 +163,29 @@ const BEAT_TICKS: &str = "taskhost.beat.ticks";
 const LEASE_PREFIX: &str = "taskhost.lease.";
 const REVOKED: &str = "taskhost.revoked";
 const RATE_PREFIX: &str = "taskhost.rate.";
+/// `taskhost.usage.<hour>`: one hash per hour of metered usage, fields
+/// `<tenant>\x1f<task>\x1f<metric>`; kept 40 days.
+const USAGE_PREFIX: &str = "taskhost.usage.";
+const USAGE_HOURS_KEPT: i64 = 40 * 24;
+
+/// Adds usage rows: per key (the row's hour), ARGV holds the field prefix, the eight sums
+/// in `Usage::sums` order, and the memory high-water (kept as a maximum).
+const ADD_USAGE: &str = r#"
+local names = {'runs', 'succeeded', 'failed', 'retried', 'rejected', 'cpu_seconds', 'wall_seconds', 'memory_byte_seconds'}
+for i, key in ipairs(KEYS) do
+  local base = (i - 1) * 10
+  local prefix = ARGV[base + 1]
+  for j, name in ipairs(names) do
+    local v = ARGV[base + 1 + j]
+    if tonumber(v) ~= 0 then redis.call('HINCRBYFLOAT', key, prefix .. name, v) end
+  end
+  local hw = tonumber(ARGV[base + 10])
+  local cur = tonumber(redis.call('HGET', key, prefix .. 'memory_high_water') or '0')
+  if hw > cur then redis.call('HSET', key, prefix .. 'memory_high_water', ARGV[base + 10]) end
+  redis.call('EXPIRE', key, 3456000)
+end
+return 0
+"#;
 
 const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -210,6 +234,7 @@ pub struct RedisBroker {
     move_due: Script,
     unlock: Script,
     rate_slot: Script,
+    add_usage: Script,
     lease: Script,
     claim_tick: Script,
 }
@@ -288,6 +313,7 @@ impl RedisBroker {
             move_due: Script::new(MOVE_DUE),
             unlock: Script::new(UNLOCK),
             rate_slot: Script::new(RATE_SLOT),
+            add_usage: Script::new(ADD_USAGE),
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
         })
@@ -673,6 +699,38 @@ impl Broker for RedisBroker {
     async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError> {
         let ms: Option<i64> = self.conn().hget(BEAT_TICKS, entry).await.map_err(cmd_err)?;
         Ok(ms.and_then(DateTime::from_timestamp_millis))
+    }
+
+    async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut script = self.add_usage.prepare_invoke();
+        for row in rows {
+            script.key(format!("{USAGE_PREFIX}{}", row.hour));
+            script.arg(format!("{}\x1f{}\x1f", row.tenant, row.task));
+            for (_, value) in row.counts.sums() {
+                script.arg(value);
+            }
+            script.arg(row.counts.memory_high_water);
+        }
+        script.invoke_async::<()>(&mut self.conn()).await.map_err(cmd_err)
+    }
+
+    async fn usage(&self, since_hour: i64) -> Result<Vec<crate::tenant::meter::UsageRow>, BrokerError> {
+        let now_hour = chrono::Utc::now().timestamp().div_euclid(3600);
+        let mut cells = Vec::new();
+        let mut conn = self.conn();
+        for hour in since_hour.max(now_hour - USAGE_HOURS_KEPT)..=now_hour {
+            let fields: HashMap<String, f64> = conn.hgetall(format!("{USAGE_PREFIX}{hour}")).await.map_err(cmd_err)?;
+            for (field, value) in fields {
+                let mut parts = field.splitn(3, '\x1f');
+                if let (Some(tenant), Some(task), Some(metric)) = (parts.next(), parts.next(), parts.next()) {
+                    cells.push((hour, tenant.to_string(), task.to_string(), metric.to_string(), value));
+                }
+            }
+        }
+        Ok(crate::tenant::meter::rows_from_cells(cells))
     }
 }
 

@@ -91,6 +91,14 @@ CREATE TABLE IF NOT EXISTS rate_slots (
     key TEXT PRIMARY KEY,
     tat REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS usage (
+    hour INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    task TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (hour, tenant, task, metric)
+);
 ";
 
 /// How often a control stream looks for new broadcasts: the revoke latency on SQLite.
@@ -594,5 +602,45 @@ impl Broker for SqliteBroker {
             .await
             .map_err(err)?;
         Ok(ms.and_then(DateTime::from_timestamp_millis))
+    }
+
+    async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError> {
+        let rows = rows.to_vec();
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                {
+                    let mut add = tx.prepare_cached(
+                        "INSERT INTO usage (hour, tenant, task, metric, value) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(hour, tenant, task, metric) DO UPDATE SET value = value + excluded.value",
+                    )?;
+                    let mut max = tx.prepare_cached(
+                        "INSERT INTO usage (hour, tenant, task, metric, value) VALUES (?1, ?2, ?3, 'memory_high_water', ?4)
+                         ON CONFLICT(hour, tenant, task, metric) DO UPDATE SET value = max(value, excluded.value)",
+                    )?;
+                    for row in &rows {
+                        for (metric, value) in row.counts.sums() {
+                            add.execute(params![row.hour, row.tenant, row.task, metric, value])?;
+                        }
+                        max.execute(params![row.hour, row.tenant, row.task, row.counts.memory_high_water as f64])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+            .map_err(err)
+    }
+
+    async fn usage(&self, since_hour: i64) -> Result<Vec<crate::tenant::meter::UsageRow>, BrokerError> {
+        let cells: Vec<(i64, String, String, String, f64)> = self
+            .db
+            .call(move |conn| {
+                let mut q = conn.prepare("SELECT hour, tenant, task, metric, value FROM usage WHERE hour >= ?1 ORDER BY hour, tenant, task")?;
+                let cells = q.query_map([since_hour], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+                cells.collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(err)?;
+        Ok(crate::tenant::meter::rows_from_cells(cells))
     }
 }

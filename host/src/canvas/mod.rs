@@ -55,6 +55,10 @@ pub fn message_for(sig: &Signature, lead: Option<Value>, parent: &Lineage<'_>, d
     if let Some(Value::Object(h)) = o.get("headers") {
         extra_headers.extend(h.clone());
     }
+    // A step runs as its parent's tenant, whatever its signature says.
+    if let Some(tenant) = &parent.headers.tenant {
+        extra_headers.insert(crate::tenant::TENANT_HEADER.into(), Value::from(tenant.clone()));
+    }
     OutgoingTask {
         task: sig.task.clone(),
         id: o.get("task_id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),

@@ -14,6 +14,7 @@ mod result;
 mod revoke;
 mod run;
 mod secrets;
+mod usage;
 mod send;
 mod serve;
 
@@ -51,6 +52,8 @@ pub enum Command {
     Beat(beat::BeatArgs),
     /// Revoke tasks on every worker (a queued task is skipped; --terminate stops a running one).
     Revoke(revoke::RevokeArgs),
+    /// What each tenant's tasks used (sandbox CPU, wall time, memory, outcomes), per hour.
+    Usage(usage::UsageArgs),
     /// The dead-letter queue: list, show, replay, purge.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -107,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Beat(args) => beat::run(args, &file),
         Command::Revoke(args) => revoke::run(args, &file),
         Command::Dlq(cmd) => dlq::run(cmd, &file),
+        Command::Usage(args) => usage::run(args, &file),
         Command::Plugins(cmd) => plugins::run(cmd, &file),
         Command::Bench(cmd) => bench::run(cmd, &file),
     });

@@ -43,6 +43,10 @@ pub struct SendArgs {
     /// Task id (default: a new UUID).
     #[arg(long)]
     pub id: Option<String>,
+    /// Tenant the task is for (header taskhost_tenant); a queue bound to a tenant in the
+    /// worker's tenants.toml overrides it.
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// Component version requirement, e.g. "^1.2" (header taskhost_version).
     #[arg(long = "version", value_name = "REQ")]
     pub version_req: Option<semver::VersionReq>,
@@ -105,6 +109,9 @@ pub fn run(args: SendArgs, file: &super::config::FileConfig) -> Result<(), CliEr
     let mut extra_headers = Map::new();
     if let Some(req) = &args.version_req {
         extra_headers.insert("taskhost_version".into(), Value::from(req.to_string()));
+    }
+    if let Some(tenant) = &args.tenant {
+        extra_headers.insert(crate::tenant::TENANT_HEADER.into(), Value::from(tenant.clone()));
     }
     if args.count == 0 {
         return Err(CliError::usage(anyhow!("--count must be at least 1")));

@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// a TOML file of NAME = "value"; TASKHOST_SECRET_<NAME> variables add to it.
     #[arg(long, env = "TASKHOST_SECRETS", value_name = "FILE")]
     pub secrets: Option<PathBuf>,
+    /// Tenants policy (tenants.toml): queues bound to tenants, the tasks each may run,
+    /// memory and grants ceilings; re-read when it changes.
+    #[arg(long, env = "TASKHOST_TENANTS", value_name = "FILE")]
+    pub tenants: Option<PathBuf>,
     /// Set by the supervisor on the processes it starts.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
@@ -106,6 +110,7 @@ struct Settings {
     schedule: Option<PathBuf>,
     ceilings: Ceilings,
     secrets: Option<PathBuf>,
+    tenants: Option<PathBuf>,
 }
 
 impl Settings {
@@ -132,9 +137,14 @@ impl Settings {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
         let ceilings = args.limits.resolve(file, processes)?;
+        if let Some(path) = &args.tenants {
+            // Checked here, so a bad file stops serve at once instead of every worker.
+            crate::tenant::Policy::load(path).map_err(CliError::usage)?;
+        }
         Ok(Settings {
             ceilings,
             secrets: args.secrets,
+            tenants: args.tenants,
             plugins,
             queues,
             concurrency,
@@ -265,6 +275,10 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
     raise_open_file_limit();
     let node = node_name(&args);
     let (visibility, grace, expires) = (args.visibility_timeout, args.shutdown_grace, args.result_expires);
+    let tenants = match &args.tenants {
+        Some(path) => crate::tenant::PolicyHandle::open(path).map_err(CliError::usage)?,
+        None => crate::tenant::PolicyHandle::none(),
+    };
     let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref())?;
     let default_tasks = args.ceilings.max_process_memory / crate::runtime::DEFAULT_MEMORY_LIMIT;
     if (args.concurrency as u64) > default_tasks && args.worker_index.unwrap_or(0) == 0 {
@@ -309,7 +323,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             _ => None,
         };
         tracing::info!(node = %node, queues = %args.queues.join(","), "worker ready");
-        let worker = Worker::new(cfg, registry.clone(), runtime.clone(), broker, backend);
+        let worker = Worker::with_tenants(cfg, registry.clone(), runtime.clone(), broker, backend, tenants);
         let shutdown = {
             let worker = worker.clone();
             let supervised = args.worker_index.is_some();
@@ -482,6 +496,9 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             // The file's path only: secret values never go on a command line.
             if let Some(path) = &args.secrets {
                 cmd.arg("--secrets").arg(path);
+            }
+            if let Some(path) = &args.tenants {
+                cmd.arg("--tenants").arg(path);
             }
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);

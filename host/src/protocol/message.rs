@@ -168,6 +168,8 @@ pub struct TaskHeaders {
     pub ignore_result: Option<bool>,
     /// taskhost's own header: a semver requirement for the component.
     pub version_req: Option<String>,
+    /// taskhost's own header: the tenant the producer says the message is for.
+    pub tenant: Option<String>,
     pub shadow: Option<String>,
     pub redelivered: bool,
 }
@@ -319,6 +321,8 @@ struct WireHeaders<'a> {
     #[serde(borrow)]
     taskhost_version: Raw<'a>,
     #[serde(borrow)]
+    taskhost_tenant: Raw<'a>,
+    #[serde(borrow)]
     shadow: Raw<'a>,
     #[serde(borrow)]
     redelivered: Raw<'a>,
@@ -361,6 +365,7 @@ impl TaskHeaders {
             time_limit,
             ignore_result: lenient(h.ignore_result),
             version_req: header_str(h.taskhost_version, "taskhost_version")?,
+            tenant: header_str(h.taskhost_tenant, "taskhost_tenant")?,
             shadow: header_str(h.shadow, "shadow")?,
             redelivered: lenient(h.redelivered).unwrap_or(false),
         })

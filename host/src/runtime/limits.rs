@@ -1,6 +1,8 @@
 //! Per-task resource accounting: the memory cap (summed over a component's linear
-//! memories), table growth, and a record of any growth the sandbox refused.
+//! memories), table growth, a record of any growth refused, and the memory a run held
+//! over time (its high-water mark and byte-seconds) for metering.
 
+use std::time::Instant;
 use wasmtime::ResourceLimiter;
 
 /// Table elements one task may grow to: generous for function tables, far below abuse.
@@ -11,11 +13,25 @@ pub(super) struct MemoryLimiter {
     in_use: u64,
     /// Total bytes that were asked for when growth was refused.
     pub(super) refused: Option<u64>,
+    /// Byte-seconds held up to `since` (memories only grow within a run).
+    byte_seconds: f64,
+    since: Option<Instant>,
 }
 
 impl MemoryLimiter {
     pub(super) fn new(cap: u64) -> Self {
-        MemoryLimiter { cap, in_use: 0, refused: None }
+        MemoryLimiter { cap, in_use: 0, refused: None, byte_seconds: 0.0, since: None }
+    }
+
+    /// The most memory the run held at once (it never shrinks within a run).
+    pub(super) fn high_water(&self) -> u64 {
+        self.in_use
+    }
+
+    /// Memory × time the run held, in byte-seconds, up to `end`.
+    pub(super) fn byte_seconds(&self, end: Instant) -> f64 {
+        let tail = self.since.map_or(0.0, |since| end.saturating_duration_since(since).as_secs_f64() * self.in_use as f64);
+        self.byte_seconds + tail
     }
 }
 
@@ -26,6 +42,11 @@ impl ResourceLimiter for MemoryLimiter {
             self.refused = Some(after);
             return Ok(false);
         }
+        let now = Instant::now();
+        if let Some(since) = self.since {
+            self.byte_seconds += now.saturating_duration_since(since).as_secs_f64() * self.in_use as f64;
+        }
+        self.since = Some(now);
         self.in_use = after;
         Ok(true)
     }

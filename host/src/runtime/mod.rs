@@ -288,6 +288,13 @@ pub struct TaskRun {
     pub logs_dropped: u64,
     /// Requests the guest made that its grants did not allow (each logged with its name).
     pub denials: u32,
+    /// CPU time the worker's thread spent in this run (instantiation, guest code and the
+    /// host calls it made), measured around every poll.
+    pub cpu: Duration,
+    /// The most linear memory the run held at once, bytes.
+    pub memory_high_water: u64,
+    /// Memory held × time, byte-seconds.
+    pub memory_byte_seconds: f64,
 }
 
 impl TaskRun {
@@ -301,7 +308,38 @@ impl TaskRun {
             stderr: Captured::default(),
             logs_dropped: 0,
             denials: 0,
+            cpu: Duration::ZERO,
+            memory_high_water: 0,
+            memory_byte_seconds: 0.0,
         }
+    }
+}
+
+/// CPU time this thread has used so far.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec passed and nothing else.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A future whose polls are timed in this thread's CPU time: the CPU a run used, however
+/// many other runs share the thread between its polls.
+struct Metered<'a, F> {
+    inner: std::pin::Pin<&'a mut F>,
+    cpu: &'a mut Duration,
+}
+
+impl<F: std::future::Future> std::future::Future for Metered<'_, F> {
+    type Output = F::Output;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let started = thread_cpu();
+        let polled = self.inner.as_mut().poll(cx);
+        let spent = thread_cpu().saturating_sub(started);
+        *self.cpu += spent;
+        polled
     }
 }
 
@@ -572,12 +610,15 @@ impl Runtime {
         // A guest blocked in a host wait (a sleep, say) reaches no epoch check, so the
         // deadline and revocation are also raced here; dropping the call cancels it.
         let mut instantiate = None;
+        let mut cpu = Duration::ZERO;
         let raced: Result<wasmtime::Result<Result<String, bindings::TaskError>>, Interrupt> = {
             let call = async {
                 let task = component.pre.instantiate_async(&mut store).await?;
                 instantiate = Some(started.elapsed());
                 task.call_run(&mut store, &info, &args, &kwargs).await
             };
+            let call = std::pin::pin!(call);
+            let call = Metered { inner: call, cpu: &mut cpu };
             // Biased, the call first: a task that ends in its first poll (most do) never
             // arms the deadline timer or the revoke waiter.
             tokio::select! {
@@ -609,6 +650,9 @@ impl Runtime {
             stderr: stderr_text,
             logs_dropped: store.data().logs_dropped,
             denials: store.data().gate.denials(),
+            cpu,
+            memory_high_water: store.data().limiter.high_water(),
+            memory_byte_seconds: store.data().limiter.byte_seconds(Instant::now()),
         }
     }
 

@@ -62,6 +62,8 @@ const ETA_SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
 const MIB: u64 = 1 << 20;
 /// How often a message for a task whose component is still loading looks again.
 const LOADING_POLL: Duration = Duration::from_millis(50);
+/// How often metered usage goes to the broker (and once more at shutdown).
+const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Messages being handled, polled by `consume` and then by `drain`.
 type Handlings = FuturesUnordered<Pin<Box<dyn Future<Output = ()>>>>;
@@ -139,6 +141,10 @@ pub struct Worker {
     started: Instant,
     stats: RefCell<WorkerStats>,
     pid: u32,
+    /// The operator's tenants policy (none: every tenant may run everything).
+    tenants: Arc<crate::tenant::PolicyHandle>,
+    /// Usage metered here and not yet flushed to the broker.
+    meter: RefCell<crate::tenant::meter::Meter>,
     /// Debug builds only: a task name whose handling panics on purpose
     /// (`TASKHOST_FAILPOINT_PANIC_TASK`), so tests can check what a panic leaves behind.
     failpoint_panic: Option<String>,
@@ -226,6 +232,18 @@ impl Worker {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn ResultBackend>,
     ) -> Rc<Worker> {
+        Self::with_tenants(cfg, registry, runtime, broker, backend, crate::tenant::PolicyHandle::none())
+    }
+
+    /// A worker serving under a tenants policy (`serve --tenants`).
+    pub fn with_tenants(
+        cfg: WorkerConfig,
+        registry: Arc<Registry>,
+        runtime: Arc<Runtime>,
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+        tenants: Arc<crate::tenant::PolicyHandle>,
+    ) -> Rc<Worker> {
         let budget_mib = runtime.config().ceilings.max_process_memory.div_ceil(MIB).clamp(1, Semaphore::MAX_PERMITS as u64);
         Rc::new(Worker {
             slots: Semaphore::new(cfg.concurrency.max(1)),
@@ -255,6 +273,8 @@ impl Worker {
             started: Instant::now(),
             stats: RefCell::default(),
             pid: std::process::id(),
+            tenants,
+            meter: RefCell::default(),
             failpoint_panic: if cfg!(debug_assertions) { std::env::var("TASKHOST_FAILPOINT_PANIC_TASK").ok() } else { None },
         })
     }
@@ -307,6 +327,7 @@ impl Worker {
         let _ = acks.await;
         self.flush_acks().await;
         housekeeping.abort();
+        self.flush_usage().await;
         control.abort();
         self.stats()
     }
@@ -469,6 +490,7 @@ impl Worker {
         let touch_every = (self.cfg.visibility_timeout / 4).min(Duration::from_secs(60)).max(Duration::from_millis(100));
         let mut last_touch = Instant::now();
         let mut last_sweep: Option<Instant> = None;
+        let mut last_usage_flush = Instant::now();
         let mut tick = tokio::time::interval(MOVE_DUE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -490,6 +512,10 @@ impl Worker {
                     tracing::warn!("refreshing held messages failed: {e}");
                 }
             }
+            if last_usage_flush.elapsed() >= USAGE_FLUSH_INTERVAL {
+                last_usage_flush = Instant::now();
+                self.flush_usage().await;
+            }
             if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_INTERVAL) {
                 last_sweep = Some(Instant::now());
                 match self.broker.restore_expired(self.cfg.visibility_timeout).await {
@@ -509,7 +535,7 @@ impl Worker {
             let _ = self.dead_letter(&delivery, Some(d), "message has no properties.delivery_tag".into()).await;
             return;
         }
-        let decoded = match decoded {
+        let mut decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(queue = %delivery.queue, "undecodable message dead-lettered: {e}");
@@ -518,6 +544,19 @@ impl Worker {
                 return;
             }
         };
+        // Whose it is: a queue bound to a tenant decides, else the header. From here on the
+        // header holds the tenant decided, so retries, follow-ups and canvas steps carry it.
+        let policy = self.tenants.current();
+        match policy.identify(&delivery.queue, decoded.headers.tenant.as_deref()) {
+            Ok(tenant) => decoded.headers.tenant = Some(tenant),
+            Err(e) => {
+                tracing::warn!(queue = %delivery.queue, id = %decoded.headers.id, "message dead-lettered: {e}");
+                let kept = self.dead_letter(&delivery, Some(&decoded), e.to_string()).await;
+                self.settle(&delivery, kept, true).await;
+                return;
+            }
+        }
+        let decoded = decoded;
         let h = &decoded.headers;
         if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
@@ -606,7 +645,21 @@ impl Worker {
                 }
             }
         }
-        let limits = limits_for(&task, h.time_limit, &self.runtime.config().ceilings);
+        let tenant = policy.tenant(h.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT));
+        if let Some(why) = tenant.and_then(|t| t.refuses(&h.task, &task.component.digest)) {
+            tracing::warn!(task = %h.task, id = %h.id, tenant = ?h.tenant, "{why}");
+            self.fail_unrunnable(&delivery, &decoded, "taskhost", "TaskNotAllowed", why, ignore_result).await;
+            return;
+        }
+        let mut limits = limits_for(&task, h.time_limit, &self.runtime.config().ceilings);
+        if let Some(cap) = tenant.and_then(|t| t.memory_limit) {
+            limits.memory = limits.memory.min(cap.0);
+        }
+        // The tenant's grants ceiling over the component's grants (shared when it changes nothing).
+        let grants = match tenant.and_then(|t| t.cap_grants(&task.grants())) {
+            Some(capped) => Arc::new(capped),
+            None => task.grants(),
+        };
         let mut draining = self.draining.subscribe();
         // Memory first, then a sandbox: a task waiting for the budget holds no sandbox.
         let wanted = limits.memory.div_ceil(MIB).min(self.memory_budget_mib) as u32;
@@ -631,7 +684,7 @@ impl Worker {
             self.skip_unrun(&delivery, &decoded, reason, ignore_result).await;
             return;
         }
-        self.execute(&delivery, &decoded, &task, &limits, ignore_result, permit).await;
+        self.execute(&delivery, &decoded, &task, &limits, grants, ignore_result, permit).await;
     }
 
 
@@ -645,6 +698,7 @@ impl Worker {
         decoded: &Decoded,
         task: &Arc<TaskVersion>,
         limits: &TaskLimits,
+        grants: Arc<crate::runtime::Grants>,
         ignore_result: bool,
         slot: (tokio::sync::SemaphorePermit<'_>, tokio::sync::SemaphorePermit<'_>),
     ) {
@@ -659,7 +713,6 @@ impl Worker {
             self.store(&started, None).await;
         }
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-        let grants = task.grants();
         let mut control = RunControl::with_progress(progress_tx);
         // A channel for follow-ups only where some are granted: most tasks send none,
         // and a channel per task cost the no-op drain ~3% (68.4k → 70.5k/s without it, 5
@@ -737,6 +790,7 @@ impl Worker {
         drop(publishing);
         self.running.borrow_mut().remove(&h.id);
         drop(slot);
+        self.meter_run(h, &run);
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
             if acks_late {
                 // Stopped by the shutdown, not by a user: it runs again elsewhere.
@@ -750,6 +804,38 @@ impl Worker {
             return;
         }
         Box::pin(self.finish(delivery, decoded, task, run, sent_ids, ignore_result, acks_late)).await;
+    }
+
+    /// Adds a run to this process's usage sums, under its tenant and task.
+    fn meter_run(&self, h: &crate::protocol::TaskHeaders, run: &crate::runtime::TaskRun) {
+        use crate::tenant::meter::{Outcome, Run};
+        let outcome = match &run.result {
+            Ok(_) => Outcome::Succeeded,
+            Err(TaskError::Retry { .. }) => Outcome::Retried,
+            Err(TaskError::Reject { .. }) => Outcome::Rejected,
+            Err(_) => Outcome::Failed,
+        };
+        let tenant = h.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT);
+        let metered = Run {
+            outcome,
+            cpu: run.cpu,
+            wall: run.elapsed,
+            memory_high_water: run.memory_high_water,
+            memory_byte_seconds: run.memory_byte_seconds,
+        };
+        self.meter.borrow_mut().record(Utc::now().timestamp(), tenant, &h.task, &metered);
+    }
+
+    /// Hands the usage metered here to the broker; kept for the next flush if it fails.
+    async fn flush_usage(&self) {
+        let rows = self.meter.borrow_mut().take();
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(e) = self.broker.add_usage(&rows).await {
+            tracing::warn!("storing metered usage failed, kept for the next flush: {e}");
+            self.meter.borrow_mut().restore(rows);
+        }
     }
 
     /// Publishes a follow-up a task sent (`send-task`): its parent is that task, its root
@@ -768,6 +854,10 @@ impl Worker {
         let mut extra_headers = serde_json::Map::new();
         if let Some(req) = &sent.version {
             extra_headers.insert("taskhost_version".into(), serde_json::Value::from(req.clone()));
+        }
+        // A follow-up is the sender's tenant's: it cannot launder work into another's.
+        if let Some(tenant) = &h.tenant {
+            extra_headers.insert(crate::tenant::TENANT_HEADER.into(), serde_json::Value::from(tenant.clone()));
         }
         let eta = sent
             .countdown
