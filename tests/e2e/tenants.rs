@@ -198,3 +198,87 @@ fn a_bad_tenants_file_stops_serve_with_the_line() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("tenants.toml:3: unknown field `memmory_limit`"), "{}", stderr(&out));
 }
+
+/// A plugins dir of the stock components and a policy, for the quota tests.
+fn quota_worker(broker: &str, dir: &std::path::Path, policy: &str, name: &str) -> WorkerProcess {
+    let file = dir.join("quota-tenants.toml");
+    std::fs::write(&file, policy).unwrap();
+    WorkerProcess::start(broker, &["-Q", "celery", "-c", "4", "--tenants", file.to_str().unwrap(), "--hostname", name])
+}
+
+fn done_at(r: &serde_json::Value) -> f64 {
+    chrono::DateTime::parse_from_rfc3339(r["date_done"].as_str().unwrap()).unwrap().timestamp_micros() as f64 / 1e6
+}
+
+const CAPPED: &str = "[tenants.capped]\nmax_concurrency = 2\n";
+
+#[test]
+fn a_tenants_concurrency_holds_across_two_workers() {
+    let (dir, broker) = sqlite_broker();
+    let _a = quota_worker(&broker, dir.path(), CAPPED, "w1@test");
+    let _b = quota_worker(&broker, dir.path(), CAPPED, "w2@test");
+    // 12 sleeps of 400 ms for a tenant allowed 2 at once, on two workers of 4 sandboxes.
+    let ids: Vec<String> = (0..12).map(|_| send_id(&broker, &["tasks.sleep", "--args", "[400]", "--tenant", "capped"])).collect();
+    let done: Vec<f64> = ids.iter().map(|id| done_at(&wait_status(&broker, id, "SUCCESS", Duration::from_secs(60)))).collect();
+    // Each ran for at least ~390 ms (its sleep, to the guest's 1 ms clock) before its
+    // result: [done - 0.38, done] lies within its real run, so overlaps of these
+    // intervals never exceed the real ones.
+    // The most intervals covering one instant: checked at each interval's start.
+    let most = done.iter().map(|&t| done.iter().filter(|&&u| u - 0.38 <= t - 0.38 && t - 0.38 < u).count()).max().unwrap();
+    assert!(most <= 2, "{most} of the tenant's tasks ran at once: {done:?}");
+    let span = done.iter().cloned().fold(f64::MIN, f64::max) - done.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(span >= 2.0, "12 tasks of 400 ms, 2 at a time, finished within {span:.2} s");
+    // The default tenant is not capped: 8 at once on the two workers.
+    let free: Vec<String> = (0..8).map(|_| send_id(&broker, &["tasks.sleep", "--args", "[400]"])).collect();
+    let done: Vec<f64> = free.iter().map(|id| done_at(&wait_status(&broker, id, "SUCCESS", Duration::from_secs(60)))).collect();
+    let span = done.iter().cloned().fold(f64::MIN, f64::max) - done.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(span < 1.0, "uncapped tasks were held back: {span:.2} s");
+}
+
+#[test]
+fn a_killed_workers_tenant_slots_come_back_within_the_lease_time() {
+    let (dir, broker) = sqlite_broker();
+    let a = quota_worker(&broker, dir.path(), CAPPED, "w1@test");
+    // Both slots taken by long tasks on worker A, which then dies without giving them back.
+    let long: Vec<String> = (0..2).map(|_| send_id(&broker, &["tasks.sleep", "--args", "[60000]", "--tenant", "capped"])).collect();
+    for id in &long {
+        wait_status(&broker, id, "STARTED", Duration::from_secs(20));
+    }
+    a.signal(libc::SIGKILL);
+    drop(a);
+    let killed = std::time::Instant::now();
+    let _b = quota_worker(&broker, dir.path(), CAPPED, "w2@test");
+    let id = send_id(&broker, &["tasks.add", "--args", "[1, 2]", "--tenant", "capped"]);
+    wait_status(&broker, &id, "SUCCESS", Duration::from_secs(30));
+    let waited = killed.elapsed();
+    assert!(waited >= Duration::from_secs(5), "ran after {waited:?}: the dead worker's slots were not held at all");
+    assert!(waited <= Duration::from_secs(20), "the slots took {waited:?} to come back (lease 10 s)");
+}
+
+#[test]
+fn a_tenant_past_its_cpu_quota_is_held_not_dropped_and_its_rate_is_spread() {
+    let (dir, broker) = sqlite_broker();
+    let mut worker = quota_worker(&broker, dir.path(), "[tenants.thrifty]\ncpu_quota = 0.5\n\n[tenants.paced]\nrate_limit = \"4/s\"\n", "w1@test");
+    // One spin burns ~1 s of CPU (its hard limit), past the 0.5 s quota.
+    let spin = send_id(&broker, &["tasks.spin", "--tenant", "thrifty"]);
+    wait_status(&broker, &spin, "FAILURE", Duration::from_secs(20));
+    // Flushed within 5 s; then the next message of the tenant is held until the next hour.
+    std::thread::sleep(Duration::from_secs(6));
+    let held = send_id(&broker, &["tasks.add", "--args", "[1, 1]", "--tenant", "thrifty"]);
+    worker.wait_for_log("tenant over its CPU quota for this hour", Duration::from_secs(20));
+    // Another tenant is not held.
+    let other = send_id(&broker, &["tasks.add", "--args", "[2, 2]"]);
+    assert_eq!(wait_status(&broker, &other, "SUCCESS", Duration::from_secs(20))["result"], 4);
+    assert_eq!(record(&broker, &held)["status"], "PENDING");
+    // The rate-limited tenant: 8 starts at 4/s span at least 1.75 s.
+    let paced: Vec<String> = (0..8).map(|_| send_id(&broker, &["tasks.add", "--args", "[1, 2]", "--tenant", "paced"])).collect();
+    let done: Vec<f64> = paced.iter().map(|id| done_at(&wait_status(&broker, id, "SUCCESS", Duration::from_secs(30)))).collect();
+    let span = done.iter().cloned().fold(f64::MIN, f64::max) - done.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(span >= 1.6, "8 starts at 4/s within {span:.2} s");
+    worker.signal(libc::SIGTERM);
+    worker.wait(Duration::from_secs(30));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&cli(&broker, &["usage", "--json", "--tenant", "thrifty"]))).unwrap();
+    let add = rows.iter().find(|r| r["task"] == "tasks.add").unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(add["held"], 1, "{add}");
+    assert!(worker.log_text().contains("used_cpu_seconds"), "the log says why");
+}

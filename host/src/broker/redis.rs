@@ -168,20 +168,20 @@ const RATE_PREFIX: &str = "taskhost.rate.";
 const USAGE_PREFIX: &str = "taskhost.usage.";
 const USAGE_HOURS_KEPT: i64 = 40 * 24;
 
-/// Adds usage rows: per key (the row's hour), ARGV holds the field prefix, the eight sums
+/// Adds usage rows: per key (the row's hour), ARGV holds the field prefix, the nine sums
 /// in `Usage::sums` order, and the memory high-water (kept as a maximum).
 const ADD_USAGE: &str = r#"
-local names = {'runs', 'succeeded', 'failed', 'retried', 'rejected', 'cpu_seconds', 'wall_seconds', 'memory_byte_seconds'}
+local names = {'held', 'runs', 'succeeded', 'failed', 'retried', 'rejected', 'cpu_seconds', 'wall_seconds', 'memory_byte_seconds'}
 for i, key in ipairs(KEYS) do
-  local base = (i - 1) * 10
+  local base = (i - 1) * 11
   local prefix = ARGV[base + 1]
   for j, name in ipairs(names) do
     local v = ARGV[base + 1 + j]
     if tonumber(v) ~= 0 then redis.call('HINCRBYFLOAT', key, prefix .. name, v) end
   end
-  local hw = tonumber(ARGV[base + 10])
+  local hw = tonumber(ARGV[base + 11])
   local cur = tonumber(redis.call('HGET', key, prefix .. 'memory_high_water') or '0')
-  if hw > cur then redis.call('HSET', key, prefix .. 'memory_high_water', ARGV[base + 10]) end
+  if hw > cur then redis.call('HSET', key, prefix .. 'memory_high_water', ARGV[base + 11]) end
   redis.call('EXPIRE', key, 3456000)
 end
 return 0

@@ -22,6 +22,8 @@ pub struct Usage {
     pub failed: u64,
     pub retried: u64,
     pub rejected: u64,
+    /// Messages held back (over the tenant's CPU quota) rather than run.
+    pub held: u64,
     pub cpu_seconds: f64,
     pub wall_seconds: f64,
     pub memory_byte_seconds: f64,
@@ -44,6 +46,7 @@ impl Usage {
         self.failed += other.failed;
         self.retried += other.retried;
         self.rejected += other.rejected;
+        self.held += other.held;
         self.cpu_seconds += other.cpu_seconds;
         self.wall_seconds += other.wall_seconds;
         self.memory_byte_seconds += other.memory_byte_seconds;
@@ -51,8 +54,9 @@ impl Usage {
     }
 
     /// The metric names and values as stored on the broker (high-water apart: a maximum).
-    pub fn sums(&self) -> [(&'static str, f64); 8] {
+    pub fn sums(&self) -> [(&'static str, f64); 9] {
         [
+            ("held", self.held as f64),
             ("runs", self.runs as f64),
             ("succeeded", self.succeeded as f64),
             ("failed", self.failed as f64),
@@ -72,6 +76,7 @@ impl Usage {
             "failed" => self.failed = value as u64,
             "retried" => self.retried = value as u64,
             "rejected" => self.rejected = value as u64,
+            "held" => self.held = value as u64,
             "cpu_seconds" => self.cpu_seconds = value,
             "wall_seconds" => self.wall_seconds = value,
             "memory_byte_seconds" => self.memory_byte_seconds = value,
@@ -112,6 +117,17 @@ impl Meter {
         u.wall_seconds += run.wall.as_secs_f64();
         u.memory_byte_seconds += run.memory_byte_seconds;
         u.memory_high_water = u.memory_high_water.max(run.memory_high_water);
+    }
+
+    /// A message held back rather than run.
+    pub fn hold(&mut self, unix_seconds: i64, tenant: &str, task: &str) {
+        let key = (unix_seconds.div_euclid(3600), tenant.to_string(), task.to_string());
+        self.pending.entry(key).or_default().held += 1;
+    }
+
+    /// CPU-seconds recorded for `tenant` in `hour` and not flushed yet.
+    pub fn pending_cpu(&self, hour: i64, tenant: &str) -> f64 {
+        self.pending.iter().filter(|((h, t, _), _)| *h == hour && t == tenant).map(|(_, u)| u.cpu_seconds).sum()
     }
 
     /// Everything recorded since the last take, to flush.

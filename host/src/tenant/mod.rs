@@ -3,9 +3,10 @@
 //!
 //! Enforced today: identity (queues bound to a tenant, conflicting headers dead-lettered,
 //! unknown tenants refused where a policy is loaded), which tasks or component digests a
-//! tenant may run, its memory ceiling and its grants ceiling; every run is metered. Not
-//! yet: weights and fair scheduling, cluster-wide concurrency, rate limits and CPU
-//! quotas: a policy naming them is refused at load rather than silently not enforced.
+//! tenant may run, its memory and grants ceilings, a cluster-wide rate limit, concurrency
+//! and CPU quota (the worker's `tenancy` stage); every run is metered. Not yet: weights
+//! and fair scheduling: a policy naming `weight` is refused at load rather than silently
+//! not enforced.
 
 pub mod meter;
 
@@ -47,9 +48,13 @@ pub struct TenantSpec {
     pub grants: Option<GrantsCeiling>,
     /// Not enforced yet (fair scheduling): refused with a clear error.
     pub weight: Option<toml::Value>,
-    pub max_concurrency: Option<toml::Value>,
-    pub rate_limit: Option<toml::Value>,
-    pub cpu_quota: Option<toml::Value>,
+    /// Its tasks running at once across every worker sharing the broker.
+    pub max_concurrency: Option<u32>,
+    /// Starts of its tasks across the cluster: "10/s", "100/m", "1000/h".
+    pub rate_limit: Option<crate::registry::RateLimit>,
+    /// Sandbox CPU-seconds its tasks may use per clock hour (UTC) across the cluster; past
+    /// it, its messages are held until the next hour.
+    pub cpu_quota: Option<f64>,
 }
 
 /// A tenant's grants ceiling; each list present caps that kind of grant.
@@ -107,18 +112,17 @@ impl Policy {
             if !valid_name(name) {
                 return Err(at(name, format!("{name:?} is not a tenant name (letters, digits, '.', '_', '-'; at most 64)")));
             }
-            for (key, present) in [
-                ("weight", spec.weight.is_some()),
-                ("max_concurrency", spec.max_concurrency.is_some()),
-                ("rate_limit", spec.rate_limit.is_some()),
-                ("cpu_quota", spec.cpu_quota.is_some()),
-            ] {
-                if present {
-                    return Err(at(
-                        name,
-                        format!("tenant {name:?}: `{key}` is not enforced by this version of taskhost yet (fair scheduling and quotas are to come); remove it rather than rely on it"),
-                    ));
-                }
+            if spec.weight.is_some() {
+                return Err(at(
+                    name,
+                    format!("tenant {name:?}: `weight` is not enforced by this version of taskhost yet (fair scheduling is to come); remove it rather than rely on it"),
+                ));
+            }
+            if spec.max_concurrency == Some(0) {
+                return Err(at(name, format!("tenant {name:?}: max_concurrency must be at least 1")));
+            }
+            if let Some(q) = spec.cpu_quota.filter(|q| !(q.is_finite() && *q > 0.0)) {
+                return Err(at(name, format!("tenant {name:?}: cpu_quota must be a positive number of CPU-seconds per hour, got {q}")));
             }
             for queue in &spec.queues {
                 if let Some(other) = bound.insert(queue, name) {
@@ -341,6 +345,9 @@ config = ["GLOBEX_TOKEN"]
             "tenants.toml:3: queue \"q\" is bound to both \"a\" and \"b\""
         );
         assert!(err("[tenants.acme]\nweight = 2\n").starts_with("tenants.toml:1: tenant \"acme\": `weight` is not enforced"));
+        assert_eq!(err("[tenants.acme]\nmax_concurrency = 0\n"), "tenants.toml:1: tenant \"acme\": max_concurrency must be at least 1");
+        assert!(err("[tenants.acme]\ncpu_quota = -1\n").contains("cpu_quota must be a positive number"));
+        assert!(err("[tenants.acme]\nrate_limit = \"5/day\"\n").starts_with("tenants.toml:2: invalid rate limit"));
         assert!(err("[tenants.acme]\ndigests = [\"abc\"]\n").contains("is not a sha256 digest"));
         assert!(err("[tenants.acme.grants]\nhttp = [\"ftp://x\"]\n").starts_with("tenants.toml:2:"));
     }

@@ -9,6 +9,7 @@ mod control;
 pub mod outcome;
 pub mod rate;
 pub mod retry;
+mod tenancy;
 
 pub use control::REVOKE_LIFETIME;
 
@@ -145,6 +146,10 @@ pub struct Worker {
     tenants: Arc<crate::tenant::PolicyHandle>,
     /// Usage metered here and not yet flushed to the broker.
     meter: RefCell<crate::tenant::meter::Meter>,
+    /// Tenant concurrency slots held by tasks running here.
+    tenant_slots: tenancy::HeldSlots,
+    slot_queues: tenancy::SlotQueues,
+    usage_cache: RefCell<tenancy::UsageCache>,
     /// Debug builds only: a task name whose handling panics on purpose
     /// (`TASKHOST_FAILPOINT_PANIC_TASK`), so tests can check what a panic leaves behind.
     failpoint_panic: Option<String>,
@@ -275,6 +280,9 @@ impl Worker {
             pid: std::process::id(),
             tenants,
             meter: RefCell::default(),
+            tenant_slots: Default::default(),
+            slot_queues: Default::default(),
+            usage_cache: Default::default(),
             failpoint_panic: if cfg!(debug_assertions) { std::env::var("TASKHOST_FAILPOINT_PANIC_TASK").ok() } else { None },
         })
     }
@@ -491,6 +499,7 @@ impl Worker {
         let mut last_touch = Instant::now();
         let mut last_sweep: Option<Instant> = None;
         let mut last_usage_flush = Instant::now();
+        let mut last_slot_renewal = Instant::now();
         let mut tick = tokio::time::interval(MOVE_DUE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -511,6 +520,10 @@ impl Worker {
                 if let Err(e) = self.broker.touch(&tags).await {
                     tracing::warn!("refreshing held messages failed: {e}");
                 }
+            }
+            if last_slot_renewal.elapsed() >= tenancy::TENANT_LEASE_RENEW {
+                last_slot_renewal = Instant::now();
+                self.renew_tenant_slots().await;
             }
             if last_usage_flush.elapsed() >= USAGE_FLUSH_INTERVAL {
                 last_usage_flush = Instant::now();
@@ -628,21 +641,10 @@ impl Worker {
         if let Some(limit) = task.manifest.rate_limit {
             let scope = task.manifest.rate_limit_scope.unwrap_or(crate::registry::RateLimitScope::Worker);
             let wait = self.rate_limits.reserve(self.broker.as_ref(), &h.task, limit, scope).await;
-            if !wait.is_zero() {
-                // Waiting for its turn does not count against prefetch, so other tasks keep
-                // flowing; a drain hands it back at once instead of waiting out its turn.
-                self.in_progress.set(self.in_progress.get() - 1);
-                self.slot_freed.notify_one();
-                let mut draining = self.draining.subscribe();
-                let drained = tokio::select! {
-                    _ = tokio::time::sleep(wait) => false,
-                    _ = draining.wait_for(|d| *d) => true,
-                };
-                self.in_progress.set(self.in_progress.get() + 1);
-                if drained {
-                    self.restore_on_shutdown(&delivery).await;
-                    return;
-                }
+            // A drain hands it back at once instead of waiting out its turn.
+            if !wait.is_zero() && self.wait_turn(wait).await {
+                self.restore_on_shutdown(&delivery).await;
+                return;
             }
         }
         let tenant = policy.tenant(h.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT));
@@ -659,6 +661,21 @@ impl Worker {
         let grants = match tenant.and_then(|t| t.cap_grants(&task.grants())) {
             Some(capped) => Arc::new(capped),
             None => task.grants(),
+        };
+        // The tenant's rate, quota and cluster-wide slots, before any sandbox is taken.
+        let _tenant_slot = match tenant {
+            None => None,
+            Some(spec) => {
+                let name = h.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT);
+                match self.admit_tenant(&delivery, &decoded, name, spec).await {
+                    tenancy::Admission::Run(slot) => slot,
+                    tenancy::Admission::Held => return,
+                    tenancy::Admission::Drained => {
+                        self.restore_on_shutdown(&delivery).await;
+                        return;
+                    }
+                }
+            }
         };
         let mut draining = self.draining.subscribe();
         // Memory first, then a sandbox: a task waiting for the budget holds no sandbox.

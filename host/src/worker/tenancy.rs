@@ -1,0 +1,183 @@
+//! The tenant stage of handling a message, between resolving its task and taking a
+//! sandbox: its tenant's cluster-wide rate limit, CPU quota for the hour, and concurrency
+//! across the cluster (a lease per running task on the broker, renewed while it runs).
+
+use super::{Worker, DEFAULT_QUEUE};
+use crate::broker::{Broker, Delivery};
+use crate::protocol::Decoded;
+use crate::registry::RateLimitScope;
+use crate::tenant::TenantSpec;
+use chrono::{TimeZone, Utc};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a tenant's concurrency slot stays taken without renewal: the slots of a
+/// worker killed mid-task come back within this.
+pub const TENANT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often a worker renews the slots its running tasks hold.
+pub(super) const TENANT_LEASE_RENEW: Duration = Duration::from_secs(3);
+/// How often a message waiting for one of its tenant's slots looks again.
+const SLOT_RETRY: Duration = Duration::from_millis(50);
+/// How stale the cluster's usage for this hour may be when checking a CPU quota.
+const USAGE_REFRESH: Duration = Duration::from_secs(2);
+
+/// Slots held by tasks running here: lease name → holder, renewed by housekeeping.
+pub(super) type HeldSlots = Rc<RefCell<HashMap<String, String>>>;
+
+/// One of a tenant's concurrency slots, held while its task runs; given back on drop
+/// (whatever path the handling takes).
+pub(super) struct TenantSlot {
+    broker: Arc<dyn Broker>,
+    held: HeldSlots,
+    name: String,
+    holder: String,
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        self.held.borrow_mut().remove(&self.name);
+        let (broker, name, holder) = (self.broker.clone(), std::mem::take(&mut self.name), std::mem::take(&mut self.holder));
+        tokio::task::spawn_local(async move {
+            if let Err(e) = broker.release_lease(&name, &holder).await {
+                tracing::debug!(lease = %name, "giving a tenant slot back failed; it lapses: {e}");
+            }
+        });
+    }
+}
+
+/// What the tenant stage decided.
+pub(super) enum Admission {
+    /// Run it, holding this slot if the tenant's concurrency is capped.
+    Run(Option<TenantSlot>),
+    /// Parked until the tenant's quota allows (the message is acked here, kept on the broker).
+    Held,
+    /// A drain began while it waited: hand the message back.
+    Drained,
+}
+
+/// Per tenant, the local queue of messages waiting for one of its slots.
+pub(super) type SlotQueues = RefCell<HashMap<String, Rc<tokio::sync::Mutex<()>>>>;
+
+/// The cluster's CPU use per tenant in the current hour, as last read from the broker.
+#[derive(Default)]
+pub(super) struct UsageCache {
+    read: Option<Instant>,
+    hour: i64,
+    cpu: HashMap<String, f64>,
+}
+
+impl Worker {
+    /// Waits `wait` without counting against the prefetch, so other messages keep flowing;
+    /// true if a drain began meanwhile.
+    pub(super) async fn wait_turn(&self, wait: Duration) -> bool {
+        self.in_progress.set(self.in_progress.get() - 1);
+        self.slot_freed.notify_one();
+        let mut draining = self.draining.subscribe();
+        let drained = tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            _ = draining.wait_for(|d| *d) => true,
+        };
+        self.in_progress.set(self.in_progress.get() + 1);
+        drained
+    }
+
+    pub(super) async fn admit_tenant(&self, delivery: &Delivery, decoded: &Decoded, tenant: &str, spec: &TenantSpec) -> Admission {
+        if let Some(limit) = spec.rate_limit {
+            let wait = self.rate_limits.reserve(self.broker.as_ref(), &format!("tenant:{tenant}"), limit, RateLimitScope::Cluster).await;
+            if !wait.is_zero() && self.wait_turn(wait).await {
+                return Admission::Drained;
+            }
+        }
+        if let Some(quota) = spec.cpu_quota {
+            let used = self.tenant_cpu_this_hour(tenant).await;
+            if used >= quota {
+                return self.hold_until_next_hour(delivery, decoded, tenant, used, quota).await;
+            }
+        }
+        let Some(slots) = spec.max_concurrency else { return Admission::Run(None) };
+        let holder = format!("{}:{}", self.cfg.node_name, decoded.headers.id);
+        // One message per tenant asks the broker at a time; the rest queue here in order
+        // (counting against the prefetch, so a capped tenant's flood is bounded here).
+        let turn = self.slot_queues.borrow_mut().entry(tenant.to_string()).or_default().clone();
+        let _turn = turn.lock().await;
+        loop {
+            for i in 0..slots {
+                let name = format!("tenant.{tenant}.slot.{i}");
+                match self.broker.lease(&name, &holder, TENANT_LEASE_TTL).await {
+                    Ok(true) => {
+                        self.tenant_slots.borrow_mut().insert(name.clone(), holder.clone());
+                        let slot = TenantSlot { broker: self.broker.clone(), held: self.tenant_slots.clone(), name, holder };
+                        return Admission::Run(Some(slot));
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(tenant, "taking a tenant slot failed: {e}"),
+                }
+            }
+            if self.wait_turn(SLOT_RETRY).await {
+                return Admission::Drained;
+            }
+        }
+    }
+
+    /// Parks the message on the broker until the next clock hour and acks it here.
+    async fn hold_until_next_hour(&self, delivery: &Delivery, decoded: &Decoded, tenant: &str, used: f64, quota: f64) -> Admission {
+        let h = &decoded.headers;
+        let hour = Utc::now().timestamp().div_euclid(3600);
+        let due = Utc.timestamp_opt((hour + 1) * 3600, 0).single().unwrap_or_else(Utc::now);
+        tracing::warn!(
+            tenant, task = %h.task, id = %h.id, used_cpu_seconds = used, cpu_quota = quota, until = %due.to_rfc3339(),
+            "tenant over its CPU quota for this hour: message held until the next"
+        );
+        let queue = if delivery.queue.is_empty() { DEFAULT_QUEUE } else { delivery.queue.as_str() };
+        match self.broker.schedule(queue, decoded.priority, &delivery.raw, due).await {
+            Ok(()) => {
+                self.meter.borrow_mut().hold(Utc::now().timestamp(), tenant, &h.task);
+                self.ack(delivery).await;
+            }
+            Err(e) => {
+                tracing::warn!(id = %h.id, "holding the message failed, returning it: {e}");
+                self.restore(delivery).await;
+            }
+        }
+        Admission::Held
+    }
+
+    /// Sandbox CPU-seconds `tenant` used this hour across the cluster: what workers
+    /// stored (re-read every few seconds) plus what this one has not flushed yet.
+    async fn tenant_cpu_this_hour(&self, tenant: &str) -> f64 {
+        let hour = Utc::now().timestamp().div_euclid(3600);
+        let stale = {
+            let cache = self.usage_cache.borrow();
+            cache.hour != hour || cache.read.is_none_or(|t| t.elapsed() >= USAGE_REFRESH)
+        };
+        if stale {
+            match self.broker.usage(hour).await {
+                Ok(rows) => {
+                    let mut cpu: HashMap<String, f64> = HashMap::new();
+                    for row in rows.iter().filter(|r| r.hour == hour) {
+                        *cpu.entry(row.tenant.clone()).or_default() += row.counts.cpu_seconds;
+                    }
+                    *self.usage_cache.borrow_mut() = UsageCache { read: Some(Instant::now()), hour, cpu };
+                }
+                Err(e) => tracing::warn!("reading tenants' usage failed; quotas use the last figures: {e}"),
+            }
+        }
+        let stored = self.usage_cache.borrow().cpu.get(tenant).copied().unwrap_or(0.0);
+        stored + self.meter.borrow().pending_cpu(hour, tenant)
+    }
+
+    /// Renews the slots of tasks running here (housekeeping, every few seconds).
+    pub(super) async fn renew_tenant_slots(&self) {
+        let held: Vec<(String, String)> = self.tenant_slots.borrow().iter().map(|(n, h)| (n.clone(), h.clone())).collect();
+        for (name, holder) in held {
+            match self.broker.lease(&name, &holder, TENANT_LEASE_TTL).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(lease = %name, "a tenant slot lapsed while its task ran (the worker was stalled past its lease)"),
+                Err(e) => tracing::warn!(lease = %name, "renewing a tenant slot failed: {e}"),
+            }
+        }
+    }
+}
