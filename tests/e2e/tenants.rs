@@ -282,3 +282,84 @@ fn a_tenant_past_its_cpu_quota_is_held_not_dropped_and_its_rate_is_spread() {
     assert_eq!(add["held"], 1, "{add}");
     assert!(worker.log_text().contains("used_cpu_seconds"), "the log says why");
 }
+
+/// The ACL rules README documents for a tenant's producer: push to its own queue (and
+/// kombu's binding of it), read results under its own prefix, nothing else.
+const ACME_ACL: &[&str] = &[
+    "ACL", "SETUSER", "acme", "on", ">acme-secret", "resetkeys", "resetchannels", "-@all", "+@connection", "+info", "+client",
+    "+multi", "+exec", "+lpush", "+llen", "+sadd", "+smembers", "+get", "+mget", "+subscribe", "+unsubscribe", "~t.acme*",
+    "~_kombu.binding.t.acme", "~_kombu.binding_permanent.t.acme", "%R~acme:*", "&acme:*",
+];
+
+#[test]
+fn a_tenants_acl_user_sends_to_its_queue_and_reads_only_its_own_results() {
+    let redis = RedisServer::start();
+    let mut acl = redis::cmd(ACME_ACL[0]);
+    for arg in &ACME_ACL[1..] {
+        acl.arg(*arg);
+    }
+    let _: () = redis.query(&mut acl);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("tenants.toml");
+    std::fs::write(&policy, "[tenants.acme]\nqueues = [\"t.acme\"]\nresult_prefix = \"acme:\"\n\n[tenants.globex]\nresult_prefix = \"globex:\"\n").unwrap();
+    let _worker = WorkerProcess::start(&redis.url(), &["-Q", "celery,t.acme", "--tenants", policy.to_str().unwrap()]);
+    // An operator-side task of the default tenant and one of globex, results unprefixed and
+    // under globex:, for acme to try to read.
+    let admin = redis.url();
+    let default_id = send_id(&admin, &["tasks.add", "--args", "[40, 2]"]);
+    wait_status(&admin, &default_id, "SUCCESS", Duration::from_secs(20));
+    let globex_id = send_id(&admin, &["tasks.add", "--args", "[7, 7]", "--tenant", "globex", "--id", "shared-id-1"]);
+    let out = cli(&admin, &["result", &globex_id, "--wait", "--timeout", "20", "--key-prefix", "globex:"]);
+    assert_eq!(stdout(&out).trim(), "14", "{}", stderr(&out));
+    let acme_url = admin.replace("redis://", "redis://acme:acme-secret@");
+    let script = r#"
+import os, sys
+from celery import Celery
+app = Celery("t", broker=os.environ["BROKER"], backend=os.environ["BROKER"])
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                result_backend_transport_options={"global_keyprefix": "acme:"})
+print("own", app.send_task("tasks.add", (2, 3), queue="t.acme").get(timeout=30))
+import redis
+r = redis.Redis.from_url(os.environ["BROKER"])
+for what, attempt in [
+    ("push elsewhere", lambda: r.lpush("celery", "x")),
+    ("read default", lambda: r.get("celery-task-meta-" + os.environ["DEFAULT_ID"])),
+    ("read globex", lambda: r.get("globex:celery-task-meta-shared-id-1")),
+    ("write own result", lambda: r.set("acme:celery-task-meta-forged", "{}")),
+    ("read unacked", lambda: r.hgetall("unacked")),
+]:
+    try:
+        attempt()
+        print(what, "ALLOWED")
+    except redis.exceptions.NoPermissionError as e:
+        print(what, "refused")
+# Its task id clashing with globex's: refused by the worker, not run.
+app.send_task("tasks.add", (1, 1), queue="t.acme", task_id="shared-id-1")
+"#;
+    let out = run_bounded(
+        std::process::Command::new(python()).args(["-c", script]).env("BROKER", &acme_url).env("DEFAULT_ID", &default_id),
+        Duration::from_secs(60),
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("own 5"), "{text}");
+    for what in ["push elsewhere", "read default", "read globex", "write own result", "read unacked"] {
+        assert!(text.contains(&format!("{what} refused")), "{what}: {text}");
+    }
+    // acme's result lives under acme: only.
+    let unprefixed: Option<String> = redis.query(redis::cmd("GET").arg(format!("celery-task-meta-{default_id}")));
+    assert!(unprefixed.is_some());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let letters = stdout(&cli(&admin, &["dlq", "list", "--json"]));
+        if letters.contains("already belongs to another tenant") {
+            assert!(letters.contains("shared-id-1"), "{letters}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the clashing id was not refused: {letters}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // globex's result was not overwritten by acme's clashing task.
+    let out = cli(&admin, &["result", "shared-id-1", "--key-prefix", "globex:"]);
+    assert_eq!(stdout(&out).trim(), "14");
+}

@@ -74,6 +74,16 @@ pub trait ResultBackend: Send + Sync {
 /// Seconds chord bookkeeping lives (Celery's default result expiry).
 pub const CHORD_EXPIRES: u64 = 86_400;
 
+/// Opens the backend a URL names, reading results under `key_prefix` (Redis; the embedded
+/// backend keeps every tenant's results in one file and ignores it).
+pub async fn connect_prefixed(url: &str, expires: Option<Duration>, key_prefix: &str) -> Result<Box<dyn ResultBackend>, BackendError> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+        Ok(Box::new(RedisBackend::connect(url, expires).await?.with_key_prefix(key_prefix)))
+    } else {
+        connect(url, expires).await
+    }
+}
+
 /// Opens the backend a URL names.
 pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Box<dyn ResultBackend>, BackendError> {
     if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {

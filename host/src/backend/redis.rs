@@ -97,6 +97,8 @@ pub struct RedisBackend {
     chord_join: Script,
     chord_done: Script,
     expires: Option<Duration>,
+    /// Prefix of the keys `get` and `wait` read (a tenant's `result_prefix`).
+    key_prefix: String,
 }
 
 impl RedisBackend {
@@ -110,7 +112,14 @@ impl RedisBackend {
             chord_join: Script::new(CHORD_JOIN),
             chord_done: Script::new(CHORD_DONE),
             expires,
+            key_prefix: String::new(),
         })
+    }
+
+    /// Reads (`get`, `wait`) under this key prefix, as Celery's `global_keyprefix` does.
+    pub fn with_key_prefix(mut self, prefix: &str) -> Self {
+        self.key_prefix = prefix.to_string();
+        self
     }
 
     /// Runs STORE over `records`, in order, in one call.
@@ -123,7 +132,8 @@ impl RedisBackend {
         call.arg(ttl);
         let mut count = 0;
         for (record, custom_state) in records {
-            call.key(format!("{KEY_PREFIX}{}", record.task_id)).arg(record.to_json(custom_state));
+            let prefix = record.key_prefix.as_deref().unwrap_or(&self.key_prefix);
+            call.key(format!("{prefix}{KEY_PREFIX}{}", record.task_id)).arg(record.to_json(custom_state));
             count += 1;
         }
         if count == 0 {
@@ -149,12 +159,12 @@ impl ResultBackend for RedisBackend {
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError> {
-        let raw: Option<String> = self.conn.clone().get(format!("{KEY_PREFIX}{task_id}")).await.map_err(err)?;
+        let raw: Option<String> = self.conn.clone().get(format!("{}{KEY_PREFIX}{task_id}", self.key_prefix)).await.map_err(err)?;
         raw.map(|r| Self::parse(task_id, &r)).transpose()
     }
 
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError> {
-        let key = format!("{KEY_PREFIX}{task_id}");
+        let key = format!("{}{KEY_PREFIX}{task_id}", self.key_prefix);
         // Subscribe before reading, as Celery does, so no notification falls in between.
         let mut pubsub = self.client.get_async_pubsub().await.map_err(err)?;
         pubsub.subscribe(&key).await.map_err(err)?;

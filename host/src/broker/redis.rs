@@ -167,6 +167,16 @@ const RATE_PREFIX: &str = "taskhost.rate.";
 /// `<tenant>\x1f<task>\x1f<metric>`; kept 40 days.
 const USAGE_PREFIX: &str = "taskhost.usage.";
 const USAGE_HOURS_KEPT: i64 = 40 * 24;
+/// `taskhost.owner.<task id>`: the tenant whose task (and result) the id is.
+const OWNER_PREFIX: &str = "taskhost.owner.";
+
+/// KEYS[1] owner key; ARGV: tenant, ttl seconds. Returns the other owner, or false.
+const CLAIM_ID: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"#;
 
 /// Adds usage rows: per key (the row's hour), ARGV holds the field prefix, the nine sums
 /// in `Usage::sums` order, and the memory high-water (kept as a maximum).
@@ -235,6 +245,7 @@ pub struct RedisBroker {
     unlock: Script,
     rate_slot: Script,
     add_usage: Script,
+    claim_id: Script,
     lease: Script,
     claim_tick: Script,
 }
@@ -314,6 +325,7 @@ impl RedisBroker {
             unlock: Script::new(UNLOCK),
             rate_slot: Script::new(RATE_SLOT),
             add_usage: Script::new(ADD_USAGE),
+            claim_id: Script::new(CLAIM_ID),
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
         })
@@ -699,6 +711,16 @@ impl Broker for RedisBroker {
     async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError> {
         let ms: Option<i64> = self.conn().hget(BEAT_TICKS, entry).await.map_err(cmd_err)?;
         Ok(ms.and_then(DateTime::from_timestamp_millis))
+    }
+
+    async fn claim_task_id(&self, id: &str, tenant: &str, ttl: Duration) -> Result<Option<String>, BrokerError> {
+        self.claim_id
+            .key(format!("{OWNER_PREFIX}{id}"))
+            .arg(tenant)
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)
     }
 
     async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError> {

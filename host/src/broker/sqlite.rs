@@ -91,6 +91,11 @@ CREATE TABLE IF NOT EXISTS rate_slots (
     key TEXT PRIMARY KEY,
     tat REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS task_owners (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage (
     hour INTEGER NOT NULL,
     tenant TEXT NOT NULL,
@@ -602,6 +607,30 @@ impl Broker for SqliteBroker {
             .await
             .map_err(err)?;
         Ok(ms.and_then(DateTime::from_timestamp_millis))
+    }
+
+    async fn claim_task_id(&self, id: &str, tenant: &str, ttl: Duration) -> Result<Option<String>, BrokerError> {
+        let (id, tenant, ttl) = (id.to_string(), tenant.to_string(), ttl.as_secs_f64());
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let now = now_secs();
+                let current: Option<String> = tx
+                    .query_row("SELECT tenant FROM task_owners WHERE id = ?1 AND until > ?2", params![id, now], |r| r.get(0))
+                    .optional()?;
+                if let Some(owner) = current.filter(|o| *o != tenant) {
+                    return Ok(Some(owner));
+                }
+                tx.execute(
+                    "INSERT INTO task_owners (id, tenant, until) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(id) DO UPDATE SET tenant = excluded.tenant, until = excluded.until",
+                    params![id, tenant, now + ttl],
+                )?;
+                tx.commit()?;
+                Ok(None)
+            })
+            .await
+            .map_err(err)
     }
 
     async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError> {

@@ -16,6 +16,10 @@ pub struct ResultArgs {
     /// Print the whole stored record as JSON, whatever its state.
     #[arg(long)]
     pub json: bool,
+    /// Read the result under this key prefix (a tenant's `result_prefix`; Celery's
+    /// `global_keyprefix`).
+    #[arg(long, value_name = "PREFIX")]
+    pub key_prefix: Option<String>,
     #[command(flatten)]
     pub broker: BrokerArgs,
 }
@@ -24,7 +28,12 @@ pub fn run(args: ResultArgs, file: &super::config::FileConfig) -> Result<(), Cli
     let (_, backend_url) = args.broker.urls(file);
     let rt = current_thread_runtime()?;
     rt.block_on(async {
-        let backend = super::connect_backend(&backend_url, None).await?;
+        let backend = match &args.key_prefix {
+            None => super::connect_backend(&backend_url, None).await?,
+            Some(prefix) => crate::backend::connect_prefixed(&backend_url, None, &crate::tenant::celery_key_prefix(prefix))
+                .await
+                .map_err(CliError::usage)?,
+        };
         let record = if args.wait {
             let timeout = super::seconds_flag(args.timeout, "--timeout")?;
             Some(backend.wait(&args.id, timeout).await.map_err(CliError::failed)?)

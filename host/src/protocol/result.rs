@@ -85,6 +85,10 @@ pub struct ResultRecord {
     /// Extended fields (`result_extended`): name, args, kwargs, worker, retries, queue.
     #[serde(flatten)]
     pub extended: Map<String, Value>,
+    /// Where the record is kept: the tenant's key prefix before `celery-task-meta-` (Celery's
+    /// `result_backend_transport_options={"global_keyprefix": ...}`). Not part of the record.
+    #[serde(skip)]
+    pub key_prefix: Option<String>,
 }
 
 fn now_iso() -> String {
@@ -103,6 +107,7 @@ impl ResultRecord {
             group_id: None,
             parent_id: None,
             extended: Map::new(),
+            key_prefix: None,
         }
     }
 

@@ -52,6 +52,10 @@ pub struct TenantSpec {
     pub max_concurrency: Option<u32>,
     /// Starts of its tasks across the cluster: "10/s", "100/m", "1000/h".
     pub rate_limit: Option<crate::registry::RateLimit>,
+    /// Results kept under this key prefix (`acme:` → `acme:celery-task-meta-<id>`), as
+    /// Celery's `result_backend_transport_options={"global_keyprefix": "acme:"}` reads
+    /// them, so a Redis ACL user limited to `acme:*` reads only the tenant's results.
+    pub result_prefix: Option<String>,
     /// Sandbox CPU-seconds its tasks may use per clock hour (UTC) across the cluster; past
     /// it, its messages are held until the next hour.
     pub cpu_quota: Option<f64>,
@@ -88,6 +92,16 @@ pub enum IdentityError {
     Invalid(String),
 }
 
+/// A key prefix as Celery completes `global_keyprefix`: `_` added unless it already ends in
+/// one of `:_-.`.
+pub fn celery_key_prefix(prefix: &str) -> String {
+    match prefix.chars().last() {
+        None => String::new(),
+        Some(c) if ":_-.".contains(c) => prefix.to_string(),
+        Some(_) => format!("{prefix}_"),
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
@@ -117,6 +131,11 @@ impl Policy {
                     name,
                     format!("tenant {name:?}: `weight` is not enforced by this version of taskhost yet (fair scheduling is to come); remove it rather than rely on it"),
                 ));
+            }
+            if let Some(p) = &spec.result_prefix {
+                if p.is_empty() || p.len() > 128 || p.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(at(name, format!("tenant {name:?}: result_prefix {p:?} is not a key prefix")));
+                }
             }
             if spec.max_concurrency == Some(0) {
                 return Err(at(name, format!("tenant {name:?}: max_concurrency must be at least 1")));
@@ -338,7 +357,7 @@ config = ["GLOBEX_TOKEN"]
         let err = |text: &str| Policy::parse(text, "tenants.toml").unwrap_err().to_string();
         assert_eq!(
             err("[tenants.acme]\nqueues = [\"a\"]\nmemmory_limit = \"1GiB\"\n"),
-            "tenants.toml:3: unknown field `memmory_limit`, expected one of `queues`, `tasks`, `digests`, `memory_limit`, `grants`, `weight`, `max_concurrency`, `rate_limit`, `cpu_quota`"
+            "tenants.toml:3: unknown field `memmory_limit`, expected one of `queues`, `tasks`, `digests`, `memory_limit`, `grants`, `weight`, `max_concurrency`, `rate_limit`, `result_prefix`, `cpu_quota`"
         );
         assert_eq!(
             err("[tenants.a]\nqueues = [\"q\"]\n[tenants.b]\nqueues = [\"q\"]\n"),

@@ -150,6 +150,8 @@ pub struct Worker {
     tenant_slots: tenancy::HeldSlots,
     slot_queues: tenancy::SlotQueues,
     usage_cache: RefCell<tenancy::UsageCache>,
+    /// Result key prefixes of tasks being handled here, by task id (their tenant's).
+    result_prefixes: RefCell<HashMap<String, String>>,
     /// Debug builds only: a task name whose handling panics on purpose
     /// (`TASKHOST_FAILPOINT_PANIC_TASK`), so tests can check what a panic leaves behind.
     failpoint_panic: Option<String>,
@@ -283,6 +285,7 @@ impl Worker {
             tenant_slots: Default::default(),
             slot_queues: Default::default(),
             usage_cache: Default::default(),
+            result_prefixes: Default::default(),
             failpoint_panic: if cfg!(debug_assertions) { std::env::var("TASKHOST_FAILPOINT_PANIC_TASK").ok() } else { None },
         })
     }
@@ -570,6 +573,10 @@ impl Worker {
             }
         }
         let decoded = decoded;
+        let _result_prefix = match self.tenant_result_scope(&policy, &delivery, &decoded).await {
+            Some(scope) => scope,
+            None => return,
+        };
         let h = &decoded.headers;
         if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
@@ -1089,6 +1096,7 @@ impl Worker {
                 tracing::info!(group = %group, callback = %id, "chord failed: {}", exc.message());
                 let mut record = ResultRecord::failure(&id, &exc, Some(format!("taskhost: {}", exc.message())));
                 record.group_id = Some(group.clone());
+                record.key_prefix = self.result_prefixes.borrow().get(&h.id).cloned();
                 self.store(&record, None).await;
             }
         }
@@ -1237,8 +1245,15 @@ impl Worker {
     /// turn with one backend call, and waits for this one's outcome.
     async fn store_batched(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
         let (done, outcome) = tokio::sync::oneshot::channel();
+        let mut record = record.clone();
+        if record.key_prefix.is_none() {
+            // Its tenant's prefix: the task's own, or (a chain's remaining steps) its parent's.
+            let prefixes = self.result_prefixes.borrow();
+            let prefix = prefixes.get(&record.task_id).or_else(|| record.parent_id.as_ref().and_then(|p| prefixes.get(p)));
+            record.key_prefix = prefix.cloned();
+        }
         self.queued_results.borrow_mut().push(QueuedResult {
-            record: record.clone(),
+            record,
             custom_state: custom_state.map(str::to_string),
             done,
         });

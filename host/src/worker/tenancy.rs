@@ -181,3 +181,59 @@ impl Worker {
         }
     }
 }
+
+/// How long a task id stays its tenant's (Celery's default result expiry).
+const OWNER_TTL: Duration = Duration::from_secs(86_400);
+
+/// While a message is handled, its results go under its tenant's key prefix.
+pub(super) struct ResultScope {
+    worker: Rc<Worker>,
+    id: Option<String>,
+}
+
+impl Drop for ResultScope {
+    fn drop(&mut self) {
+        if let Some(id) = &self.id {
+            self.worker.result_prefixes.borrow_mut().remove(id);
+        }
+    }
+}
+
+impl Worker {
+    /// Claims the task id for the message's tenant and registers its result prefix; `None`
+    /// (the message dead-lettered, nothing stored) when the id already belongs to another
+    /// tenant, whose result it would overwrite or reveal.
+    pub(super) async fn tenant_result_scope(
+        self: &Rc<Self>,
+        policy: &crate::tenant::Policy,
+        delivery: &Delivery,
+        decoded: &Decoded,
+    ) -> Option<ResultScope> {
+        if policy.tenants.is_empty() {
+            return Some(ResultScope { worker: self.clone(), id: None });
+        }
+        let h = &decoded.headers;
+        let tenant = h.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT);
+        match self.broker.claim_task_id(&h.id, tenant, OWNER_TTL).await {
+            Ok(None) => {}
+            Ok(Some(owner)) => {
+                let reason = format!("task id {:?} already belongs to another tenant ({owner:?}); refused for {tenant:?}", h.id);
+                tracing::warn!(queue = %delivery.queue, "message dead-lettered: {reason}");
+                let kept = self.dead_letter(delivery, Some(decoded), reason).await;
+                self.settle(delivery, kept, true).await;
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(id = %h.id, "claiming the task id for its tenant failed, returning the message: {e}");
+                self.restore(delivery).await;
+                return None;
+            }
+        }
+        let prefix = policy.tenant(tenant).and_then(|t| t.result_prefix.as_deref()).map(crate::tenant::celery_key_prefix);
+        let id = prefix.map(|p| {
+            self.result_prefixes.borrow_mut().insert(h.id.clone(), p);
+            h.id.clone()
+        });
+        Some(ResultScope { worker: self.clone(), id })
+    }
+}
