@@ -127,6 +127,14 @@ const EXAMPLES: &[Example] = &[
         ],
     },
     Example {
+        readme: "taskhost usage [--tenant T] [--since 24h] [--hourly] [--json]",
+        runs: &[
+            Run::Ok("taskhost usage", "tasks.add"),
+            Run::Ok("taskhost usage --tenant default --since 2h --hourly", "tasks.add"),
+            Run::Ok("taskhost usage --json", "\"tenant\":\"default\""),
+        ],
+    },
+    Example {
         readme: "taskhost beat --schedule examples/schedule.toml",
         runs: &[Run::Serves("taskhost beat --schedule examples/schedule.toml", "beat: sent entry=heartbeat")],
     },

@@ -52,6 +52,12 @@ pub struct DrainBench {
     /// Store results (default: tasks ignore results).
     #[arg(long)]
     pub results: bool,
+    /// Serve under this tenants policy (what tenants cost: identity, task-id claims, metering).
+    #[arg(long, value_name = "FILE")]
+    pub tenants: Option<PathBuf>,
+    /// Spread the tasks over this many tenants (header taskhost_tenant t0, t1, …).
+    #[arg(long, value_name = "N")]
+    pub spread_tenants: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -294,8 +300,11 @@ mod drain {
                 origin: "bench".into(),
                 ..Default::default()
             };
-            for _ in 0..args.count {
+            for i in 0..args.count {
                 task.id = uuid::Uuid::new_v4().to_string();
+                if let Some(n) = args.spread_tenants.filter(|n| *n > 0) {
+                    task.extra_headers.insert(crate::tenant::TENANT_HEADER.into(), format!("t{}", i as usize % n).into());
+                }
                 b.publish(QUEUE, 0, &encode_task(&task)).await.map_err(CliError::failed)?;
             }
             Ok::<_, CliError>(())
@@ -303,8 +312,12 @@ mod drain {
         let exe = std::env::current_exe().map_err(CliError::failed)?;
         let children: Vec<_> = (0..processes)
             .map(|_| {
-                std::process::Command::new(&exe)
-                    .args(["bench", "drain", "--child", "--broker", &url, "-c", &args.concurrency.to_string()])
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.args(["bench", "drain", "--child", "--broker", &url, "-c", &args.concurrency.to_string()]);
+                if let Some(policy) = &args.tenants {
+                    cmd.arg("--tenants").arg(policy);
+                }
+                cmd
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                     .arg("--plugins")
                     .arg(&args.plugins)
@@ -368,7 +381,11 @@ mod drain {
                 shutdown_grace: Duration::from_secs(30),
                 track_started: false,
             };
-            let worker = Worker::new(cfg, registry, runtime, b, r);
+            let tenants = match &args.tenants {
+                Some(path) => crate::tenant::PolicyHandle::open(path).map_err(CliError::usage)?,
+                None => crate::tenant::PolicyHandle::none(),
+            };
+            let worker = Worker::with_tenants(cfg, registry, runtime, b, r, tenants);
             let first = Rc::new(Cell::new(0.0f64));
             let last = Rc::new(Cell::new(0.0f64));
             let watcher = {
