@@ -333,8 +333,6 @@ for what, attempt in [
         print(what, "ALLOWED")
     except redis.exceptions.NoPermissionError as e:
         print(what, "refused")
-# Its task id clashing with globex's: refused by the worker, not run.
-app.send_task("tasks.add", (1, 1), queue="t.acme", task_id="shared-id-1")
 "#;
     let out = run_bounded(
         std::process::Command::new(python()).args(["-c", script]).env("BROKER", &acme_url).env("DEFAULT_ID", &default_id),
@@ -349,17 +347,34 @@ app.send_task("tasks.add", (1, 1), queue="t.acme", task_id="shared-id-1")
     // acme's result lives under acme: only.
     let unprefixed: Option<String> = redis.query(redis::cmd("GET").arg(format!("celery-task-meta-{default_id}")));
     assert!(unprefixed.is_some());
+    // globex's result is where globex left it.
+    let out = cli(&admin, &["result", "shared-id-1", "--key-prefix", "globex:"]);
+    assert_eq!(stdout(&out).trim(), "14");
+}
+
+#[test]
+fn a_task_id_of_another_tenants_result_is_refused() {
+    // Two tenants whose results share the key space (no result_prefix).
+    let (dir, broker) = sqlite_broker();
+    let policy = dir.path().join("shared-tenants.toml");
+    std::fs::write(&policy, "[tenants.a]\n[tenants.b]\n").unwrap();
+    let _worker = WorkerProcess::start(&broker, &["--tenants", policy.to_str().unwrap()]);
+    let id = send_id(&broker, &["tasks.add", "--args", "[20, 22]", "--tenant", "a", "--id", "clash-1"]);
+    assert_eq!(wait_status(&broker, &id, "SUCCESS", Duration::from_secs(20))["result"], 42);
+    // b reuses a's id: refused, not run, a's result intact.
+    send_id(&broker, &["tasks.add", "--args", "[1, 1]", "--tenant", "b", "--id", "clash-1"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let letters = stdout(&cli(&admin, &["dlq", "list", "--json"]));
+        let letters = dead_letters(&broker);
         if letters.contains("already belongs to another tenant") {
-            assert!(letters.contains("shared-id-1"), "{letters}");
+            assert!(letters.contains("clash-1") && letters.contains("\\\"a\\\""), "{letters}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the clashing id was not refused: {letters}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // globex's result was not overwritten by acme's clashing task.
-    let out = cli(&admin, &["result", "shared-id-1", "--key-prefix", "globex:"]);
-    assert_eq!(stdout(&out).trim(), "14");
+    assert_eq!(record(&broker, "clash-1")["result"], 42);
+    // a itself may run it again (a retry, a redelivery): same owner.
+    send_id(&broker, &["tasks.add", "--args", "[1, 2]", "--tenant", "a", "--id", "clash-1"]);
+    wait_status(&broker, "clash-1", "SUCCESS", Duration::from_secs(20));
 }

@@ -124,9 +124,9 @@ pub trait Broker: Send + Sync {
     /// The last tick recorded for `entry`.
     async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError>;
 
-    /// Records `tenant` as the owner of task id `id` for `ttl` unless another tenant owns
-    /// it already; returns that other owner. A task id names one tenant's result.
-    async fn claim_task_id(&self, id: &str, tenant: &str, ttl: Duration) -> Result<Option<String>, BrokerError>;
+    /// Records each (task id, tenant) for `ttl` unless another tenant owns that id already;
+    /// returns, per claim, that other owner. A task id names one tenant's result.
+    async fn claim_task_ids(&self, claims: &[(String, String)], ttl: Duration) -> Result<Vec<Option<String>>, BrokerError>;
 
     /// Adds metered usage to the per-hour sums every worker shares (high-water: the maximum).
     async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError>;

@@ -170,12 +170,20 @@ const USAGE_HOURS_KEPT: i64 = 40 * 24;
 /// `taskhost.owner.<task id>`: the tenant whose task (and result) the id is.
 const OWNER_PREFIX: &str = "taskhost.owner.";
 
-/// KEYS[1] owner key; ARGV: tenant, ttl seconds. Returns the other owner, or false.
-const CLAIM_ID: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return cur end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return false
+/// KEYS: owner keys; ARGV[1] ttl seconds, ARGV[1 + i] the tenant claiming KEYS[i].
+/// Returns per key the other owner, or '' where the claim holds.
+const CLAIM_IDS: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if cur and cur ~= ARGV[i + 1] then
+    out[i] = cur
+  else
+    redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+    out[i] = ''
+  end
+end
+return out
 "#;
 
 /// Adds usage rows: per key (the row's hour), ARGV holds the field prefix, the nine sums
@@ -325,7 +333,7 @@ impl RedisBroker {
             unlock: Script::new(UNLOCK),
             rate_slot: Script::new(RATE_SLOT),
             add_usage: Script::new(ADD_USAGE),
-            claim_id: Script::new(CLAIM_ID),
+            claim_id: Script::new(CLAIM_IDS),
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
         })
@@ -713,14 +721,17 @@ impl Broker for RedisBroker {
         Ok(ms.and_then(DateTime::from_timestamp_millis))
     }
 
-    async fn claim_task_id(&self, id: &str, tenant: &str, ttl: Duration) -> Result<Option<String>, BrokerError> {
-        self.claim_id
-            .key(format!("{OWNER_PREFIX}{id}"))
-            .arg(tenant)
-            .arg(ttl.as_secs().max(1))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(cmd_err)
+    async fn claim_task_ids(&self, claims: &[(String, String)], ttl: Duration) -> Result<Vec<Option<String>>, BrokerError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.claim_id.prepare_invoke();
+        call.arg(ttl.as_secs().max(1));
+        for (id, tenant) in claims {
+            call.key(format!("{OWNER_PREFIX}{id}")).arg(tenant);
+        }
+        let owners: Vec<String> = call.invoke_async(&mut self.conn()).await.map_err(cmd_err)?;
+        Ok(owners.into_iter().map(|o| (!o.is_empty()).then_some(o)).collect())
     }
 
     async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError> {

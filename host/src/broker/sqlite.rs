@@ -609,25 +609,30 @@ impl Broker for SqliteBroker {
         Ok(ms.and_then(DateTime::from_timestamp_millis))
     }
 
-    async fn claim_task_id(&self, id: &str, tenant: &str, ttl: Duration) -> Result<Option<String>, BrokerError> {
-        let (id, tenant, ttl) = (id.to_string(), tenant.to_string(), ttl.as_secs_f64());
+    async fn claim_task_ids(&self, claims: &[(String, String)], ttl: Duration) -> Result<Vec<Option<String>>, BrokerError> {
+        let (claims, ttl) = (claims.to_vec(), ttl.as_secs_f64());
         self.db
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let now = now_secs();
-                let current: Option<String> = tx
-                    .query_row("SELECT tenant FROM task_owners WHERE id = ?1 AND until > ?2", params![id, now], |r| r.get(0))
-                    .optional()?;
-                if let Some(owner) = current.filter(|o| *o != tenant) {
-                    return Ok(Some(owner));
+                let mut owners = Vec::with_capacity(claims.len());
+                for (id, tenant) in &claims {
+                    let current: Option<String> = tx
+                        .query_row("SELECT tenant FROM task_owners WHERE id = ?1 AND until > ?2", params![id, now], |r| r.get(0))
+                        .optional()?;
+                    if let Some(owner) = current.filter(|o| o != tenant) {
+                        owners.push(Some(owner));
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO task_owners (id, tenant, until) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(id) DO UPDATE SET tenant = excluded.tenant, until = excluded.until",
+                        params![id, tenant, now + ttl],
+                    )?;
+                    owners.push(None);
                 }
-                tx.execute(
-                    "INSERT INTO task_owners (id, tenant, until) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(id) DO UPDATE SET tenant = excluded.tenant, until = excluded.until",
-                    params![id, tenant, now + ttl],
-                )?;
                 tx.commit()?;
-                Ok(None)
+                Ok(owners)
             })
             .await
             .map_err(err)

@@ -366,7 +366,13 @@ mod drain {
 
     fn child(args: &DrainBench) -> Result<(), CliError> {
         let url = args.broker.clone().ok_or_else(|| CliError::usage(anyhow!("--broker is required")))?;
-        let (runtime, registry) = super::super::serve::worker_sandboxes(&args.plugins, args.concurrency, &crate::ceilings::Ceilings::default(), None)?;
+        let (runtime, registry) = super::super::serve::worker_sandboxes(
+            &args.plugins,
+            args.concurrency,
+            &crate::ceilings::Ceilings::default(),
+            None,
+            args.tenants.is_some(),
+        )?;
         let rt = current_thread_runtime()?;
         let local = tokio::task::LocalSet::new();
         let figures = local.block_on(&rt, async {

@@ -239,6 +239,7 @@ pub(crate) fn worker_sandboxes(
     concurrency: usize,
     ceilings: &Ceilings,
     secrets: Option<&std::path::Path>,
+    meter_cpu: bool,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), CliError> {
     // A few spare slots: a task's instance is torn down just after its slot is freed.
     let runtime = Arc::new(
@@ -248,6 +249,7 @@ pub(crate) fn worker_sandboxes(
             ceilings: ceilings.clone(),
             compiler: std::env::current_exe().ok(),
             secrets: Arc::new(super::secrets::load(secrets)?),
+            meter_cpu,
             ..Default::default()
         })
         .map_err(CliError::usage)?,
@@ -279,7 +281,8 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         Some(path) => crate::tenant::PolicyHandle::open(path).map_err(CliError::usage)?,
         None => crate::tenant::PolicyHandle::none(),
     };
-    let (runtime, registry) = worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref())?;
+    let (runtime, registry) =
+        worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref(), args.tenants.is_some())?;
     let default_tasks = args.ceilings.max_process_memory / crate::runtime::DEFAULT_MEMORY_LIMIT;
     if (args.concurrency as u64) > default_tasks && args.worker_index.unwrap_or(0) == 0 {
         tracing::warn!(

@@ -96,16 +96,28 @@ pub struct Run {
     pub memory_byte_seconds: f64,
 }
 
-/// Sums kept in one worker process until they are flushed.
+/// Sums kept in one worker process until they are flushed: hour → tenant → task, looked up
+/// by `&str` so that recording a run allocates nothing once its tenant and task are known.
 #[derive(Debug, Default)]
 pub struct Meter {
-    pending: HashMap<(i64, String, String), Usage>,
+    pending: HashMap<i64, HashMap<String, HashMap<String, Usage>>>,
 }
 
 impl Meter {
+    fn usage(&mut self, hour: i64, tenant: &str, task: &str) -> &mut Usage {
+        let tenants = self.pending.entry(hour).or_default();
+        if !tenants.contains_key(tenant) {
+            tenants.insert(tenant.to_string(), HashMap::new());
+        }
+        let tasks = tenants.get_mut(tenant).expect("inserted above");
+        if !tasks.contains_key(task) {
+            tasks.insert(task.to_string(), Usage::default());
+        }
+        tasks.get_mut(task).expect("inserted above")
+    }
+
     pub fn record(&mut self, unix_seconds: i64, tenant: &str, task: &str, run: &Run) {
-        let key = (unix_seconds.div_euclid(3600), tenant.to_string(), task.to_string());
-        let u = self.pending.entry(key).or_default();
+        let u = self.usage(unix_seconds.div_euclid(3600), tenant, task);
         u.runs += 1;
         match run.outcome {
             Outcome::Succeeded => u.succeeded += 1,
@@ -121,24 +133,32 @@ impl Meter {
 
     /// A message held back rather than run.
     pub fn hold(&mut self, unix_seconds: i64, tenant: &str, task: &str) {
-        let key = (unix_seconds.div_euclid(3600), tenant.to_string(), task.to_string());
-        self.pending.entry(key).or_default().held += 1;
+        self.usage(unix_seconds.div_euclid(3600), tenant, task).held += 1;
     }
 
     /// CPU-seconds recorded for `tenant` in `hour` and not flushed yet.
     pub fn pending_cpu(&self, hour: i64, tenant: &str) -> f64 {
-        self.pending.iter().filter(|((h, t, _), _)| *h == hour && t == tenant).map(|(_, u)| u.cpu_seconds).sum()
+        let tasks = self.pending.get(&hour).and_then(|t| t.get(tenant));
+        tasks.map_or(0.0, |tasks| tasks.values().map(|u| u.cpu_seconds).sum())
     }
 
     /// Everything recorded since the last take, to flush.
     pub fn take(&mut self) -> Vec<UsageRow> {
-        self.pending.drain().map(|((hour, tenant, task), counts)| UsageRow { hour, tenant, task, counts }).collect()
+        let mut rows = Vec::new();
+        for (hour, tenants) in self.pending.drain() {
+            for (tenant, tasks) in tenants {
+                for (task, counts) in tasks {
+                    rows.push(UsageRow { hour, tenant: tenant.clone(), task, counts });
+                }
+            }
+        }
+        rows
     }
 
     /// Puts rows back after a failed flush, so they go with the next one.
     pub fn restore(&mut self, rows: Vec<UsageRow>) {
         for row in rows {
-            self.pending.entry((row.hour, row.tenant, row.task)).or_default().add(&row.counts);
+            self.usage(row.hour, &row.tenant, &row.task).add(&row.counts);
         }
     }
 }

@@ -29,6 +29,9 @@ pub const DEFAULT_TENANT: &str = "default";
 pub struct Policy {
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantSpec>,
+    /// Queue → the tenant it is bound to (from `queues`).
+    #[serde(skip)]
+    bound: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -108,7 +111,7 @@ fn valid_name(name: &str) -> bool {
 
 impl Policy {
     pub fn parse(text: &str, file: &str) -> Result<Policy, PolicyError> {
-        let policy: Policy = toml::from_str(text).map_err(|e| {
+        let mut policy: Policy = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             match line {
                 Some(line) => PolicyError::At { file: file.into(), line, message: e.message().to_string() },
@@ -121,7 +124,7 @@ impl Policy {
             let line = text.lines().position(|l| l.trim_start().starts_with(&header)).map_or(0, |i| i + 1);
             PolicyError::At { file: file.into(), line, message }
         };
-        let mut bound: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut bound: BTreeMap<String, String> = BTreeMap::new();
         for (name, spec) in &policy.tenants {
             if !valid_name(name) {
                 return Err(at(name, format!("{name:?} is not a tenant name (letters, digits, '.', '_', '-'; at most 64)")));
@@ -144,7 +147,7 @@ impl Policy {
                 return Err(at(name, format!("tenant {name:?}: cpu_quota must be a positive number of CPU-seconds per hour, got {q}")));
             }
             for queue in &spec.queues {
-                if let Some(other) = bound.insert(queue, name) {
+                if let Some(other) = bound.insert(queue.clone(), name.clone()) {
                     return Err(at(name, format!("queue {queue:?} is bound to both {other:?} and {name:?}")));
                 }
             }
@@ -155,6 +158,7 @@ impl Policy {
                 }
             }
         }
+        policy.bound = bound.into_iter().collect();
         Ok(policy)
     }
 
@@ -167,23 +171,23 @@ impl Policy {
     /// Whose a message on `queue` with tenant header `claimed` is. A queue bound to a tenant
     /// decides; a header naming another tenant there is a conflict. Elsewhere the header
     /// decides (the operator trusts producers on unbound queues), a tenant the policy does
-    /// not list is refused, and no header means [`DEFAULT_TENANT`].
-    pub fn identify(&self, queue: &str, claimed: Option<&str>) -> Result<String, IdentityError> {
-        if let Some((tenant, _)) = self.tenants.iter().find(|(_, spec)| spec.queues.iter().any(|q| q == queue)) {
+    /// not list is refused, and no header means the [`DEFAULT_TENANT`] (`None`: nothing
+    /// is allocated for the common case).
+    pub fn identify(&self, queue: &str, claimed: Option<String>) -> Result<Option<String>, IdentityError> {
+        if let Some(tenant) = self.bound.get(queue) {
             return match claimed {
-                Some(c) if c != tenant => {
-                    Err(IdentityError::Conflict { queue: queue.into(), bound: tenant.clone(), claimed: c.into() })
-                }
-                _ => Ok(tenant.clone()),
+                Some(c) if c != *tenant => Err(IdentityError::Conflict { queue: queue.into(), bound: tenant.clone(), claimed: c }),
+                Some(c) => Ok(Some(c)),
+                None => Ok(Some(tenant.clone())),
             };
         }
         match claimed {
-            None => Ok(DEFAULT_TENANT.into()),
-            Some(c) if !valid_name(c) => Err(IdentityError::Invalid(c.chars().take(80).collect())),
-            Some(c) if !self.tenants.is_empty() && c != DEFAULT_TENANT && !self.tenants.contains_key(c) => {
-                Err(IdentityError::Unknown(c.into()))
+            None => Ok(None),
+            Some(c) if !valid_name(&c) => Err(IdentityError::Invalid(c.chars().take(80).collect())),
+            Some(c) if !self.tenants.is_empty() && c != DEFAULT_TENANT && !self.tenants.contains_key(&c) => {
+                Err(IdentityError::Unknown(c))
             }
-            Some(c) => Ok(c.into()),
+            Some(c) => Ok(Some(c)),
         }
     }
 
@@ -311,18 +315,19 @@ config = ["GLOBEX_TOKEN"]
     #[test]
     fn identity_comes_from_the_bound_queue_then_the_header() {
         let p = Policy::parse(POLICY, "tenants.toml").unwrap();
-        assert_eq!(p.identify("t.acme", None), Ok("acme".into()));
-        assert_eq!(p.identify("t.acme", Some("acme")), Ok("acme".into()));
+        let s = |t: &str| Some(t.to_string());
+        assert_eq!(p.identify("t.acme", None), Ok(s("acme")));
+        assert_eq!(p.identify("t.acme", s("acme")), Ok(s("acme")));
         assert_eq!(
-            p.identify("t.acme", Some("globex")),
+            p.identify("t.acme", s("globex")),
             Err(IdentityError::Conflict { queue: "t.acme".into(), bound: "acme".into(), claimed: "globex".into() })
         );
-        assert_eq!(p.identify("celery", Some("globex")), Ok("globex".into()));
-        assert_eq!(p.identify("celery", None), Ok(DEFAULT_TENANT.into()));
-        assert_eq!(p.identify("celery", Some("initech")), Err(IdentityError::Unknown("initech".into())));
-        assert!(matches!(p.identify("celery", Some("a\nb")), Err(IdentityError::Invalid(_))));
+        assert_eq!(p.identify("celery", s("globex")), Ok(s("globex")));
+        assert_eq!(p.identify("celery", None), Ok(None), "the default tenant");
+        assert_eq!(p.identify("celery", s("initech")), Err(IdentityError::Unknown("initech".into())));
+        assert!(matches!(p.identify("celery", s("a\nb")), Err(IdentityError::Invalid(_))));
         // No policy: any well-formed name is taken as it is.
-        assert_eq!(Policy::default().identify("celery", Some("initech")), Ok("initech".into()));
+        assert_eq!(Policy::default().identify("celery", s("initech")), Ok(s("initech")));
     }
 
     #[test]

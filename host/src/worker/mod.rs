@@ -150,6 +150,9 @@ pub struct Worker {
     tenant_slots: tenancy::HeldSlots,
     slot_queues: tenancy::SlotQueues,
     usage_cache: RefCell<tenancy::UsageCache>,
+    /// Task-id claims waiting for the claim flusher.
+    queued_claims: RefCell<Vec<tenancy::QueuedClaim>>,
+    claim_queued: Notify,
     /// Result key prefixes of tasks being handled here, by task id (their tenant's).
     result_prefixes: RefCell<HashMap<String, String>>,
     /// Debug builds only: a task name whose handling panics on purpose
@@ -286,6 +289,8 @@ impl Worker {
             slot_queues: Default::default(),
             usage_cache: Default::default(),
             result_prefixes: Default::default(),
+            queued_claims: Default::default(),
+            claim_queued: Notify::new(),
             failpoint_panic: if cfg!(debug_assertions) { std::env::var("TASKHOST_FAILPOINT_PANIC_TASK").ok() } else { None },
         })
     }
@@ -316,6 +321,7 @@ impl Worker {
         let control = tokio::task::spawn_local(self.clone().listen_control());
         let acks = tokio::task::spawn_local(self.clone().ack_flusher());
         let results = tokio::task::spawn_local(self.clone().result_flusher());
+        let claims = tokio::task::spawn_local(self.clone().claim_flusher());
         let (stop_tx, stop_rx) = watch::channel(false);
         // Joined, not raced: a fetch in flight is never cancelled, because a BRPOP
         // abandoned on the server would still pop (and lose) the next message.
@@ -332,6 +338,7 @@ impl Worker {
         self.drain(tasks).await;
         // Every handling has ended, so no record is waiting for the result flusher.
         results.abort();
+        claims.abort();
         acks.abort();
         // Resolves once the flusher is dropped, so a flush it had in flight has handed
         // its tags back before the final flush.
@@ -563,8 +570,8 @@ impl Worker {
         // Whose it is: a queue bound to a tenant decides, else the header. From here on the
         // header holds the tenant decided, so retries, follow-ups and canvas steps carry it.
         let policy = self.tenants.current();
-        match policy.identify(&delivery.queue, decoded.headers.tenant.as_deref()) {
-            Ok(tenant) => decoded.headers.tenant = Some(tenant),
+        match policy.identify(&delivery.queue, decoded.headers.tenant.take()) {
+            Ok(tenant) => decoded.headers.tenant = tenant,
             Err(e) => {
                 tracing::warn!(queue = %delivery.queue, id = %decoded.headers.id, "message dead-lettered: {e}");
                 let kept = self.dead_letter(&delivery, Some(&decoded), e.to_string()).await;
@@ -573,10 +580,6 @@ impl Worker {
             }
         }
         let decoded = decoded;
-        let _result_prefix = match self.tenant_result_scope(&policy, &delivery, &decoded).await {
-            Some(scope) => scope,
-            None => return,
-        };
         let h = &decoded.headers;
         if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
@@ -599,6 +602,10 @@ impl Worker {
             .ignore_result
             .or_else(|| resolved.as_ref().ok().and_then(|tv| tv.manifest.ignore_result))
             .unwrap_or(false);
+        let _result_scope = match self.tenant_result_scope(&policy, &delivery, &decoded, ignore_result).await {
+            Some(scope) => scope,
+            None => return,
+        };
 
         if self.is_revoked(&h.id) {
             tracing::info!(task = %h.task, id = %h.id, "revoked before it ran; skipped");

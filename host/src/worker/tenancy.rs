@@ -184,6 +184,15 @@ impl Worker {
 
 /// How long a task id stays its tenant's (Celery's default result expiry).
 const OWNER_TTL: Duration = Duration::from_secs(86_400);
+/// Most task-id claims sent in one call.
+const CLAIM_BATCH: usize = 512;
+
+/// A task-id claim waiting for the claim flusher.
+pub(super) struct QueuedClaim {
+    id: String,
+    tenant: String,
+    done: tokio::sync::oneshot::Sender<Result<Option<String>, String>>,
+}
 
 /// While a message is handled, its results go under its tenant's key prefix.
 pub(super) struct ResultScope {
@@ -200,21 +209,73 @@ impl Drop for ResultScope {
 }
 
 impl Worker {
-    /// Claims the task id for the message's tenant and registers its result prefix; `None`
-    /// (the message dead-lettered, nothing stored) when the id already belongs to another
-    /// tenant, whose result it would overwrite or reveal.
+    /// Claims `id` for `tenant` together with the other claims of this turn (one broker
+    /// call for all of them); the other tenant that owns it, if one does.
+    async fn claim_batched(&self, id: &str, tenant: &str) -> Result<Option<String>, String> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.queued_claims.borrow_mut().push(QueuedClaim { id: id.to_string(), tenant: tenant.to_string(), done });
+        self.claim_queued.notify_one();
+        outcome.await.unwrap_or_else(|_| Err("the claim was abandoned".into()))
+    }
+
+    /// Sends queued task-id claims in batches, as the result flusher does results.
+    pub(super) async fn claim_flusher(self: Rc<Self>) {
+        loop {
+            self.claim_queued.notified().await;
+            tokio::task::yield_now().await;
+            loop {
+                let batch: Vec<QueuedClaim> = {
+                    let mut queued = self.queued_claims.borrow_mut();
+                    let n = queued.len().min(CLAIM_BATCH);
+                    queued.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let claims: Vec<(String, String)> = batch.iter().map(|c| (c.id.clone(), c.tenant.clone())).collect();
+                match self.broker.claim_task_ids(&claims, OWNER_TTL).await {
+                    Ok(owners) => {
+                        for (claim, owner) in batch.into_iter().zip(owners) {
+                            let _ = claim.done.send(Ok(owner));
+                        }
+                    }
+                    Err(e) => {
+                        for claim in batch {
+                            let _ = claim.done.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Registers the message's result prefix, and where its result shares the key space
+    /// with other tenants' (no prefix, result stored), claims its task id for its tenant;
+    /// `None` (the message dead-lettered, nothing stored) when the id already belongs to
+    /// another tenant, whose result it would overwrite or reveal. A tenant with its own
+    /// prefix, or a task storing no result, claims nothing: there is nothing to clash
+    /// with, and a key per task would cost the broker memory and the drain time.
     pub(super) async fn tenant_result_scope(
         self: &Rc<Self>,
         policy: &crate::tenant::Policy,
         delivery: &Delivery,
         decoded: &Decoded,
+        ignore_result: bool,
     ) -> Option<ResultScope> {
         if policy.tenants.is_empty() {
             return Some(ResultScope { worker: self.clone(), id: None });
         }
         let h = &decoded.headers;
         let tenant = h.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT);
-        match self.broker.claim_task_id(&h.id, tenant, OWNER_TTL).await {
+        let prefix = policy.tenant(tenant).and_then(|t| t.result_prefix.as_deref()).map(crate::tenant::celery_key_prefix);
+        if let Some(prefix) = prefix {
+            self.result_prefixes.borrow_mut().insert(h.id.clone(), prefix);
+            return Some(ResultScope { worker: self.clone(), id: Some(h.id.clone()) });
+        }
+        if ignore_result {
+            return Some(ResultScope { worker: self.clone(), id: None });
+        }
+        match self.claim_batched(&h.id, tenant).await {
             Ok(None) => {}
             Ok(Some(owner)) => {
                 let reason = format!("task id {:?} already belongs to another tenant ({owner:?}); refused for {tenant:?}", h.id);
@@ -229,11 +290,6 @@ impl Worker {
                 return None;
             }
         }
-        let prefix = policy.tenant(tenant).and_then(|t| t.result_prefix.as_deref()).map(crate::tenant::celery_key_prefix);
-        let id = prefix.map(|p| {
-            self.result_prefixes.borrow_mut().insert(h.id.clone(), p);
-            h.id.clone()
-        });
-        Some(ResultScope { worker: self.clone(), id })
+        Some(ResultScope { worker: self.clone(), id: None })
     }
 }
