@@ -259,9 +259,10 @@ fn a_killed_workers_tenant_slots_come_back_within_the_lease_time() {
 fn a_tenant_past_its_cpu_quota_is_held_not_dropped_and_its_rate_is_spread() {
     let (dir, broker) = sqlite_broker();
     let mut worker = quota_worker(&broker, dir.path(), "[tenants.thrifty]\ncpu_quota = 0.5\n\n[tenants.paced]\nrate_limit = \"4/s\"\n", "w1@test");
-    // One spin burns ~1 s of CPU (its hard limit), past the 0.5 s quota.
-    let spin = send_id(&broker, &["tasks.spin", "--tenant", "thrifty"]);
-    wait_status(&broker, &spin, "FAILURE", Duration::from_secs(20));
+    // One burn of ~1 s of CPU (a fixed amount of work, however loaded the machine), past
+    // the 0.5 s quota.
+    let burn = send_id(&broker, &["tasks.burn", "--args", "[1000000]", "--tenant", "thrifty"]);
+    wait_status(&broker, &burn, "SUCCESS", Duration::from_secs(60));
     // Flushed within 5 s; then the next message of the tenant is held until the next hour.
     std::thread::sleep(Duration::from_secs(6));
     let held = send_id(&broker, &["tasks.add", "--args", "[1, 1]", "--tenant", "thrifty"]);
@@ -377,4 +378,84 @@ fn a_task_id_of_another_tenants_result_is_refused() {
     // a itself may run it again (a retry, a redelivery): same owner.
     send_id(&broker, &["tasks.add", "--args", "[1, 2]", "--tenant", "a", "--id", "clash-1"]);
     wait_status(&broker, "clash-1", "SUCCESS", Duration::from_secs(20));
+}
+
+/// A worker on its own Redis with this policy, `-c 4`.
+fn fair_worker(redis: &RedisServer, policy: &str) -> (tempfile::TempDir, WorkerProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fair.toml");
+    std::fs::write(&file, policy).unwrap();
+    let worker = WorkerProcess::start(&redis.url(), &["-c", "4", "--tenants", file.to_str().unwrap()]);
+    worker.wait_for_log("fair dispatch across tenants on", Duration::from_secs(10));
+    (dir, worker)
+}
+
+#[test]
+fn a_tenant_arriving_behind_a_flood_is_served_at_once() {
+    let redis = RedisServer::start();
+    let (_dir, _worker) = fair_worker(&redis, "[tenants.a]\nweight = 1\n[tenants.b]\nweight = 1\n");
+    let url = redis.url();
+    // a floods: 3,000 tasks of ~2.5 ms of CPU, ~8 s of work for the one worker thread.
+    let out = send(&url, &["tasks.burn", "--args", "[2500]", "--tenant", "a", "--count", "3000", "--ignore-result"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_millis(500));
+    // Then b sends 20 of the same size.
+    let started = std::time::Instant::now();
+    let ids: Vec<String> = (0..20).map(|_| send_id(&url, &["tasks.burn", "--args", "[2500]", "--tenant", "b"])).collect();
+    for id in &ids {
+        wait_status(&url, id, "SUCCESS", Duration::from_secs(30));
+    }
+    let took = started.elapsed();
+    // a's flood is still there: b did not wait behind it.
+    let sorted: i64 = redis.query(redis::cmd("LLEN").arg("taskhost.fair:celery\x1fa"));
+    let unsorted: i64 = redis.query(redis::cmd("LLEN").arg("celery"));
+    let backlog = sorted + unsorted;
+    eprintln!("b's 20 tasks done in {took:?}; a's backlog then: {sorted} sorted, {unsorted} not yet");
+    assert!(backlog > 1000, "a's flood drained first ({backlog} left): b was served in arrival order");
+    assert!(took < Duration::from_secs(3), "b's 20 tasks took {took:?} behind a's flood");
+}
+
+#[test]
+fn tenants_of_equal_weight_get_equal_cpu_whatever_their_task_sizes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // a: tasks of ~25 ms; b: tasks of ~0.5 ms; both far more than the run can do, and both
+    // queued before the worker starts (enqueueing 30,000 takes a while: a would run alone).
+    for (tenant, n, count) in [("a", "25000", "600"), ("b", "500", "30000")] {
+        let out = send(&url, &["tasks.burn", "--args", &format!("[{n}]"), "--tenant", tenant, "--count", count, "--ignore-result"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (_dir, mut worker) = fair_worker(&redis, "[tenants.a]\nweight = 1\n[tenants.b]\nweight = 1\n");
+    std::thread::sleep(Duration::from_secs(8));
+    worker.signal(libc::SIGTERM);
+    worker.wait(Duration::from_secs(60));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&cli(&url, &["usage", "--json"]))).unwrap();
+    let cpu = |t: &str| rows.iter().filter(|r| r["tenant"] == t).map(|r| r["cpu_seconds"].as_f64().unwrap()).sum::<f64>();
+    let runs = |t: &str| rows.iter().filter(|r| r["tenant"] == t).map(|r| r["runs"].as_u64().unwrap()).sum::<u64>();
+    let share = cpu("a") / (cpu("a") + cpu("b"));
+    eprintln!("a: {:.2} s in {} runs; b: {:.2} s in {} runs; a's share {:.1}%", cpu("a"), runs("a"), cpu("b"), runs("b"), share * 100.0);
+    assert!((share - 0.5).abs() <= 0.05, "a's CPU share {:.1}% (50 ± 5 wanted)", share * 100.0);
+}
+
+#[test]
+fn weights_5_3_2_share_the_cpu_5_3_2() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    for tenant in ["a", "b", "c"] {
+        let out = send(&url, &["tasks.burn", "--args", "[2000]", "--tenant", tenant, "--count", "5000", "--ignore-result"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (_dir, mut worker) =
+        fair_worker(&redis, "[tenants.a]\nweight = 5\n[tenants.b]\nweight = 3\n[tenants.c]\nweight = 2\n");
+    std::thread::sleep(Duration::from_secs(8));
+    worker.signal(libc::SIGTERM);
+    worker.wait(Duration::from_secs(60));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&cli(&url, &["usage", "--json"]))).unwrap();
+    let cpu = |t: &str| rows.iter().filter(|r| r["tenant"] == t).map(|r| r["cpu_seconds"].as_f64().unwrap()).sum::<f64>();
+    let total = cpu("a") + cpu("b") + cpu("c");
+    let shares: Vec<f64> = ["a", "b", "c"].iter().map(|t| 100.0 * cpu(t) / total).collect();
+    eprintln!("CPU shares a/b/c: {:.1}% / {:.1}% / {:.1}% of {total:.2} s", shares[0], shares[1], shares[2]);
+    for (share, want) in shares.iter().zip([50.0, 30.0, 20.0]) {
+        assert!((share - want).abs() <= 3.0, "shares {shares:?}, wanted 50/30/20 ± 3");
+    }
 }

@@ -21,6 +21,9 @@ pub struct Delivery {
     pub queue: String,
     /// The envelope exactly as it was on the queue.
     pub raw: Vec<u8>,
+    /// What fair dispatch charged the message's tenant for it (its estimated CPU seconds),
+    /// where it was handed out fairly; the worker puts the charge right once it has run.
+    pub charge: Option<f64>,
 }
 
 /// A message that will never run, kept with why.
@@ -36,6 +39,14 @@ pub struct DeadLetter {
     pub time: DateTime<Utc>,
     /// The original envelope (lossy UTF-8 if it was not text).
     pub message: String,
+}
+
+/// Fair dispatch across tenants: each tenant's weight, and the queues bound to a tenant
+/// (a message there is that tenant's whatever its header says).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fairness {
+    pub weights: Vec<(String, f64)>,
+    pub bound: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +138,21 @@ pub trait Broker: Send + Sync {
     /// Records each (task id, tenant) for `ttl` unless another tenant owns that id already;
     /// returns, per claim, that other owner. A task id names one tenant's result.
     async fn claim_task_ids(&self, claims: &[(String, String)], ttl: Duration) -> Result<Vec<Option<String>>, BrokerError>;
+
+    /// Turns fair dispatch across tenants on (by weight, in CPU time) or off for this
+    /// consumer's fetches. Transports without it say so; their fetches stay in arrival order.
+    async fn set_fairness(&self, fairness: Option<&Fairness>) -> Result<(), BrokerError> {
+        let _ = fairness;
+        Err(BrokerError::Command("fair scheduling across tenants needs the Redis broker".into()))
+    }
+
+    /// Each tenant's recent CPU seconds per task, which fair dispatch charges them when it
+    /// hands a task out, and per tenant what its tasks really used beyond those charges
+    /// (over its weight), added to its virtual time.
+    async fn report_costs(&self, costs: &[(String, f64)], corrections: &[(String, f64)]) -> Result<(), BrokerError> {
+        let _ = (costs, corrections);
+        Ok(())
+    }
 
     /// Adds metered usage to the per-hour sums every worker shares (high-water: the maximum).
     async fn add_usage(&self, rows: &[crate::tenant::meter::UsageRow]) -> Result<(), BrokerError>;

@@ -90,6 +90,119 @@ return out
 "#
 );
 
+/// Fair fetch across tenants (`Broker::set_fairness`). Sorts up to ARGV[3] messages of
+/// each ingress list (KEYS, kombu's lists in band order) into one list per tenant
+/// (`taskhost.fair:<list>\x1f<tenant>`), the tenant read from a bound queue (ARGV[3 + n + i])
+/// or the `taskhost_tenant` header; then hands out up to ARGV[1] messages, each time from
+/// the tenant of the lowest virtual time, which grows by that tenant's CPU cost per task
+/// over its weight (`taskhost.fair.cost`, `taskhost.fair.weight`). A tenant joining takes
+/// the lowest virtual time present, so an idle spell earns no burst. Records what it hands
+/// out in unacked as FETCH does, the ingress queue as its home (a restore goes there).
+const FAIR_FETCH: &str = concat!(
+    find_tag_lua!(),
+    r#"
+local max = tonumber(ARGV[1])
+local now = ARGV[2]
+local sortn = tonumber(ARGV[3])
+local n = #KEYS
+local function find_tenant(m)
+  local _, e = string.find(m, '"taskhost_tenant"', 1, true)
+  if not e then return nil end
+  return string.match(m, '^%s*:%s*"([^"]+)"', e + 1)
+end
+local cost, weight, spent = {}, {}, {}
+local function step(t)
+  if not cost[t] then
+    cost[t] = tonumber(redis.call('HGET', 'taskhost.fair.cost', t) or '0.001') or 0.001
+    weight[t] = tonumber(redis.call('HGET', 'taskhost.fair.weight', t) or '1') or 1
+    if weight[t] <= 0 then weight[t] = 1 end
+  end
+  return cost[t] / weight[t]
+end
+local out, index, held = {}, {}, {}
+local got = 0
+for i, key in ipairs(KEYS) do
+  local active = 'taskhost.fair.active:' .. key
+  local batch = redis.call('RPOP', key, sortn)
+  if batch then
+    local bound = ARGV[3 + n + i]
+    local by_tenant, order = {}, {}
+    for _, m in ipairs(batch) do
+      local t = (bound ~= '' and bound) or find_tenant(m) or 'default'
+      if not by_tenant[t] then by_tenant[t] = {}; order[#order + 1] = t end
+      local list = by_tenant[t]
+      list[#list + 1] = m
+    end
+    local floor = nil
+    for _, t in ipairs(order) do
+      local list = by_tenant[t]
+      for s = 1, #list, 500 do
+        redis.call('LPUSH', 'taskhost.fair:' .. key .. '\31' .. t, unpack(list, s, math.min(s + 499, #list)))
+      end
+      if not redis.call('ZSCORE', active, t) then
+        -- Joining: no lower than the lowest virtual time of those already waiting.
+        if floor == nil then
+          for _, m in ipairs(redis.call('ZRANGE', active, 0, -1)) do
+            local v = tonumber(redis.call('HGET', 'taskhost.fair.vt', m) or '0') or 0
+            if floor == nil or v < floor then floor = v end
+          end
+        end
+        local vt = tonumber(redis.call('HGET', 'taskhost.fair.vt', t) or '0') or 0
+        if floor and vt < floor then redis.call('HSET', 'taskhost.fair.vt', t, floor) end
+        redis.call('ZADD', active, 0, t)
+      end
+    end
+  end
+end
+for i, key in ipairs(KEYS) do
+  if got >= max then break end
+  local active = 'taskhost.fair.active:' .. key
+  local queue = ARGV[3 + i]
+  -- Virtual times live in one hash (the zset only says who waits here), so the workers'
+  -- corrections with the CPU their tasks really used reach every queue's order.
+  local names = redis.call('ZRANGE', active, 0, -1)
+  local scores = {}
+  for _, t in ipairs(names) do scores[t] = (tonumber(redis.call('HGET', 'taskhost.fair.vt', t) or '0') or 0) + (spent[t] or 0) end
+  local live = #names
+  while got < max and live > 0 do
+    local best = nil
+    for _, t in ipairs(names) do
+      if scores[t] and (best == nil or scores[t] < scores[best]) then best = t end
+    end
+    local m = redis.call('RPOP', 'taskhost.fair:' .. key .. '\31' .. best)
+    if not m then
+      redis.call('ZREM', active, best)
+      scores[best] = nil
+      live = live - 1
+    else
+      local tag = find_tag(m)
+      if tag then
+        index[#index + 1] = now
+        index[#index + 1] = tag
+        held[#held + 1] = tag
+        held[#held + 1] = '[' .. m .. ', "", ' .. queue .. ']'
+      end
+      local d = step(best)
+      out[#out + 1] = i
+      out[#out + 1] = tag
+      out[#out + 1] = m
+      out[#out + 1] = tostring(cost[best])
+      got = got + 1
+      scores[best] = scores[best] + d
+      spent[best] = (spent[best] or 0) + d
+    end
+  end
+end
+for t, d in pairs(spent) do redis.call('HINCRBYFLOAT', 'taskhost.fair.vt', t, d) end
+for s = 1, #index, 1000 do
+  local e = math.min(s + 999, #index)
+  redis.call('ZADD', 'unacked_index', unpack(index, s, e))
+  redis.call('HSET', 'unacked', unpack(held, s, e))
+end
+return out
+"#
+);
+
 /// Records one message popped by BRPOP. ARGV: message, now, queue as a JSON string.
 /// Returns the tag or false.
 const RECORD: &str = concat!(
@@ -167,6 +280,10 @@ const RATE_PREFIX: &str = "taskhost.rate.";
 /// `<tenant>\x1f<task>\x1f<metric>`; kept 40 days.
 const USAGE_PREFIX: &str = "taskhost.usage.";
 const USAGE_HOURS_KEPT: i64 = 40 * 24;
+/// Fair dispatch's per-tenant weights and CPU cost per task (FAIR_FETCH reads them).
+const FAIR_WEIGHTS: &str = "taskhost.fair.weight";
+const FAIR_COSTS: &str = "taskhost.fair.cost";
+const FAIR_VT: &str = "taskhost.fair.vt";
 /// `taskhost.owner.<task id>`: the tenant whose task (and result) the id is.
 const OWNER_PREFIX: &str = "taskhost.owner.";
 
@@ -256,6 +373,9 @@ pub struct RedisBroker {
     claim_id: Script,
     lease: Script,
     claim_tick: Script,
+    fair_fetch: Script,
+    /// Set while fair dispatch is on: queue → the tenant it is bound to.
+    fairness: std::sync::RwLock<Option<HashMap<String, String>>>,
 }
 
 /// The database number in a redis URL (`redis://host:6379/3` → 3).
@@ -336,6 +456,8 @@ impl RedisBroker {
             claim_id: Script::new(CLAIM_IDS),
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
+            fair_fetch: Script::new(FAIR_FETCH),
+            fairness: std::sync::RwLock::new(None),
         })
     }
 
@@ -344,20 +466,44 @@ impl RedisBroker {
     }
 
     async fn fetch_now(&self, keys: &[String], owners: &[String], max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        let mut inv = self.fetch.prepare_invoke();
+        let bound = self.fairness.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut inv = match &bound {
+            None => self.fetch.prepare_invoke(),
+            Some(_) => self.fair_fetch.prepare_invoke(),
+        };
         for k in keys {
             inv.key(k);
         }
         inv.arg(max).arg(now_secs());
+        if bound.is_some() {
+            // Sorted ahead of what is handed out, so a tenant arriving behind a flood is
+            // seen within a few fetches.
+            inv.arg(max.saturating_mul(4).max(1000));
+        }
         for o in owners {
             inv.arg(json_string(o));
         }
+        if let Some(bound) = &bound {
+            for o in owners {
+                inv.arg(bound.get(o).map_or("", String::as_str));
+            }
+        }
         let flat: Vec<redis::Value> = inv.invoke_async(&mut self.conn()).await.map_err(cmd_err)?;
         let bad = |what: &str| BrokerError::Command(format!("unexpected fetch reply: {what}"));
+        let fair = bound.is_some();
         let mut out = Vec::with_capacity(flat.len() / 3);
         let mut flat = flat.into_iter();
         // Taken by value: each message is moved out of the reply, not copied.
         while let (Some(index), Some(tag), Some(raw)) = (flat.next(), flat.next(), flat.next()) {
+            // The fair script adds what it charged the tenant.
+            let charge = if fair {
+                match flat.next() {
+                    Some(redis::Value::BulkString(b)) => std::str::from_utf8(&b).ok().and_then(|c| c.parse::<f64>().ok()),
+                    _ => return Err(bad("fair dispatch reply without its charge")),
+                }
+            } else {
+                None
+            };
             let queue = match index {
                 redis::Value::Int(i) if i >= 1 && (i as usize) <= owners.len() => owners[i as usize - 1].clone(),
                 other => return Err(bad(&format!("queue index {other:?}"))),
@@ -371,7 +517,7 @@ impl RedisBroker {
                 redis::Value::BulkString(b) => b,
                 other => return Err(bad(&format!("message {other:?}"))),
             };
-            out.push(Delivery { tag, queue, raw });
+            out.push(Delivery { tag, queue, raw, charge });
         }
         Ok(out)
     }
@@ -452,7 +598,7 @@ impl Broker for RedisBroker {
                 }
             }
         };
-        let mut out = vec![Delivery { tag, queue, raw }];
+        let mut out = vec![Delivery { tag, queue, raw, charge: None }];
         if max > 1 {
             // The first message is held already: an error here must not drop it.
             match self.fetch_now(&keys, &owners, max - 1).await {
@@ -719,6 +865,34 @@ impl Broker for RedisBroker {
     async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError> {
         let ms: Option<i64> = self.conn().hget(BEAT_TICKS, entry).await.map_err(cmd_err)?;
         Ok(ms.and_then(DateTime::from_timestamp_millis))
+    }
+
+    async fn set_fairness(&self, fairness: Option<&super::Fairness>) -> Result<(), BrokerError> {
+        if let Some(f) = fairness {
+            if !f.weights.is_empty() {
+                let mut pipe = redis::pipe();
+                for (tenant, weight) in &f.weights {
+                    pipe.hset(FAIR_WEIGHTS, tenant, *weight).ignore();
+                }
+                pipe.query_async::<()>(&mut self.conn()).await.map_err(cmd_err)?;
+            }
+        }
+        *self.fairness.write().unwrap_or_else(|p| p.into_inner()) = fairness.map(|f| f.bound.clone());
+        Ok(())
+    }
+
+    async fn report_costs(&self, costs: &[(String, f64)], corrections: &[(String, f64)]) -> Result<(), BrokerError> {
+        if costs.is_empty() && corrections.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (tenant, cost) in costs {
+            pipe.hset(FAIR_COSTS, tenant, *cost).ignore();
+        }
+        for (tenant, delta) in corrections {
+            pipe.cmd("HINCRBYFLOAT").arg(FAIR_VT).arg(tenant).arg(*delta).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(cmd_err)
     }
 
     async fn claim_task_ids(&self, claims: &[(String, String)], ttl: Duration) -> Result<Vec<Option<String>>, BrokerError> {

@@ -218,7 +218,7 @@ impl SqliteBroker {
                                 .collect::<Result<_, _>>()?;
                             for (id, body) in rows {
                                 mark.execute(params![now, id])?;
-                                out.push(Delivery { tag: Some(id.to_string()), queue: q.clone(), raw: body });
+                                out.push(Delivery { tag: Some(id.to_string()), queue: q.clone(), raw: body, charge: None });
                             }
                             if out.len() >= max {
                                 break 'bands;

@@ -49,8 +49,9 @@ pub struct TenantSpec {
     pub memory_limit: Option<ByteSize>,
     /// The most its tasks may be granted; each kind absent: the component's grants stand.
     pub grants: Option<GrantsCeiling>,
-    /// Not enforced yet (fair scheduling): refused with a clear error.
-    pub weight: Option<toml::Value>,
+    /// Its share of the workers, in CPU time, against the other tenants' weights (default
+    /// 1). Naming a weight for any tenant turns fair dispatch on (Redis broker).
+    pub weight: Option<f64>,
     /// Its tasks running at once across every worker sharing the broker.
     pub max_concurrency: Option<u32>,
     /// Starts of its tasks across the cluster: "10/s", "100/m", "1000/h".
@@ -129,11 +130,8 @@ impl Policy {
             if !valid_name(name) {
                 return Err(at(name, format!("{name:?} is not a tenant name (letters, digits, '.', '_', '-'; at most 64)")));
             }
-            if spec.weight.is_some() {
-                return Err(at(
-                    name,
-                    format!("tenant {name:?}: `weight` is not enforced by this version of taskhost yet (fair scheduling is to come); remove it rather than rely on it"),
-                ));
+            if let Some(w) = spec.weight.filter(|w| !(w.is_finite() && *w > 0.0)) {
+                return Err(at(name, format!("tenant {name:?}: weight must be a positive number, got {w}")));
             }
             if let Some(p) = &spec.result_prefix {
                 if p.is_empty() || p.len() > 128 || p.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -193,6 +191,16 @@ impl Policy {
 
     pub fn tenant(&self, name: &str) -> Option<&TenantSpec> {
         self.tenants.get(name)
+    }
+
+    /// Fair dispatch, if any tenant names a weight: every tenant's weight (1 unless set)
+    /// and the bound queues.
+    pub fn fairness(&self) -> Option<crate::broker::Fairness> {
+        if !self.tenants.values().any(|t| t.weight.is_some()) {
+            return None;
+        }
+        let weights = self.tenants.iter().map(|(name, t)| (name.clone(), t.weight.unwrap_or(1.0))).collect();
+        Some(crate::broker::Fairness { weights, bound: self.bound.clone() })
     }
 }
 
@@ -368,7 +376,11 @@ config = ["GLOBEX_TOKEN"]
             err("[tenants.a]\nqueues = [\"q\"]\n[tenants.b]\nqueues = [\"q\"]\n"),
             "tenants.toml:3: queue \"q\" is bound to both \"a\" and \"b\""
         );
-        assert!(err("[tenants.acme]\nweight = 2\n").starts_with("tenants.toml:1: tenant \"acme\": `weight` is not enforced"));
+        assert!(err("[tenants.acme]\nweight = 0\n").starts_with("tenants.toml:1: tenant \"acme\": weight must be a positive number"));
+        let fair = Policy::parse("[tenants.a]\nweight = 5\nqueues = [\"qa\"]\n[tenants.b]\n", "t").unwrap().fairness().unwrap();
+        assert_eq!(fair.weights, vec![("a".to_string(), 5.0), ("b".to_string(), 1.0)]);
+        assert_eq!(fair.bound.get("qa").map(String::as_str), Some("a"));
+        assert!(Policy::parse(POLICY, "t").unwrap().fairness().is_none(), "no weights: arrival order");
         assert_eq!(err("[tenants.acme]\nmax_concurrency = 0\n"), "tenants.toml:1: tenant \"acme\": max_concurrency must be at least 1");
         assert!(err("[tenants.acme]\ncpu_quota = -1\n").contains("cpu_quota must be a positive number"));
         assert!(err("[tenants.acme]\nrate_limit = \"5/day\"\n").starts_with("tenants.toml:2: invalid rate limit"));

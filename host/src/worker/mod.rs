@@ -150,6 +150,11 @@ pub struct Worker {
     tenant_slots: tenancy::HeldSlots,
     slot_queues: tenancy::SlotQueues,
     usage_cache: RefCell<tenancy::UsageCache>,
+    /// Each tenant's recent CPU seconds per task (a moving average), for fair dispatch, and
+    /// what its runs used beyond that estimate since the last report.
+    tenant_costs: RefCell<HashMap<String, (f64, f64)>>,
+    /// The policy whose fairness the broker was last given.
+    fairness_of: RefCell<Option<Arc<crate::tenant::Policy>>>,
     /// Task-id claims waiting for the claim flusher.
     queued_claims: RefCell<Vec<tenancy::QueuedClaim>>,
     claim_queued: Notify,
@@ -290,6 +295,8 @@ impl Worker {
             usage_cache: Default::default(),
             result_prefixes: Default::default(),
             queued_claims: Default::default(),
+            tenant_costs: Default::default(),
+            fairness_of: Default::default(),
             claim_queued: Notify::new(),
             failpoint_panic: if cfg!(debug_assertions) { std::env::var("TASKHOST_FAILPOINT_PANIC_TASK").ok() } else { None },
         })
@@ -317,6 +324,7 @@ impl Worker {
     /// Consumes until `shutdown` resolves, then drains. Must run inside a `LocalSet`.
     pub async fn run(self: Rc<Self>, shutdown: impl Future<Output = ()>) -> WorkerStats {
         self.refresh_revoked().await;
+        self.keep_fairness().await;
         let housekeeping = tokio::task::spawn_local(self.clone().housekeeping());
         let control = tokio::task::spawn_local(self.clone().listen_control());
         let acks = tokio::task::spawn_local(self.clone().ack_flusher());
@@ -531,6 +539,7 @@ impl Worker {
                     tracing::warn!("refreshing held messages failed: {e}");
                 }
             }
+            self.keep_fairness().await;
             if last_slot_renewal.elapsed() >= tenancy::TENANT_LEASE_RENEW {
                 last_slot_renewal = Instant::now();
                 self.renew_tenant_slots().await;
@@ -821,7 +830,7 @@ impl Worker {
         drop(publishing);
         self.running.borrow_mut().remove(&h.id);
         drop(slot);
-        self.meter_run(h, &run);
+        self.meter_run(h, &run, delivery.charge);
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
             if acks_late {
                 // Stopped by the shutdown, not by a user: it runs again elsewhere.
@@ -838,7 +847,7 @@ impl Worker {
     }
 
     /// Adds a run to this process's usage sums, under its tenant and task.
-    fn meter_run(&self, h: &crate::protocol::TaskHeaders, run: &crate::runtime::TaskRun) {
+    fn meter_run(&self, h: &crate::protocol::TaskHeaders, run: &crate::runtime::TaskRun, charged: Option<f64>) {
         use crate::tenant::meter::{Outcome, Run};
         let outcome = match &run.result {
             Ok(_) => Outcome::Succeeded,
@@ -855,6 +864,20 @@ impl Worker {
             memory_byte_seconds: run.memory_byte_seconds,
         };
         self.meter.borrow_mut().record(Utc::now().timestamp(), tenant, &h.task, &metered);
+        let mut costs = self.tenant_costs.borrow_mut();
+        let cpu = run.cpu.as_secs_f64();
+        // What fair dispatch charged for it is put right with what it used (a message
+        // that came otherwise, by BRPOP or before fairness, was charged nothing).
+        let extra = cpu - charged.unwrap_or(0.0);
+        match costs.get_mut(tenant) {
+            Some((avg, pending)) => {
+                *pending += extra;
+                *avg = 0.8 * *avg + 0.2 * cpu;
+            }
+            None => {
+                costs.insert(tenant.to_string(), (cpu, extra));
+            }
+        }
     }
 
     /// Hands the usage metered here to the broker; kept for the next flush if it fails.

@@ -293,3 +293,39 @@ impl Worker {
         Some(ResultScope { worker: self.clone(), id: None })
     }
 }
+
+impl Worker {
+    /// Hands the broker the current policy's fairness when the policy changed (at start
+    /// and on reload), and the tenants' recent costs (every housekeeping tick).
+    pub(super) async fn keep_fairness(&self) {
+        let policy = self.tenants.current();
+        let changed = !self.fairness_of.borrow().as_ref().is_some_and(|p| Arc::ptr_eq(p, &policy));
+        if changed {
+            *self.fairness_of.borrow_mut() = Some(policy.clone());
+            let fairness = policy.fairness();
+            match self.broker.set_fairness(fairness.as_ref()).await {
+                Ok(()) if fairness.is_some() => tracing::info!(tenants = policy.tenants.len(), "fair dispatch across tenants on"),
+                Ok(()) => {}
+                Err(e) if fairness.is_some() => tracing::warn!("tenants share workers in arrival order: {e}"),
+                Err(_) => {}
+            }
+        }
+        let fair = self.fairness_of.borrow().as_ref().and_then(|p| p.fairness().map(|f| (p.clone(), f)));
+        if let Some((policy, _)) = fair {
+            let (costs, corrections): (Vec<(String, f64)>, Vec<(String, f64)>) = {
+                let mut all = self.tenant_costs.borrow_mut();
+                all.iter_mut()
+                    .map(|(t, (avg, extra))| {
+                        let weight = policy.tenant(t).and_then(|s| s.weight).unwrap_or(1.0);
+                        let correction = std::mem::take(extra) / weight;
+                        ((t.clone(), *avg), (t.clone(), correction))
+                    })
+                    .unzip()
+            };
+            let corrections: Vec<(String, f64)> = corrections.into_iter().filter(|(_, d)| *d != 0.0).collect();
+            if let Err(e) = self.broker.report_costs(&costs, &corrections).await {
+                tracing::debug!("reporting tenants' costs failed: {e}");
+            }
+        }
+    }
+}
