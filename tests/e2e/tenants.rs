@@ -459,3 +459,34 @@ fn weights_5_3_2_share_the_cpu_5_3_2() {
         assert!((share - want).abs() <= 3.0, "shares {shares:?}, wanted 50/30/20 ± 3");
     }
 }
+
+#[test]
+fn fair_dispatch_spans_queues_bound_to_tenants_and_ignores_made_up_names() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fair.toml");
+    std::fs::write(&file, "[tenants.a]\nweight = 1\nqueues = [\"t.a\"]\n[tenants.b]\nweight = 1\nqueues = [\"t.b\"]\n").unwrap();
+    // a's queue is consumed first; a floods it.
+    let _worker = WorkerProcess::start(&url, &["-c", "4", "-Q", "t.a,t.b,celery", "--tenants", file.to_str().unwrap()]);
+    let out = send(&url, &["tasks.burn", "--args", "[2500]", "-Q", "t.a", "--count", "3000", "--ignore-result"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let ids: Vec<String> = (0..10).map(|_| send_id(&url, &["tasks.burn", "--args", "[2500]", "-Q", "t.b"])).collect();
+    for id in &ids {
+        wait_status(&url, id, "SUCCESS", Duration::from_secs(30));
+    }
+    let took = started.elapsed();
+    let left: i64 = redis.query(redis::cmd("LLEN").arg("taskhost.fair:t.a\x1fa"));
+    assert!(left > 1000 && took < Duration::from_secs(3), "b on its own queue waited {took:?} ({left} of a's left)");
+    // Tenant names a header makes up (on an unbound queue) make no lists of their own.
+    for i in 0..20 {
+        send(&url, &["tasks.add", "--args", "[1, 1]", "--tenant", &format!("made-up-{i}"), "--ignore-result"]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("taskhost.fair:*made-up*"));
+    assert!(keys.is_empty(), "{keys:?}");
+    let weights: Vec<String> = redis.query(redis::cmd("HKEYS").arg("taskhost.fair.vt"));
+    assert!(!weights.iter().any(|w| w.starts_with("made-up")), "{weights:?}");
+}

@@ -105,6 +105,16 @@ local max = tonumber(ARGV[1])
 local now = ARGV[2]
 local sortn = tonumber(ARGV[3])
 local n = #KEYS
+local SEP = '\31'
+-- A tenant the policy names (every one has a weight in the hash); any other name a header
+-- carries is filed under 'default' (the worker dead-letters it), so no header can make
+-- lists, keys or work here grow with made-up names.
+local known = {}
+local function tenant_of(t)
+  if known[t] == nil then known[t] = redis.call('HEXISTS', 'taskhost.fair.weight', t) == 1 end
+  if known[t] then return t end
+  return 'default'
+end
 local function find_tenant(m)
   local _, e = string.find(m, '"taskhost_tenant"', 1, true)
   if not e then return nil end
@@ -119,8 +129,13 @@ local function step(t)
   end
   return cost[t] / weight[t]
 end
+local function vt_of(t)
+  return tonumber(redis.call('HGET', 'taskhost.fair.vt', t) or '0') or 0
+end
 local out, index, held = {}, {}, {}
 local got = 0
+local joining = {}
+-- Sort: kombu's lists into per-tenant lists.
 for i, key in ipairs(KEYS) do
   local active = 'taskhost.fair.active:' .. key
   local batch = redis.call('RPOP', key, sortn)
@@ -128,69 +143,78 @@ for i, key in ipairs(KEYS) do
     local bound = ARGV[3 + n + i]
     local by_tenant, order = {}, {}
     for _, m in ipairs(batch) do
-      local t = (bound ~= '' and bound) or find_tenant(m) or 'default'
+      local t = (bound ~= '' and bound) or tenant_of(find_tenant(m) or 'default')
       if not by_tenant[t] then by_tenant[t] = {}; order[#order + 1] = t end
       local list = by_tenant[t]
       list[#list + 1] = m
     end
-    local floor = nil
     for _, t in ipairs(order) do
       local list = by_tenant[t]
       for s = 1, #list, 500 do
-        redis.call('LPUSH', 'taskhost.fair:' .. key .. '\31' .. t, unpack(list, s, math.min(s + 499, #list)))
+        redis.call('LPUSH', 'taskhost.fair:' .. key .. SEP .. t, unpack(list, s, math.min(s + 499, #list)))
       end
-      if not redis.call('ZSCORE', active, t) then
-        -- Joining: no lower than the lowest virtual time of those already waiting.
-        if floor == nil then
-          for _, m in ipairs(redis.call('ZRANGE', active, 0, -1)) do
-            local v = tonumber(redis.call('HGET', 'taskhost.fair.vt', m) or '0') or 0
-            if floor == nil or v < floor then floor = v end
-          end
-        end
-        local vt = tonumber(redis.call('HGET', 'taskhost.fair.vt', t) or '0') or 0
-        if floor and vt < floor then redis.call('HSET', 'taskhost.fair.vt', t, floor) end
-        redis.call('ZADD', active, 0, t)
-      end
+      if not redis.call('ZSCORE', active, t) then joining[t] = true end
+      redis.call('ZADD', active, 0, t)
     end
   end
 end
+-- Who waits where: per tenant, the lists (in KEYS order, so its own priorities hold).
+local where, names = {}, {}
 for i, key in ipairs(KEYS) do
-  if got >= max then break end
-  local active = 'taskhost.fair.active:' .. key
-  local queue = ARGV[3 + i]
-  -- Virtual times live in one hash (the zset only says who waits here), so the workers'
-  -- corrections with the CPU their tasks really used reach every queue's order.
-  local names = redis.call('ZRANGE', active, 0, -1)
-  local scores = {}
-  for _, t in ipairs(names) do scores[t] = (tonumber(redis.call('HGET', 'taskhost.fair.vt', t) or '0') or 0) + (spent[t] or 0) end
-  local live = #names
-  while got < max and live > 0 do
-    local best = nil
-    for _, t in ipairs(names) do
-      if scores[t] and (best == nil or scores[t] < scores[best]) then best = t end
+  for _, t in ipairs(redis.call('ZRANGE', 'taskhost.fair.active:' .. key, 0, -1)) do
+    if not where[t] then where[t] = {}; names[#names + 1] = t end
+    where[t][#where[t] + 1] = i
+  end
+end
+-- Virtual times live in one hash, so the workers' corrections with the CPU their tasks
+-- really used reach every list. A tenant that had been idle starts no lower than the
+-- lowest of those waiting with it: an idle spell earns no burst.
+local scores, floor = {}, nil
+for _, t in ipairs(names) do
+  scores[t] = vt_of(t)
+  if not joining[t] and (floor == nil or scores[t] < floor) then floor = scores[t] end
+end
+for _, t in ipairs(names) do
+  if joining[t] and floor and scores[t] < floor then
+    scores[t] = floor
+    redis.call('HSET', 'taskhost.fair.vt', t, floor)
+  end
+end
+-- Hand out: each time from the tenant of lowest virtual time, across every list.
+local live = #names
+while got < max and live > 0 do
+  local best = nil
+  for _, t in ipairs(names) do
+    if scores[t] and (best == nil or scores[t] < scores[best]) then best = t end
+  end
+  local m, from = nil, nil
+  while where[best][1] do
+    from = where[best][1]
+    m = redis.call('RPOP', 'taskhost.fair:' .. KEYS[from] .. SEP .. best)
+    if m then break end
+    redis.call('ZREM', 'taskhost.fair.active:' .. KEYS[from], best)
+    table.remove(where[best], 1)
+  end
+  if not m then
+    scores[best] = nil
+    live = live - 1
+  else
+    local queue = ARGV[3 + from]
+    local tag = find_tag(m)
+    if tag then
+      index[#index + 1] = now
+      index[#index + 1] = tag
+      held[#held + 1] = tag
+      held[#held + 1] = '[' .. m .. ', "", ' .. queue .. ']'
     end
-    local m = redis.call('RPOP', 'taskhost.fair:' .. key .. '\31' .. best)
-    if not m then
-      redis.call('ZREM', active, best)
-      scores[best] = nil
-      live = live - 1
-    else
-      local tag = find_tag(m)
-      if tag then
-        index[#index + 1] = now
-        index[#index + 1] = tag
-        held[#held + 1] = tag
-        held[#held + 1] = '[' .. m .. ', "", ' .. queue .. ']'
-      end
-      local d = step(best)
-      out[#out + 1] = i
-      out[#out + 1] = tag
-      out[#out + 1] = m
-      out[#out + 1] = tostring(cost[best])
-      got = got + 1
-      scores[best] = scores[best] + d
-      spent[best] = (spent[best] or 0) + d
-    end
+    local d = step(best)
+    out[#out + 1] = from
+    out[#out + 1] = tag
+    out[#out + 1] = m
+    out[#out + 1] = tostring(cost[best])
+    got = got + 1
+    scores[best] = scores[best] + d
+    spent[best] = (spent[best] or 0) + d
   end
 end
 for t, d in pairs(spent) do redis.call('HINCRBYFLOAT', 'taskhost.fair.vt', t, d) end
@@ -870,7 +894,10 @@ impl Broker for RedisBroker {
     async fn set_fairness(&self, fairness: Option<&super::Fairness>) -> Result<(), BrokerError> {
         if let Some(f) = fairness {
             if !f.weights.is_empty() {
+                // Replaced whole: a tenant dropped from the policy is no longer known to
+                // FAIR_FETCH (its messages go under 'default', and are refused).
                 let mut pipe = redis::pipe();
+                pipe.atomic().del(FAIR_WEIGHTS).ignore();
                 for (tenant, weight) in &f.weights {
                     pipe.hset(FAIR_WEIGHTS, tenant, *weight).ignore();
                 }

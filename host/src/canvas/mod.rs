@@ -55,8 +55,10 @@ pub fn message_for(sig: &Signature, lead: Option<Value>, parent: &Lineage<'_>, d
     if let Some(Value::Object(h)) = o.get("headers") {
         extra_headers.extend(h.clone());
     }
-    // A step runs as its parent's tenant, whatever its signature says.
+    // A step runs as its parent's tenant, whatever its signature says; no other header may
+    // carry the name anywhere inside it, where the fair fetch's scan for it could be misled.
     if let Some(tenant) = &parent.headers.tenant {
+        extra_headers.retain(|k, v| k != crate::tenant::TENANT_HEADER && !v.to_string().contains(crate::tenant::TENANT_HEADER));
         extra_headers.insert(crate::tenant::TENANT_HEADER.into(), Value::from(tenant.clone()));
     }
     OutgoingTask {
@@ -378,6 +380,24 @@ mod tests {
         assert_eq!(remaining_chain_ids(&embed), ["c3", "c2"]);
         let last = Embed { chain: Some(vec![]), ..Default::default() };
         assert!(next_chain_step(&last, &Value::Null, &parent, "celery").is_none());
+    }
+
+    #[test]
+    fn a_step_runs_as_its_parents_tenant_and_no_header_of_it_names_another() {
+        let s = sig(
+            "tasks.add",
+            serde_json::json!([1]),
+            serde_json::json!({"headers": {"a": {"taskhost_tenant": "victim"}, "taskhost_tenant": "victim", "keep": 1}}),
+        );
+        let mut h = headers();
+        h.tenant = Some("acme".into());
+        let parent = Lineage { headers: &h, origin: "w@h" };
+        let msg = message_for(&s, None, &parent, "celery");
+        assert_eq!(msg.extra_headers.get("taskhost_tenant"), Some(&Value::from("acme")));
+        assert_eq!(msg.extra_headers.get("keep"), Some(&Value::from(1)));
+        assert!(msg.extra_headers.get("a").is_none(), "{:?}", msg.extra_headers);
+        let encoded = String::from_utf8(crate::protocol::encode_task(&msg)).unwrap();
+        assert_eq!(encoded.matches("taskhost_tenant").count(), 1, "{encoded}");
     }
 
     #[test]

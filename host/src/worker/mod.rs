@@ -159,7 +159,8 @@ pub struct Worker {
     queued_claims: RefCell<Vec<tenancy::QueuedClaim>>,
     claim_queued: Notify,
     /// Result key prefixes of tasks being handled here, by task id (their tenant's).
-    result_prefixes: RefCell<HashMap<String, String>>,
+    /// (The prefix, "" for none, and how many handlings of the id are under way.)
+    result_prefixes: RefCell<HashMap<String, (String, usize)>>,
     /// Debug builds only: a task name whose handling panics on purpose
     /// (`TASKHOST_FAILPOINT_PANIC_TASK`), so tests can check what a panic leaves behind.
     failpoint_panic: Option<String>,
@@ -1053,6 +1054,9 @@ impl Worker {
         // The rest of a chain never runs: each of its ids reads the same failure, stored
         // first so that a client woken by this task's FAILURE already sees them.
         for id in canvas::remaining_chain_ids(&decoded.embed) {
+            if !self.may_write_result_for(decoded, &id).await {
+                continue;
+            }
             let mut step = ResultRecord::failure(&id, exc, Some(traceback.clone()));
             step.parent_id = Some(decoded.headers.id.clone());
             self.store(&step, None).await;
@@ -1126,8 +1130,10 @@ impl Worker {
                 tracing::info!(group = %group, callback = %id, "chord failed: {}", exc.message());
                 let mut record = ResultRecord::failure(&id, &exc, Some(format!("taskhost: {}", exc.message())));
                 record.group_id = Some(group.clone());
-                record.key_prefix = self.result_prefixes.borrow().get(&h.id).cloned();
-                self.store(&record, None).await;
+                record.key_prefix = self.result_prefixes.borrow().get(&h.id).map(|(p, _)| p.clone()).filter(|p| !p.is_empty());
+                if self.may_write_result_for(decoded, &id).await {
+                    self.store(&record, None).await;
+                }
             }
         }
         if let Err(e) = self.backend.chord_done(group, &token).await {
@@ -1280,7 +1286,7 @@ impl Worker {
             // Its tenant's prefix: the task's own, or (a chain's remaining steps) its parent's.
             let prefixes = self.result_prefixes.borrow();
             let prefix = prefixes.get(&record.task_id).or_else(|| record.parent_id.as_ref().and_then(|p| prefixes.get(p)));
-            record.key_prefix = prefix.cloned();
+            record.key_prefix = prefix.map(|(p, _)| p.clone()).filter(|p| !p.is_empty());
         }
         self.queued_results.borrow_mut().push(QueuedResult {
             record,

@@ -98,7 +98,8 @@ impl Worker {
             }
         }
         let Some(slots) = spec.max_concurrency else { return Admission::Run(None) };
-        let holder = format!("{}:{}", self.cfg.node_name, decoded.headers.id);
+        // One holder per handling, not per task id: messages reusing an id must not share a slot.
+        let holder = format!("{}:{}:{}", self.cfg.node_name, decoded.headers.id, uuid::Uuid::new_v4());
         // One message per tenant asks the broker at a time; the rest queue here in order
         // (counting against the prefetch, so a capped tenant's flood is bounded here).
         let turn = self.slot_queues.borrow_mut().entry(tenant.to_string()).or_default().clone();
@@ -203,7 +204,13 @@ pub(super) struct ResultScope {
 impl Drop for ResultScope {
     fn drop(&mut self) {
         if let Some(id) = &self.id {
-            self.worker.result_prefixes.borrow_mut().remove(id);
+            let mut prefixes = self.worker.result_prefixes.borrow_mut();
+            if let Some((_, handlings)) = prefixes.get_mut(id) {
+                *handlings -= 1;
+                if *handlings == 0 {
+                    prefixes.remove(id);
+                }
+            }
         }
     }
 }
@@ -267,13 +274,33 @@ impl Worker {
         }
         let h = &decoded.headers;
         let tenant = h.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT);
-        let prefix = policy.tenant(tenant).and_then(|t| t.result_prefix.as_deref()).map(crate::tenant::celery_key_prefix);
-        if let Some(prefix) = prefix {
-            self.result_prefixes.borrow_mut().insert(h.id.clone(), prefix);
-            return Some(ResultScope { worker: self.clone(), id: Some(h.id.clone()) });
+        let prefix = policy.tenant(tenant).and_then(|t| t.result_prefix.as_deref()).map_or(String::new(), crate::tenant::celery_key_prefix);
+        // Results are written by task id: two handlings of one id here must be one tenant's,
+        // or one's result would land under the other's prefix.
+        let clash = {
+            let mut prefixes = self.result_prefixes.borrow_mut();
+            match prefixes.get_mut(&h.id) {
+                Some((theirs, _)) if *theirs != prefix => true,
+                Some((_, handlings)) => {
+                    *handlings += 1;
+                    false
+                }
+                None => {
+                    prefixes.insert(h.id.clone(), (prefix.clone(), 1));
+                    false
+                }
+            }
+        };
+        if clash {
+            let reason = format!("task id {:?} is being handled here for another tenant; refused for {tenant:?}", h.id);
+            tracing::warn!(queue = %delivery.queue, "message dead-lettered: {reason}");
+            let kept = self.dead_letter(delivery, Some(decoded), reason).await;
+            self.settle(delivery, kept, true).await;
+            return None;
         }
-        if ignore_result {
-            return Some(ResultScope { worker: self.clone(), id: None });
+        let scope = ResultScope { worker: self.clone(), id: Some(h.id.clone()) };
+        if !prefix.is_empty() || ignore_result {
+            return Some(scope);
         }
         match self.claim_batched(&h.id, tenant).await {
             Ok(None) => {}
@@ -290,7 +317,33 @@ impl Worker {
                 return None;
             }
         }
-        Some(ResultScope { worker: self.clone(), id: None })
+        Some(scope)
+    }
+
+    /// Whether a record may be written for task id `id` on behalf of `decoded`'s tenant (a
+    /// chain's remaining steps, a chord's callback: ids the message names, not its own):
+    /// where results share the key space, the id is claimed first, and one of another
+    /// tenant is left alone.
+    pub(super) async fn may_write_result_for(&self, decoded: &Decoded, id: &str) -> bool {
+        let policy = self.tenants.current();
+        if policy.tenants.is_empty() {
+            return true;
+        }
+        let tenant = decoded.headers.tenant.as_deref().unwrap_or(crate::tenant::DEFAULT_TENANT);
+        if policy.tenant(tenant).is_some_and(|t| t.result_prefix.is_some()) {
+            return true;
+        }
+        match self.claim_batched(id, tenant).await {
+            Ok(None) => true,
+            Ok(Some(owner)) => {
+                tracing::warn!(id, tenant, owner = %owner, "not writing a result for a task id of another tenant");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(id, "claiming a task id failed; its result is not written: {e}");
+                false
+            }
+        }
     }
 }
 
@@ -306,6 +359,11 @@ impl Worker {
             match self.broker.set_fairness(fairness.as_ref()).await {
                 Ok(()) if fairness.is_some() => tracing::info!(tenants = policy.tenants.len(), "fair dispatch across tenants on"),
                 Ok(()) => {}
+                Err(e @ crate::broker::BrokerError::Connection(_)) => {
+                    // The broker was unreachable: try again next tick.
+                    tracing::warn!("handing the broker the tenants' fairness failed, retrying: {e}");
+                    *self.fairness_of.borrow_mut() = None;
+                }
                 Err(e) if fairness.is_some() => tracing::warn!("tenants share workers in arrival order: {e}"),
                 Err(_) => {}
             }
