@@ -20,7 +20,7 @@ install:
 
 ## The whole test suite: installs what it needs, builds plugins once, runs every test.
 test: test-deps plugins
-	$(CARGO) build -p taskhost
+	$(CARGO) build -p taskhost -p slow-server
 	TASKHOST_PLUGINS_DIR=$(CURDIR)/$(PLUGINS_DIR) TASKHOST_BIN=$(CURDIR)/$(TASKHOST) \
 	  TASKHOST_PYTHON=$(CURDIR)/.venv/bin/python \
 	  $(CARGO) test -p taskhost -p taskhost-sdk -p taskhost-e2e

@@ -350,6 +350,9 @@ fn the_celery_comparison_benchmark_runs_in_smoke_size() {
             .arg(taskhost_bin())
             .arg("--plugins")
             .arg(plugins_dir())
+            // The I/O scenario's HTTP peer, built beside the binary under test (`make test`).
+            .arg("--slow-server")
+            .arg(taskhost_bin().with_file_name("slow-server"))
             .arg("--out")
             .arg(out_dir.path())
             .env("TASKHOST_CACHE_DIR", cache_dir()),
