@@ -48,16 +48,42 @@ end
     };
 }
 
+/// Lua: holding fetched messages in kombu's `unacked` (tag → `[message, "", queue]`) and
+/// `unacked_index` (score `now`): `hold` collects one, `record_held` writes them all, in
+/// slices, since Lua's unpack() fails past ~8000 values and a script that fails after its
+/// RPOP has already taken the messages off the queue. Shared by FETCH and FAIR_FETCH.
+macro_rules! hold_lua {
+    () => {
+        r#"
+local index, held = {}, {}
+local function hold(tag, m, queue, now)
+  index[#index + 1] = now
+  index[#index + 1] = tag
+  held[#held + 1] = tag
+  held[#held + 1] = '[' .. m .. ', "", ' .. queue .. ']'
+end
+local function record_held()
+  for s = 1, #index, 1000 do
+    local e = math.min(s + 999, #index)
+    redis.call('ZADD', 'unacked_index', unpack(index, s, e))
+    redis.call('HSET', 'unacked', unpack(held, s, e))
+  end
+end
+"#
+    };
+}
+
 /// Pops up to ARGV[1] messages from KEYS in order (one `RPOP key count` per key, so
 /// Redis ≥ 6.2), recording them in unacked with one ZADD and one HSET per call.
 /// ARGV[2] = now (unix seconds), ARGV[3..] = each key's queue as a JSON string.
 /// Returns a flat list: key index, tag (false if none), message.
 const FETCH: &str = concat!(
     find_tag_lua!(),
+    hold_lua!(),
     r#"
 local max = tonumber(ARGV[1])
 local now = ARGV[2]
-local out, index, held = {}, {}, {}
+local out = {}
 local n = 0
 for i, key in ipairs(KEYS) do
   local batch = redis.call('RPOP', key, max - n)
@@ -65,12 +91,7 @@ for i, key in ipairs(KEYS) do
     local queue = ARGV[2 + i]
     for _, m in ipairs(batch) do
       local tag = find_tag(m)
-      if tag then
-        index[#index + 1] = now
-        index[#index + 1] = tag
-        held[#held + 1] = tag
-        held[#held + 1] = '[' .. m .. ', "", ' .. queue .. ']'
-      end
+      if tag then hold(tag, m, queue, now) end
       out[#out + 1] = i
       out[#out + 1] = tag
       out[#out + 1] = m
@@ -79,13 +100,7 @@ for i, key in ipairs(KEYS) do
     if n >= max then break end
   end
 end
--- In slices: Lua's unpack() fails past ~8000 values, and a script that fails after its
--- RPOP has already taken the messages off the queue.
-for s = 1, #index, 1000 do
-  local e = math.min(s + 999, #index)
-  redis.call('ZADD', 'unacked_index', unpack(index, s, e))
-  redis.call('HSET', 'unacked', unpack(held, s, e))
-end
+record_held()
 return out
 "#
 );
@@ -100,6 +115,7 @@ return out
 /// out in unacked as FETCH does, the ingress queue as its home (a restore goes there).
 const FAIR_FETCH: &str = concat!(
     find_tag_lua!(),
+    hold_lua!(),
     r#"
 local max = tonumber(ARGV[1])
 local now = ARGV[2]
@@ -132,7 +148,7 @@ end
 local function vt_of(t)
   return tonumber(redis.call('HGET', 'taskhost.fair.vt', t) or '0') or 0
 end
-local out, index, held = {}, {}, {}
+local out = {}
 local got = 0
 local joining = {}
 -- Sort: kombu's lists into per-tenant lists.
@@ -201,12 +217,7 @@ while got < max and live > 0 do
   else
     local queue = ARGV[3 + from]
     local tag = find_tag(m)
-    if tag then
-      index[#index + 1] = now
-      index[#index + 1] = tag
-      held[#held + 1] = tag
-      held[#held + 1] = '[' .. m .. ', "", ' .. queue .. ']'
-    end
+    if tag then hold(tag, m, queue, now) end
     local d = step(best)
     out[#out + 1] = from
     out[#out + 1] = tag
@@ -218,11 +229,7 @@ while got < max and live > 0 do
   end
 end
 for t, d in pairs(spent) do redis.call('HINCRBYFLOAT', 'taskhost.fair.vt', t, d) end
-for s = 1, #index, 1000 do
-  local e = math.min(s + 999, #index)
-  redis.call('ZADD', 'unacked_index', unpack(index, s, e))
-  redis.call('HSET', 'unacked', unpack(held, s, e))
-end
+record_held()
 return out
 "#
 );
