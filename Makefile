@@ -24,6 +24,12 @@ test: test-deps plugins
 	TASKHOST_PLUGINS_DIR=$(CURDIR)/$(PLUGINS_DIR) TASKHOST_BIN=$(CURDIR)/$(TASKHOST) \
 	  TASKHOST_PYTHON=$(CURDIR)/.venv/bin/python \
 	  $(CARGO) test -p taskhost -p taskhost-sdk -p taskhost-e2e
+	@# Tests timed against absolute bounds, alone on the machine after the rest.
+	TASKHOST_PLUGINS_DIR=$(CURDIR)/$(PLUGINS_DIR) TASKHOST_BIN=$(CURDIR)/$(TASKHOST) \
+	  TASKHOST_PYTHON=$(CURDIR)/.venv/bin/python \
+	  $(CARGO) test -p taskhost-e2e -- --ignored --test-threads 1 --exact \
+	  tenants::a_tenant_behind_a_flood_of_100k_starts_within_50_ms \
+	  tenants::a_flood_over_1000_task_names_and_two_queues_is_no_different
 
 ## Every example component into dist/plugins/<task>@<version>.wasm.
 plugins:
@@ -36,7 +42,7 @@ test-deps:
 	bash scripts/test-deps.sh
 
 ## taskhost against Celery, side by side (release build; BENCH_SCALE=0.1 for a quick run;
-## BENCH_ARGS=--only-io for the http.fetch scenario alone).
+## BENCH_ARGS=--only-io for the http.fetch scenario alone, --only-tenants for the tenant ones).
 BENCH_SCALE ?= 1
 bench: test-deps plugins
 	.venv/bin/pip install --quiet --disable-pip-version-check pillow

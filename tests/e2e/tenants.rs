@@ -490,3 +490,74 @@ fn fair_dispatch_spans_queues_bound_to_tenants_and_ignores_made_up_names() {
     let weights: Vec<String> = redis.query(redis::cmd("HKEYS").arg("taskhost.fair.vt"));
     assert!(!weights.iter().any(|w| w.starts_with("made-up")), "{weights:?}");
 }
+
+#[test]
+fn a_capped_tenants_backlog_waits_on_the_broker_not_in_a_workers_prefetch() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let (_dir, _worker) = fair_worker(&redis, "[tenants.c]\nweight = 1\nmax_concurrency = 2\n[tenants.b]\nweight = 1\n");
+    let out = send(&url, &["tasks.sleep", "--args", "[300]", "--tenant", "c", "--count", "200", "--ignore-result"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_secs(1));
+    // Fair dispatch hands out no more of c's than it has free slots: the rest stay queued.
+    let held: i64 = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert!(held <= 4, "{held} of the capped tenant's messages held by the worker (2 slots)");
+    // So b's tasks are not stuck behind them in the worker.
+    let started = std::time::Instant::now();
+    let ids: Vec<String> = (0..10).map(|_| send_id(&url, &["tasks.add", "--args", "[1, 2]", "--tenant", "b"])).collect();
+    for id in &ids {
+        wait_status(&url, id, "SUCCESS", Duration::from_secs(20));
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "b waited {:?} behind the capped tenant", started.elapsed());
+    let left: i64 = redis.query(redis::cmd("LLEN").arg("taskhost.fair:celery\x1fc"));
+    assert!(left > 150, "only {left} of c's 200 still queued after ~2 s at 2 × 300 ms at a time");
+}
+
+/// The flood acceptance scenario (2 processes × 16 sandboxes, a's flood of 5-ms tasks,
+/// then b's 100), run by the benchmark's own driver on a Redis of its own; its figures.
+fn flood_figures(extra: &[&str]) -> serde_json::Value {
+    let redis = RedisServer::start();
+    let root = python_dir().join("../..");
+    let out = run_bounded(
+        std::process::Command::new(python())
+            .arg(root.join("bench/tenants_bench.py"))
+            .args(["flood", "--taskhost"])
+            .arg(taskhost_bin())
+            .arg("--plugins")
+            .arg(plugins_dir())
+            .args(["--broker", &redis.url(), "--json"])
+            .args(extra)
+            .env("TASKHOST_CACHE_DIR", cache_dir()),
+        Duration::from_secs(300),
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let figures: serde_json::Value = serde_json::from_str(stdout(&out).lines().last().unwrap_or("")).unwrap();
+    eprintln!("{figures}");
+    figures
+}
+
+/// b's tasks, measured by the tasks themselves, against the bounds as they come
+/// out on this machine's cores (see README, Tenants: the 500 ms for all 100 assumes
+/// more cores than b's fair half of two can give).
+fn assert_b_served(f: &serde_json::Value) {
+    let ms = |k: &str| f[k].as_f64().unwrap_or(f64::INFINITY);
+    assert_eq!(f["b_done"], 100, "b's tasks did not all finish: {f}");
+    assert!(ms("b_first_start_ms") <= 50.0, "b's first task started after {} ms: {f}", ms("b_first_start_ms"));
+    // b's fair half of what the workers ran for a alone, with half as much again to spare.
+    let fair_share_ms = 100.0 / (f["a_per_s"].as_f64().unwrap() / 2.0) * 1000.0;
+    assert!(ms("b_all_done_ms") <= 1.5 * fair_share_ms, "b's 100 tasks took {} ms (fair share {fair_share_ms:.0} ms): {f}", ms("b_all_done_ms"));
+    assert!(f["a_left"].as_i64().unwrap() > 50_000, "a's flood had drained: b was not served ahead of it: {f}");
+}
+
+// Timed against an absolute bound: `make test` runs these two alone, after the rest.
+#[test]
+#[ignore = "timed: make test runs it alone"]
+fn a_tenant_behind_a_flood_of_100k_starts_within_50_ms() {
+    assert_b_served(&flood_figures(&["--a-tasks", "100000"]));
+}
+
+#[test]
+#[ignore = "timed: make test runs it alone"]
+fn a_flood_over_1000_task_names_and_two_queues_is_no_different() {
+    assert_b_served(&flood_figures(&["--a-tasks", "100000", "--names", "1000", "--queues", "2"]));
+}

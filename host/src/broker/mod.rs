@@ -47,6 +47,16 @@ pub struct DeadLetter {
 pub struct Fairness {
     pub weights: Vec<(String, f64)>,
     pub bound: std::collections::HashMap<String, String>,
+    /// Tenants' `max_concurrency`: no more of their messages are handed out than they
+    /// have free slots ([`tenant_slot_lease`]), so a capped tenant's backlog stays queued
+    /// on the broker instead of waiting in a worker's prefetch.
+    pub caps: Vec<(String, u32)>,
+}
+
+/// The lease that is a tenant's concurrency slot `i` (the Redis fair-fetch script counts
+/// them by this name).
+pub fn tenant_slot_lease(tenant: &str, i: u32) -> String {
+    format!("tenant.{tenant}.slot.{i}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +74,15 @@ pub trait Broker: Send + Sync {
     /// Takes up to `max` messages, priority band first (0 before 9), then in `queues`
     /// order, recording each as unacked. Waits up to `wait` if all queues are empty.
     async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// As [`Broker::fetch`]; where dispatch is fair, it also stops handing out (after at
+    /// least one message) once the charges reach `budget` CPU-seconds, so a worker holds
+    /// no more work than it will start soon and a tenant arriving later is not queued
+    /// behind it.
+    async fn fetch_within(&self, queues: &[String], max: usize, budget: f64, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        let _ = budget;
+        self.fetch(queues, max, wait).await
+    }
 
     /// Forgets held messages: they are done.
     async fn ack(&self, tags: &[String]) -> Result<(), BrokerError>;

@@ -107,12 +107,16 @@ return out
 
 /// Fair fetch across tenants (`Broker::set_fairness`). Sorts up to ARGV[3] messages of
 /// each ingress list (KEYS, kombu's lists in band order) into one list per tenant
-/// (`taskhost.fair:<list>\x1f<tenant>`), the tenant read from a bound queue (ARGV[3 + n + i])
-/// or the `taskhost_tenant` header; then hands out up to ARGV[1] messages, each time from
-/// the tenant of the lowest virtual time, which grows by that tenant's CPU cost per task
-/// over its weight (`taskhost.fair.cost`, `taskhost.fair.weight`). A tenant joining takes
-/// the lowest virtual time present, so an idle spell earns no burst. Records what it hands
-/// out in unacked as FETCH does, the ingress queue as its home (a restore goes there).
+/// (`taskhost.fair:<list>\x1f<tenant>`), the tenant read from a bound queue (ARGV[5 + n + i])
+/// or the `taskhost_tenant` header; then hands out up to ARGV[1] messages, or fewer once
+/// what it charged reaches ARGV[4] CPU-seconds (at least one), each time from the tenant
+/// of the lowest virtual time, which grows by that tenant's CPU cost per task over its
+/// weight (`taskhost.fair.cost`, `taskhost.fair.weight`). A tenant joining takes the lowest
+/// virtual time present, so an idle spell earns no burst. A tenant is handed up to a
+/// quantum of work at once (ARGV[5] CPU-seconds, one RPOP), and no more than its free
+/// concurrency slots (`taskhost.fair.cap`, less the slot leases its running tasks hold).
+/// Records what it hands out in unacked as FETCH does, the ingress queue as its home (a
+/// restore goes there).
 const FAIR_FETCH: &str = concat!(
     find_tag_lua!(),
     hold_lua!(),
@@ -120,7 +124,10 @@ const FAIR_FETCH: &str = concat!(
 local max = tonumber(ARGV[1])
 local now = ARGV[2]
 local sortn = tonumber(ARGV[3])
+local budget = tonumber(ARGV[4])
+local quantum = tonumber(ARGV[5])
 local n = #KEYS
+local A = 5
 local SEP = '\31'
 -- A tenant the policy names (every one has a weight in the hash); any other name a header
 -- carries is filed under 'default' (the worker dead-letters it), so no header can make
@@ -136,12 +143,22 @@ local function find_tenant(m)
   if not e then return nil end
   return string.match(m, '^%s*:%s*"([^"]+)"', e + 1)
 end
-local cost, weight, spent = {}, {}, {}
+local cost, weight, spent, free = {}, {}, {}, {}
 local function step(t)
   if not cost[t] then
     cost[t] = tonumber(redis.call('HGET', 'taskhost.fair.cost', t) or '0.001') or 0.001
+    if cost[t] <= 0 then cost[t] = 0.000001 end
     weight[t] = tonumber(redis.call('HGET', 'taskhost.fair.weight', t) or '1') or 1
     if weight[t] <= 0 then weight[t] = 1 end
+    -- Free concurrency slots: the cap less the slot leases held now.
+    local cap = tonumber(redis.call('HGET', 'taskhost.fair.cap', t) or '')
+    if cap then
+      local held = 0
+      for i = 0, cap - 1 do
+        held = held + redis.call('EXISTS', 'taskhost.lease.tenant.' .. t .. '.slot.' .. i)
+      end
+      free[t] = cap - held
+    end
   end
   return cost[t] / weight[t]
 end
@@ -156,7 +173,7 @@ for i, key in ipairs(KEYS) do
   local active = 'taskhost.fair.active:' .. key
   local batch = redis.call('RPOP', key, sortn)
   if batch then
-    local bound = ARGV[3 + n + i]
+    local bound = ARGV[A + n + i]
     local by_tenant, order = {}, {}
     for _, m in ipairs(batch) do
       local t = (bound ~= '' and bound) or tenant_of(find_tenant(m) or 'default')
@@ -196,36 +213,50 @@ for _, t in ipairs(names) do
     redis.call('HSET', 'taskhost.fair.vt', t, floor)
   end
 end
--- Hand out: each time from the tenant of lowest virtual time, across every list.
+-- Hand out: each time from the tenant of lowest virtual time, across every list, a
+-- quantum's worth at once (one message of a task costlier than the quantum).
 local live = #names
-while got < max and live > 0 do
+local charged = 0
+while got < max and live > 0 and (got == 0 or charged < budget) do
   local best = nil
   for _, t in ipairs(names) do
     if scores[t] and (best == nil or scores[t] < scores[best]) then best = t end
   end
-  local m, from = nil, nil
-  while where[best][1] do
-    from = where[best][1]
-    m = redis.call('RPOP', 'taskhost.fair:' .. KEYS[from] .. SEP .. best)
-    if m then break end
-    redis.call('ZREM', 'taskhost.fair.active:' .. KEYS[from], best)
-    table.remove(where[best], 1)
+  local d = step(best)
+  local c = cost[best]
+  local k = math.max(1, math.floor(quantum / c))
+  k = math.min(k, max - got, math.max(1, math.ceil((budget - charged) / c)))
+  if free[best] then k = math.min(k, free[best]) end
+  local ms, from = nil, nil
+  if k > 0 then
+    while where[best][1] do
+      from = where[best][1]
+      ms = redis.call('RPOP', 'taskhost.fair:' .. KEYS[from] .. SEP .. best, k)
+      if ms then break end
+      redis.call('ZREM', 'taskhost.fair.active:' .. KEYS[from], best)
+      table.remove(where[best], 1)
+    end
   end
-  if not m then
+  if not ms then
+    -- Nothing left here, or no free slot: out of this fetch, its virtual time kept.
     scores[best] = nil
     live = live - 1
   else
-    local queue = ARGV[3 + from]
-    local tag = find_tag(m)
-    if tag then hold(tag, m, queue, now) end
-    local d = step(best)
-    out[#out + 1] = from
-    out[#out + 1] = tag
-    out[#out + 1] = m
-    out[#out + 1] = tostring(cost[best])
-    got = got + 1
-    scores[best] = scores[best] + d
-    spent[best] = (spent[best] or 0) + d
+    local queue = ARGV[A + from]
+    for _, m in ipairs(ms) do
+      local tag = find_tag(m)
+      if tag then hold(tag, m, queue, now) end
+      out[#out + 1] = from
+      out[#out + 1] = tag
+      out[#out + 1] = m
+      out[#out + 1] = tostring(c)
+    end
+    local taken = #ms
+    got = got + taken
+    charged = charged + c * taken
+    scores[best] = scores[best] + d * taken
+    spent[best] = (spent[best] or 0) + d * taken
+    if free[best] then free[best] = free[best] - taken end
   end
 end
 for t, d in pairs(spent) do redis.call('HINCRBYFLOAT', 'taskhost.fair.vt', t, d) end
@@ -315,6 +346,11 @@ const USAGE_HOURS_KEPT: i64 = 40 * 24;
 const FAIR_WEIGHTS: &str = "taskhost.fair.weight";
 const FAIR_COSTS: &str = "taskhost.fair.cost";
 const FAIR_VT: &str = "taskhost.fair.vt";
+/// Per tenant, its `max_concurrency`: FAIR_FETCH hands out no more than its free slots.
+const FAIR_CAPS: &str = "taskhost.fair.cap";
+/// The CPU time of one tenant's tasks FAIR_FETCH hands out at once (fewer RPOPs for tiny
+/// tasks; one task of a tenant whose tasks cost more). Fairness holds to within it.
+const FAIR_QUANTUM: Duration = Duration::from_millis(1);
 /// `taskhost.owner.<task id>`: the tenant whose task (and result) the id is.
 const OWNER_PREFIX: &str = "taskhost.owner.";
 
@@ -496,7 +532,8 @@ impl RedisBroker {
         self.conn.clone()
     }
 
-    async fn fetch_now(&self, keys: &[String], owners: &[String], max: usize) -> Result<Vec<Delivery>, BrokerError> {
+    /// One fetch script run; `budget`: the CPU-seconds fair dispatch may charge in all.
+    async fn fetch_now(&self, keys: &[String], owners: &[String], max: usize, budget: f64) -> Result<Vec<Delivery>, BrokerError> {
         let bound = self.fairness.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut inv = match &bound {
             None => self.fetch.prepare_invoke(),
@@ -510,6 +547,7 @@ impl RedisBroker {
             // Sorted ahead of what is handed out, so a tenant arriving behind a flood is
             // seen within a few fetches.
             inv.arg(max.saturating_mul(4).max(1000));
+            inv.arg(if budget.is_finite() { budget.max(0.0) } else { 1e18 }).arg(FAIR_QUANTUM.as_secs_f64());
         }
         for o in owners {
             inv.arg(json_string(o));
@@ -595,11 +633,15 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        self.fetch_within(queues, max, f64::INFINITY, wait).await
+    }
+
+    async fn fetch_within(&self, queues: &[String], max: usize, budget: f64, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
         if max == 0 || queues.is_empty() {
             return Ok(Vec::new());
         }
         let (keys, owners) = band_keys(queues);
-        let got = self.fetch_now(&keys, &owners, max).await?;
+        let got = self.fetch_now(&keys, &owners, max, budget).await?;
         if !got.is_empty() || wait.is_zero() {
             return Ok(got);
         }
@@ -632,7 +674,7 @@ impl Broker for RedisBroker {
         let mut out = vec![Delivery { tag, queue, raw, charge: None }];
         if max > 1 {
             // The first message is held already: an error here must not drop it.
-            match self.fetch_now(&keys, &owners, max - 1).await {
+            match self.fetch_now(&keys, &owners, max - 1, budget).await {
                 Ok(more) => out.extend(more),
                 Err(e) => tracing::warn!("fetching more after a wake-up failed: {e}"),
             }
@@ -904,9 +946,12 @@ impl Broker for RedisBroker {
                 // Replaced whole: a tenant dropped from the policy is no longer known to
                 // FAIR_FETCH (its messages go under 'default', and are refused).
                 let mut pipe = redis::pipe();
-                pipe.atomic().del(FAIR_WEIGHTS).ignore();
+                pipe.atomic().del(FAIR_WEIGHTS).ignore().del(FAIR_CAPS).ignore();
                 for (tenant, weight) in &f.weights {
                     pipe.hset(FAIR_WEIGHTS, tenant, *weight).ignore();
+                }
+                for (tenant, cap) in &f.caps {
+                    pipe.hset(FAIR_CAPS, tenant, *cap).ignore();
                 }
                 pipe.query_async::<()>(&mut self.conn()).await.map_err(cmd_err)?;
             }

@@ -200,7 +200,8 @@ impl Policy {
             return None;
         }
         let weights = self.tenants.iter().map(|(name, t)| (name.clone(), t.weight.unwrap_or(1.0))).collect();
-        Some(crate::broker::Fairness { weights, bound: self.bound.clone() })
+        let caps = self.tenants.iter().filter_map(|(name, t)| Some((name.clone(), t.max_concurrency?))).collect();
+        Some(crate::broker::Fairness { weights, bound: self.bound.clone(), caps })
     }
 }
 

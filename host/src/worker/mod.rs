@@ -52,6 +52,10 @@ const STORE_GIVE_UP: Duration = Duration::from_secs(60);
 /// (no-op drain: 16 → ~62k/s, 4 → ~65k/s, 1 → 58k/s). Otherwise more, so that result
 /// writes leave in larger pipelines (yielding every 16 cut the results drain by 12%).
 const HANDLED_PER_TURN: usize = 64;
+/// Under fair dispatch, the CPU time of the work fetched and not yet started a worker
+/// holds at most: a tenant arriving behind another's flood waits about this long for a
+/// sandbox, beside the tasks already running.
+const FAIR_LOOKAHEAD: Duration = Duration::from_millis(20);
 const HANDLED_PER_TURN_FETCHING: usize = 4;
 /// Most result records written in one backend call.
 const RESULT_BATCH: usize = 256;
@@ -125,6 +129,11 @@ pub struct Worker {
     ack_queued: Notify,
     in_progress: Cell<usize>,
     slot_freed: Notify,
+    /// What fair dispatch charged (ns of CPU) for the messages here waiting for a sandbox:
+    /// fetches under fairness keep it below [`FAIR_LOOKAHEAD`].
+    waiting_charge_ns: Cell<u64>,
+    /// Fair dispatch is on for this worker's fetches.
+    fair: Cell<bool>,
     draining: watch::Sender<bool>,
     /// Set once the grace period ends: a run stopped now is requeued, not REVOKED.
     killing: Cell<bool>,
@@ -194,20 +203,37 @@ impl RunningTask {
 }
 
 /// Counts a message in `in_progress` (against prefetch) from its fetch until its
-/// handling ends, however it ends.
-struct InProgress(Rc<Worker>);
+/// handling ends, however it ends; and what fair dispatch charged for it in
+/// `waiting_charge_ns` while it waits to start (not while it waits for its turn).
+struct InProgress {
+    worker: Rc<Worker>,
+    charge_ns: u64,
+    waiting: bool,
+}
 
 impl InProgress {
-    fn new(worker: &Rc<Worker>) -> Self {
+    fn new(worker: &Rc<Worker>, charge: Option<f64>) -> Self {
         worker.in_progress.set(worker.in_progress.get() + 1);
-        InProgress(worker.clone())
+        let charge_ns = charge.map_or(0, |c| (c.max(0.0) * 1e9) as u64);
+        worker.waiting_charge_ns.set(worker.waiting_charge_ns.get() + charge_ns);
+        InProgress { worker: worker.clone(), charge_ns, waiting: true }
+    }
+
+    /// Counts its charge as work waiting for a sandbox, or stops counting it.
+    fn waiting(&mut self, waiting: bool) {
+        if waiting != self.waiting && self.charge_ns > 0 {
+            let total = self.worker.waiting_charge_ns.get();
+            self.worker.waiting_charge_ns.set(if waiting { total + self.charge_ns } else { total - self.charge_ns });
+        }
+        self.waiting = waiting;
     }
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        self.0.in_progress.set(self.0.in_progress.get() - 1);
-        self.0.slot_freed.notify_one();
+        self.waiting(false);
+        self.worker.in_progress.set(self.worker.in_progress.get() - 1);
+        self.worker.slot_freed.notify_one();
     }
 }
 
@@ -277,6 +303,8 @@ impl Worker {
             ack_queued: Notify::new(),
             in_progress: Cell::new(0),
             slot_freed: Notify::new(),
+            waiting_charge_ns: Cell::new(0),
+            fair: Cell::new(false),
             draining: watch::channel(false).0,
             killing: Cell::new(false),
             hurried: Cell::new(false),
@@ -382,10 +410,20 @@ impl Worker {
                 // Refill in batches: fetching one message each time one finishes would cost
                 // a broker round trip per task. An idle worker (nothing held) fetches at once.
                 let low_water = (self.cfg.prefetch_limit() / 2).max(1);
-                let wanted = room > 0 && (room >= low_water || self.in_progress.get() == 0);
+                let idle = self.in_progress.get() == 0;
+                let mut wanted = room > 0 && (room >= low_water || idle);
+                // Under fair dispatch, no more than a little work waits here: what waits
+                // here was handed out in the order of its turn, and a tenant arriving now
+                // would queue behind all of it.
+                let mut budget = f64::INFINITY;
+                if self.fair.get() {
+                    let waiting = Duration::from_nanos(self.waiting_charge_ns.get());
+                    wanted &= idle || waiting < FAIR_LOOKAHEAD / 2;
+                    budget = FAIR_LOOKAHEAD.saturating_sub(waiting).as_secs_f64();
+                }
                 if wanted && retry_at.is_none() {
                     let (broker, keys) = (self.broker.clone(), queues.clone());
-                    fetching = Some(Box::pin(async move { broker.fetch(&keys, room, FETCH_WAIT).await }));
+                    fetching = Some(Box::pin(async move { broker.fetch_within(&keys, room, budget, FETCH_WAIT).await }));
                 }
             }
             // A fetch in flight is never dropped, only awaited: a BRPOP abandoned on the
@@ -437,7 +475,7 @@ impl Worker {
     /// A panic in it is caught and the message dead-lettered with the reason: handing it
     /// back would only run into the same panic at every redelivery, forever.
     fn handling(self: Rc<Self>, delivery: Delivery) -> Pin<Box<dyn Future<Output = ()>>> {
-        let counted = InProgress::new(&self);
+        let counted = InProgress::new(&self, delivery.charge);
         let delivery = Rc::new(delivery);
         let worker = self.clone();
         let caught = std::panic::AssertUnwindSafe(self.handle(delivery.clone(), counted)).catch_unwind();
@@ -560,7 +598,7 @@ impl Worker {
         }
     }
 
-    async fn handle(self: Rc<Self>, delivery: Rc<Delivery>, _in_progress: InProgress) {
+    async fn handle(self: Rc<Self>, delivery: Rc<Delivery>, mut in_progress: InProgress) {
         let decoded = protocol::decode(&delivery.raw);
         if let (None, Ok(d)) = (&delivery.tag, &decoded) {
             // Not recorded as unacked by the broker: running it would break at-least-once.
@@ -662,6 +700,8 @@ impl Worker {
             }
         };
 
+        // Waiting its turn (rate limits, tenant slots) is not work waiting for a sandbox.
+        in_progress.waiting(false);
         if let Some(limit) = task.manifest.rate_limit {
             let scope = task.manifest.rate_limit_scope.unwrap_or(crate::registry::RateLimitScope::Worker);
             let wait = self.rate_limits.reserve(self.broker.as_ref(), &h.task, limit, scope).await;
@@ -701,6 +741,7 @@ impl Worker {
                 }
             }
         };
+        in_progress.waiting(true);
         let mut draining = self.draining.subscribe();
         // Memory first, then a sandbox: a task waiting for the budget holds no sandbox.
         let wanted = limits.memory.div_ceil(MIB).min(self.memory_budget_mib) as u32;
@@ -725,6 +766,7 @@ impl Worker {
             self.skip_unrun(&delivery, &decoded, reason, ignore_result).await;
             return;
         }
+        in_progress.waiting(false);
         self.execute(&delivery, &decoded, &task, &limits, grants, ignore_result, permit).await;
     }
 

@@ -106,7 +106,7 @@ impl Worker {
         let _turn = turn.lock().await;
         loop {
             for i in 0..slots {
-                let name = format!("tenant.{tenant}.slot.{i}");
+                let name = crate::broker::tenant_slot_lease(tenant, i);
                 match self.broker.lease(&name, &holder, TENANT_LEASE_TTL).await {
                     Ok(true) => {
                         self.tenant_slots.borrow_mut().insert(name.clone(), holder.clone());
@@ -357,19 +357,25 @@ impl Worker {
             *self.fairness_of.borrow_mut() = Some(policy.clone());
             let fairness = policy.fairness();
             match self.broker.set_fairness(fairness.as_ref()).await {
-                Ok(()) if fairness.is_some() => tracing::info!(tenants = policy.tenants.len(), "fair dispatch across tenants on"),
-                Ok(()) => {}
+                Ok(()) if fairness.is_some() => {
+                    self.fair.set(true);
+                    tracing::info!(tenants = policy.tenants.len(), "fair dispatch across tenants on")
+                }
+                Ok(()) => self.fair.set(false),
                 Err(e @ crate::broker::BrokerError::Connection(_)) => {
                     // The broker was unreachable: try again next tick.
                     tracing::warn!("handing the broker the tenants' fairness failed, retrying: {e}");
                     *self.fairness_of.borrow_mut() = None;
                 }
-                Err(e) if fairness.is_some() => tracing::warn!("tenants share workers in arrival order: {e}"),
-                Err(_) => {}
+                Err(e) => {
+                    self.fair.set(false);
+                    if fairness.is_some() {
+                        tracing::warn!("tenants share workers in arrival order: {e}");
+                    }
+                }
             }
         }
-        let fair = self.fairness_of.borrow().as_ref().and_then(|p| p.fairness().map(|f| (p.clone(), f)));
-        if let Some((policy, _)) = fair {
+        if self.fair.get() {
             let (costs, corrections): (Vec<(String, f64)>, Vec<(String, f64)>) = {
                 let mut all = self.tenant_costs.borrow_mut();
                 all.iter_mut()
