@@ -55,7 +55,7 @@ const HANDLED_PER_TURN: usize = 64;
 /// Under fair dispatch, the CPU time of the work fetched and not yet started a worker
 /// holds at most: a tenant arriving behind another's flood waits about this long for a
 /// sandbox, beside the tasks already running.
-const FAIR_LOOKAHEAD: Duration = Duration::from_millis(20);
+const FAIR_LOOKAHEAD: Duration = Duration::from_millis(10);
 const HANDLED_PER_TURN_FETCHING: usize = 4;
 /// Most result records written in one backend call.
 const RESULT_BATCH: usize = 256;
