@@ -513,6 +513,44 @@ fn a_capped_tenants_backlog_waits_on_the_broker_not_in_a_workers_prefetch() {
     assert!(left > 150, "only {left} of c's 200 still queued after ~2 s at 2 × 300 ms at a time");
 }
 
+#[test]
+fn messages_sorted_by_tenant_go_back_to_their_queue_when_fairness_is_turned_off() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // Four sleeps first, then 2,000 quick tasks: a fair worker of one sandbox (prefetch 4)
+    // sorts 1,000 of them at its first fetch, takes the sleeps, and is killed.
+    for (task, args, count) in [("tasks.sleep", "[2000]", "4"), ("tasks.add", "[1, 2]", "2000")] {
+        let out = send(&url, &[task, "--args", args, "--tenant", "a", "--count", count, "--ignore-result"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fair.toml");
+    std::fs::write(&file, "[tenants.a]\nweight = 1\n").unwrap();
+    let fair = WorkerProcess::start(&url, &["-c", "1", "--tenants", file.to_str().unwrap()]);
+    let sorted = || -> i64 { redis.query(redis::cmd("LLEN").arg("taskhost.fair:celery\x1fa")) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sorted() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fair.signal(libc::SIGKILL);
+    drop(fair);
+    assert!(sorted() > 900, "{} sorted", sorted());
+    // A worker without a policy takes them all: none are stranded in the sorted list (the
+    // four it held are restored by the new worker's first sweep, past the visibility timeout).
+    std::thread::sleep(Duration::from_millis(2500));
+    let _plain = WorkerProcess::start(&url, &["-c", "4", "--visibility-timeout", "2"]);
+    let left = || -> i64 {
+        let ingress: i64 = redis.query(redis::cmd("LLEN").arg("celery"));
+        let held: i64 = redis.query(redis::cmd("HLEN").arg("unacked"));
+        ingress + held + sorted()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while left() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(left(), 0, "messages left queued, held or sorted");
+}
+
 /// The flood acceptance scenario (2 processes × 16 sandboxes, a's flood of 5-ms tasks,
 /// then b's 100), run by the benchmark's own driver on a Redis of its own; its figures.
 fn flood_figures(extra: &[&str]) -> serde_json::Value {

@@ -265,6 +265,25 @@ return out
 "#
 );
 
+/// Fair dispatch turned off: moves every tenant's sorted list of ingress list KEYS[1]
+/// back to its consuming end, oldest first (each tenant's order kept), so a worker
+/// without fairness runs them. Returns how many it moved.
+const UNSORT: &str = r#"
+local active = 'taskhost.fair.active:' .. KEYS[1]
+local moved = 0
+for _, t in ipairs(redis.call('ZRANGE', active, 0, -1)) do
+  local sorted = 'taskhost.fair:' .. KEYS[1] .. '\31' .. t
+  while true do
+    local ms = redis.call('LPOP', sorted, 500)
+    if not ms then break end
+    redis.call('RPUSH', KEYS[1], unpack(ms))
+    moved = moved + #ms
+  end
+end
+redis.call('DEL', active)
+return moved
+"#;
+
 /// Records one message popped by BRPOP. ARGV: message, now, queue as a JSON string.
 /// Returns the tag or false.
 const RECORD: &str = concat!(
@@ -348,6 +367,8 @@ const FAIR_COSTS: &str = "taskhost.fair.cost";
 const FAIR_VT: &str = "taskhost.fair.vt";
 /// Per tenant, its `max_concurrency`: FAIR_FETCH hands out no more than its free slots.
 const FAIR_CAPS: &str = "taskhost.fair.cap";
+/// `taskhost.fair.active:<list>`: the tenants with messages sorted out of that list.
+const FAIR_ACTIVE_PREFIX: &str = "taskhost.fair.active:";
 /// The CPU time of one tenant's tasks FAIR_FETCH hands out at once (fewer RPOPs for tiny
 /// tasks; one task of a tenant whose tasks cost more). Fairness holds to within it.
 const FAIR_QUANTUM: Duration = Duration::from_millis(1);
@@ -441,6 +462,7 @@ pub struct RedisBroker {
     lease: Script,
     claim_tick: Script,
     fair_fetch: Script,
+    unsort: Script,
     /// Set while fair dispatch is on: queue → the tenant it is bound to.
     fairness: std::sync::RwLock<Option<HashMap<String, String>>>,
 }
@@ -524,6 +546,7 @@ impl RedisBroker {
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
             fair_fetch: Script::new(FAIR_FETCH),
+            unsort: Script::new(UNSORT),
             fairness: std::sync::RwLock::new(None),
         })
     }
@@ -954,6 +977,26 @@ impl Broker for RedisBroker {
                     pipe.hset(FAIR_CAPS, tenant, *cap).ignore();
                 }
                 pipe.query_async::<()>(&mut self.conn()).await.map_err(cmd_err)?;
+            }
+        } else {
+            // Messages sorted while it was on go back where any consumer finds them (a
+            // worker with fairness on sorts them again on its next fetch).
+            let active: Vec<String> = {
+                let mut conn = self.conn();
+                let mut iter = conn.scan_match::<_, String>(format!("{FAIR_ACTIVE_PREFIX}*")).await.map_err(cmd_err)?;
+                let mut keys = Vec::new();
+                while let Some(k) = iter.next_item().await {
+                    keys.push(k.map_err(cmd_err)?);
+                }
+                keys
+            };
+            let mut moved = 0;
+            for key in active {
+                let list = &key[FAIR_ACTIVE_PREFIX.len()..];
+                moved += self.unsort.key(list).invoke_async::<i64>(&mut self.conn()).await.map_err(cmd_err)?;
+            }
+            if moved > 0 {
+                tracing::info!(moved, "fair dispatch is off: messages sorted by tenant returned to their queues");
             }
         }
         *self.fairness.write().unwrap_or_else(|p| p.into_inner()) = fairness.map(|f| f.bound.clone());
