@@ -163,9 +163,18 @@ def flood(taskhost, plugins, url, a_tasks, b_tasks=100, fair=True, processes=2, 
     return out
 
 
-def drain_rates(taskhost, plugins, url, count, rounds, tenants=10):
-    """tasks/s of `bench drain` per setting, alternating the settings in each round."""
+def process_cpu_s(pid):
+    """User + system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drain_rates(taskhost, plugins, url, count, rounds, tenants=10, redis_pid=None):
+    """tasks/s of `bench drain` per setting, alternating the settings in each round, and
+    the CPU µs per task of the drain's processes (queueing included) and of redis-server."""
     import redis
+    import resource
 
     r = redis.Redis.from_url(url)
     tmp = Path(tempfile.mkdtemp(prefix="taskhost-drain-policy-"))
@@ -175,16 +184,26 @@ def drain_rates(taskhost, plugins, url, count, rounds, tenants=10):
     plain.write_text("".join(f"[tenants.t{i}]\n" for i in range(tenants)))
     settings = {"no policy": [], "policy, no weights": ["--tenants", str(plain)], "fair, equal weights": ["--tenants", str(fair)]}
     rates = {k: [] for k in settings}
+    worker_us = {k: [] for k in settings}
+    redis_us = {k: [] for k in settings}
     for _ in range(rounds):
         for label, extra in settings.items():
             r.flushdb()
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            redis_before = process_cpu_s(redis_pid) if redis_pid else 0.0
             got = subprocess.run([taskhost, "bench", "drain", "--plugins", plugins, "--broker", url, "--count", str(count),
                                   "--spread-tenants", str(tenants), "--json", *extra],
                                  check=True, capture_output=True, text=True).stdout
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             rates[label].append(json.loads(got)["tasks_per_sec"])
+            worker_us[label].append((after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / count * 1e6)
+            if redis_pid:
+                redis_us[label].append((process_cpu_s(redis_pid) - redis_before) / count * 1e6)
     r.flushdb()
     shutil.rmtree(tmp, ignore_errors=True)
-    return {k: {"runs": v, "median_per_s": statistics.median(v)} for k, v in rates.items()}
+    return {k: {"runs": v, "median_per_s": statistics.median(v), "drain_cpu_us_per_task": statistics.median(worker_us[k]),
+                **({"redis_cpu_us_per_task": statistics.median(redis_us[k])} if redis_pid else {})}
+            for k, v in rates.items()}
 
 
 def run_tenants(h, taskhost, plugins, scale, progress):
@@ -205,15 +224,17 @@ def run_tenants(h, taskhost, plugins, scale, progress):
             out["flood_spread"] = flood(taskhost, plugins, rds.url, a_tasks, names=names, queues=2, window=window)
         count = max(1000, int(100_000 * scale))
         with progress.step(f"tenants: no-op drain of {count} over 10 tenants, fairness on / policy only / off, {rounds} round(s)"):
-            out["drain"] = drain_rates(taskhost, plugins, rds.url, count, rounds)
+            out["drain"] = drain_rates(taskhost, plugins, rds.url, count, rounds, redis_pid=rds.proc.pid)
     finally:
         rds.stop()
     return out
 
 
 def report_tenants(t):
-    print("\nTenants: a floods 5-ms tasks through 2 processes x 16 sandboxes; then b sends 100 at once")
-    print(f"  {'run':34}{'a tasks':>9}{'a tasks/s':>11}{'b first ms':>12}{'b p50 ms':>10}{'b p99 ms':>10}{'b all ms':>10}{'b done':>8}")
+    print("\nTenants")
+    if any(k.startswith("flood") for k in t):
+        print("  a floods 5-ms tasks through 2 processes x 16 sandboxes; then b sends 100 at once")
+        print(f"  {'run':34}{'a tasks':>9}{'a tasks/s':>11}{'b first ms':>12}{'b p50 ms':>10}{'b p99 ms':>10}{'b all ms':>10}{'b done':>8}")
     for key, label in [("flood_fair", "fair (weights 1/1)"), ("flood_fifo", "arrival order (no weights)"),
                        ("flood_spread", "fair, a over many names, 2 queues")]:
         f = t.get(key)
@@ -229,8 +250,11 @@ def report_tenants(t):
     d = t.get("drain")
     if d:
         off = d["no policy"]["median_per_s"]
-        print("  no-op drain over 10 tenants (median of alternating runs): " + "; ".join(
-            f"{k} {v['median_per_s']:.0f}/s ({100 * v['median_per_s'] / off:.0f}%)" for k, v in d.items()))
+        print("  no-op drain over 10 tenants (median of alternating runs; CPU µs per task: the drain's processes, "
+              "which also queue the tasks, + redis):")
+        for k, v in d.items():
+            cpu = f"{v['drain_cpu_us_per_task']:.1f} + {v.get('redis_cpu_us_per_task', float('nan')):.1f}"
+            print(f"    {k:22}{v['median_per_s']:>9.0f}/s {100 * v['median_per_s'] / off:>5.0f}%   CPU {cpu}")
 
 
 def main():
@@ -248,7 +272,17 @@ def main():
     f.add_argument("--concurrency", type=int, default=16)
     f.add_argument("--fifo", action="store_true", help="no weights: arrival order")
     f.add_argument("--json", action="store_true")
+    d = sub.add_parser("drain", help="the no-op drain over 10 tenants, fairness on / policy only / off")
+    d.add_argument("--taskhost", required=True)
+    d.add_argument("--plugins", required=True)
+    d.add_argument("--broker", required=True, help="a Redis URL this run may flush")
+    d.add_argument("--redis-pid", type=int, help="redis-server's pid, to report its CPU per task")
+    d.add_argument("--count", type=int, default=100_000)
+    d.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.cmd == "drain":
+        report_tenants({"drain": drain_rates(args.taskhost, args.plugins, args.broker, args.count, args.rounds,
+                                             redis_pid=args.redis_pid)})
     if args.cmd == "flood":
         got = flood(args.taskhost, args.plugins, args.broker, args.a_tasks, args.b_tasks, fair=not args.fifo,
                     processes=args.processes, concurrency=args.concurrency, names=args.names, queues=args.queues)
