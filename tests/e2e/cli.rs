@@ -103,3 +103,16 @@ fn an_invalid_manifest_is_reported_and_the_rest_keep_serving() {
     assert!(!stdout(&out).contains("tasks.mul"));
     assert!(stderr(&out).contains("unknown field `timeout`"), "{}", stderr(&out));
 }
+
+#[test]
+fn run_compiles_only_the_component_it_runs() {
+    // Beside tasks.add, a file that is not a component: `run` never opens it, so it
+    // neither compiles it nor says a word about it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugin("tasks.add@1.0.0.wasm"), dir.path().join("tasks.add@1.0.0.wasm")).unwrap();
+    std::fs::write(dir.path().join("other.task@1.0.0.wasm"), b"not wasm at all").unwrap();
+    let out = taskhost(&["run", "tasks.add", "--args", "[1, 2]", "--plugins", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "3");
+    assert!(!stderr(&out).contains("other.task"), "{}", stderr(&out));
+}

@@ -317,3 +317,23 @@ fn compiled_components_come_from_the_disk_cache_the_second_time() {
     let rejected = runtime().load(b"\0asm garbage");
     assert!(rejected.is_err());
 }
+
+#[test]
+fn runs_beyond_the_pools_room_wait_for_it_instead_of_failing() {
+    // A pool of one sandbox, four runs at once: each waits for the one before it (a
+    // burst of large components used to fail with "maximum concurrent limit reached").
+    let rt = custom_runtime(taskhost::runtime::RuntimeConfig { max_instances: 1, ..Default::default() });
+    let registry = Registry::open(plugins_dir(), rt.clone()).expect("plugins");
+    let tv = registry.resolve("tasks.sleep", None).unwrap();
+    assert!(tv.component.footprint.core_instances >= 1, "{:?}", tv.component.footprint);
+    let started = Instant::now();
+    let limits = tv.limits();
+    let runs = block_on(async {
+        let one = || rt.run(&tv.component, "1.0.0", input("tasks.sleep", "[200]"), &limits, Arc::default());
+        futures::future::join_all((0..4).map(|_| one())).await
+    });
+    for run in &runs {
+        assert_eq!(run.result, Ok("200".into()), "{run:?}");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(780), "4 × 200 ms in one sandbox took {:?}", started.elapsed());
+}

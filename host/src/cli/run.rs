@@ -78,7 +78,8 @@ pub fn run(args: RunArgs, file: &super::config::FileConfig) -> Result<(), CliErr
         })
         .map_err(CliError::usage)?,
     );
-    let registry = Registry::open(file.plugins(args.plugins.as_deref()), runtime.clone()).map_err(CliError::usage)?;
+    let registry =
+        Registry::open_for_task(file.plugins(args.plugins.as_deref()), runtime.clone(), &args.task).map_err(CliError::usage)?;
     let task = registry.resolve(&args.task, args.version_req.as_ref()).map_err(|e| match e {
         crate::registry::RegistryError::UnknownTask { .. } => {
             CliError::usage(anyhow!("{e} (searched {})", crate::registry::describe_dir(registry.dir())))

@@ -130,6 +130,8 @@ pub struct Registry {
     state: RwLock<State>,
     /// Loads running at once (one per core): each compiles on its thread or child.
     load_slots: (Mutex<usize>, Condvar),
+    /// Load only the versions of this task (`taskhost run`: compile nothing it will not run).
+    only: Option<String>,
 }
 
 /// Splits `tasks.add@1.2.0.wasm` into `("tasks.add", "1.2.0")`.
@@ -282,7 +284,15 @@ pub fn describe_dir(dir: &Path) -> String {
 impl Registry {
     /// Opens `dir` and loads what is there now.
     pub fn open(dir: impl Into<PathBuf>, runtime: Arc<Runtime>) -> Result<Arc<Registry>, RegistryError> {
-        let dir = dir.into();
+        Self::open_filtered(dir.into(), runtime, None)
+    }
+
+    /// Opens `dir` and loads the versions of `task` there, nothing else.
+    pub fn open_for_task(dir: impl Into<PathBuf>, runtime: Arc<Runtime>, task: &str) -> Result<Arc<Registry>, RegistryError> {
+        Self::open_filtered(dir.into(), runtime, Some(task.to_string()))
+    }
+
+    fn open_filtered(dir: PathBuf, runtime: Arc<Runtime>, only: Option<String>) -> Result<Arc<Registry>, RegistryError> {
         if !dir.exists() {
             return Err(RegistryError::Missing { dir });
         }
@@ -290,7 +300,8 @@ impl Registry {
             return Err(RegistryError::Dir { dir, reason: "not a directory".into() });
         }
         let slots = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let registry = Arc::new(Registry { dir, runtime, state: RwLock::default(), load_slots: (Mutex::new(slots), Condvar::new()) });
+        let registry =
+            Arc::new(Registry { dir, runtime, state: RwLock::default(), load_slots: (Mutex::new(slots), Condvar::new()), only });
         registry.scan()?;
         Ok(registry)
     }
@@ -326,6 +337,12 @@ impl Registry {
             let path = entry.path();
             if path.extension().is_none_or(|e| e != "wasm") {
                 continue;
+            }
+            if let Some(only) = &self.only {
+                let name = path.file_name().and_then(|n| n.to_str()).and_then(|n| parse_file_name(n).ok());
+                if name.is_none_or(|(name, _)| name != *only) {
+                    continue;
+                }
             }
             let Ok(wasm) = stamp_of(&path) else { continue };
             let manifest = stamp_of(&path.with_extension("toml")).ok();
@@ -430,7 +447,7 @@ impl Registry {
         match result {
             Ok(tv) => {
                 Self::remove_path(&mut state, &path, report);
-                tracing::debug!(task = %tv.name, version = %tv.version, digest = &tv.component.digest[..12], cached = tv.component.from_cache, "component loaded");
+                tracing::debug!(task = %tv.name, version = %tv.version, digest = &tv.component.digest[..12], cached = tv.component.from_cache, footprint = ?tv.component.footprint, "component loaded");
                 report.added.push((tv.name.clone(), tv.version.clone()));
                 state.tasks.entry(tv.name.clone()).or_default().insert(tv.version.clone(), Arc::new(tv));
             }

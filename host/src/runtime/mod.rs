@@ -8,6 +8,7 @@ mod bindings;
 mod cache;
 mod clocks;
 mod compile;
+mod footprint;
 mod grants;
 mod limits;
 mod net;
@@ -16,6 +17,7 @@ mod output;
 mod sandbox;
 
 pub use compile::CHILD_ARGS as COMPILER_CHILD_ARGS;
+pub use footprint::Footprint;
 pub use grants::{within as grants_within, DirGrant, Grants, SentTask, DEFAULT_MAX_SENT_TASKS};
 pub use net::{Origin, TcpTarget};
 pub use outbound::{DEFAULT_MAX_HTTP_REQUESTS, DEFAULT_MAX_HTTP_RESPONSE_BYTES};
@@ -153,6 +155,9 @@ pub enum LoadError {
     /// about the component.
     #[error("{0}")]
     Host(String),
+    /// One instance needs more of the sandbox pool than any sandbox can have.
+    #[error("component can never run here: {0}")]
+    TooLarge(String),
 }
 
 /// Everything the guest is told about the message it runs.
@@ -364,6 +369,8 @@ pub struct LoadedComponent {
     pub digest: String,
     /// Whether the compiled form came from the on-disk cache.
     pub from_cache: bool,
+    /// What one instance takes from the sandbox pool.
+    pub footprint: Footprint,
 }
 
 /// Why the epoch callback stopped a guest.
@@ -430,6 +437,8 @@ pub struct Runtime {
     linker: Linker<TaskState>,
     cache: cache::CompileCache,
     config: RuntimeConfig,
+    /// The pool's room, which runs take before they instantiate.
+    permits: footprint::PoolPermits,
     _ticker: EpochTicker,
 }
 
@@ -438,15 +447,17 @@ impl Runtime {
         let n = config.max_instances.max(1);
         let keep_resident = keep_resident();
         let mut pool = PoolingAllocationConfig::new();
-        // Per component: a Rust wasip2 component has one main module plus a few shims.
+        // Per component: a Rust wasip2 component has one main module plus a few shims; a
+        // Python one (componentize-py) 14 core instances. Runs wait for room in these
+        // (`footprint::PoolPermits`) rather than fail when a burst of large ones fills them.
         pool.total_component_instances(n)
-            .total_core_instances(n * 8)
-            .total_memories(n * 2)
-            .total_tables(n * 8)
+            .total_core_instances(n * footprint::CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(n * footprint::MEMORIES_PER_SANDBOX)
+            .total_tables(n * footprint::TABLES_PER_SANDBOX)
             .total_stacks(n)
-            .max_core_instances_per_component(16)
-            .max_memories_per_component(2)
-            .max_tables_per_component(8)
+            .max_core_instances_per_component(footprint::CORE_INSTANCES_PER_COMPONENT)
+            .max_memories_per_component(footprint::MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(footprint::TABLES_PER_COMPONENT)
             .max_memory_size(config.ceilings.max_task_memory as usize)
             // Decommits are not batched (wasmtime's default of 1): since slots are reset in
             // place below, batching no longer speeds up small tasks (measured equal), and a
@@ -480,7 +491,8 @@ impl Runtime {
         linker.allow_shadowing(false);
         let cache = cache::CompileCache::new(&engine, config.cache_dir.clone());
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, linker, cache, config, _ticker: ticker })
+        let permits = footprint::PoolPermits::new(n);
+        Ok(Runtime { engine, linker, cache, config, permits, _ticker: ticker })
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -500,12 +512,16 @@ impl Runtime {
         if !from_cache {
             crate::alloc::release_free_memory();
         }
+        let footprint = Footprint::of(bytes, &component).map_err(LoadError::Compile)?;
+        if let Some(why) = footprint.never_fits() {
+            return Err(LoadError::TooLarge(why));
+        }
         let pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
         let pre = TaskPre::new(pre).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
-        Ok(LoadedComponent { pre, digest, from_cache })
+        Ok(LoadedComponent { pre, digest, from_cache, footprint })
     }
 
     /// Compiles `bytes` into the compile cache and nothing more: what the compiler child
@@ -576,6 +592,9 @@ impl Runtime {
         limits: &TaskLimits,
         control: Arc<RunControl>,
     ) -> TaskRun {
+        // Room in the pool first (held until the store, declared after, is gone); the
+        // task's time starts once it has it.
+        let _room = self.permits.take(&component.footprint).await;
         let started = Instant::now();
         let hard = deadline_after(started, limits.hard);
         let soft = limits.soft.map_or(hard, |s| deadline_after(started, s).min(hard));
@@ -673,6 +692,7 @@ impl Runtime {
     /// The bare sandbox loop, for benchmarks: instantiate and call with no limits,
     /// no capture and no deadline bookkeeping. Returns the instantiate time.
     pub async fn run_bare(&self, component: &LoadedComponent, input: &TaskInput) -> Result<Duration, String> {
+        let _room = self.permits.take(&component.footprint).await;
         let started = Instant::now();
         let far = started + DEFAULT_HARD_LIMIT;
         let pipe = output::CappedPipe::new(0);
