@@ -30,3 +30,30 @@ for dir in plugins/*/; do
     fi
 done
 echo "built $(ls "$out"/*.wasm | wc -l) components into $out"
+
+# The Python examples (examples/python/NAME.py → py.NAME@1.0.0.wasm), into a directory of
+# their own beside the Rust ones: each is ~18 MB and compiles in ~13 s, which every worker
+# serving dist/plugins would otherwise load. Needs componentize-py (make test-deps).
+py_out="$(dirname "$out")/python-plugins"
+componentize=${TASKHOST_COMPONENTIZE_PY:-.venv/bin/componentize-py}
+if [ -x "$componentize" ] || command -v "$componentize" >/dev/null 2>&1; then
+    cargo build --quiet -p taskhost
+    mkdir -p "$py_out"
+    for module in examples/python/*.py; do
+        name=$(basename "$module" .py)
+        target="$py_out/py.$name@1.0.0.wasm"
+        manifest="examples/python/$name.toml"
+        # Rebuilt only when the module, its manifest or the SDK changed.
+        if [ -f "$target" ] && [ "$target" -nt "$module" ] && [ "$target" -nt sdk-python/taskhost/__init__.py ] \
+            && { [ ! -f "$manifest" ] || [ "$target" -nt "$manifest" ]; }; then
+            continue
+        fi
+        args=("$module" --task "py.$name" --version 1.0.0 -o "$py_out" --componentize-py "$componentize")
+        [ -f "$manifest" ] && args+=(--manifest "$manifest")
+        [ -f "examples/python/$name.requirements.txt" ] && args+=(-r "examples/python/$name.requirements.txt" --python .venv/bin/python)
+        target/debug/taskhost build "${args[@]}" >/dev/null
+    done
+    echo "built $(ls "$py_out"/*.wasm | wc -l) Python components into $py_out"
+else
+    echo "componentize-py not found: Python examples not built (make test-deps installs it)"
+fi

@@ -15,8 +15,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt-get install -y -qq redis-server >/dev/null
 fi
 
-# aiosmtpd: the SMTP server mail.send is tested against; gevent: Celery's pool in make bench.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL, aiosmtpd, gevent' 2>/dev/null; then
+# aiosmtpd: the SMTP server mail.send is tested against; gevent: Celery's pool in make bench;
+# componentize-py: builds the Python example tasks (taskhost build).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL, aiosmtpd, gevent' 2>/dev/null \
+    || [ ! -x .venv/bin/componentize-py ]; then
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6' pillow 'aiosmtpd>=1.4,<2' 'gevent>=24,<26'
+    .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6' pillow 'aiosmtpd>=1.4,<2' 'gevent>=24,<26' \
+        'componentize-py==0.25.*'
 fi

@@ -12,6 +12,7 @@ mod first_run;
 mod hardening;
 mod interop;
 mod network;
+mod python_tasks;
 mod readme;
 mod runtime;
 mod semantics;

@@ -166,6 +166,18 @@ impl WorkerProcess {
 
     /// As `start_with_plugins`, with extra environment variables for the worker only.
     pub fn start_with_env(broker: &str, plugins: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
+        Self::start_within(broker, plugins, extra, env, std::time::Duration::from_secs(20))
+    }
+
+    /// As `start_with_env`, allowing `ready_within` for the first load (large components
+    /// compile for seconds each before the worker is ready).
+    pub fn start_within(
+        broker: &str,
+        plugins: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        ready_within: std::time::Duration,
+    ) -> WorkerProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -181,7 +193,7 @@ impl WorkerProcess {
             .spawn()
             .unwrap();
         let worker = WorkerProcess { child, log, _dir: dir };
-        worker.wait_for_log("worker ready", std::time::Duration::from_secs(20));
+        worker.wait_for_log("worker ready", ready_within);
         worker
     }
 

@@ -218,8 +218,37 @@ def canvas_errors():
     print("chain failure propagated; ChordError; errback called")
 
 
+def python_tasks():
+    """Tasks written in Python (examples/python, built with taskhost build): results,
+    bound arguments, a bundled library, and failures as a Celery client sees them."""
+    got = app.send_task("py.add", (2, 40)).get(timeout=120)
+    check(got == 42, f"py.add(2, 40) returned {got!r}")
+    got = app.send_task("py.add", args=[1], kwargs={"y": 2}).get(timeout=30)
+    check(got == 3, f"py.add(1, y=2) returned {got!r}")
+    got = app.send_task("py.wordcount", ("the cat and the hat",), {"top": 1}).get(timeout=120)
+    check(got == {"words": 5, "top": [["the", 2]]}, f"py.wordcount returned {got!r}")
+    html = app.send_task("py.report", ("Q1 <sales>", [{"name": "a&b", "amount": 1.5}, {"name": "c", "amount": 2}])).get(timeout=120)
+    check("<h1>Q1 &lt;sales&gt;</h1>" in html and "a&amp;b" in html and "<th>3.50</th>" in html, f"py.report rendered {html!r}")
+    failed = app.send_task("py.fail", ("boom",))
+    try:
+        failed.get(timeout=120)
+        check(False, "py.fail did not raise")
+    except Exception as e:
+        check("ValueError: boom" in str(e), f"py.fail raised {type(e).__name__}: {e}")
+    check(failed.state == "FAILURE", f"py.fail ended {failed.state}")
+    check('fail.py", line' in (failed.traceback or "") and "ValueError: boom" in failed.traceback,
+          f"py.fail's traceback: {failed.traceback!r}")
+    missing = app.send_task("py.add", (1,))
+    try:
+        missing.get(timeout=30)
+        check(False, "py.add(1) did not raise")
+    except Exception as e:
+        check("TypeError: py.add() missing a required argument: 'y'" in str(e), f"py.add(1) raised {e}")
+    print("python tasks: results, kwargs, jinja2, failures")
+
+
 SCENARIOS = {f.__name__: f for f in [canvas, canvas_errors, add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires,
-                                     revoke_terminate, revoke_queued, inspect]}
+                                     revoke_terminate, revoke_queued, inspect, python_tasks]}
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]](*sys.argv[2:])

@@ -6,6 +6,7 @@
 
 mod beat;
 mod bench;
+mod build;
 mod config;
 mod dlq;
 mod limits;
@@ -42,6 +43,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one task eagerly in this process and print its JSON result.
     Run(run::RunArgs),
+    /// Build a Python module of @task functions into a component (needs componentize-py).
+    Build(build::BuildArgs),
     /// Consume tasks from the broker and run them (the worker).
     Serve(serve::ServeArgs),
     /// Publish a task, like Celery's send_task; --wait prints its result.
@@ -104,6 +107,7 @@ pub fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let outcome = config::FileConfig::load(cli.config.as_deref()).and_then(|file| match cli.command {
         Command::Run(args) => run::run(args, &file),
+        Command::Build(args) => build::run(args),
         Command::Serve(args) => serve::run(args, &file),
         Command::Send(args) => send::run(args, &file),
         Command::Result(args) => result::run(args, &file),
