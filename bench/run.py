@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chart import write_chart
 from io_bench import report_io, run_io
+from python_bench import report_python, run_python
 from tenants_bench import report_tenants, run_tenants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,6 +237,9 @@ def main():
     ap.add_argument("--slow-server", default=str(ROOT / "target/release/slow-server"),
                     help="the I/O scenario's HTTP peer (cargo build --release -p slow-server)")
     ap.add_argument("--only-io", action="store_true", help="run only the I/O scenario (http.fetch against a 1-s server)")
+    ap.add_argument("--python-plugins", default=str(ROOT / "dist/python-plugins"),
+                    help="the Python example components (make plugins builds them with componentize-py)")
+    ap.add_argument("--only-python", action="store_true", help="run only the Python-task scenario (py.noop against Celery)")
     ap.add_argument("--only-tenants", action="store_true",
                     help="run only the tenant scenarios (a flood and a late tenant; the drain with fairness on and off)")
     args = ap.parse_args()
@@ -251,6 +255,13 @@ def main():
         results["io"] = run_io(sys.modules[__name__], args.taskhost, args.plugins, args.slow_server, args.scale, Progress(7))
         report_io(results["io"])
         save(results, args, "io-")
+        return
+    if args.only_python:
+        results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale}
+        results["python"] = run_python(sys.modules[__name__], args.taskhost, args.python_plugins, args.scale, Progress(6))
+        report_python(results["python"])
+        save(results, args, "python-")
         return
     if args.only_tenants:
         results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
@@ -288,7 +299,7 @@ def main():
     ]
 
     # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
-    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4)
+    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6)
 
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
@@ -354,10 +365,13 @@ def main():
     results["io"] = run_io(sys.modules[__name__], args.taskhost, args.plugins, args.slow_server, args.scale, progress)
     # Tenants: a flood and a late tenant; what fairness costs the drain.
     results["tenants"] = run_tenants(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
+    # Tasks written in Python against Celery's native no-op.
+    results["python"] = run_python(sys.modules[__name__], args.taskhost, args.python_plugins, args.scale, progress)
 
     report(results)
     report_io(results["io"])
     report_tenants(results["tenants"])
+    report_python(results["python"])
     save(results, args)
 
 

@@ -419,7 +419,7 @@ const KEEP_RESIDENT: usize = 256 << 10;
 fn keep_resident() -> usize {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     if has_pagemap_scan(&release) {
-        std::env::var("XXX_KEEP").ok().and_then(|v| v.parse().ok()).unwrap_or(KEEP_RESIDENT)
+        KEEP_RESIDENT
     } else {
         0
     }
