@@ -73,6 +73,14 @@ const EXAMPLES: &[Example] = &[
         runs: &[Run::Ok("taskhost run tasks.add --args '[2, 3]' --plugins dist/plugins", "5")],
     },
     Example {
+        readme: "taskhost build examples/python/add.py --task py.add --version 1.0.0 -o dist/python-plugins",
+        // Into a scratch directory: dist/python-plugins is what other tests serve.
+        runs: &[Run::Ok(
+            "TASKHOST_COMPONENTIZE_PY=.venv/bin/componentize-py taskhost build examples/python/add.py --task py.add --version 1.0.0 -o target/readme-build && taskhost run py.add --args '[2, 3]' --plugins target/readme-build",
+            "5",
+        )],
+    },
+    Example {
         readme: "taskhost plugins list --plugins dist/plugins",
         runs: &[Run::Ok("taskhost plugins list --plugins dist/plugins", "media.thumbnail")],
     },
