@@ -21,7 +21,6 @@ traceback.
 
 import inspect
 import json
-import sys
 import traceback
 
 __all__ = ["task", "Context", "Retry", "Reject"]
@@ -152,6 +151,7 @@ def _run(info, args_json, kwargs_json):
     except Reject as r:
         raise Err(types.TaskError_Reject(r.reason))
     except Exception as e:
-        # The traceback goes to stderr, which the worker keeps in the result's traceback.
-        traceback.print_exc(file=sys.stderr)
-        raise Err(types.TaskError_Fail(f"{type(e).__name__}: {e}"))
+        # Celery's client re-raises it by class and message; the traceback is the result's.
+        cls = type(e)
+        raise Err(types.TaskError_Exception(types.ExceptionInfo(
+            name=cls.__qualname__, module=cls.__module__, message=str(e), traceback=traceback.format_exc())))

@@ -31,6 +31,28 @@ fn components_built_against_wit_0_1_0_still_load_and_run() {
     assert_eq!(run("tasks.watch", "[30]").result, Ok("\"finished\"".into()));
 }
 
+#[test]
+fn components_built_against_wit_0_2_0_still_load_and_run() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/wit-0.2.0");
+    for file in ["tasks.add@1.0.0.wasm", "tasks.fail@1.0.0.wasm", "tasks.fanout@1.0.0.wasm"] {
+        let text = String::from_utf8_lossy(&std::fs::read(fixtures.join(file)).unwrap()).to_string();
+        assert!(text.contains("taskhost:task/types@0.2.0") && !text.contains("taskhost:task/types@0.3.0"), "{file} is not a 0.2.0 build");
+    }
+    let registry = Registry::open(&fixtures, runtime()).unwrap();
+    let run = |name: &str, args: &str| -> TaskRun {
+        let tv = registry.resolve(name, None).expect(name);
+        let input = TaskInput { name: name.into(), args: args.into(), kwargs: "{}".into(), ..Default::default() };
+        block_on(runtime().run(&tv.component, "1.0.0", input, &tv.limits(), Arc::default()))
+    };
+    assert_eq!(run("tasks.add", "[2, 3]").result, Ok("5".into()));
+    // Its `fail` comes through 0.2.0's task-error.
+    assert!(matches!(run("tasks.fail", "[\"no\"]").result, Err(TaskError::Fail { .. })));
+    // send-task through host@0.2.0.
+    let (run, sent) = fanout_in(&registry, "[2]");
+    assert!(run.result.is_ok(), "{:?}", run.result);
+    assert_eq!(sent.len(), 2);
+}
+
 /// Runs `tasks.fanout` of `registry` with its manifest's grants; the follow-ups it sent.
 fn fanout_in(registry: &Registry, args: &str) -> (TaskRun, Vec<SentTask>) {
     let tv = registry.resolve("tasks.fanout", None).unwrap();

@@ -229,12 +229,13 @@ def python_tasks():
     check(got == {"words": 5, "top": [["the", 2]]}, f"py.wordcount returned {got!r}")
     html = app.send_task("py.report", ("Q1 <sales>", [{"name": "a&b", "amount": 1.5}, {"name": "c", "amount": 2}])).get(timeout=120)
     check("<h1>Q1 &lt;sales&gt;</h1>" in html and "a&amp;b" in html and "<th>3.50</th>" in html, f"py.report rendered {html!r}")
+    # Raised as a Celery worker's would be: the same class, the same message.
     failed = app.send_task("py.fail", ("boom",))
     try:
         failed.get(timeout=120)
         check(False, "py.fail did not raise")
-    except Exception as e:
-        check("ValueError: boom" in str(e), f"py.fail raised {type(e).__name__}: {e}")
+    except ValueError as e:
+        check(str(e) == "boom" and type(e) is ValueError, f"py.fail raised {e!r}")
     check(failed.state == "FAILURE", f"py.fail ended {failed.state}")
     check('fail.py", line' in (failed.traceback or "") and "ValueError: boom" in failed.traceback,
           f"py.fail's traceback: {failed.traceback!r}")
@@ -242,8 +243,15 @@ def python_tasks():
     try:
         missing.get(timeout=30)
         check(False, "py.add(1) did not raise")
+    except TypeError as e:
+        check(str(e) == "py.add() missing a required argument: 'y'", f"py.add(1) raised {e!r}")
+    # An exception class of the task's own: a class of that name, never one the client resolves.
+    custom = app.send_task("py.fail", ("late",), {"kind": "InvoiceError"})
+    try:
+        custom.get(timeout=30)
+        check(False, "py.fail(kind=InvoiceError) did not raise")
     except Exception as e:
-        check("TypeError: py.add() missing a required argument: 'y'" in str(e), f"py.add(1) raised {e}")
+        check(type(e).__name__ == "InvoiceError" and str(e) == "late", f"py.fail(kind=InvoiceError) raised {e!r}")
     print("python tasks: results, kwargs, jinja2, failures")
 
 

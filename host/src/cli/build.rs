@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The world Python components are built for, and its WIT, as this binary links it.
-const WORLD: &str = "taskhost:task/task@0.2.0";
+const WORLD: &str = "taskhost:task/task@0.3.0";
 const TASK_WIT: &str = include_str!("../../../wit/task.wit");
 const CONFIG_WIT: &str = include_str!("../../../wit/deps/config/store.wit");
 /// The SDK, bundled into every component built (so the SDK a component runs is the one

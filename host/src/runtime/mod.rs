@@ -27,7 +27,7 @@ pub use sandbox::{
 };
 
 use crate::ceilings::{deadline_after, Ceilings};
-use bindings::{TaskInfo, TaskPre};
+use bindings::{AnyTaskPre, TaskInfo};
 use sandbox::{Deadlines, TaskState};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +51,8 @@ pub const DEFAULT_OUTPUT_CAP: usize = 64 << 10;
 /// Longest failure message, reject or retry reason kept from a guest; the rest is cut
 /// with a marker. They are stored twice (message and traceback) and logged.
 pub const MAX_GUEST_TEXT: usize = 8 << 10;
+/// Longest exception class or module name kept from a guest.
+const MAX_EXCEPTION_NAME: usize = 256;
 /// Bytes a guest may hand the host in one call, its result included (wasmtime's
 /// "hostcall fuel", 128 MiB by default): the largest result kept plus room for a
 /// failure's text; a bigger transfer traps before the host copies it.
@@ -146,7 +148,7 @@ pub enum RuntimeError {
 pub enum LoadError {
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("component does not fit the taskhost:task world (0.2.0 or 0.1.0): {0}")]
+    #[error("component does not fit the taskhost:task world (0.3.0, 0.2.0 or 0.1.0): {0}")]
     Incompatible(String),
     /// The compile ran past `compile_timeout`: perhaps a bomb, perhaps a busy machine.
     #[error("{0}")]
@@ -260,6 +262,10 @@ impl RunControl {
 pub enum TaskError {
     #[error("{message}")]
     Fail { message: String },
+    /// An exception the guest raised (a Python task's), as it names it; the worker decides
+    /// which module a client may resolve it in.
+    #[error("{name}: {message}")]
+    Exception { name: String, module: String, message: String, traceback: String },
     #[error("retry requested: {reason}")]
     Retry { reason: String, countdown: Option<f64> },
     #[error("rejected: {reason}")]
@@ -365,7 +371,7 @@ impl<F: std::future::Future> std::future::Future for Metered<'_, F> {
 /// A compiled, linked component ready to instantiate.
 #[derive(Clone)]
 pub struct LoadedComponent {
-    pre: TaskPre<TaskState>,
+    pre: AnyTaskPre<TaskState>,
     pub digest: String,
     /// Whether the compiled form came from the on-disk cache.
     pub from_cache: bool,
@@ -480,6 +486,8 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::taskhost::task::host::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        bindings::v0_2::taskhost::task::host::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::v0_1::taskhost::task::host::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::wasi::config::store::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)
@@ -520,7 +528,7 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
-        let pre = TaskPre::new(pre).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+        let pre = AnyTaskPre::new(pre).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
         Ok(LoadedComponent { pre, digest, from_cache, footprint })
     }
 
@@ -645,11 +653,7 @@ impl Runtime {
         let mut instantiate = None;
         let mut cpu = Duration::ZERO;
         let raced: Result<wasmtime::Result<Result<String, bindings::TaskError>>, Interrupt> = {
-            let call = async {
-                let task = component.pre.instantiate_async(&mut store).await?;
-                instantiate = Some(started.elapsed());
-                task.call_run(&mut store, &info, &args, &kwargs).await
-            };
+            let call = component.pre.run(&mut store, &info, &args, &kwargs, || instantiate = Some(started.elapsed()));
             let call = std::pin::pin!(call);
             let call = Metered { inner: call, spent: &mut cpu, cpu_clock: self.config.meter_cpu };
             // Biased, the call first: a task that ends in its first poll (most do) never
@@ -672,6 +676,12 @@ impl Runtime {
                     TaskError::Retry { reason: cap_text(r.reason, MAX_GUEST_TEXT), countdown: r.countdown }
                 }
                 bindings::TaskError::Reject(reason) => TaskError::Reject { reason: cap_text(reason, MAX_GUEST_TEXT) },
+                bindings::TaskError::Exception(e) => TaskError::Exception {
+                    name: cap_text(e.name, MAX_EXCEPTION_NAME),
+                    module: cap_text(e.module, MAX_EXCEPTION_NAME),
+                    message: cap_text(e.message, MAX_GUEST_TEXT),
+                    traceback: cap_text(e.traceback, MAX_GUEST_TEXT),
+                },
             }),
             Ok(Ok(Ok(json))) => self.check_result(json),
         };
@@ -709,8 +719,6 @@ impl Runtime {
         );
         let mut store = Store::new(&self.engine, state);
         store.set_epoch_deadline(u64::MAX / 2);
-        let task = component.pre.instantiate_async(&mut store).await.map_err(|e| format!("{e:#}"))?;
-        let instantiate = started.elapsed();
         let info = TaskInfo {
             id: input.id.clone(),
             name: input.name.clone(),
@@ -723,8 +731,10 @@ impl Runtime {
             parent_id: None,
             root_id: None,
         };
-        match task.call_run(&mut store, &info, &input.args, &input.kwargs).await {
-            Ok(Ok(_)) => Ok(instantiate),
+        let mut instantiate = None;
+        let ran = component.pre.run(&mut store, &info, &input.args, &input.kwargs, || instantiate = Some(started.elapsed())).await;
+        match ran {
+            Ok(Ok(_)) => Ok(instantiate.unwrap_or_default()),
             Ok(Err(e)) => Err(format!("task failed: {e:?}")),
             Err(e) => Err(format!("{e:#}")),
         }

@@ -12,6 +12,7 @@
 use super::bindings::taskhost::task::host::{Host, LogLevel};
 use super::bindings::taskhost::task::types::SendOptions;
 use super::bindings::v0_1::taskhost::task::host as host_v0_1;
+use super::bindings::v0_2::taskhost::task::host as host_v0_2;
 use super::bindings::wasi::config::store as config_store;
 use super::grants::SentTask;
 use super::clocks::{CoarseMonotonicClock, CoarseWallClock};
@@ -317,6 +318,44 @@ impl config_store::Host for TaskState {
     fn get_all(&mut self) -> wasmtime::Result<Result<Vec<(String, String)>, config_store::Error>> {
         let granted = self.control.grants.config.iter();
         Ok(Ok(granted.filter_map(|n| self.secrets.get(n).map(|v| (n.clone(), v.clone()))).collect()))
+    }
+}
+
+/// Components built against 0.2.0 call the same host through its own interface.
+impl host_v0_2::Host for TaskState {
+    fn log(&mut self, level: host_v0_2::LogLevel, message: String) -> wasmtime::Result<()> {
+        let level = match level {
+            host_v0_2::LogLevel::Trace => LogLevel::Trace,
+            host_v0_2::LogLevel::Debug => LogLevel::Debug,
+            host_v0_2::LogLevel::Info => LogLevel::Info,
+            host_v0_2::LogLevel::Warn => LogLevel::Warn,
+            host_v0_2::LogLevel::Error => LogLevel::Error,
+        };
+        Host::log(self, level, message)
+    }
+
+    fn set_progress(&mut self, state: String, meta: String) -> wasmtime::Result<()> {
+        Host::set_progress(self, state, meta)
+    }
+
+    fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
+        Host::remaining_ms(self)
+    }
+
+    fn is_revoked(&mut self) -> wasmtime::Result<bool> {
+        Host::is_revoked(self)
+    }
+
+    fn send_task(
+        &mut self,
+        name: String,
+        args_json: String,
+        kwargs_json: String,
+        options: super::bindings::v0_2::taskhost::task::types::SendOptions,
+    ) -> wasmtime::Result<Result<String, String>> {
+        let options =
+            SendOptions { queue: options.queue, countdown: options.countdown, priority: options.priority, version: options.version };
+        Host::send_task(self, name, args_json, kwargs_json, options)
     }
 }
 

@@ -13,6 +13,7 @@ pub const TASKHOST_MODULE: &str = "taskhost";
 pub fn exception_for(error: &TaskError) -> ExceptionInfo {
     match error {
         TaskError::Fail { message } => ExceptionInfo::new(TASKHOST_MODULE, "TaskFailed", message.as_str()),
+        TaskError::Exception { name, module, message, .. } => guest_exception(name, module, message),
         TaskError::Reject { reason } => ExceptionInfo::new(TASKHOST_MODULE, "Rejected", reason.as_str()),
         TaskError::TimeLimit { limit } => {
             ExceptionInfo::new("billiard.exceptions", "TimeLimitExceeded", limit.as_secs_f64())
@@ -27,6 +28,39 @@ pub fn exception_for(error: &TaskError) -> ExceptionInfo {
     }
 }
 
+/// Exceptions of `builtins` a guest may name as such: a client constructs them with the
+/// message and nothing else happens. Not `SystemExit`, `KeyboardInterrupt` or the like,
+/// whose raising in a client would do more than report a failure.
+const BUILTIN_EXCEPTIONS: &[&str] = &[
+    "ArithmeticError", "AssertionError", "AttributeError", "BlockingIOError", "BrokenPipeError", "BufferError",
+    "ChildProcessError", "ConnectionAbortedError", "ConnectionError", "ConnectionRefusedError", "ConnectionResetError",
+    "EOFError", "Exception", "FileExistsError", "FileNotFoundError", "FloatingPointError", "ImportError",
+    "IndexError", "InterruptedError", "IsADirectoryError", "KeyError", "LookupError", "MemoryError",
+    "ModuleNotFoundError", "NameError", "NotADirectoryError", "NotImplementedError", "OSError", "OverflowError",
+    "PermissionError", "ProcessLookupError", "RecursionError", "ReferenceError", "RuntimeError", "TimeoutError",
+    "TypeError", "UnboundLocalError", "ValueError", "ZeroDivisionError",
+];
+/// Where an exception class of the guest's own is stored: a module no client imports, so
+/// Celery's client makes up a class of that name (it never imports a module to resolve one).
+pub const GUEST_EXCEPTION_MODULE: &str = "taskhost.guest";
+
+/// The exception a guest raised, as a Python client may see it: a standard exception as
+/// itself, any other under [`GUEST_EXCEPTION_MODULE`], a name that is not one as `TaskFailed`.
+fn guest_exception(name: &str, module: &str, message: &str) -> ExceptionInfo {
+    if module == "builtins" && BUILTIN_EXCEPTIONS.contains(&name) {
+        return ExceptionInfo::new("builtins", name, message);
+    }
+    let dotted_identifier = !name.is_empty()
+        && name.split('.').all(|part| {
+            part.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_') && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+        });
+    if dotted_identifier {
+        ExceptionInfo::new(GUEST_EXCEPTION_MODULE, name, message)
+    } else {
+        ExceptionInfo::new(TASKHOST_MODULE, "TaskFailed", format!("{name}: {message}"))
+    }
+}
+
 /// Most of a guest's stderr kept in a traceback: its last bytes, where a failure says why.
 pub const TRACEBACK_STDERR_BYTES: usize = 4 << 10;
 
@@ -34,6 +68,12 @@ pub const TRACEBACK_STDERR_BYTES: usize = 4 << 10;
 /// the guest wrote to stderr.
 pub fn traceback_for(task: &str, version: &str, error: &TaskError, stderr: &str) -> String {
     let mut text = format!("taskhost: {task}@{version} ended: {error}");
+    if let TaskError::Exception { traceback, .. } = error {
+        // The guest's own traceback says where; its stderr would repeat it.
+        text.push('\n');
+        text.push_str(traceback);
+        return text;
+    }
     if !stderr.is_empty() && !matches!(error, TaskError::Trap { .. }) {
         let mut cut = stderr.len().saturating_sub(TRACEBACK_STDERR_BYTES);
         while !stderr.is_char_boundary(cut) {
@@ -69,6 +109,16 @@ mod tests {
         let e = exception_for(&TaskError::TimeLimit { limit: Duration::from_secs(2) });
         assert_eq!(e.repr(), "TimeLimitExceeded(2.0)");
         assert_eq!(e.exc_module, "billiard.exceptions");
+        let exception = |name: &str, module: &str| {
+            exception_for(&TaskError::Exception { name: name.into(), module: module.into(), message: "boom".into(), traceback: "".into() })
+        };
+        assert_eq!(exception("ValueError", "builtins").repr(), "ValueError('boom')");
+        assert_eq!(exception("ValueError", "builtins").exc_module, "builtins");
+        // What a client could do more with than report: not as builtins.
+        assert_eq!(exception("SystemExit", "builtins").exc_module, GUEST_EXCEPTION_MODULE);
+        assert_eq!(exception("Popen", "subprocess").exc_module, GUEST_EXCEPTION_MODULE);
+        assert_eq!(exception("InvoiceError", "app.errors").exc_type, "InvoiceError");
+        assert_eq!(exception("not a name()", "builtins").exc_type, "TaskFailed");
         let e = exception_for(&TaskError::MemoryLimit { cap: 10, requested: 20 });
         assert_eq!(e.repr(), "MemoryError('memory limit of 10 bytes exceeded (wanted 20 bytes)')");
     }
