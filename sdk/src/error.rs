@@ -13,6 +13,11 @@ pub enum TaskError {
     Retry { reason: String, countdown: Option<f64> },
     /// Dead-letter the message with this reason; never retried.
     Reject(String),
+    /// FAILURE as a Python exception of this class: a Celery client's `get()` raises
+    /// `ValueError(message)` for `name = "ValueError"`, `module = "builtins"` (the worker
+    /// keeps `builtins` for the standard exceptions only; any other class reaches the
+    /// client as one of that name).
+    Exception { name: String, module: String, message: String },
 }
 
 impl TaskError {
@@ -34,12 +39,21 @@ impl TaskError {
         TaskError::Reject(reason.into())
     }
 
+    /// FAILURE as the standard Python exception `name` (`"ValueError"`, `"KeyError"`, …).
+    pub fn exception(name: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError::Exception { name: name.into(), module: "builtins".into(), message: message.into() }
+    }
+
     pub(crate) fn into_wit(self) -> crate::bindings::taskhost::task::types::TaskError {
-        use crate::bindings::taskhost::task::types::{RetryRequest, TaskError as Wit};
+        use crate::bindings::taskhost::task::types::{ExceptionInfo, RetryRequest, TaskError as Wit};
         match self {
             TaskError::Fail(m) => Wit::Fail(m),
             TaskError::Retry { reason, countdown } => Wit::Retry(RetryRequest { reason, countdown }),
             TaskError::Reject(r) => Wit::Reject(r),
+            TaskError::Exception { name, module, message } => {
+                let traceback = format!("{name}: {message}");
+                Wit::Exception(ExceptionInfo { name, module, message, traceback })
+            }
         }
     }
 }
@@ -51,6 +65,7 @@ impl fmt::Display for TaskError {
             TaskError::Retry { reason, countdown: Some(s) } => write!(f, "retry in {s}s: {reason}"),
             TaskError::Retry { reason, countdown: None } => write!(f, "retry: {reason}"),
             TaskError::Reject(r) => write!(f, "rejected: {r}"),
+            TaskError::Exception { name, message, .. } => write!(f, "{name}: {message}"),
         }
     }
 }
@@ -59,5 +74,20 @@ impl fmt::Display for TaskError {
 impl<E: std::error::Error> From<E> for TaskError {
     fn from(e: E) -> Self {
         TaskError::Fail(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::taskhost::task::types::TaskError as Wit;
+
+    #[test]
+    fn an_exception_reaches_the_host_by_class_and_module() {
+        match TaskError::exception("KeyError", "'sku'").into_wit() {
+            Wit::Exception(e) => assert_eq!((e.name.as_str(), e.module.as_str(), e.message.as_str()), ("KeyError", "builtins", "'sku'")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(TaskError::exception("KeyError", "'sku'").to_string(), "KeyError: 'sku'");
     }
 }

@@ -51,6 +51,12 @@ def state(task_id):
 
 
 def fail():
+    # A Rust task may also fail as a standard Python exception, which the client re-raises.
+    try:
+        app.send_task("tasks.fail", ("'sku'",), {"kind": "KeyError"}).get(timeout=10)
+        check(False, "tasks.fail(kind=KeyError) did not raise")
+    except KeyError as exc:
+        check(exc.args == ("'sku'",), f"KeyError args {exc.args!r}")
     r = app.send_task("tasks.fail", ("the disk is full",))
     try:
         r.get(timeout=10)
