@@ -18,7 +18,8 @@ const ENTRY: &str = "taskhost_entry";
 
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// The Python module defining the task with `@task` (from the taskhost SDK).
+    /// The Python module defining the task with `@task` (from the taskhost SDK): a file
+    /// (`app.py`) or a package directory (`app/`, with its `__init__.py`).
     pub module: PathBuf,
     /// The Celery task name it serves, e.g. `py.add`.
     #[arg(long)]
@@ -134,18 +135,21 @@ fn build_in(work: &Path, args: &BuildArgs, module: &str, module_dir: &Path, file
     Ok(wasm)
 }
 
-/// `app.py` → `app`, which must be importable as a module name.
+/// `app.py` or the package `app/` → `app`, which must be importable as a module name.
 fn module_name(path: &Path) -> Result<String, CliError> {
-    let stem = (path.extension().is_some_and(|e| e == "py"))
-        .then(|| path.file_stem().and_then(|s| s.to_str()))
-        .flatten()
-        .ok_or_else(|| CliError::usage(anyhow!("{}: expected a Python module (NAME.py)", path.display())))?;
+    let package = path.join("__init__.py").is_file();
+    let stem = if package {
+        path.file_name().and_then(|s| s.to_str())
+    } else {
+        (path.extension().is_some_and(|e| e == "py")).then(|| path.file_stem().and_then(|s| s.to_str())).flatten()
+    }
+    .ok_or_else(|| CliError::usage(anyhow!("{}: expected a Python module (NAME.py) or package (NAME/__init__.py)", path.display())))?;
     let valid = stem.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid || stem == ENTRY || stem == "taskhost" || stem == "wit_world" {
         return Err(CliError::usage(anyhow!("{}: {stem:?} cannot be imported as a module of its own", path.display())));
     }
-    if !path.is_file() {
+    if !package && !path.is_file() {
         return Err(CliError::usage(anyhow!("{}: no such file", path.display())));
     }
     Ok(stem.to_string())
@@ -168,6 +172,11 @@ mod tests {
             assert_eq!(module_name(&dir.join(name)).is_ok(), ok, "{name}");
         }
         assert!(module_name(&dir.join("missing.py")).is_err());
+        // A package: its directory, with an __init__.py.
+        std::fs::create_dir_all(dir.join("reports")).unwrap();
+        assert!(module_name(&dir.join("reports")).is_err(), "no __init__.py yet");
+        std::fs::write(dir.join("reports/__init__.py"), "").unwrap();
+        assert_eq!(module_name(&dir.join("reports")).ok().as_deref(), Some("reports"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
