@@ -159,9 +159,10 @@ pub trait Broker: Send + Sync {
     async fn claim_task_ids(&self, claims: &[(String, String)], ttl: Duration) -> Result<Vec<Option<String>>, BrokerError>;
 
     /// Turns fair dispatch across tenants on (by weight, in CPU time) or off for this
-    /// consumer's fetches. Transports without it say so; their fetches stay in arrival order.
-    async fn set_fairness(&self, fairness: Option<&Fairness>) -> Result<(), BrokerError> {
-        let _ = fairness;
+    /// consumer's fetches from `queues` (off: what was sorted out of them goes back).
+    /// Transports without it say so; their fetches stay in arrival order.
+    async fn set_fairness(&self, fairness: Option<&Fairness>, queues: &[String]) -> Result<(), BrokerError> {
+        let _ = (fairness, queues);
         Err(BrokerError::Command("fair scheduling across tenants needs the Redis broker".into()))
     }
 

@@ -265,22 +265,24 @@ return out
 "#
 );
 
-/// Fair dispatch turned off: moves every tenant's sorted list of ingress list KEYS[1]
-/// back to its consuming end, oldest first (each tenant's order kept), so a worker
+/// Fair dispatch turned off: moves every tenant's sorted list of each ingress list in
+/// KEYS back to its consuming end, oldest first (each tenant's order kept), so a worker
 /// without fairness runs them. Returns how many it moved.
 const UNSORT: &str = r#"
-local active = 'taskhost.fair.active:' .. KEYS[1]
 local moved = 0
-for _, t in ipairs(redis.call('ZRANGE', active, 0, -1)) do
-  local sorted = 'taskhost.fair:' .. KEYS[1] .. '\31' .. t
-  while true do
-    local ms = redis.call('LPOP', sorted, 500)
-    if not ms then break end
-    redis.call('RPUSH', KEYS[1], unpack(ms))
-    moved = moved + #ms
+for _, key in ipairs(KEYS) do
+  local active = 'taskhost.fair.active:' .. key
+  for _, t in ipairs(redis.call('ZRANGE', active, 0, -1)) do
+    local sorted = 'taskhost.fair:' .. key .. '\31' .. t
+    while true do
+      local ms = redis.call('LPOP', sorted, 500)
+      if not ms then break end
+      redis.call('RPUSH', key, unpack(ms))
+      moved = moved + #ms
+    end
   end
+  redis.call('DEL', active)
 end
-redis.call('DEL', active)
 return moved
 "#;
 
@@ -367,8 +369,6 @@ const FAIR_COSTS: &str = "taskhost.fair.cost";
 const FAIR_VT: &str = "taskhost.fair.vt";
 /// Per tenant, its `max_concurrency`: FAIR_FETCH hands out no more than its free slots.
 const FAIR_CAPS: &str = "taskhost.fair.cap";
-/// `taskhost.fair.active:<list>`: the tenants with messages sorted out of that list.
-const FAIR_ACTIVE_PREFIX: &str = "taskhost.fair.active:";
 /// The CPU time of one tenant's tasks FAIR_FETCH hands out at once (fewer RPOPs for tiny
 /// tasks; one task of a tenant whose tasks cost more). Fairness holds to within it.
 const FAIR_QUANTUM: Duration = Duration::from_millis(1);
@@ -963,7 +963,7 @@ impl Broker for RedisBroker {
         Ok(ms.and_then(DateTime::from_timestamp_millis))
     }
 
-    async fn set_fairness(&self, fairness: Option<&super::Fairness>) -> Result<(), BrokerError> {
+    async fn set_fairness(&self, fairness: Option<&super::Fairness>, queues: &[String]) -> Result<(), BrokerError> {
         if let Some(f) = fairness {
             if !f.weights.is_empty() {
                 // Replaced whole: a tenant dropped from the policy is no longer known to
@@ -979,22 +979,14 @@ impl Broker for RedisBroker {
                 pipe.query_async::<()>(&mut self.conn()).await.map_err(cmd_err)?;
             }
         } else {
-            // Messages sorted while it was on go back where any consumer finds them (a
-            // worker with fairness on sorts them again on its next fetch).
-            let active: Vec<String> = {
-                let mut conn = self.conn();
-                let mut iter = conn.scan_match::<_, String>(format!("{FAIR_ACTIVE_PREFIX}*")).await.map_err(cmd_err)?;
-                let mut keys = Vec::new();
-                while let Some(k) = iter.next_item().await {
-                    keys.push(k.map_err(cmd_err)?);
-                }
-                keys
-            };
-            let mut moved = 0;
-            for key in active {
-                let list = &key[FAIR_ACTIVE_PREFIX.len()..];
-                moved += self.unsort.key(list).invoke_async::<i64>(&mut self.conn()).await.map_err(cmd_err)?;
+            // Messages sorted out of these queues while it was on go back where any consumer
+            // finds them (a worker with fairness on sorts them again on its next fetch).
+            let (keys, _) = band_keys(queues);
+            let mut unsort = self.unsort.prepare_invoke();
+            for key in &keys {
+                unsort.key(key);
             }
+            let moved: i64 = unsort.invoke_async(&mut self.conn()).await.map_err(cmd_err)?;
             if moved > 0 {
                 tracing::info!(moved, "fair dispatch is off: messages sorted by tenant returned to their queues");
             }

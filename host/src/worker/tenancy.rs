@@ -356,7 +356,7 @@ impl Worker {
         if changed {
             *self.fairness_of.borrow_mut() = Some(policy.clone());
             let fairness = policy.fairness();
-            match self.broker.set_fairness(fairness.as_ref()).await {
+            match self.broker.set_fairness(fairness.as_ref(), &self.cfg.queues).await {
                 Ok(()) if fairness.is_some() => {
                     self.fair.set(true);
                     tracing::info!(tenants = policy.tenants.len(), "fair dispatch across tenants on")
