@@ -321,30 +321,38 @@ impl config_store::Host for TaskState {
     }
 }
 
+/// The methods an older world's `host` interface shares with the current one, each
+/// passed on to it (its `log-level` mapped case by case).
+macro_rules! older_host_methods {
+    ($host:ident) => {
+        fn log(&mut self, level: $host::LogLevel, message: String) -> wasmtime::Result<()> {
+            let level = match level {
+                $host::LogLevel::Trace => LogLevel::Trace,
+                $host::LogLevel::Debug => LogLevel::Debug,
+                $host::LogLevel::Info => LogLevel::Info,
+                $host::LogLevel::Warn => LogLevel::Warn,
+                $host::LogLevel::Error => LogLevel::Error,
+            };
+            Host::log(self, level, message)
+        }
+
+        fn set_progress(&mut self, state: String, meta: String) -> wasmtime::Result<()> {
+            Host::set_progress(self, state, meta)
+        }
+
+        fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
+            Host::remaining_ms(self)
+        }
+
+        fn is_revoked(&mut self) -> wasmtime::Result<bool> {
+            Host::is_revoked(self)
+        }
+    };
+}
+
 /// Components built against 0.2.0 call the same host through its own interface.
 impl host_v0_2::Host for TaskState {
-    fn log(&mut self, level: host_v0_2::LogLevel, message: String) -> wasmtime::Result<()> {
-        let level = match level {
-            host_v0_2::LogLevel::Trace => LogLevel::Trace,
-            host_v0_2::LogLevel::Debug => LogLevel::Debug,
-            host_v0_2::LogLevel::Info => LogLevel::Info,
-            host_v0_2::LogLevel::Warn => LogLevel::Warn,
-            host_v0_2::LogLevel::Error => LogLevel::Error,
-        };
-        Host::log(self, level, message)
-    }
-
-    fn set_progress(&mut self, state: String, meta: String) -> wasmtime::Result<()> {
-        Host::set_progress(self, state, meta)
-    }
-
-    fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
-        Host::remaining_ms(self)
-    }
-
-    fn is_revoked(&mut self) -> wasmtime::Result<bool> {
-        Host::is_revoked(self)
-    }
+    older_host_methods!(host_v0_2);
 
     fn send_task(
         &mut self,
@@ -361,28 +369,7 @@ impl host_v0_2::Host for TaskState {
 
 /// Components built against 0.1.0 call the same host through its older interface.
 impl host_v0_1::Host for TaskState {
-    fn log(&mut self, level: host_v0_1::LogLevel, message: String) -> wasmtime::Result<()> {
-        let level = match level {
-            host_v0_1::LogLevel::Trace => LogLevel::Trace,
-            host_v0_1::LogLevel::Debug => LogLevel::Debug,
-            host_v0_1::LogLevel::Info => LogLevel::Info,
-            host_v0_1::LogLevel::Warn => LogLevel::Warn,
-            host_v0_1::LogLevel::Error => LogLevel::Error,
-        };
-        Host::log(self, level, message)
-    }
-
-    fn set_progress(&mut self, state: String, meta: String) -> wasmtime::Result<()> {
-        Host::set_progress(self, state, meta)
-    }
-
-    fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
-        Host::remaining_ms(self)
-    }
-
-    fn is_revoked(&mut self) -> wasmtime::Result<bool> {
-        Host::is_revoked(self)
-    }
+    older_host_methods!(host_v0_1);
 }
 
 /// `wasi:sockets/ip-name-lookup` behind the gate: a name the run's TCP grants do not
