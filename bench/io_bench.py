@@ -79,11 +79,7 @@ def run_io(h, taskhost, plugins, slow_server_exe, scale, progress):
     th_concurrency = per_process * cores
     out = {"tasks": count, "delay_s": DELAY_S, "systems": {}}
 
-    def ready_celery():
-        try:
-            return bool(app.control.inspect(timeout=0.5).ping())
-        except Exception:
-            return False
+    ready_celery = h.celery_ready(app)
 
     with progress.step(f"http server alone, {count} requests at {th_concurrency} and at 1000 concurrent"):
         out["server_alone"] = {str(c): server.check(count, c) for c in sorted({th_concurrency, 1000})}

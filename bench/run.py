@@ -152,6 +152,24 @@ def celery_app(url):
     return app
 
 
+def celery_ready(app):
+    """A readiness check for Worker.start: some worker answers Celery's ping."""
+
+    def ready():
+        try:
+            return bool(app.control.inspect(timeout=0.5).ping())
+        except Exception:
+            return False
+
+    return ready
+
+
+def run_header(args):
+    """What every results file starts with: the machine, the date, the scale."""
+    return {"machine": {"cores": os.cpu_count() or 1, "platform": platform.platform(), "python": platform.python_version()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale}
+
+
 def fill(taskhost, url, queue, count, task="tasks.noop", ignore_result=True, args="[]"):
     """Pre-queues `count` messages on `queue` with taskhost's producer (fast, Celery's format)."""
     cmd = [taskhost, "send", task, "--args", args, "--broker", url, "-Q", queue, "--count", str(count)]
@@ -249,39 +267,28 @@ def main():
     n = lambda base: max(10, int(base * args.scale))
     cores = os.cpu_count() or 1
     python = sys.executable
-    if args.only_io:
-        results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale}
-        results["io"] = run_io(sys.modules[__name__], args.taskhost, args.plugins, args.slow_server, args.scale, Progress(7))
-        report_io(results["io"])
-        save(results, args, "io-")
-        return
-    if args.only_python:
-        results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale}
-        results["python"] = run_python(sys.modules[__name__], args.taskhost, args.python_plugins, args.scale, Progress(6))
-        report_python(results["python"])
-        save(results, args, "python-")
-        return
-    if args.only_tenants:
-        results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale}
-        results["tenants"] = run_tenants(sys.modules[__name__], args.taskhost, args.plugins, args.scale, Progress(4))
-        report_tenants(results["tenants"])
-        save(results, args, "tenants-")
-        return
+    h = sys.modules[__name__]
+    # One scenario alone: (asked for, its key, how it runs, its steps, how it reports).
+    alone = [
+        (args.only_io, "io", lambda p: run_io(h, args.taskhost, args.plugins, args.slow_server, args.scale, p), 7, report_io),
+        (args.only_python, "python", lambda p: run_python(h, args.taskhost, args.python_plugins, args.scale, p), 6,
+         report_python),
+        (args.only_tenants, "tenants", lambda p: run_tenants(h, args.taskhost, args.plugins, args.scale, p), 4,
+         report_tenants),
+    ]
+    for asked, key, run, steps, report_one in alone:
+        if asked:
+            results = run_header(args)
+            results[key] = run(Progress(steps))
+            report_one(results[key])
+            save(results, args, f"{key}-")
+            return
     rds = Redis()
     url = rds.url
     app = celery_app(url)
     image = test_image()
-    results = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version()},
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "scale": args.scale, "systems": {}}
-
-    def ready_celery():
-        try:
-            return bool(app.control.inspect(timeout=0.5).ping())
-        except Exception:
-            return False
+    results = {**run_header(args), "systems": {}}
+    ready_celery = celery_ready(app)
 
     systems = [
         ("celery prefork -c 2", Worker("celery-prefork", [python, "-m", "celery", "-A", "tasks", "worker", "-P", "prefork",
