@@ -14,6 +14,7 @@ mod interop;
 mod network;
 mod python_tasks;
 mod readme;
+mod releases;
 mod runtime;
 mod semantics;
 mod tenants;

@@ -6,7 +6,7 @@ use std::process::Output;
 use std::sync::{Arc, OnceLock};
 use taskhost::runtime::{Runtime, RuntimeConfig};
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 

@@ -261,8 +261,23 @@ def python_tasks():
     print("python tasks: results, kwargs, jinja2, failures")
 
 
+def tally(task, count, args_cycle="[[]]"):
+    """Sends COUNT tasks (args taken in turn from ARGS_CYCLE) and prints how many returned
+    each value and how many failed, as JSON: what a rollout test counts."""
+    cycle = json.loads(args_cycle)
+    results = [app.send_task(task, tuple(cycle[i % len(cycle)])) for i in range(int(count))]
+    values, failed = {}, 0
+    for r in results:
+        try:
+            v = json.dumps(r.get(timeout=120))
+            values[v] = values.get(v, 0) + 1
+        except Exception:
+            failed += 1
+    print(json.dumps({"values": values, "failed": failed}))
+
+
 SCENARIOS = {f.__name__: f for f in [canvas, canvas_errors, add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires,
-                                     revoke_terminate, revoke_queued, inspect, python_tasks]}
+                                     revoke_terminate, revoke_queued, inspect, python_tasks, tally]}
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]](*sys.argv[2:])

@@ -2,6 +2,7 @@
 //! schedule, dead-letter — and the URL that picks a transport.
 
 mod redis;
+pub mod releases;
 pub mod sqlite;
 
 pub use self::redis::{client as redis_client, manager as redis_manager, RedisBroker, TLS_CA_ENV};

@@ -379,6 +379,7 @@ mod drain {
             &crate::ceilings::Ceilings::default(),
             None,
             args.tenants.is_some(),
+            crate::registry::TrustPolicy::default(),
         )?;
         let rt = current_thread_runtime()?;
         let local = tokio::task::LocalSet::new();

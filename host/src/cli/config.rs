@@ -27,6 +27,8 @@ pub struct FileConfig {
     pub result_expires: Option<f64>,
     pub track_started: Option<bool>,
     pub hostname: Option<String>,
+    /// trust.toml: the keys allowed to publish releases (see `taskhost serve --trust`).
+    pub trust: Option<PathBuf>,
     /// The operator's ceilings (see `cli/limits.rs`).
     pub limits: Option<super::limits::LimitsFile>,
     /// The most any manifest may grant (see `cli/limits.rs`).

@@ -11,6 +11,7 @@ mod config;
 mod dlq;
 mod limits;
 mod plugins;
+mod release;
 mod result;
 mod revoke;
 mod run;
@@ -66,6 +67,18 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Make an Ed25519 key pair for signing releases (NAME.key, NAME.pub).
+    Keygen(release::KeygenArgs),
+    /// Sign a component and publish it to the registry (the broker by default).
+    Publish(release::PublishArgs),
+    /// Releases: who published what when, which is active at what share, which workers have it.
+    Releases(release::ReleasesArgs),
+    /// Activate a version for a growing share of new tasks, rolling back on failures.
+    Rollout(release::RolloutArgs),
+    /// Stop a rollout, or return to the version active before the last one.
+    Rollback(release::RollbackArgs),
+    /// Withdraw a version: it serves nothing; messages requiring only it are dead-lettered.
+    Yank(release::YankArgs),
 }
 
 /// A failure the CLI reports, with the exit code it maps to.
@@ -117,6 +130,12 @@ pub fn main() -> ExitCode {
         Command::Usage(args) => usage::run(args, &file),
         Command::Plugins(cmd) => plugins::run(cmd, &file),
         Command::Bench(cmd) => bench::run(cmd, &file),
+        Command::Keygen(args) => release::keygen(args),
+        Command::Publish(args) => release::publish(args, &file),
+        Command::Releases(args) => release::releases(args, &file),
+        Command::Rollout(args) => release::rollout(args, &file),
+        Command::Rollback(args) => release::rollback(args, &file),
+        Command::Yank(args) => release::yank(args, &file),
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,6 +85,17 @@ pub struct ServeArgs {
     /// memory and grants ceilings; re-read when it changes.
     #[arg(long, env = "TASKHOST_TENANTS", value_name = "FILE")]
     pub tenants: Option<PathBuf>,
+    /// Follow a release registry: `broker` (this worker's broker) or a redis:// or
+    /// sqlite:// URL. New releases are fetched into --plugins (the cache), verified, loaded.
+    #[arg(long, env = "TASKHOST_REGISTRY", value_name = "URL")]
+    pub registry: Option<String>,
+    /// trust.toml: which public keys may publish which task names. With it, every
+    /// component (registry or plugins dir) must carry a release signed by such a key.
+    #[arg(long, env = "TASKHOST_TRUST", value_name = "FILE")]
+    pub trust: Option<PathBuf>,
+    /// Also load unsigned components (development only).
+    #[arg(long)]
+    pub allow_unsigned: bool,
     /// Set by the supervisor on the processes it starts.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
@@ -111,6 +122,9 @@ struct Settings {
     ceilings: Ceilings,
     secrets: Option<PathBuf>,
     tenants: Option<PathBuf>,
+    /// The release registry followed (a store URL).
+    registry: Option<String>,
+    trust: crate::registry::TrustPolicy,
 }
 
 impl Settings {
@@ -141,10 +155,28 @@ impl Settings {
             // Checked here, so a bad file stops serve at once instead of every worker.
             crate::tenant::Policy::load(path).map_err(CliError::usage)?;
         }
+        let registry = match &args.registry {
+            Some(r) => Some(super::release::registry_url(r, &broker)?),
+            None => None,
+        };
+        let trust = args.trust.or_else(|| file.trust.clone());
+        if let Some(path) = &trust {
+            crate::registry::release::Trust::load(path).map_err(CliError::usage)?;
+        }
+        if registry.is_some() && trust.is_none() && !args.allow_unsigned {
+            return Err(CliError::usage(anyhow!(
+                "--registry needs --trust trust.toml (the keys allowed to publish), or --allow-unsigned for development"
+            )));
+        }
+        if args.allow_unsigned && args.worker_index.is_none() {
+            tracing::warn!("--allow-unsigned: UNSIGNED COMPONENTS WILL RUN. For development only; never in production.");
+        }
         Ok(Settings {
             ceilings,
             secrets: args.secrets,
             tenants: args.tenants,
+            registry,
+            trust: crate::registry::TrustPolicy { trust, allow_unsigned: args.allow_unsigned },
             plugins,
             queues,
             concurrency,
@@ -240,6 +272,7 @@ pub(crate) fn worker_sandboxes(
     ceilings: &Ceilings,
     secrets: Option<&std::path::Path>,
     meter_cpu: bool,
+    trust: crate::registry::TrustPolicy,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), CliError> {
     // A few spare slots: a task's instance is torn down just after its slot is freed.
     let runtime = Arc::new(
@@ -254,7 +287,7 @@ pub(crate) fn worker_sandboxes(
         })
         .map_err(CliError::usage)?,
     );
-    let registry = Registry::open(plugins, runtime.clone()).map_err(CliError::usage)?;
+    let registry = Registry::open_with(plugins.to_path_buf(), runtime.clone(), None, trust).map_err(CliError::usage)?;
     Ok((runtime, registry))
 }
 
@@ -282,7 +315,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         None => crate::tenant::PolicyHandle::none(),
     };
     let (runtime, registry) =
-        worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref(), args.tenants.is_some())?;
+        worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref(), args.tenants.is_some(), args.trust.clone())?;
     let default_tasks = args.ceilings.max_process_memory / crate::runtime::DEFAULT_MEMORY_LIMIT;
     if (args.concurrency as u64) > default_tasks && args.worker_index.unwrap_or(0) == 0 {
         tracing::warn!(
@@ -305,6 +338,16 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             banner(&args, &tasks, &node);
         }
         let _watch = registry.watch(WATCH_INTERVAL);
+        let _follow = match &args.registry {
+            Some(url) => {
+                let store: Arc<dyn crate::broker::releases::ReleaseStore> = crate::broker::releases::connect(url)
+                    .await
+                    .map_err(|e| CliError::usage(anyhow!("release registry {}: {e}", redact(url))))?
+                    .into();
+                Some(tokio::task::spawn_local(crate::registry::follow::follow(registry.clone(), store, node.clone())))
+            }
+            None => None,
+        };
         let cfg = WorkerConfig {
             node_name: node.clone(),
             queues: args.queues.clone(),
@@ -502,6 +545,15 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             }
             if let Some(path) = &args.tenants {
                 cmd.arg("--tenants").arg(path);
+            }
+            if let Some(url) = &args.registry {
+                cmd.args(["--registry", url]);
+            }
+            if let Some(path) = &args.trust.trust {
+                cmd.arg("--trust").arg(path);
+            }
+            if args.trust.allow_unsigned {
+                cmd.arg("--allow-unsigned");
             }
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);

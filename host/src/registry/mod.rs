@@ -7,7 +7,11 @@
 //! once per change and the rest keep serving; a file that fails to load never unloads
 //! the build it was meant to replace. Only regular files are read, within size caps.
 
+pub mod follow;
 pub mod manifest;
+pub mod publish;
+pub mod release;
+pub mod rollout;
 
 pub use manifest::{AutoRetry, Backoff, ByteSize, Manifest, ManifestError, RateLimit, RateLimitScope};
 
@@ -16,6 +20,7 @@ use crate::runtime::{DirGrant, Grants, LoadedComponent, Runtime, TaskLimits, DEF
 use semver::{Version, VersionReq};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -35,6 +40,8 @@ pub struct TaskVersion {
     pub size: u64,
     /// How long reading, compiling (or mapping) and linking it took.
     pub load_time: Duration,
+    /// Its signed release record, where trust.toml verified one.
+    pub release: Option<release::ReleaseRecord>,
     limits: TaskLimits,
     grants: Arc<Grants>,
 }
@@ -67,6 +74,8 @@ pub enum RegistryError {
     UnknownTask { name: String },
     #[error("task {name}: no loaded version matches {req} (loaded: {loaded})")]
     NoMatchingVersion { name: String, req: String, loaded: String },
+    #[error("task {name}: every version matching {req} was yanked: {reason}")]
+    Yanked { name: String, req: String, reason: String },
     #[error("plugins directory {} does not exist", dir.display())]
     Missing { dir: PathBuf },
     #[error("cannot read plugins directory {dir}: {reason}")]
@@ -90,6 +99,8 @@ pub enum FileError {
     TooLarge { path: PathBuf, size: u64, max: ByteSize },
     #[error("{0} (remembered for this digest; not compiled again)")]
     Remembered(String),
+    #[error("refused under {trust}: {refusal}")]
+    Refused { trust: String, refusal: release::Refusal },
     #[error("{0}")]
     Load(#[from] crate::runtime::LoadError),
     #[error("{0}")]
@@ -109,6 +120,29 @@ pub struct ScanReport {
 struct Stamp {
     wasm: (u64, Option<SystemTime>),
     manifest: Option<(u64, Option<SystemTime>)>,
+    release: Option<(u64, Option<SystemTime>)>,
+}
+
+/// `<dir>/<task>@<version>.release.json` beside `<task>@<version>.wasm`.
+pub fn release_path(wasm: &Path) -> PathBuf {
+    wasm.with_extension("release.json")
+}
+
+/// How a registry treats signatures.
+#[derive(Debug, Clone, Default)]
+pub struct TrustPolicy {
+    /// trust.toml: only releases signed by a key it trusts for the task's name load.
+    pub trust: Option<PathBuf>,
+    /// Load unsigned components too (development; loudly warned). Signed ones are still
+    /// verified when a trust file is given.
+    pub allow_unsigned: bool,
+}
+
+/// The trust file as last read, and the stamp that tells when to read it again.
+#[derive(Default)]
+struct TrustState {
+    trust: Option<Arc<release::Trust>>,
+    stamp: Option<(u64, Option<SystemTime>)>,
 }
 
 type Versions = BTreeMap<Version, Arc<TaskVersion>>;
@@ -132,6 +166,16 @@ pub struct Registry {
     load_slots: (Mutex<usize>, Condvar),
     /// Load only the versions of this task (`taskhost run`: compile nothing it will not run).
     only: Option<String>,
+    policy: TrustPolicy,
+    trust: RwLock<TrustState>,
+    /// Components refused under the trust file since start.
+    refused: AtomicU64,
+    /// Rollout state per task, as the release follower last read it from the broker.
+    rollouts: RwLock<HashMap<String, rollout::RolloutState>>,
+    /// Yanked releases (`task@version`) and why.
+    yanked: RwLock<HashMap<String, String>>,
+    /// (succeeded, failed) per `task@version` since the follower last took them.
+    outcomes: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 /// Splits `tasks.add@1.2.0.wasm` into `("tasks.add", "1.2.0")`.
@@ -284,15 +328,21 @@ pub fn describe_dir(dir: &Path) -> String {
 impl Registry {
     /// Opens `dir` and loads what is there now.
     pub fn open(dir: impl Into<PathBuf>, runtime: Arc<Runtime>) -> Result<Arc<Registry>, RegistryError> {
-        Self::open_filtered(dir.into(), runtime, None)
+        Self::open_with(dir.into(), runtime, None, TrustPolicy::default())
     }
 
     /// Opens `dir` and loads the versions of `task` there, nothing else.
     pub fn open_for_task(dir: impl Into<PathBuf>, runtime: Arc<Runtime>, task: &str) -> Result<Arc<Registry>, RegistryError> {
-        Self::open_filtered(dir.into(), runtime, Some(task.to_string()))
+        Self::open_with(dir.into(), runtime, Some(task.to_string()), TrustPolicy::default())
     }
 
-    fn open_filtered(dir: PathBuf, runtime: Arc<Runtime>, only: Option<String>) -> Result<Arc<Registry>, RegistryError> {
+    /// Opens `dir` (all tasks, or only `only`) under a trust policy.
+    pub fn open_with(
+        dir: PathBuf,
+        runtime: Arc<Runtime>,
+        only: Option<String>,
+        policy: TrustPolicy,
+    ) -> Result<Arc<Registry>, RegistryError> {
         if !dir.exists() {
             return Err(RegistryError::Missing { dir });
         }
@@ -300,8 +350,24 @@ impl Registry {
             return Err(RegistryError::Dir { dir, reason: "not a directory".into() });
         }
         let slots = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let registry =
-            Arc::new(Registry { dir, runtime, state: RwLock::default(), load_slots: (Mutex::new(slots), Condvar::new()), only });
+        let mut trust = TrustState::default();
+        if let Some(path) = &policy.trust {
+            let loaded = release::Trust::load(path).map_err(|e| RegistryError::Dir { dir: path.clone(), reason: e.to_string() })?;
+            trust = TrustState { trust: Some(Arc::new(loaded)), stamp: stamp_of(path).ok() };
+        }
+        let registry = Arc::new(Registry {
+            dir,
+            runtime,
+            state: RwLock::default(),
+            load_slots: (Mutex::new(slots), Condvar::new()),
+            only,
+            policy,
+            trust: RwLock::new(trust),
+            refused: AtomicU64::new(0),
+            rollouts: RwLock::default(),
+            yanked: RwLock::default(),
+            outcomes: Mutex::default(),
+        });
         registry.scan()?;
         Ok(registry)
     }
@@ -328,7 +394,8 @@ impl Registry {
     /// One look at the directory. Each changed file loads on a thread of its own, so a
     /// slow compile (a bomb, say) holds up only its own file; with `wait` false the
     /// loads finish in the background and a later look sees them done.
-    fn rescan(self: &Arc<Self>, wait: bool) -> Result<ScanReport, RegistryError> {
+    pub(crate) fn rescan(self: &Arc<Self>, wait: bool) -> Result<ScanReport, RegistryError> {
+        self.reread_trust();
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| RegistryError::Dir { dir: self.dir.clone(), reason: e.to_string() })?;
         let mut report = ScanReport::default();
@@ -346,7 +413,8 @@ impl Registry {
             }
             let Ok(wasm) = stamp_of(&path) else { continue };
             let manifest = stamp_of(&path.with_extension("toml")).ok();
-            present.insert(path, Stamp { wasm, manifest });
+            let release = stamp_of(&release_path(&path)).ok();
+            present.insert(path, Stamp { wasm, manifest, release });
         }
 
         let mut started = Vec::new();
@@ -451,6 +519,13 @@ impl Registry {
                 report.added.push((tv.name.clone(), tv.version.clone()));
                 state.tasks.entry(tv.name.clone()).or_default().insert(tv.version.clone(), Arc::new(tv));
             }
+            Err(e @ FileError::Refused { .. }) => {
+                // Never keep serving a build the trust file no longer accepts.
+                Self::remove_path(&mut state, &path, report);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(file = %path.display(), "component refused: {e}");
+                report.invalid.push((path, e.to_string()));
+            }
             Err(e) => {
                 let serving = state.tasks.values().flat_map(|vs| vs.values()).any(|tv| tv.path == path);
                 if serving {
@@ -486,21 +561,22 @@ impl Registry {
         let (name, version) = parse_file_name(file_name)?;
         let ceilings = self.ceilings();
         let manifest_path = path.with_extension("toml");
-        let manifest = match read_plugin_file(&manifest_path, MAX_MANIFEST_BYTES, ceilings.allow_symlinks) {
+        let (manifest, manifest_bytes) = match read_plugin_file(&manifest_path, MAX_MANIFEST_BYTES, ceilings.allow_symlinks) {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);
                 let manifest = Manifest::parse(&text)
                     .and_then(|m| m.check_ceilings(ceilings).map(|()| m))
                     .map_err(|source| FileError::Manifest { path: manifest_path.clone(), source })?;
-                manifest
+                (manifest, Some(bytes))
             }
-            Err(FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
+            Err(FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => (Manifest::default(), None),
             Err(e) => return Err(e),
         };
         if manifest.precise_clocks == Some(true) && !ceilings.allow_precise_clocks {
             tracing::warn!(file = %path.display(), "precise_clocks asked for but not allowed (allow_precise_clocks); the task gets coarse clocks");
         }
         let bytes = read_plugin_file(path, ceilings.max_component_size, ceilings.allow_symlinks)?;
+        let release = self.verify_release(path, &name, &version, &bytes, manifest_bytes.as_deref())?;
         let digest = crate::runtime::digest(&bytes);
         if let Some(reason) = self.state.read().unwrap_or_else(|p| p.into_inner()).failed.get(&digest) {
             return Err(FileError::Remembered(reason.clone()));
@@ -539,9 +615,83 @@ impl Registry {
             path: path.to_path_buf(),
             size: bytes.len() as u64,
             load_time: started.elapsed(),
+            release,
             limits,
             grants,
         })
+    }
+
+    /// Reads the trust file again if it changed; every component is then checked again
+    /// (a revoked key's releases stop loading). An unreadable new version keeps the old.
+    fn reread_trust(&self) {
+        let Some(path) = &self.policy.trust else { return };
+        let stamp = stamp_of(path).ok();
+        if self.trust.read().unwrap_or_else(|p| p.into_inner()).stamp == stamp {
+            return;
+        }
+        match release::Trust::load(path) {
+            Ok(trust) => {
+                tracing::info!(trust = %path.display(), "trust file changed: checking every component again");
+                *self.trust.write().unwrap_or_else(|p| p.into_inner()) = TrustState { trust: Some(Arc::new(trust)), stamp };
+                self.state.write().unwrap_or_else(|p| p.into_inner()).stamps.clear();
+            }
+            Err(e) => {
+                tracing::error!("{e}; keeping the trust file read before");
+                self.trust.write().unwrap_or_else(|p| p.into_inner()).stamp = stamp;
+            }
+        }
+    }
+
+    /// Checks a component against the trust file: its signed release record must name
+    /// these bytes. Without a trust file nothing is checked.
+    fn verify_release(
+        &self,
+        path: &Path,
+        name: &str,
+        version: &Version,
+        bytes: &[u8],
+        manifest: Option<&[u8]>,
+    ) -> Result<Option<release::ReleaseRecord>, FileError> {
+        let Some(trust) = self.trust.read().unwrap_or_else(|p| p.into_inner()).trust.clone() else { return Ok(None) };
+        let refused = |refusal| FileError::Refused { trust: trust.path.display().to_string(), refusal };
+        let signed = match read_plugin_file(&release_path(path), release::MAX_RELEASE_BYTES, self.ceilings().allow_symlinks) {
+            Ok(b) => Some(release::SignedRelease::parse(&b).map_err(refused)?),
+            Err(FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if signed.is_none() && self.policy.allow_unsigned {
+            tracing::warn!(file = %path.display(), "UNSIGNED component loaded (--allow-unsigned): for development only");
+            return Ok(None);
+        }
+        trust.verify(name, version, bytes, manifest, signed.as_ref()).map(Some).map_err(refused)
+    }
+
+    /// Components refused under the trust file since start.
+    pub fn refused_count(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the rollout states and yanked releases (from the broker's release store).
+    pub fn set_release_state(&self, rollouts: HashMap<String, rollout::RolloutState>, yanked: HashMap<String, String>) {
+        *self.rollouts.write().unwrap_or_else(|p| p.into_inner()) = rollouts;
+        *self.yanked.write().unwrap_or_else(|p| p.into_inner()) = yanked;
+    }
+
+    /// Counts a finished run of `task` for the rollout's failure-rate gate.
+    pub fn record_outcome(&self, task: &TaskVersion, succeeded: bool) {
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        let e = outcomes.entry(format!("{}@{}", task.name, task.version)).or_default();
+        if succeeded {
+            e.0 += 1
+        } else {
+            e.1 += 1
+        }
+    }
+
+    /// The outcome counts since the last call.
+    pub fn take_outcomes(&self) -> Vec<(String, u64, u64)> {
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        outcomes.drain().map(|(k, (ok, failed))| (k, ok, failed)).collect()
     }
 
     /// Whether a file naming task `name` is being loaded right now: a message for it
@@ -552,12 +702,42 @@ impl Registry {
 
     /// The newest version of `name`, or the newest matching `req`.
     pub fn resolve(&self, name: &str, req: Option<&VersionReq>) -> Result<Arc<TaskVersion>, RegistryError> {
+        self.resolve_for(name, req, "")
+    }
+
+    /// The version task `task_id` of `name` runs on: the newest matching `req` if the
+    /// message has one; else, while a rollout is on, the stable version or the candidate
+    /// (by the id's bucket); else the newest. Yanked releases serve nothing.
+    pub fn resolve_for(&self, name: &str, req: Option<&VersionReq>, task_id: &str) -> Result<Arc<TaskVersion>, RegistryError> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         let versions = state.tasks.get(name).ok_or_else(|| RegistryError::UnknownTask { name: name.to_string() })?;
+        let yanked = self.yanked.read().unwrap_or_else(|p| p.into_inner());
+        let yank_of = |v: &Version| yanked.get(&format!("{name}@{v}"));
+        let mut live = versions.iter().rev().filter(|(v, _)| yank_of(v).is_none());
         let found = match req {
-            None => versions.values().next_back(),
-            Some(req) => versions.iter().rev().find(|(v, _)| req.matches(v)).map(|(_, tv)| tv),
+            None => {
+                let rollouts = self.rollouts.read().unwrap_or_else(|p| p.into_inner());
+                let picked = rollouts.get(name).and_then(|r| {
+                    let want = r.pick(task_id);
+                    // Not here (yet) or yanked: the stable version, else the newest not past it.
+                    [want, &r.stable]
+                        .into_iter()
+                        .find_map(|v| versions.get(v).filter(|_| yank_of(v).is_none()))
+                        .or_else(|| versions.iter().rev().find(|(v, _)| *v <= &r.stable && yank_of(v).is_none()).map(|(_, tv)| tv))
+                });
+                picked.or_else(|| live.next().map(|(_, tv)| tv))
+            }
+            Some(req) => live.find(|(v, _)| req.matches(v)).map(|(_, tv)| tv),
         };
+        if found.is_none() {
+            if let Some(reason) = versions.keys().rev().filter(|v| req.is_none_or(|r| r.matches(v))).find_map(|v| yank_of(v)) {
+                return Err(RegistryError::Yanked {
+                    name: name.to_string(),
+                    req: req.map_or_else(|| "*".to_string(), |r| r.to_string()),
+                    reason: reason.clone(),
+                });
+            }
+        }
         found.cloned().ok_or_else(|| RegistryError::NoMatchingVersion {
             name: name.to_string(),
             req: req.map(|r| r.to_string()).unwrap_or_default(),

@@ -75,7 +75,7 @@ pub fn within(pattern: &str, allowed: &[String]) -> bool {
 }
 
 /// `*` matches any run of characters (dots included): `mail.*`, `*.render`, `a.*.b`.
-fn glob(pattern: &str, text: &str) -> bool {
+pub fn glob(pattern: &str, text: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
     let Some(mut rest) = text.strip_prefix(first) else { return false };

@@ -18,7 +18,7 @@ mod sandbox;
 
 pub use compile::CHILD_ARGS as COMPILER_CHILD_ARGS;
 pub use footprint::Footprint;
-pub use grants::{within as grants_within, DirGrant, Grants, SentTask, DEFAULT_MAX_SENT_TASKS};
+pub use grants::{glob as name_matches, within as grants_within, DirGrant, Grants, SentTask, DEFAULT_MAX_SENT_TASKS};
 pub use net::{Origin, TcpTarget};
 pub use outbound::{DEFAULT_MAX_HTTP_REQUESTS, DEFAULT_MAX_HTTP_RESPONSE_BYTES};
 pub use output::Captured;
@@ -377,6 +377,20 @@ pub struct LoadedComponent {
     pub from_cache: bool,
     /// What one instance takes from the sandbox pool.
     pub footprint: Footprint,
+    /// The taskhost world version it was built against (`0.3.0`).
+    pub world: String,
+}
+
+/// The version of the taskhost host interface a component imports, or, if it imports
+/// none, the newest world whose export shape it has.
+fn world_of(component: &Component, engine: &Engine, pre: &AnyTaskPre<TaskState>) -> String {
+    let imported = component.component_type().imports(engine).find_map(|(name, _)| {
+        name.strip_prefix("taskhost:task/host@").map(str::to_string)
+    });
+    imported.unwrap_or_else(|| match pre {
+        AnyTaskPre::Current(_) => "0.3.0".to_string(),
+        AnyTaskPre::V0_2(_) => "0.2.0".to_string(),
+    })
 }
 
 /// Why the epoch callback stopped a guest.
@@ -529,7 +543,8 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
         let pre = AnyTaskPre::new(pre).map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
-        Ok(LoadedComponent { pre, digest, from_cache, footprint })
+        let world = world_of(&component, &self.engine, &pre);
+        Ok(LoadedComponent { pre, digest, from_cache, footprint, world })
     }
 
     /// Compiles `bytes` into the compile cache and nothing more: what the compiler child

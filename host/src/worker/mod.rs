@@ -633,7 +633,7 @@ impl Worker {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
         }
         let now = Utc::now();
-        let mut resolved = self.registry.resolve(&h.task, None);
+        let mut resolved = self.registry.resolve_for(&h.task, None, &h.id);
         if resolved.is_err() && self.registry.is_loading(&h.task) {
             // Its component is being compiled: better a moment's wait than a dead letter.
             let give_up = Instant::now() + self.runtime.config().ceilings.compile_timeout + Duration::from_secs(1);
@@ -644,7 +644,7 @@ impl Worker {
                 self.restore_on_shutdown(&delivery).await;
                 return;
             }
-            resolved = self.registry.resolve(&h.task, None);
+            resolved = self.registry.resolve_for(&h.task, None, &h.id);
         }
         let ignore_result = h
             .ignore_result
@@ -689,10 +689,15 @@ impl Worker {
         // Without a version requirement the newest version resolved above is the one to run.
         let found = match &requirement {
             None => resolved,
-            Some(req) => self.registry.resolve(&h.task, Some(req)),
+            Some(req) => self.registry.resolve_for(&h.task, Some(req), &h.id),
         };
         let task = match found {
             Ok(tv) => tv,
+            Err(e @ crate::registry::RegistryError::Yanked { .. }) => {
+                tracing::warn!(task = %h.task, id = %h.id, "{e}");
+                self.fail_unrunnable(&delivery, &decoded, "taskhost", "VersionYanked", e.to_string(), ignore_result).await;
+                return;
+            }
             Err(e) => {
                 tracing::warn!(task = %h.task, id = %h.id, "{e}");
                 self.fail_unrunnable(&delivery, &decoded, "celery.exceptions", "NotRegistered", e.to_string(), ignore_result).await;
@@ -1013,6 +1018,7 @@ impl Worker {
                 let value: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
                 tracing::debug!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "succeeded: {json}");
                 self.stats.borrow_mut().succeeded += 1;
+                self.registry.record_outcome(task, true);
                 // Celery's order: next chain step and links first, then the SUCCESS naming them.
                 let mut children: Vec<serde_json::Value> = sent_ids.iter().map(|id| canvas::child_tuple(id)).collect();
                 children.extend(self.hand_on(decoded, &value).await);
@@ -1061,6 +1067,7 @@ impl Worker {
             tracing::warn!(task = %h.task, id = %h.id, "{}", exc.message());
             // The outcome is stored either way; a lost letter is logged by broker_op.
             let _ = self.dead_letter(delivery, Some(decoded), format!("max retries ({max_retries}) exceeded: {reason}")).await;
+            self.registry.record_outcome(task, false);
             self.fail(delivery, decoded, &exc, traceback, ignore_result, acks_late).await;
             return;
         }
@@ -1080,6 +1087,7 @@ impl Worker {
         }
         let exc = outcome::exception_for(&error);
         let traceback = outcome::traceback_for(&h.task, &version, &error, &run.stderr.text);
+        self.registry.record_outcome(task, false);
         self.fail(delivery, decoded, &exc, traceback, ignore_result, acks_late).await;
     }
 
