@@ -72,7 +72,11 @@ fn run_value(broker: &str, task: &str, extra: &[&str]) -> String {
     let mut args = vec![task, "--wait", "--timeout", "30"];
     args.extend_from_slice(extra);
     let out = send(broker, &args);
-    format!("{}{}", stdout(&out).trim(), if out.status.success() { "" } else { " (failed)" })
+    if out.status.success() {
+        stdout(&out).trim().to_string()
+    } else {
+        format!("{} {} (failed)", stdout(&out).trim(), stderr(&out).trim())
+    }
 }
 
 fn version_component(v: u32) -> PathBuf {

@@ -344,7 +344,8 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
                     .await
                     .map_err(|e| CliError::usage(anyhow!("release registry {}: {e}", redact(url))))?
                     .into();
-                Some(tokio::task::spawn_local(crate::registry::follow::follow(registry.clone(), store, node.clone())))
+                // Keyed by pid too: two workers given the same node name still count as two.
+                Some(tokio::task::spawn_local(crate::registry::follow::follow(registry.clone(), store, format!("{node}#{}", std::process::id()))))
             }
             None => None,
         };
