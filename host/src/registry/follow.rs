@@ -22,6 +22,7 @@ pub const READY_TTL: Duration = Duration::from_secs(5);
 pub async fn follow(registry: Arc<Registry>, store: Arc<dyn ReleaseStore>, worker: String) {
     let mut seen: Option<u64> = None;
     let mut last_report = Instant::now() - REPORT_EVERY;
+    let mut reported = ReadyReport::default();
     let mut failing = false;
     loop {
         match sync_once(&registry, store.as_ref(), &mut seen).await {
@@ -38,21 +39,27 @@ pub async fn follow(registry: Arc<Registry>, store: Arc<dyn ReleaseStore>, worke
                 failing = true;
             }
         }
-        if last_report.elapsed() >= REPORT_EVERY {
+        // At once when what is loaded changed (a rollout waits on it), else every second.
+        let now_ready = ready_report(&registry);
+        if now_ready != reported || last_report.elapsed() >= REPORT_EVERY {
             last_report = Instant::now();
-            report(&registry, store.as_ref(), &worker).await;
+            report(&registry, store.as_ref(), &worker, &now_ready).await;
+            reported = now_ready;
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-async fn report(registry: &Registry, store: &dyn ReleaseStore, worker: &str) {
-    let ready = ReadyReport {
+fn ready_report(registry: &Registry) -> ReadyReport {
+    ReadyReport {
         ready: registry.all().iter().map(|tv| (format!("{}@{}", tv.name, tv.version), tv.component.digest.clone())).collect(),
         refused: registry.refused_count(),
         pid: std::process::id(),
-    };
-    let text = serde_json::to_string(&ready).expect("a report always encodes");
+    }
+}
+
+async fn report(registry: &Registry, store: &dyn ReleaseStore, worker: &str, ready: &ReadyReport) {
+    let text = serde_json::to_string(ready).expect("a report always encodes");
     if let Err(e) = store.report_ready(worker, &text, READY_TTL).await {
         tracing::debug!("readiness report failed: {e}");
     }
