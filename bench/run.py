@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chart import write_chart
 from io_bench import report_io, run_io
+from publish_bench import report_publish, run_publish
 from python_bench import report_python, run_python
 from tenants_bench import report_tenants, run_tenants
 
@@ -258,6 +259,8 @@ def main():
     ap.add_argument("--python-plugins", default=str(ROOT / "dist/python-plugins"),
                     help="the Python example components (make plugins builds them with componentize-py)")
     ap.add_argument("--only-python", action="store_true", help="run only the Python-task scenario (py.noop against Celery)")
+    ap.add_argument("--only-publish", action="store_true",
+                    help="run only the release scenario (publish -> every following worker serving, 20 rounds)")
     ap.add_argument("--only-tenants", action="store_true",
                     help="run only the tenant scenarios (a flood and a late tenant; the drain with fairness on and off)")
     args = ap.parse_args()
@@ -273,6 +276,8 @@ def main():
         (args.only_io, "io", lambda p: run_io(h, args.taskhost, args.plugins, args.slow_server, args.scale, p), 7, report_io),
         (args.only_python, "python", lambda p: run_python(h, args.taskhost, args.python_plugins, args.scale, p), 6,
          report_python),
+        (args.only_publish, "publish", lambda p: run_publish(h, args.taskhost, args.plugins, args.scale, p), 2,
+         report_publish),
         (args.only_tenants, "tenants", lambda p: run_tenants(h, args.taskhost, args.plugins, args.scale, p), 4,
          report_tenants),
     ]
@@ -306,7 +311,7 @@ def main():
     ]
 
     # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
-    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6)
+    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2)
 
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
@@ -374,11 +379,14 @@ def main():
     results["tenants"] = run_tenants(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
     # Tasks written in Python against Celery's native no-op.
     results["python"] = run_python(sys.modules[__name__], args.taskhost, args.python_plugins, args.scale, progress)
+    # Releases: publish -> every following worker serving.
+    results["publish"] = run_publish(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
 
     report(results)
     report_io(results["io"])
     report_tenants(results["tenants"])
     report_python(results["python"])
+    report_publish(results["publish"])
     save(results, args)
 
 

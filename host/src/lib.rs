@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! cli ──► worker ──► runtime      wasmtime engine, sandbox, limits (the only wasmtime user)
-//!   │        ├─────► registry     components on disk, versions, hot swap
-//!   │        ├─────► broker       trait Broker + transports
+//!   │        ├─────► registry     components on disk, versions, hot swap, signed releases,
+//!   │        │                    rollout state, the follower of the broker's release store
+//!   │        ├─────► broker       trait Broker + transports; ReleaseStore (releases on Redis/SQLite)
 //!   │        └─────► backend      Celery-format results
 //!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
 //! worker ──► canvas               chain / group / chord bookkeeping (pure)

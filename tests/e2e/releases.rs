@@ -316,6 +316,7 @@ fn a_version_failing_half_its_tasks_is_rolled_back_on_its_own() {
 fn a_registry_outage_leaves_workers_serving_and_the_embedded_broker_publishes_too() {
     // The registry on a Redis of its own; the broker is the embedded SQLite file.
     let registry = RedisServer::start();
+    let registry_url = registry.url();
     let dir = tempfile::tempdir().unwrap();
     let broker = format!("sqlite://{}", dir.path().join("taskhost.db").display());
     let keys = Keys::new("\"tasks.*\"");
@@ -334,7 +335,11 @@ fn a_registry_outage_leaves_workers_serving_and_the_embedded_broker_publishes_to
     drop(registry);
     w.wait_for_log("release registry unreachable, serving what is loaded", Duration::from_secs(30));
     assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");
-
+    // Restarted while the registry is still down: it serves from its plugins dir (the cache).
+    drop(w);
+    let w = WorkerProcess::start_with_plugins(&broker, cache.path(), &["--registry", &registry_url, "--trust", &keys.trust()]);
+    assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");
+    w.wait_for_log("release registry unreachable", Duration::from_secs(20));
     drop(w);
 
     // The embedded broker as the registry.

@@ -338,17 +338,10 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             banner(&args, &tasks, &node);
         }
         let _watch = registry.watch(WATCH_INTERVAL);
-        let _follow = match &args.registry {
-            Some(url) => {
-                let store: Arc<dyn crate::broker::releases::ReleaseStore> = crate::broker::releases::connect(url)
-                    .await
-                    .map_err(|e| CliError::usage(anyhow!("release registry {}: {e}", redact(url))))?
-                    .into();
-                // Keyed by pid too: two workers given the same node name still count as two.
-                Some(tokio::task::spawn_local(crate::registry::follow::follow(registry.clone(), store, format!("{node}#{}", std::process::id()))))
-            }
-            None => None,
-        };
+        // Keyed by pid too: two workers given the same node name still count as two.
+        let _follow = args.registry.clone().map(|url| {
+            tokio::task::spawn_local(crate::registry::follow::follow_url(registry.clone(), url, format!("{node}#{}", std::process::id())))
+        });
         let cfg = WorkerConfig {
             node_name: node.clone(),
             queues: args.queues.clone(),

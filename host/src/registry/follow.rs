@@ -18,6 +18,25 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// A worker not heard from for this long is no longer counted as live.
 pub const READY_TTL: Duration = Duration::from_secs(5);
 
+/// Connects to the release store at `url` (again every second while it cannot: the
+/// plugins dir serves meanwhile) and follows it until dropped.
+pub async fn follow_url(registry: Arc<Registry>, url: String, worker: String) {
+    let mut warned = false;
+    let store = loop {
+        match crate::broker::releases::connect(&url).await {
+            Ok(store) => break store,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!("release registry unreachable, serving what is loaded: {e}");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    follow(registry, store.into(), worker).await
+}
+
 /// Follows `store` until dropped. `worker` names this process in readiness reports.
 pub async fn follow(registry: Arc<Registry>, store: Arc<dyn ReleaseStore>, worker: String) {
     let mut seen: Option<u64> = None;
