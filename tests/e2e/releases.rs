@@ -151,16 +151,25 @@ fn unsigned_tampered_and_wrongly_signed_components_are_refused_everywhere() {
     let flipped = [blob[at] ^ 1];
     let _: i64 = redis.query(redis::cmd("SETRANGE").arg("taskhost.release.wasm.tasks.other@1.0.0").arg(at).arg(&flipped[..]));
 
-    let (w, _cache) = follower(&broker, &keys);
-    w.wait_for_log("component refused", Duration::from_secs(20));
+    // A release key that would be a path outside the plugins dir.
+    let _: i64 = redis.query(redis::cmd("HSET").arg("taskhost.release.digest").arg("../escape@1.0.0").arg("00"));
+    let _: i64 = redis.query(redis::cmd("HSET").arg("taskhost.release.signed").arg("../escape@1.0.0").arg("{}"));
+
+    let (w, cache) = follower(&broker, &keys);
+    w.wait_for_log("not fetched", Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(1));
     let log = w.log_text();
     assert!(log.contains("a key trust.toml does not list"), "{log}");
     assert!(log.contains("does not trust for task media.version"), "{log}");
-    assert!(log.contains("the component differs from the one signed"), "{log}");
+    assert!(log.contains("differ from the signed digest"), "{log}");
+    assert!(log.contains("is not task@version; ignored"), "{log}");
+    // Nothing refused was written, inside the plugins dir or beside it.
+    let written: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(written.iter().all(|n| !n.to_string_lossy().ends_with(".wasm")), "{written:?}");
+    assert!(!cache.path().parent().unwrap().join("escape@1.0.0.wasm").exists());
     for task in ["tasks.version", "media.version", "tasks.other"] {
         let v = run_value(&broker, task, &[]);
-        assert!(v.ends_with("(failed)"), "{task} ran: {v}");
+        assert!(v.contains("NotRegistered"), "{task} ran: {v}");
     }
     let refused: serde_json::Value = releases(&broker);
     assert!(refused.as_array().unwrap().iter().all(|r| r["ready_on"].as_array().unwrap().is_empty()), "{refused}");
@@ -199,7 +208,8 @@ fn a_revoked_key_stops_its_releases_loading() {
     let trust = std::fs::read_to_string(keys.trust()).unwrap();
     std::fs::write(keys.trust(), format!("{trust}revoked = true\n")).unwrap();
     w.wait_for_log("which trust.toml marks revoked", Duration::from_secs(10));
-    assert!(run_value(&broker, "tasks.version", &[]).ends_with("(failed)"));
+    let v = run_value(&broker, "tasks.version", &[]);
+    assert!(v.contains("NotRegistered"), "{v}");
 }
 
 /// Sends `count` tasks through a Python Celery client; (values → count, failures).
@@ -222,7 +232,8 @@ fn a_rollout_step_sends_its_share_and_rollback_and_yank_return_the_old_version()
 
     let mut rollout = std::process::Command::new(taskhost_bin())
         .args(["rollout", "tasks.version", "2.0.0", "--steps", "10,100", "--interval", "300s", "--broker", &broker])
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -239,11 +250,20 @@ fn a_rollout_step_sends_its_share_and_rollback_and_yank_return_the_old_version()
     eprintln!("rollout 10%: {pct:.1}% of 2000 tasks on 2.0.0");
     assert!((7.0..=13.0).contains(&pct), "{pct}% on the new version: {counts}");
 
-    // Rollback stops the rollout: everything on 1.0.0 again.
-    let _ = rollout.kill();
-    let _ = rollout.wait();
+    // Rollback stops the rollout (the rollout command sees the change and stops too):
+    // everything on 1.0.0 again.
     let out = cli(&broker, &["rollback", "tasks.version"]);
     assert!(out.status.success() && stdout(&out).contains("tasks.version@1.0.0"), "{}{}", stdout(&out), stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = rollout.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the rollout command kept going after the rollback");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(releases(&broker).to_string().contains("active 100%"));
     std::thread::sleep(Duration::from_millis(600));
     let counts = tally(&broker, "tasks.version", 200, "[[]]");
     assert_eq!(counts["values"]["\"1.0.0\""], 200, "{counts}");
@@ -257,6 +277,12 @@ fn a_rollout_step_sends_its_share_and_rollback_and_yank_return_the_old_version()
     assert!(v.contains("VersionYanked") && v.contains("CVE-2026-0001"), "{v}");
     let dlq = stdout(&cli(&broker, &["dlq", "list"]));
     assert!(dlq.contains("yanked"), "{dlq}");
+    assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");
+    // A rollout state nobody can read (a broker writer's junk) changes nothing: the state
+    // read before stays, and the yanked or staged versions do not start serving.
+    let _: i64 = redis.query(redis::cmd("HSET").arg("taskhost.release.rollout").arg("tasks.version").arg("{junk"));
+    let _: i64 = redis.query(redis::cmd("INCR").arg("taskhost.release.generation"));
+    std::thread::sleep(Duration::from_millis(600));
     assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");
     let audit = stdout(&cli(&broker, &["releases", "--audit", "tasks.version"]));
     for action in ["publish", "rollout", "rollback", "yank"] {
@@ -332,6 +358,19 @@ fn a_registry_outage_leaves_workers_serving_and_the_embedded_broker_publishes_to
     while run_value(&broker, "tasks.version", &[]) != "\"1.0.0\"" {
         assert!(Instant::now() < deadline, "never served: {}", w.log_text());
     }
+    // A staged release reaches the cache but must not serve, before or after a restart.
+    let out = taskhost(&[
+        "publish", version_component(2).to_str().unwrap(), "--task", "tasks.version", "--version", "2.0.0",
+        "--key", &keys.key(), "--registry", &registry.url(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cache.path().join("tasks.version@2.0.0.wasm").exists() {
+        assert!(Instant::now() < deadline, "2.0.0 never fetched: {}", w.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");
     drop(registry);
     w.wait_for_log("release registry unreachable, serving what is loaded", Duration::from_secs(30));
     assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");

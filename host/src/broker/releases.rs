@@ -37,6 +37,8 @@ pub trait ReleaseStore: Send + Sync {
     async fn put(&self, release: &StoredRelease, component: &[u8], manifest: Option<&[u8]>) -> Result<PutOutcome, BrokerError>;
     async fn list(&self) -> Result<Vec<StoredRelease>, BrokerError>;
     async fn component(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError>;
+    /// The component's size, read before the bytes so an oversized one is never fetched.
+    async fn component_len(&self, key: &str) -> Result<Option<u64>, BrokerError>;
     async fn manifest(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError>;
     /// Marks a release yanked; false if there is no such release.
     async fn yank(&self, key: &str, reason: &str) -> Result<bool, BrokerError>;
@@ -158,6 +160,12 @@ impl ReleaseStore for RedisReleases {
     async fn component(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         use redis::AsyncCommands;
         self.conn.clone().get(k(&format!("wasm.{key}"))).await.map_err(redis_err)
+    }
+
+    async fn component_len(&self, key: &str) -> Result<Option<u64>, BrokerError> {
+        use redis::AsyncCommands;
+        let n: u64 = self.conn.clone().strlen(k(&format!("wasm.{key}"))).await.map_err(redis_err)?;
+        Ok((n > 0).then_some(n))
     }
 
     async fn manifest(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
@@ -357,6 +365,18 @@ impl ReleaseStore for SqliteReleases {
                 conn.query_row("SELECT component FROM releases WHERE key = ?1", [key], |r| r.get(0)).optional()
             })
             .await
+            .map_err(sql_err)
+    }
+
+    async fn component_len(&self, key: &str) -> Result<Option<u64>, BrokerError> {
+        let key = key.to_string();
+        self.db
+            .call(move |conn| {
+                use rusqlite::OptionalExtension;
+                conn.query_row("SELECT length(component) FROM releases WHERE key = ?1", [key], |r| r.get::<_, i64>(0)).optional()
+            })
+            .await
+            .map(|n| n.map(|n| n as u64))
             .map_err(sql_err)
     }
 

@@ -153,7 +153,7 @@ fn actor() -> String {
 
 fn op_err(e: ReleaseOpError) -> CliError {
     match e {
-        ReleaseOpError::Store(_) => CliError::failed(e),
+        ReleaseOpError::Store(_) | ReleaseOpError::Interrupted(_) | ReleaseOpError::NotReady { .. } => CliError::failed(e),
         _ => CliError::usage(e),
     }
 }
@@ -227,8 +227,12 @@ pub fn publish(args: PublishArgs, file: &super::config::FileConfig) -> Result<()
         }
         None => None,
     };
-    if args.task.is_empty() || args.task.contains(['/', '\\', '@']) {
+    if args.task.is_empty() || args.task.starts_with('.') || args.task.contains(['/', '\\', '@', '\0']) {
         return Err(CliError::usage(anyhow!("--task {:?} is not a task name", args.task)));
+    }
+    if !args.version.build.is_empty() {
+        // 1.0.0+a and 1.0.0+b would be two releases that every requirement treats as one.
+        return Err(CliError::usage(anyhow!("--version {}: build metadata (+…) is not allowed in a release version", args.version)));
     }
     let world = check_component(&component)?;
     let env = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
@@ -363,7 +367,7 @@ pub fn releases(args: ReleasesArgs, file: &super::config::FileConfig) -> Result<
                     "{:<28} {:<10} {:<12} {:<14} {:<24} {:<20} {}/{}",
                     s("task"),
                     s("version"),
-                    &s("sha256")[..12.min(s("sha256").len())],
+                    s("sha256").chars().take(12).collect::<String>(),
                     s("publisher"),
                     s("time"),
                     s("status"),

@@ -339,6 +339,10 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         }
         let _watch = registry.watch(WATCH_INTERVAL);
         // Keyed by pid too: two workers given the same node name still count as two.
+        if args.registry.is_some() {
+            // What the registry last said holds until it can be asked again.
+            crate::registry::follow::restore_state(&registry);
+        }
         let _follow = args.registry.clone().map(|url| {
             tokio::task::spawn_local(crate::registry::follow::follow_url(registry.clone(), url, format!("{node}#{}", std::process::id())))
         });

@@ -88,6 +88,37 @@ async fn report(registry: &Registry, store: &dyn ReleaseStore, worker: &str, rea
     }
 }
 
+/// Where the last rollout and yank states read are kept in the plugins dir, so a worker
+/// restarted while the registry is down serves what the registry last said.
+pub const STATE_FILE: &str = ".taskhost-release-state.json";
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct SavedState {
+    rollouts: HashMap<String, RolloutState>,
+    yanked: HashMap<String, String>,
+}
+
+/// Applies the release state saved in the plugins dir, if any (before the first sync).
+pub fn restore_state(registry: &Registry) {
+    let path = registry.dir().join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<SavedState>(&bytes) {
+            Ok(saved) => registry.set_release_state(saved.rollouts, saved.yanked),
+            Err(e) => tracing::warn!(file = %path.display(), "saved release state unreadable, ignored: {e}"),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %path.display(), "saved release state unreadable, ignored: {e}"),
+    }
+}
+
+/// A release key the follower may turn into file names: `task@semver`, no path in it.
+fn safe_key(key: &str) -> Option<(String, semver::Version)> {
+    if key.contains(['/', '\\', '\0']) || key.starts_with('.') {
+        return None;
+    }
+    super::parse_file_name(&format!("{key}.wasm")).ok()
+}
+
 /// One look: if anything changed, fetch what is new and apply rollout and yank states.
 pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen: &mut Option<u64>) -> Result<(), String> {
     let generation = store.generation().await.map_err(|e| e.to_string())?;
@@ -96,28 +127,41 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
     }
     let releases = store.list().await.map_err(|e| e.to_string())?;
     let mut wrote = false;
-    for r in releases.iter().filter(|r| r.yanked.is_none()) {
-        match fetch_into(registry.dir(), store, &r.key, &r.signed, &r.digest).await {
+    for r in &releases {
+        let Some((name, version)) = safe_key(&r.key) else {
+            tracing::warn!(release = ?r.key, "release key is not task@version; ignored");
+            continue;
+        };
+        if r.yanked.is_some() {
+            wrote |= remove_from(registry.dir(), &r.key).await;
+            continue;
+        }
+        match fetch_into(registry, store, &name, &version, &r.key, &r.signed).await {
             Ok(true) => wrote = true,
             Ok(false) => {}
             Err(e) => tracing::warn!(release = %r.key, "not fetched: {e}"),
         }
     }
-    let rollouts: HashMap<String, RolloutState> = store
-        .rollouts()
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter_map(|(task, json)| match serde_json::from_str(&json) {
-            Ok(state) => Some((task, state)),
-            Err(e) => {
-                tracing::warn!(task = %task, "rollout state unreadable, ignored: {e}");
-                None
+    let (mut rollouts, _) = registry.release_state();
+    let stored = store.rollouts().await.map_err(|e| e.to_string())?;
+    rollouts.retain(|task, _| stored.contains_key(task));
+    for (task, json) in stored {
+        match serde_json::from_str(&json) {
+            Ok(state) => {
+                rollouts.insert(task, state);
             }
-        })
-        .collect();
-    let yanked = releases.iter().filter_map(|r| r.yanked.clone().map(|why| (r.key.clone(), why))).collect();
-    registry.set_release_state(rollouts, yanked);
+            // The state in force stays: an unreadable one never lets the newest serve.
+            Err(e) => tracing::warn!(task = %task, "rollout state unreadable, the one read before stays: {e}"),
+        }
+    }
+    let yanked: HashMap<String, String> = releases.iter().filter_map(|r| r.yanked.clone().map(|why| (r.key.clone(), why))).collect();
+    let saved = SavedState { rollouts, yanked };
+    if let Ok(text) = serde_json::to_vec(&saved) {
+        if let Err(e) = write_atomic(&registry.dir().join(STATE_FILE), &text).await {
+            tracing::warn!("cannot save the release state: {e}");
+        }
+    }
+    registry.set_release_state(saved.rollouts, saved.yanked);
     if wrote {
         let r = Arc::clone(registry);
         // Load now rather than at the next directory look.
@@ -127,22 +171,60 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
     Ok(())
 }
 
-/// Writes a release into `dir` unless its component is there with the same digest: the
-/// manifest and the signed record first, the component last, each by rename, so a look
-/// at the directory never sees a component without its signature.
-async fn fetch_into(dir: &Path, store: &dyn ReleaseStore, key: &str, signed: &str, digest: &str) -> Result<bool, String> {
-    let record = SignedRelease::parse(signed.as_bytes()).and_then(|s| s.unverified_record()).map_err(|e| e.to_string())?;
-    if record.key() != key || key.contains(['/', '\\']) || key.starts_with('.') {
+/// Removes a yanked release's files from the plugins dir; true if there were any.
+async fn remove_from(dir: &Path, key: &str) -> bool {
+    let wasm = dir.join(format!("{key}.wasm"));
+    let mut removed = false;
+    for path in [super::release_path(&wasm), wasm.with_extension("toml"), wasm] {
+        if tokio::fs::remove_file(&path).await.is_ok() {
+            removed = true;
+        }
+    }
+    if removed {
+        tracing::info!(release = %key, "yanked release removed from the plugins dir");
+    }
+    removed
+}
+
+/// Writes a release into the plugins dir unless the files there already are this signed
+/// release. Everything is checked in memory first — size, digests, signature under the
+/// trust file — and nothing that would be refused is written. The manifest and the
+/// signed record go first and the component last, each by rename, so a look at the
+/// directory never sees a component without its signature.
+async fn fetch_into(
+    registry: &Registry,
+    store: &dyn ReleaseStore,
+    name: &str,
+    version: &semver::Version,
+    key: &str,
+    signed_text: &str,
+) -> Result<bool, String> {
+    let signed = SignedRelease::parse(signed_text.as_bytes()).map_err(|e| e.to_string())?;
+    let record = signed.unverified_record().map_err(|e| e.to_string())?;
+    if record.key() != key {
         return Err(format!("record names {} under key {key}", record.key()));
     }
-    let wasm = dir.join(format!("{key}.wasm"));
-    if let Ok(existing) = tokio::fs::read(&wasm).await {
-        if super::release::sha256_hex(&existing) == digest {
-            return Ok(false);
-        }
+    let wasm = registry.dir().join(format!("{key}.wasm"));
+    let release_file = super::release_path(&wasm);
+    if tokio::fs::read(&release_file).await.is_ok_and(|b| b == signed_text.as_bytes()) && wasm.exists() {
+        // This release's files are already here (the load checks they are intact).
+        return Ok(false);
+    }
+    let max = registry.max_component_size();
+    match store.component_len(key).await.map_err(|e| e.to_string())? {
+        Some(n) if n > max => return Err(format!("component is {n} bytes, above this worker's max_component_size ({max})")),
+        Some(_) => {}
+        None => return Err("component bytes missing".into()),
     }
     let component = store.component(key).await.map_err(|e| e.to_string())?.ok_or("component bytes missing")?;
     let manifest = store.manifest(key).await.map_err(|e| e.to_string())?;
+    if component.len() as u64 > max || manifest.as_ref().is_some_and(|m| m.len() as u64 > super::MAX_MANIFEST_BYTES) {
+        return Err("component or manifest above this worker's size limits".into());
+    }
+    if super::release::sha256_hex(&component) != record.component_sha256 {
+        return Err("the component's bytes differ from the signed digest".into());
+    }
+    registry.check_release(name, version, &component, manifest.as_deref(), &signed).map_err(|e| format!("refused: {e}"))?;
     let toml = wasm.with_extension("toml");
     match manifest {
         Some(m) => write_atomic(&toml, &m).await?,
@@ -152,7 +234,7 @@ async fn fetch_into(dir: &Path, store: &dyn ReleaseStore, key: &str, signed: &st
             Err(e) => return Err(format!("{}: {e}", toml.display())),
         },
     }
-    write_atomic(&super::release_path(&wasm), signed.as_bytes()).await?;
+    write_atomic(&release_file, signed_text.as_bytes()).await?;
     write_atomic(&wasm, &component).await?;
     tracing::info!(release = %key, "release fetched from the registry");
     Ok(true)

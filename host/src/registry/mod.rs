@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 /// catches the file half-written.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(300);
 /// Largest manifest read.
-const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 64 << 10;
 
 /// One loaded version of one task.
 pub struct TaskVersion {
@@ -142,7 +142,7 @@ pub struct TrustPolicy {
 #[derive(Default)]
 struct TrustState {
     trust: Option<Arc<release::Trust>>,
-    stamp: Option<(u64, Option<SystemTime>)>,
+    stamp: Option<(u64, u64, Option<SystemTime>)>,
 }
 
 type Versions = BTreeMap<Version, Arc<TaskVersion>>;
@@ -187,6 +187,14 @@ pub fn parse_file_name(file_name: &str) -> Result<(String, Version), FileError> 
     }
     let version = Version::parse(version).map_err(|e| FileError::BadVersion(version.to_string(), e.to_string()))?;
     Ok((name.to_string(), version))
+}
+
+/// Length, inode and mtime through symlinks: a mounted secret or config map swaps the
+/// link's target rather than writing the file.
+fn followed_stamp(path: &Path) -> Option<(u64, u64, Option<SystemTime>)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.ino(), meta.modified().ok()))
 }
 
 fn stamp_of(path: &Path) -> std::io::Result<(u64, Option<SystemTime>)> {
@@ -353,7 +361,7 @@ impl Registry {
         let mut trust = TrustState::default();
         if let Some(path) = &policy.trust {
             let loaded = release::Trust::load(path).map_err(|e| RegistryError::Dir { dir: path.clone(), reason: e.to_string() })?;
-            trust = TrustState { trust: Some(Arc::new(loaded)), stamp: stamp_of(path).ok() };
+            trust = TrustState { trust: Some(Arc::new(loaded)), stamp: followed_stamp(path) };
         }
         let registry = Arc::new(Registry {
             dir,
@@ -526,6 +534,13 @@ impl Registry {
                 tracing::error!(file = %path.display(), "component refused: {e}");
                 report.invalid.push((path, e.to_string()));
             }
+            Err(e) if self.policy.trust.is_some() => {
+                // Under a trust file the earlier build is not kept either: it was verified
+                // against files that are no longer there (or a trust file that changed).
+                Self::remove_path(&mut state, &path, report);
+                tracing::warn!(file = %path.display(), "component not loaded (and no earlier build kept under the trust file): {e}");
+                report.invalid.push((path, e.to_string()));
+            }
             Err(e) => {
                 let serving = state.tasks.values().flat_map(|vs| vs.values()).any(|tv| tv.path == path);
                 if serving {
@@ -561,22 +576,24 @@ impl Registry {
         let (name, version) = parse_file_name(file_name)?;
         let ceilings = self.ceilings();
         let manifest_path = path.with_extension("toml");
-        let (manifest, manifest_bytes) = match read_plugin_file(&manifest_path, MAX_MANIFEST_BYTES, ceilings.allow_symlinks) {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                let manifest = Manifest::parse(&text)
-                    .and_then(|m| m.check_ceilings(ceilings).map(|()| m))
-                    .map_err(|source| FileError::Manifest { path: manifest_path.clone(), source })?;
-                (manifest, Some(bytes))
-            }
-            Err(FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => (Manifest::default(), None),
+        // Both files read once, and the signature checked over exactly those bytes before
+        // anything in them is parsed or compiled.
+        let manifest_bytes = match read_plugin_file(&manifest_path, MAX_MANIFEST_BYTES, ceilings.allow_symlinks) {
+            Ok(bytes) => Some(bytes),
+            Err(FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
+        };
+        let bytes = read_plugin_file(path, ceilings.max_component_size, ceilings.allow_symlinks)?;
+        let release = self.verify_release(path, &name, &version, &bytes, manifest_bytes.as_deref())?;
+        let manifest = match &manifest_bytes {
+            Some(bytes) => Manifest::parse(&String::from_utf8_lossy(bytes))
+                .and_then(|m| m.check_ceilings(ceilings).map(|()| m))
+                .map_err(|source| FileError::Manifest { path: manifest_path.clone(), source })?,
+            None => Manifest::default(),
         };
         if manifest.precise_clocks == Some(true) && !ceilings.allow_precise_clocks {
             tracing::warn!(file = %path.display(), "precise_clocks asked for but not allowed (allow_precise_clocks); the task gets coarse clocks");
         }
-        let bytes = read_plugin_file(path, ceilings.max_component_size, ceilings.allow_symlinks)?;
-        let release = self.verify_release(path, &name, &version, &bytes, manifest_bytes.as_deref())?;
         let digest = crate::runtime::digest(&bytes);
         if let Some(reason) = self.state.read().unwrap_or_else(|p| p.into_inner()).failed.get(&digest) {
             return Err(FileError::Remembered(reason.clone()));
@@ -625,7 +642,7 @@ impl Registry {
     /// (a revoked key's releases stop loading). An unreadable new version keeps the old.
     fn reread_trust(&self) {
         let Some(path) = &self.policy.trust else { return };
-        let stamp = stamp_of(path).ok();
+        let stamp = followed_stamp(path);
         if self.trust.read().unwrap_or_else(|p| p.into_inner()).stamp == stamp {
             return;
         }
@@ -664,6 +681,35 @@ impl Registry {
             return Ok(None);
         }
         trust.verify(name, version, bytes, manifest, signed.as_ref()).map(Some).map_err(refused)
+    }
+
+    /// Checks bytes about to be written into the plugins dir as a load would (the follower
+    /// writes nothing that would be refused). Without a trust file: the record, unverified.
+    pub fn check_release(
+        &self,
+        name: &str,
+        version: &Version,
+        component: &[u8],
+        manifest: Option<&[u8]>,
+        signed: &release::SignedRelease,
+    ) -> Result<(), release::Refusal> {
+        let Some(trust) = self.trust.read().unwrap_or_else(|p| p.into_inner()).trust.clone() else { return Ok(()) };
+        trust.verify(name, version, component, manifest, Some(signed)).map(|_| ()).inspect_err(|_| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    /// The largest component this worker loads (`max_component_size`).
+    pub fn max_component_size(&self) -> u64 {
+        self.ceilings().max_component_size
+    }
+
+    /// The rollout states and yanked releases in force.
+    pub fn release_state(&self) -> (HashMap<String, rollout::RolloutState>, HashMap<String, String>) {
+        (
+            self.rollouts.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            self.yanked.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        )
     }
 
     /// Components refused under the trust file since start.
@@ -710,39 +756,46 @@ impl Registry {
     /// (by the id's bucket); else the newest. Yanked releases serve nothing.
     pub fn resolve_for(&self, name: &str, req: Option<&VersionReq>, task_id: &str) -> Result<Arc<TaskVersion>, RegistryError> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        let versions = state.tasks.get(name).ok_or_else(|| RegistryError::UnknownTask { name: name.to_string() })?;
         let yanked = self.yanked.read().unwrap_or_else(|p| p.into_inner());
+        // Yanked versions are unloaded (the follower removes their files): the yank list
+        // says why nothing matches.
+        let yanked_error = || {
+            let reason = yanked.iter().find_map(|(key, why)| {
+                let (task, v) = key.rsplit_once('@')?;
+                let v = Version::parse(v).ok()?;
+                (task == name && req.is_none_or(|r| r.matches(&v))).then_some(why)
+            })?;
+            Some(RegistryError::Yanked {
+                name: name.to_string(),
+                req: req.map_or_else(|| "*".to_string(), |r| r.to_string()),
+                reason: reason.clone(),
+            })
+        };
+        let Some(versions) = state.tasks.get(name) else {
+            return Err(yanked_error().unwrap_or_else(|| RegistryError::UnknownTask { name: name.to_string() }));
+        };
         let yank_of = |v: &Version| yanked.get(&format!("{name}@{v}"));
         let mut live = versions.iter().rev().filter(|(v, _)| yank_of(v).is_none());
         let found = match req {
-            None => {
-                let rollouts = self.rollouts.read().unwrap_or_else(|p| p.into_inner());
-                let picked = rollouts.get(name).and_then(|r| {
-                    let want = r.pick(task_id);
-                    // Not here (yet) or yanked: the stable version, else the newest not past it.
-                    [want, &r.stable]
-                        .into_iter()
-                        .find_map(|v| versions.get(v).filter(|_| yank_of(v).is_none()))
-                        .or_else(|| versions.iter().rev().find(|(v, _)| *v <= &r.stable && yank_of(v).is_none()).map(|(_, tv)| tv))
-                });
-                picked.or_else(|| live.next().map(|(_, tv)| tv))
-            }
+            None => match self.rollouts.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+                // Under a rollout nothing above the stable version serves but the candidate
+                // picked: not a staged release, not a rolled-back one.
+                Some(r) => [r.pick(task_id), &r.stable]
+                    .into_iter()
+                    .find_map(|v| versions.get(v).filter(|_| yank_of(v).is_none()))
+                    .or_else(|| versions.iter().rev().find(|(v, _)| *v <= &r.stable && yank_of(v).is_none()).map(|(_, tv)| tv)),
+                None => live.next().map(|(_, tv)| tv),
+            },
             Some(req) => live.find(|(v, _)| req.matches(v)).map(|(_, tv)| tv),
         };
-        if found.is_none() {
-            if let Some(reason) = versions.keys().rev().filter(|v| req.is_none_or(|r| r.matches(v))).find_map(|v| yank_of(v)) {
-                return Err(RegistryError::Yanked {
-                    name: name.to_string(),
-                    req: req.map_or_else(|| "*".to_string(), |r| r.to_string()),
-                    reason: reason.clone(),
-                });
-            }
+        match found {
+            Some(tv) => Ok(tv.clone()),
+            None => Err(yanked_error().unwrap_or_else(|| RegistryError::NoMatchingVersion {
+                name: name.to_string(),
+                req: req.map(|r| r.to_string()).unwrap_or_default(),
+                loaded: versions.keys().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
+            })),
         }
-        found.cloned().ok_or_else(|| RegistryError::NoMatchingVersion {
-            name: name.to_string(),
-            req: req.map(|r| r.to_string()).unwrap_or_default(),
-            loaded: versions.keys().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
-        })
     }
 
     /// Every loaded version, by name then version.

@@ -21,6 +21,8 @@ pub enum ReleaseOpError {
     Yanked(String),
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Interrupted(String),
     #[error("workers not ready for {key} after {waited:?}: {missing}")]
     NotReady { key: String, waited: Duration, missing: String },
 }
@@ -150,7 +152,6 @@ pub async fn rollout(
         return Ok(RolloutOutcome::Completed);
     };
     let stable = current.stable.clone();
-    let stable_key = format!("{}@{}", plan.task, stable);
 
     let started = Instant::now();
     loop {
@@ -166,6 +167,46 @@ pub async fn rollout(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    let back_to_stable = RolloutState { previous: current.previous.clone(), ..RolloutState::only(stable.clone()) };
+    match run_steps(store, plan, &key, &stable, &current, &mut progress).await {
+        Ok(Some(reason)) => {
+            set_state(store, &plan.task, &back_to_stable).await?;
+            audit(store, AuditEntry::now("rollback", &plan.task, Some(&plan.version), &plan.by, format!("automatic: {reason}"))).await?;
+            progress(&format!("rolled back: {reason}"));
+            return Ok(RolloutOutcome::RolledBack { reason });
+        }
+        Ok(None) => {}
+        Err(e @ ReleaseOpError::Interrupted(_)) => return Err(e),
+        Err(e) => {
+            // A candidate is never left at a partial share by a failed rollout.
+            if set_state(store, &plan.task, &back_to_stable).await.is_ok() {
+                let _ = audit(store, AuditEntry::now("rollback", &plan.task, Some(&plan.version), &plan.by, format!("rollout failed: {e}"))).await;
+            }
+            return Err(e);
+        }
+    }
+    let done = RolloutState { previous: Some(stable.clone()), ..RolloutState::only(plan.version.clone()) };
+    set_state(store, &plan.task, &done).await?;
+    audit(store, AuditEntry::now("rollout", &plan.task, Some(&plan.version), &plan.by, format!("100% of new tasks (was {stable})")))
+        .await?;
+    progress(&format!("{key}: 100% of new tasks"));
+    Ok(RolloutOutcome::Completed)
+}
+
+/// A step holds at most this many intervals while too few of the candidate's outcomes
+/// have come in to judge it; then the rollout gives up and returns to the stable version.
+const MAX_STEP_HOLD: u32 = 10;
+
+/// Runs the partial steps; `Some(reason)` when the candidate must be rolled back.
+async fn run_steps(
+    store: &dyn ReleaseStore,
+    plan: &RolloutPlan,
+    key: &str,
+    stable: &Version,
+    current: &RolloutState,
+    progress: &mut impl FnMut(&str),
+) -> Result<Option<String>, ReleaseOpError> {
+    let stable_key = format!("{}@{}", plan.task, stable);
     for &share in &plan.steps {
         if share >= 100.0 {
             break;
@@ -176,43 +217,49 @@ pub async fn rollout(
         progress(&format!("{key}: {share}% of new tasks"));
         let base = store.outcomes().await?;
         let step_started = Instant::now();
-        while step_started.elapsed() < plan.interval {
+        let mut judged = false;
+        loop {
+            let elapsed = step_started.elapsed();
+            if elapsed >= plan.interval && judged {
+                break;
+            }
+            if elapsed >= plan.interval * MAX_STEP_HOLD {
+                return Ok(Some(format!(
+                    "fewer than {} outcomes of {key} in {:?}: too little traffic to judge it",
+                    plan.min_samples,
+                    plan.interval * MAX_STEP_HOLD
+                )));
+            }
             tokio::time::sleep(Duration::from_millis(250).min(plan.interval)).await;
+            // Someone else (rollback, yank, another rollout) changed the state: stop here.
+            if rollouts(store).await?.get(&plan.task) != Some(&state) {
+                return Err(ReleaseOpError::Interrupted(format!("the rollout state of {} was changed by another command; stopped", plan.task)));
+            }
             let now = store.outcomes().await?;
             let delta = |k: &str| {
                 let (a, b) = now.get(k).copied().unwrap_or_default();
                 let (a0, b0) = base.get(k).copied().unwrap_or_default();
                 (a.saturating_sub(a0), b.saturating_sub(b0))
             };
-            let (c_ok, c_failed) = delta(&key);
+            let (c_ok, c_failed) = delta(key);
             let (s_ok, s_failed) = delta(&stable_key);
             if c_ok + c_failed < plan.min_samples.max(1) {
                 continue;
             }
+            judged = true;
             let rate = |ok: u64, failed: u64| if ok + failed == 0 { 0.0 } else { failed as f64 * 100.0 / (ok + failed) as f64 };
             let (c_rate, s_rate) = (rate(c_ok, c_failed), rate(s_ok, s_failed));
             if c_rate > s_rate + plan.max_failure_rate {
-                let reason = format!(
+                return Ok(Some(format!(
                     "{key} failed {c_rate:.1}% of {} tasks against {s_rate:.1}% of {} on {stable} (limit +{}%)",
                     c_ok + c_failed,
                     s_ok + s_failed,
                     plan.max_failure_rate
-                );
-                set_state(store, &plan.task, &RolloutState { previous: current.previous.clone(), ..RolloutState::only(stable.clone()) })
-                    .await?;
-                audit(store, AuditEntry::now("rollback", &plan.task, Some(&plan.version), &plan.by, format!("automatic: {reason}")))
-                    .await?;
-                progress(&format!("rolled back: {reason}"));
-                return Ok(RolloutOutcome::RolledBack { reason });
+                )));
             }
         }
     }
-    let done = RolloutState { previous: Some(stable.clone()), ..RolloutState::only(plan.version.clone()) };
-    set_state(store, &plan.task, &done).await?;
-    audit(store, AuditEntry::now("rollout", &plan.task, Some(&plan.version), &plan.by, format!("100% of new tasks (was {stable})")))
-        .await?;
-    progress(&format!("{key}: 100% of new tasks"));
-    Ok(RolloutOutcome::Completed)
+    Ok(None)
 }
 
 /// Stops a rollout in progress (back to the stable version), or returns to the version
@@ -249,19 +296,21 @@ pub async fn yank(store: &dyn ReleaseStore, task: &str, version: &Version, reaso
         let next = if state.candidate.as_ref() == Some(version) {
             Some(RolloutState { previous: state.previous.clone(), ..RolloutState::only(state.stable.clone()) })
         } else if state.stable == *version {
+            // Only back to an older version: never one that was staged and not rolled out.
             let fallback = state
                 .previous
                 .clone()
-                .filter(|p| others.contains(p))
-                .or_else(|| others.iter().filter(|v| *v < version).max().cloned())
-                .or_else(|| others.iter().max().cloned());
-            Some(match fallback {
-                Some(v) => RolloutState::only(v),
+                .filter(|p| others.contains(p) && p < version)
+                .or_else(|| others.iter().filter(|v| *v < version).max().cloned());
+            match fallback {
+                Some(v) => Some(RolloutState::only(v)),
                 None => {
-                    store.set_rollout(task, None).await?;
+                    // The state stays on the yanked version, which serves nothing: a newer
+                    // staged release is not activated by a yank.
+                    audit(store, AuditEntry::now("yank", task, Some(version), by, "no older version: nothing serves until a rollout")).await?;
                     return Ok(());
                 }
-            })
+            }
         } else {
             None
         };

@@ -208,14 +208,16 @@ impl Trust {
     ) -> Result<ReleaseRecord, Refusal> {
         let signed = signed.ok_or(Refusal::Unsigned)?;
         let public = signed.public_key()?;
-        let trusted = self.keys.iter().find(|k| k.key == public).ok_or_else(|| Refusal::UnknownKey(key_id(&public)))?;
-        signed.check_signature(&trusted.key)?;
-        if trusted.entry.revoked {
-            return Err(Refusal::Revoked(trusted.entry.name.clone()));
+        // A key listed twice: revoked if any entry revokes it, trusted for what any allows.
+        let entries: Vec<&TrustedKey> = self.keys.iter().filter(|k| k.key == public).collect();
+        let first = entries.first().ok_or_else(|| Refusal::UnknownKey(key_id(&public)))?;
+        signed.check_signature(&first.key)?;
+        if let Some(revoked) = entries.iter().find(|k| k.entry.revoked) {
+            return Err(Refusal::Revoked(revoked.entry.name.clone()));
         }
         let record = signed.unverified_record()?;
-        if !trusted.entry.tasks.iter().any(|p| crate::runtime::name_matches(p, task)) {
-            return Err(Refusal::NotTrustedFor { key: trusted.entry.name.clone(), task: task.to_string() });
+        if !entries.iter().flat_map(|k| &k.entry.tasks).any(|p| crate::runtime::name_matches(p, task)) {
+            return Err(Refusal::NotTrustedFor { key: first.entry.name.clone(), task: task.to_string() });
         }
         let named = format!("{task}@{version}");
         if record.task != task || Version::parse(&record.version).ok().as_ref() != Some(version) {
@@ -351,6 +353,26 @@ mod tests {
     }
 
     #[test]
+    fn a_key_listed_twice_is_revoked_if_either_entry_says_so() {
+        let key = generate_signing_key();
+        let bytes = b"component";
+        let signed = SignedRelease::sign(&record(bytes), &key);
+        let v = Version::parse("1.4.0").unwrap();
+        let public = encode_public_key(&key.verifying_key());
+        let twice = |second: &str| {
+            Trust::parse(&format!(
+                "[[key]]\nname='ci'\npublic_key='{public}'\ntasks=['tasks.*']\n[[key]]\nname='ci-again'\npublic_key='{public}'\n{second}\n"
+            ))
+            .unwrap()
+        };
+        assert!(matches!(
+            twice("tasks=['media.*']\nrevoked=true").verify("media.thumbnail", &v, bytes, None, Some(&signed)),
+            Err(Refusal::Revoked(_))
+        ));
+        assert!(twice("tasks=['media.*']").verify("media.thumbnail", &v, bytes, None, Some(&signed)).is_ok());
+    }
+
+    #[test]
     fn a_manifest_is_covered_by_the_signature() {
         let key = generate_signing_key();
         let bytes = b"component";
@@ -367,7 +389,9 @@ mod tests {
     #[test]
     fn trust_files_say_what_is_wrong() {
         assert!(Trust::parse("[[key]]\nname='a'\npublic_key='nope'\ntasks=['*']\n").unwrap_err().to_string().contains("base64"));
-        assert!(Trust::parse("[[key]]\nname='a'\npublic_key='AAAA'\ntasks=[]\n").is_err());
+        let valid = encode_public_key(&generate_signing_key().verifying_key());
+        let empty = Trust::parse(&format!("[[key]]\nname='a'\npublic_key='{valid}'\ntasks=[]\n")).unwrap_err();
+        assert!(empty.to_string().contains("tasks is empty"), "{empty}");
         assert!(Trust::parse("[[keys]]\n").is_err());
         let key = generate_signing_key();
         let round = parse_signing_key(&encode_signing_key(&key)).unwrap();
