@@ -104,7 +104,10 @@ fn compile_one(ceilings: Ceilings) -> Result<(), CliError> {
     if bytes.len() as u64 > ceilings.max_component_size {
         return Err(CliError::failed(anyhow::anyhow!("component above max_component_size")));
     }
-    let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ceilings, parallel_compilation: false, ..Default::default() })
+    // On every core: with the per-digest lock (runtime/compile.rs) one compile serves all
+    // of a machine's worker processes, and a new release is ready sooner (589 KB of
+    // thumbnail: 1.13 s on one core of this machine, ~0.55 s on two).
+    let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ceilings, parallel_compilation: true, ..Default::default() })
         .map_err(CliError::usage)?;
     runtime.compile_into_cache(&bytes).map_err(CliError::failed)
 }

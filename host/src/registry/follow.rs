@@ -126,22 +126,6 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
         return Ok(());
     }
     let releases = store.list().await.map_err(|e| e.to_string())?;
-    let mut wrote = false;
-    for r in &releases {
-        let Some((name, version)) = safe_key(&r.key) else {
-            tracing::warn!(release = ?r.key, "release key is not task@version; ignored");
-            continue;
-        };
-        if r.yanked.is_some() {
-            wrote |= remove_from(registry.dir(), &r.key).await;
-            continue;
-        }
-        match fetch_into(registry, store, &name, &version, &r.key, &r.signed).await {
-            Ok(true) => wrote = true,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(release = %r.key, "not fetched: {e}"),
-        }
-    }
     let (mut rollouts, _) = registry.release_state();
     let stored = store.rollouts().await.map_err(|e| e.to_string())?;
     rollouts.retain(|task, _| stored.contains_key(task));
@@ -152,6 +136,26 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
             }
             // The state in force stays: an unreadable one never lets the newest serve.
             Err(e) => tracing::warn!(task = %task, "rollout state unreadable, the one read before stays: {e}"),
+        }
+    }
+    let wanted = wanted_releases(&releases, &rollouts);
+    let mut wrote = false;
+    for r in &releases {
+        let Some((name, version)) = safe_key(&r.key) else {
+            tracing::warn!(release = ?r.key, "release key is not task@version; ignored");
+            continue;
+        };
+        if r.yanked.is_some() {
+            wrote |= remove_from(registry.dir(), &r.key).await;
+            continue;
+        }
+        if !wanted.contains(&r.key) {
+            continue;
+        }
+        match fetch_into(registry, store, &name, &version, &r.key, &r.signed).await {
+            Ok(true) => wrote = true,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(release = %r.key, "not fetched: {e}"),
         }
     }
     let yanked: HashMap<String, String> = releases.iter().filter_map(|r| r.yanked.clone().map(|why| (r.key.clone(), why))).collect();
@@ -169,6 +173,32 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
     }
     *seen = Some(generation);
     Ok(())
+}
+
+/// The releases a worker fetches: per task under a rollout its stable version, the one a
+/// rollback returns to, and every newer one (staged: ready before its rollout asks); per
+/// task without one, its newest. Older versions stay on the registry (a worker that has
+/// them keeps serving them to messages that require them).
+fn wanted_releases(releases: &[crate::broker::releases::StoredRelease], rollouts: &HashMap<String, RolloutState>) -> std::collections::HashSet<String> {
+    let mut newest: HashMap<String, semver::Version> = HashMap::new();
+    let mut wanted = std::collections::HashSet::new();
+    for r in releases.iter().filter(|r| r.yanked.is_none()) {
+        let Some((task, v)) = safe_key(&r.key) else { continue };
+        match rollouts.get(&task) {
+            Some(state) => {
+                if v >= state.stable || state.previous.as_ref() == Some(&v) || state.candidate.as_ref() == Some(&v) {
+                    wanted.insert(r.key.clone());
+                }
+            }
+            None => {
+                if newest.get(&task).is_none_or(|n| v > *n) {
+                    newest.insert(task, v);
+                }
+            }
+        }
+    }
+    wanted.extend(newest.into_iter().map(|(t, v)| format!("{t}@{v}")));
+    wanted
 }
 
 /// Removes a yanked release's files from the plugins dir; true if there were any.

@@ -33,6 +33,12 @@ pub(super) fn in_child(
         return Ok((component, true));
     }
     let dir = cache.dir().ok_or_else(|| LoadError::Host("compiling in a child needs a compile cache".into()))?;
+    // One compile per digest per cache: the worker processes of a machine (which share the
+    // cache) wait for the first one's result instead of each compiling the same bytes.
+    let _lock = DigestLock::take(dir, digest)?;
+    if let Some(component) = cache.cached(engine, digest) {
+        return Ok((component, true));
+    }
     let mut command = Command::new(exe);
     // SAFETY: prctl is async-signal-safe, as pre_exec requires. The child must not
     // outlive this process: its limits are enforced only from here.
@@ -123,6 +129,32 @@ pub(super) fn in_child(
             "the compiler process succeeded but left nothing usable in the compile cache {}",
             dir.display()
         ))),
+    }
+}
+
+/// An exclusive `flock` on `<cache>/<digest>.lock`, released when dropped or when its
+/// process dies (so a killed compiler never leaves it held).
+struct DigestLock(#[allow(dead_code, reason = "held for its lock")] std::fs::File);
+
+impl DigestLock {
+    fn take(dir: &Path, digest: &str) -> Result<DigestLock, LoadError> {
+        if !digest.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(LoadError::Host(format!("digest {digest:?} is not hex")));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| LoadError::Host(format!("{}: {e}", dir.display())))?;
+        let path = dir.join(format!("{digest}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| LoadError::Host(format!("{}: {e}", path.display())))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(LoadError::Host(format!("locking {}: {}", path.display(), std::io::Error::last_os_error())));
+        }
+        Ok(DigestLock(file))
     }
 }
 
