@@ -15,6 +15,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt-get install -y -qq redis-server >/dev/null
 fi
 
+# docker-registry (CNCF Distribution): the OCI registry `publish --registry oci://` is tested against.
+if ! command -v docker-registry >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq docker-registry >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq docker-registry >/dev/null; }
+fi
+
 # aiosmtpd: the SMTP server mail.send is tested against; gevent: Celery's pool in make bench;
 # componentize-py: builds the Python example tasks (taskhost build).
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL, aiosmtpd, gevent' 2>/dev/null \

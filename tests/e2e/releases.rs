@@ -416,3 +416,103 @@ fn the_ci_example_script_builds_signs_and_publishes() {
     let row = releases(&broker)[0].clone();
     assert_eq!((row["task"].as_str(), row["version"].as_str()), (Some("tasks.echo"), Some("1.2.3")));
 }
+
+/// A `docker-registry` (CNCF Distribution, from Debian's package) on a free port, storing
+/// under a temporary directory; killed on drop.
+struct OciRegistry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl OciRegistry {
+    fn start() -> Option<OciRegistry> {
+        let exe = ["/usr/bin/docker-registry", "/usr/local/bin/docker-registry"].into_iter().find(|p| Path::new(p).exists())?;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(exe)
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(OciRegistry { child, port, _dir: dir })
+    }
+
+    /// GET a path with an Accept header; the body.
+    fn get(&self, path: &str, accept: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nAccept: {accept}\r\n\r\n", self.port).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    }
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_release_pushed_to_an_oci_registry_is_pulled_verified_and_served() {
+    let Some(oci) = OciRegistry::start() else {
+        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry; make test-deps installs it)");
+        return;
+    };
+    let redis = RedisServer::start();
+    let broker = redis.url();
+    let keys = Keys::new("\"tasks.*\"");
+    let target = format!("oci+http://127.0.0.1:{}/taskhost", oci.port);
+    let out = publish(&broker, &version_component(1), "tasks.version", "1.0.0", &keys.key(), &["--registry", &target]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let published: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(published["registry"], format!("{target}/tasks.version:1.0.0"));
+
+    // The CNCF Wasm artifact layout, the signed release beside it; no bytes on the broker.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&oci.get("/v2/taskhost/tasks.version/manifests/1.0.0", "application/vnd.oci.image.manifest.v1+json")).unwrap();
+    assert_eq!(manifest["config"]["mediaType"], "application/vnd.wasm.config.v0+json", "{manifest}");
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 1, "{manifest}");
+    assert_eq!(manifest["layers"][0]["mediaType"], "application/wasm");
+    let sha = release_sha256(&version_component(1));
+    assert_eq!(manifest["layers"][0]["digest"], format!("sha256:{sha}"));
+    assert!(manifest["annotations"]["dev.taskhost.release"].as_str().unwrap().contains(&sha));
+    let stored: i64 = redis.query(redis::cmd("STRLEN").arg("taskhost.release.wasm.tasks.version@1.0.0"));
+    assert_eq!(stored, 0);
+
+    let (_w1, _c1) = follower(&broker, &keys);
+    let (_w2, _c2) = follower(&broker, &keys);
+    wait_ready(&broker, "tasks.version@1.0.0", 2);
+    assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");
+
+    // The same bytes again: a no-op; other bytes under the same tag: refused.
+    let again = publish(&broker, &version_component(1), "tasks.version", "1.0.0", &keys.key(), &["--registry", &target]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let other = publish(&broker, &version_component(2), "tasks.version", "1.0.0", &keys.key(), &["--registry", &target]);
+    assert_eq!(other.status.code(), Some(2), "{}", stdout(&other));
+    assert!(stderr(&other).contains("already holds another component"), "{}", stderr(&other));
+}
+
+fn release_sha256(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}

@@ -19,6 +19,8 @@ pub struct StoredRelease {
     pub digest: String,
     /// Why it was yanked, if it was.
     pub yanked: Option<String>,
+    /// Where the component's bytes are when not here (`oci://host/repo/task:version`).
+    pub location: Option<String>,
 }
 
 /// What [`ReleaseStore::put`] did.
@@ -109,6 +111,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4])
 if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[6]) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[6], ARGV[1], ARGV[7]) end
 redis.call('INCR', KEYS[5])
 return 1
 ";
@@ -122,12 +125,14 @@ impl ReleaseStore for RedisReleases {
             .key(k(&format!("wasm.{}", release.key)))
             .key(k(&format!("manifest.{}", release.key)))
             .key(k("generation"))
+            .key(k("location"))
             .arg(&release.key)
             .arg(&release.digest)
             .arg(&release.signed)
             .arg(component)
             .arg(if manifest.is_some() { "1" } else { "0" })
             .arg(manifest.unwrap_or_default())
+            .arg(release.location.as_deref().unwrap_or(""))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(redis_err)?;
@@ -144,11 +149,13 @@ impl ReleaseStore for RedisReleases {
         let digests: HashMap<String, String> = conn.hgetall(k("digest")).await.map_err(redis_err)?;
         let mut signed: HashMap<String, String> = conn.hgetall(k("signed")).await.map_err(redis_err)?;
         let mut yanked: HashMap<String, String> = conn.hgetall(k("yanked")).await.map_err(redis_err)?;
+        let mut location: HashMap<String, String> = conn.hgetall(k("location")).await.map_err(redis_err)?;
         let mut out: Vec<StoredRelease> = digests
             .into_iter()
             .map(|(key, digest)| StoredRelease {
                 signed: signed.remove(&key).unwrap_or_default(),
                 yanked: yanked.remove(&key),
+                location: location.remove(&key),
                 key,
                 digest,
             })
@@ -193,6 +200,7 @@ impl ReleaseStore for RedisReleases {
             .hdel(k("digest"), key)
             .hdel(k("signed"), key)
             .hdel(k("yanked"), key)
+            .hdel(k("location"), key)
             .del(k(&format!("wasm.{key}")))
             .del(k(&format!("manifest.{key}")))
             .incr(k("generation"), 1)
@@ -295,7 +303,7 @@ impl ReleaseStore for RedisReleases {
 const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS releases (
     key TEXT PRIMARY KEY, signed TEXT NOT NULL, digest TEXT NOT NULL,
-    component BLOB NOT NULL, manifest BLOB, yanked TEXT
+    component BLOB NOT NULL, manifest BLOB, yanked TEXT, location TEXT
 );
 CREATE TABLE IF NOT EXISTS release_generation (id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL);
 INSERT OR IGNORE INTO release_generation (id, n) VALUES (0, 0);
@@ -330,8 +338,8 @@ impl ReleaseStore for SqliteReleases {
                     Some(d) => PutOutcome::Conflict { existing: d },
                     None => {
                         tx.execute(
-                            "INSERT INTO releases (key, signed, digest, component, manifest) VALUES (?1, ?2, ?3, ?4, ?5)",
-                            rusqlite::params![release.key, release.signed, release.digest, component, manifest],
+                            "INSERT INTO releases (key, signed, digest, component, manifest, location) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            rusqlite::params![release.key, release.signed, release.digest, component, manifest, release.location],
                         )?;
                         tx.execute(BUMP, [])?;
                         PutOutcome::Stored
@@ -347,9 +355,9 @@ impl ReleaseStore for SqliteReleases {
     async fn list(&self) -> Result<Vec<StoredRelease>, BrokerError> {
         self.db
             .call(|conn| {
-                let mut stmt = conn.prepare("SELECT key, signed, digest, yanked FROM releases ORDER BY key")?;
+                let mut stmt = conn.prepare("SELECT key, signed, digest, yanked, location FROM releases ORDER BY key")?;
                 let rows = stmt.query_map([], |r| {
-                    Ok(StoredRelease { key: r.get(0)?, signed: r.get(1)?, digest: r.get(2)?, yanked: r.get(3)? })
+                    Ok(StoredRelease { key: r.get(0)?, signed: r.get(1)?, digest: r.get(2)?, yanked: r.get(3)?, location: r.get(4)? })
                 })?;
                 rows.collect()
             })

@@ -38,7 +38,9 @@ pub struct PublishArgs {
     #[arg(long)]
     pub key: Option<PathBuf>,
     /// Where to publish: `broker` (the --broker URL, the default), a redis:// or sqlite://
-    /// URL, or a plugins directory (`dir:PATH`) for workers that do not follow a registry.
+    /// URL, `oci://host/repository` (the bytes in an OCI registry, CNCF Wasm layout; the
+    /// signed record on the broker; `oci+http://` for a plain-HTTP registry), or a plugins
+    /// directory (`dir:PATH`) for workers that do not follow a registry.
     #[arg(long, default_value = "broker")]
     pub registry: String,
     /// Who publishes [default: $GITHUB_ACTOR, else $USER].
@@ -165,14 +167,21 @@ async fn open_store(url: &str) -> Result<Box<dyn ReleaseStore>, CliError> {
         .map_err(CliError::Usage)
 }
 
-/// The store a `--registry` value names; `oci://` is refused with what works instead.
+fn is_oci(registry: &str) -> bool {
+    registry.starts_with("oci://") || registry.starts_with("oci+http://")
+}
+
+/// The release store a `--registry` value names. Releases whose bytes are in an OCI
+/// registry are indexed on the broker (signed record, location, rollout state), so for
+/// `oci://` the store is the broker's.
 pub fn registry_url(registry: &str, broker: &str) -> Result<String, CliError> {
     match registry {
         "broker" => Ok(broker.to_string()),
-        r if r.starts_with("oci://") => Err(CliError::usage(anyhow!(
-            "OCI registries are not supported yet; publish to the broker (--registry broker) or to a plugins directory (dir:PATH)"
-        ))),
-        r => Ok(r.to_string()),
+        r if is_oci(r) => Ok(broker.to_string()),
+        r if r.starts_with("redis://") || r.starts_with("rediss://") || r.starts_with("redis+unix://") || r.starts_with("sqlite://") => {
+            Ok(r.to_string())
+        }
+        r => Err(CliError::usage(anyhow!("--registry {r:?}: expected broker, a redis:// or sqlite:// URL, oci://host/repository, or dir:PATH"))),
     }
 }
 
@@ -268,12 +277,30 @@ pub fn publish(args: PublishArgs, file: &super::config::FileConfig) -> Result<()
     }
     let (broker, _) = args.broker.urls(file);
     let url = registry_url(&args.registry, &broker)?;
+    let location = match is_oci(&args.registry) {
+        true => {
+            let target = crate::registry::oci::OciTarget::parse(&args.registry).map_err(|e| CliError::usage(anyhow!(e)))?;
+            Some(target.location(&record.task, &record.version).map_err(|e| CliError::usage(anyhow!(e)))?)
+        }
+        false => None,
+    };
     let rt = current_thread_runtime()?;
     rt.block_on(async {
+        if let Some(location) = &location {
+            use crate::registry::oci::{push, Pushed};
+            match push(location, &component, &signed.to_json(), &record).await.map_err(|e| CliError::failed(anyhow!(e)))? {
+                Pushed::Pushed | Pushed::Same => {}
+                Pushed::Conflict(existing) => {
+                    return Err(CliError::usage(anyhow!("{location} already holds another component ({existing}); publish a new version")))
+                }
+            }
+        }
         let store = open_store(&url).await?;
-        let outcome = publish::publish(store.as_ref(), &signed, &record, &component, manifest.as_deref(), args.activate)
-            .await
-            .map_err(op_err)?;
+        let outcome =
+            publish::publish(store.as_ref(), &signed, &record, &component, manifest.as_deref(), args.activate, location.as_deref())
+                .await
+                .map_err(op_err)?;
+        let url = location.clone().unwrap_or(url);
         match outcome {
             Published::Stored { activated } => report_publish(&args, &record, &redact(&url), "published", activated),
             Published::AlreadyPublished => report_publish(&args, &record, &redact(&url), "already-published", false),

@@ -85,8 +85,10 @@ pub struct ServeArgs {
     /// memory and grants ceilings; re-read when it changes.
     #[arg(long, env = "TASKHOST_TENANTS", value_name = "FILE")]
     pub tenants: Option<PathBuf>,
-    /// Follow a release registry: `broker` (this worker's broker) or a redis:// or
-    /// sqlite:// URL. New releases are fetched into --plugins (the cache), verified, loaded.
+    /// Follow a release registry: `broker` (this worker's broker), a redis:// or sqlite://
+    /// URL, or `oci://…` (the same as `broker`: the index is on the broker, the bytes are
+    /// pulled from where each release says). New releases are fetched into --plugins (the
+    /// cache), verified, loaded.
     #[arg(long, env = "TASKHOST_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
     /// trust.toml: which public keys may publish which task names. With it, every

@@ -152,7 +152,7 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
         if !wanted.contains(&r.key) {
             continue;
         }
-        match fetch_into(registry, store, &name, &version, &r.key, &r.signed).await {
+        match fetch_into(registry, store, &name, &version, r).await {
             Ok(true) => wrote = true,
             Ok(false) => {}
             Err(e) => tracing::warn!(release = %r.key, "not fetched: {e}"),
@@ -226,9 +226,9 @@ async fn fetch_into(
     store: &dyn ReleaseStore,
     name: &str,
     version: &semver::Version,
-    key: &str,
-    signed_text: &str,
+    release: &crate::broker::releases::StoredRelease,
 ) -> Result<bool, String> {
+    let (key, signed_text) = (release.key.as_str(), release.signed.as_str());
     let signed = SignedRelease::parse(signed_text.as_bytes()).map_err(|e| e.to_string())?;
     let record = signed.unverified_record().map_err(|e| e.to_string())?;
     if record.key() != key {
@@ -241,12 +241,17 @@ async fn fetch_into(
         return Ok(false);
     }
     let max = registry.max_component_size();
-    match store.component_len(key).await.map_err(|e| e.to_string())? {
-        Some(n) if n > max => return Err(format!("component is {n} bytes, above this worker's max_component_size ({max})")),
-        Some(_) => {}
-        None => return Err("component bytes missing".into()),
-    }
-    let component = store.component(key).await.map_err(|e| e.to_string())?.ok_or("component bytes missing")?;
+    let component = match &release.location {
+        Some(location) => super::oci::pull(location, max).await?,
+        None => {
+            match store.component_len(key).await.map_err(|e| e.to_string())? {
+                Some(n) if n > max => return Err(format!("component is {n} bytes, above this worker's max_component_size ({max})")),
+                Some(_) => {}
+                None => return Err("component bytes missing".into()),
+            }
+            store.component(key).await.map_err(|e| e.to_string())?.ok_or("component bytes missing")?
+        }
+    };
     let manifest = store.manifest(key).await.map_err(|e| e.to_string())?;
     if component.len() as u64 > max || manifest.as_ref().is_some_and(|m| m.len() as u64 > super::MAX_MANIFEST_BYTES) {
         return Err("component or manifest above this worker's size limits".into());

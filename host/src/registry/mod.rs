@@ -9,6 +9,7 @@
 
 pub mod follow;
 pub mod manifest;
+pub mod oci;
 pub mod publish;
 pub mod release;
 pub mod rollout;

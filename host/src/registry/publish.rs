@@ -51,8 +51,9 @@ async fn set_state(store: &dyn ReleaseStore, task: &str, state: &RolloutState) -
     store.set_rollout(task, Some(&serde_json::to_string(state).expect("a state always encodes"))).await
 }
 
-/// Stores a signed release. The first release of a task becomes its active version; a
-/// later one waits for `taskhost rollout` unless `activate` is set.
+/// Stores a signed release (its bytes too, unless `location` says where they are). The
+/// first release of a task becomes its active version; a later one waits for `taskhost
+/// rollout` unless `activate` is set.
 pub async fn publish(
     store: &dyn ReleaseStore,
     signed: &SignedRelease,
@@ -60,10 +61,19 @@ pub async fn publish(
     component: &[u8],
     manifest: Option<&[u8]>,
     activate: bool,
+    location: Option<&str>,
 ) -> Result<Published, ReleaseOpError> {
     let key = record.key();
-    let stored = StoredRelease { key: key.clone(), signed: signed.to_json(), digest: record.component_sha256.clone(), yanked: None };
-    match store.put(&stored, component, manifest).await? {
+    let stored = StoredRelease {
+        key: key.clone(),
+        signed: signed.to_json(),
+        digest: record.component_sha256.clone(),
+        yanked: None,
+        location: location.map(str::to_string),
+    };
+    // Bytes that live elsewhere (an OCI registry) are not kept on the broker too.
+    let here: &[u8] = if location.is_some() { &[] } else { component };
+    match store.put(&stored, here, manifest).await? {
         PutOutcome::AlreadyPublished => return Ok(Published::AlreadyPublished),
         PutOutcome::Conflict { existing } => return Err(ReleaseOpError::Conflict { key, existing }),
         PutOutcome::Stored => {}
