@@ -146,6 +146,68 @@ const EXAMPLES: &[Example] = &[
         readme: "taskhost beat --schedule examples/schedule.toml",
         runs: &[Run::Serves("taskhost beat --schedule examples/schedule.toml", "beat: sent entry=heartbeat")],
     },
+    // Releases, in order, on the embedded broker: a key, a first release, a follower, a
+    // staged one rolled out with a follower running, then rollback, yank, audit, gc.
+    Example {
+        readme: "taskhost keygen --name ci --out keys --trust trust.toml",
+        runs: &[Run::Ok(
+            "rm -rf target/readme-rel && taskhost keygen --name ci --out target/readme-rel/keys --trust target/readme-rel/trust.toml",
+            "trusted in target/readme-rel/trust.toml",
+        )],
+    },
+    Example {
+        readme: "taskhost publish app.wasm --task media.thumbnail --version 1.5.0 --key keys/ci.key [--manifest M.toml] [--activate] [--registry oci://host/repo] [--json]",
+        runs: &[
+            Run::Ok(
+                "taskhost publish dist/plugins/media.thumbnail@1.4.0.wasm --task media.thumbnail --version 1.4.0 --key target/readme-rel/keys/ci.key --manifest plugins/thumbnail/manifest.toml --json",
+                "\"activated\":true",
+            ),
+            Run::Ok(
+                "mkdir -p target/readme-rel/dir && taskhost publish dist/plugins/tasks.add@1.0.0.wasm --task tasks.add --version 1.0.0 --key target/readme-rel/keys/ci.key --registry dir:target/readme-rel/dir --activate && ls target/readme-rel/dir",
+                "tasks.add@1.0.0.release.json",
+            ),
+        ],
+    },
+    Example {
+        readme: "taskhost serve --plugins cache --registry broker --trust trust.toml",
+        runs: &[Run::Serves(
+            "taskhost serve --plugins target/readme-rel/cache --registry broker --trust target/readme-rel/trust.toml",
+            "release fetched from the registry release=media.thumbnail@1.4.0",
+        )],
+    },
+    Example {
+        readme: "taskhost publish dist/plugins/media.thumbnail@1.4.0.wasm --manifest plugins/thumbnail/manifest.toml --task media.thumbnail --version 1.5.0 --key keys/ci.key",
+        runs: &[Run::Ok(
+            "taskhost publish dist/plugins/media.thumbnail@1.4.0.wasm --manifest plugins/thumbnail/manifest.toml --task media.thumbnail --version 1.5.0 --key target/readme-rel/keys/ci.key",
+            "roll it out with `taskhost rollout`",
+        )],
+    },
+    Example {
+        readme: "taskhost releases [NAME] [--audit] [--json]",
+        runs: &[
+            Run::Ok("taskhost releases media.thumbnail --json", "\"status\":\"staged\""),
+            Run::Ok("taskhost releases --audit media.thumbnail", "publish"),
+        ],
+    },
+    Example { readme: "taskhost releases", runs: &[Run::Ok("taskhost releases", "active 100%")] },
+    Example {
+        readme: "taskhost rollout media.thumbnail 1.5.0 --steps 1,10,50,100 --interval 60s --max-failure-rate 5%",
+        // A follower must be live for the rollout to start; one step, no traffic to judge.
+        runs: &[Run::Ok(
+            "(taskhost serve -p 1 --plugins target/readme-rel/cache --registry broker --trust target/readme-rel/trust.toml > target/readme-rel/serve.log 2>&1 & echo $! > target/readme-rel/serve.pid); taskhost rollout media.thumbnail 1.5.0 --steps 100 --interval 60s --max-failure-rate 5%; s=$?; kill $(cat target/readme-rel/serve.pid); exit $s",
+            "media.thumbnail@1.5.0: 100% of new tasks",
+        )],
+    },
+    Example {
+        readme: "taskhost rollback media.thumbnail",
+        runs: &[Run::Ok("taskhost rollback media.thumbnail", "media.thumbnail@1.4.0 is the active version")],
+    },
+    Example {
+        readme: "taskhost yank media.thumbnail 1.5.0 --reason CVE-2026-0001",
+        runs: &[Run::Ok("taskhost yank media.thumbnail 1.5.0 --reason CVE-2026-0001", "yanked media.thumbnail@1.5.0")],
+    },
+    Example { readme: "taskhost releases --audit", runs: &[Run::Ok("taskhost releases --audit", "yank")] },
+    Example { readme: "taskhost gc --dry-run", runs: &[Run::Ok("taskhost gc --dry-run", "release(s) would delete")] },
     Example {
         readme: "taskhost bench runtime --plugins dist/plugins [--processes N]",
         runs: &[

@@ -516,3 +516,40 @@ fn release_sha256(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
+
+#[test]
+fn gc_deletes_only_what_nothing_needs_or_requires() {
+    let redis = RedisServer::start();
+    let broker = redis.url();
+    let keys = Keys::new("\"tasks.*\"");
+    for (v, file) in [("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 1)] {
+        let out = publish(&broker, &version_component(file), "tasks.version", v, &keys.key(), &["--activate"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // Staged, newer than the active 3.0.0: kept for its rollout.
+    assert!(publish(&broker, &version_component(2), "tasks.version", "4.0.0", &keys.key(), &[]).status.success());
+    // A queued message (no worker runs) requires 1.0.0: kept while it waits.
+    let out = send(&broker, &["tasks.version", "--version", "=1.0.0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let dry = cli(&broker, &["gc", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert!(stdout(&dry).contains("0 release(s) would delete"), "{}", stdout(&dry));
+    let _: i64 = redis.query(redis::cmd("DEL").arg("celery"));
+    let dry = cli(&broker, &["gc", "--dry-run"]);
+    assert!(stdout(&dry).contains("would delete tasks.version@1.0.0"), "{}", stdout(&dry));
+    let kept = |key: &str| releases(&broker).as_array().unwrap().iter().any(|r| format!("{}@{}", r["task"].as_str().unwrap(), r["version"].as_str().unwrap()) == key);
+    assert!(kept("tasks.version@1.0.0"), "a dry run deletes nothing");
+
+    let out = cli(&broker, &["gc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("deleted tasks.version@1.0.0"), "{}", stdout(&out));
+    assert!(!kept("tasks.version@1.0.0"));
+    // Active (3.0.0), the rollback target (2.0.0) and the staged one (4.0.0) stay.
+    for key in ["tasks.version@2.0.0", "tasks.version@3.0.0", "tasks.version@4.0.0"] {
+        assert!(kept(key), "{key} was deleted");
+    }
+    let exists: i64 = redis.query(redis::cmd("EXISTS").arg("taskhost.release.wasm.tasks.version@1.0.0"));
+    assert_eq!(exists, 0, "the bytes went too");
+    assert!(stdout(&cli(&broker, &["releases", "--audit"])).contains("gc"));
+}

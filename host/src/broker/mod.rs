@@ -180,6 +180,10 @@ pub trait Broker: Send + Sync {
 
     /// The per-hour sums from `since_hour` (unix seconds / 3600) on.
     async fn usage(&self, since_hour: i64) -> Result<Vec<crate::tenant::meter::UsageRow>, BrokerError>;
+
+    /// Every message held for `queues`: waiting (every band, fair-sorted ones too), unacked,
+    /// and parked until its ETA — what `taskhost gc` reads version requirements from.
+    async fn queued(&self, queues: &[String]) -> Result<Vec<Vec<u8>>, BrokerError>;
 }
 
 /// Opens the transport a URL names.

@@ -1038,6 +1038,50 @@ impl Broker for RedisBroker {
         script.invoke_async::<()>(&mut self.conn()).await.map_err(cmd_err)
     }
 
+    async fn queued(&self, queues: &[String]) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let mut conn = self.conn();
+        let (keys, _) = band_keys(queues);
+        let mut lists = keys.clone();
+        for key in &keys {
+            let mut found: Vec<String> = Vec::new();
+            {
+                let mut iter: redis::AsyncIter<String> =
+                    conn.scan_match(format!("taskhost.fair:{key}\x1f*")).await.map_err(cmd_err)?;
+                while let Some(item) = futures::StreamExt::next(&mut iter).await {
+                    found.push(item.map_err(cmd_err)?);
+                }
+            }
+            lists.extend(found);
+        }
+        let mut out = Vec::new();
+        for list in &lists {
+            let items: Vec<Vec<u8>> = conn.lrange(list, 0, -1).await.map_err(cmd_err)?;
+            out.extend(items);
+        }
+        // Unacked entries are kombu's [message, exchange, routing key].
+        let held: Vec<String> = conn.hvals(UNACKED).await.map_err(cmd_err)?;
+        for entry in held {
+            if let Ok(serde_json::Value::Array(parts)) = serde_json::from_str(&entry) {
+                if let (Some(serde_json::Value::String(message)), Some(serde_json::Value::String(queue))) = (parts.first(), parts.get(2)) {
+                    if queues.iter().any(|q| q == queue) {
+                        out.push(message.clone().into_bytes());
+                    }
+                }
+            }
+        }
+        // Parked: `<band list><SEP><SEP><message>`.
+        let parked: Vec<Vec<u8>> = conn.zrange(SCHEDULED, 0, -1).await.map_err(cmd_err)?;
+        let sep = format!("{BAND_SEP}{BAND_SEP}");
+        for member in parked {
+            if let Some(at) = member.windows(sep.len()).position(|w| w == sep.as_bytes()) {
+                if keys.iter().any(|k| k.as_bytes() == &member[..at]) {
+                    out.push(member[at + sep.len()..].to_vec());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn usage(&self, since_hour: i64) -> Result<Vec<crate::tenant::meter::UsageRow>, BrokerError> {
         let now_hour = chrono::Utc::now().timestamp().div_euclid(3600);
         let mut cells = Vec::new();

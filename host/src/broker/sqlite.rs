@@ -665,6 +665,26 @@ impl Broker for SqliteBroker {
             .map_err(err)
     }
 
+    async fn queued(&self, queues: &[String]) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let queues = queues.to_vec();
+        self.db
+            .call(move |conn| {
+                let mut out = Vec::new();
+                for table in ["messages", "scheduled"] {
+                    let mut stmt = conn.prepare(&format!("SELECT body FROM {table} WHERE queue = ?1"))?;
+                    for q in &queues {
+                        let rows = stmt.query_map([q], |r| r.get::<_, Vec<u8>>(0))?;
+                        for row in rows {
+                            out.push(row?);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(err)
+    }
+
     async fn usage(&self, since_hour: i64) -> Result<Vec<crate::tenant::meter::UsageRow>, BrokerError> {
         let cells: Vec<(i64, String, String, String, f64)> = self
             .db

@@ -79,6 +79,9 @@ pub enum Command {
     Rollback(release::RollbackArgs),
     /// Withdraw a version: it serves nothing; messages requiring only it are dead-lettered.
     Yank(release::YankArgs),
+    /// Delete releases nothing needs: not active, staged or the rollback target, and not
+    /// required by a queued message.
+    Gc(release::GcArgs),
 }
 
 /// A failure the CLI reports, with the exit code it maps to.
@@ -136,6 +139,7 @@ pub fn main() -> ExitCode {
         Command::Rollout(args) => release::rollout(args, &file),
         Command::Rollback(args) => release::rollback(args, &file),
         Command::Yank(args) => release::yank(args, &file),
+        Command::Gc(args) => release::gc(args, &file),
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

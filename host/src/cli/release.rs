@@ -1,5 +1,5 @@
-//! `taskhost keygen`, `publish`, `releases`, `rollout`, `rollback` and `yank`: signed
-//! releases from CI to every worker that follows the registry.
+//! `taskhost keygen`, `publish`, `releases`, `rollout`, `rollback`, `yank` and `gc`:
+//! signed releases from CI to every worker that follows the registry.
 
 use super::serve::{redact, BrokerArgs};
 use super::{current_thread_runtime, CliError};
@@ -21,6 +21,12 @@ pub struct KeygenArgs {
     /// Directory to write them to.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
+    /// Also append the key to this trust.toml (created if absent), trusted for `--tasks`.
+    #[arg(long, value_name = "FILE")]
+    pub trust: Option<PathBuf>,
+    /// Task-name patterns the key is trusted for in the trust.toml entry.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub tasks: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +125,23 @@ pub struct YankArgs {
     pub broker: BrokerArgs,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    /// Only this task's releases.
+    pub name: Option<String>,
+    /// Queues whose messages' version requirements keep a release [default: celery and
+    /// every queue the releases' manifests name].
+    #[arg(short = 'Q', long, value_delimiter = ',')]
+    pub queues: Option<Vec<String>>,
+    /// Say what would be deleted, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
@@ -189,6 +212,7 @@ pub fn keygen(args: KeygenArgs) -> Result<(), CliError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let key = release::generate_signing_key();
+    std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string()).map_err(CliError::Usage)?;
     let private = args.out.join(format!("{}.key", args.name));
     let public = args.out.join(format!("{}.pub", args.name));
     let mut file = std::fs::OpenOptions::new()
@@ -203,7 +227,22 @@ pub fn keygen(args: KeygenArgs) -> Result<(), CliError> {
     std::fs::write(&public, format!("{public_text}\n")).with_context(|| public.display().to_string()).map_err(CliError::Failed)?;
     println!("wrote {} (keep it secret: a CI secret) and {}", private.display(), public.display());
     println!("key id {}", release::key_id(&key.verifying_key()));
-    println!("\n# trust.toml on every worker:\n[[key]]\nname = \"{}\"\npublic_key = \"{public_text}\"\ntasks = [\"*\"]", args.name);
+    let patterns = args.tasks.iter().map(|t| serde_json::Value::from(t.as_str()).to_string()).collect::<Vec<_>>().join(", ");
+    let entry = format!("[[key]]\nname = {}\npublic_key = \"{public_text}\"\ntasks = [{patterns}]\n", serde_json::Value::from(args.name.as_str()));
+    match &args.trust {
+        Some(path) => {
+            let mut text = std::fs::read_to_string(path).unwrap_or_default();
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&entry);
+            // Checked before it is written: a worker refuses a trust file it cannot read.
+            release::Trust::parse(&text).map_err(CliError::usage)?;
+            std::fs::write(path, text).with_context(|| path.display().to_string()).map_err(CliError::Failed)?;
+            println!("trusted in {} for {}", path.display(), args.tasks.join(", "));
+        }
+        None => println!("\n# trust.toml on every worker:\n{entry}"),
+    }
     Ok(())
 }
 
@@ -471,6 +510,60 @@ pub fn yank(args: YankArgs, file: &super::config::FileConfig) -> Result<(), CliE
         let store = open_store(&broker).await?;
         publish::yank(store.as_ref(), &args.name, &args.version, &args.reason, &actor()).await.map_err(op_err)?;
         println!("yanked {}@{}: it serves no new task; messages requiring only it are dead-lettered", args.name, args.version);
+        Ok(())
+    })
+}
+
+pub fn gc(args: GcArgs, file: &super::config::FileConfig) -> Result<(), CliError> {
+    let (broker_url, _) = args.broker.urls(file);
+    let rt = current_thread_runtime()?;
+    rt.block_on(async {
+        let store = open_store(&broker_url).await?;
+        let broker = super::connect_broker(&broker_url).await?;
+        let queues = match &args.queues {
+            Some(q) => q.clone(),
+            None => {
+                let mut queues = std::collections::BTreeSet::from([crate::worker::DEFAULT_QUEUE.to_string()]);
+                for r in store.list().await.map_err(CliError::failed)? {
+                    if let Some(bytes) = store.manifest(&r.key).await.map_err(CliError::failed)? {
+                        if let Ok(Some(queue)) = Manifest::parse(&String::from_utf8_lossy(&bytes)).map(|m| m.queue) {
+                            queues.insert(queue);
+                        }
+                    }
+                }
+                queues.into_iter().collect()
+            }
+        };
+        let mut required = Vec::new();
+        let mut unreadable = 0usize;
+        for raw in broker.queued(&queues).await.map_err(CliError::failed)? {
+            match crate::protocol::decode(&raw) {
+                Ok(d) => {
+                    if let Some(req) = d.headers.version_req.as_deref().and_then(|r| semver::VersionReq::parse(r).ok()) {
+                        required.push((d.headers.task.clone(), req));
+                    }
+                }
+                Err(_) => unreadable += 1,
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!("{unreadable} queued message(s) could not be read; their version requirements are not known");
+        }
+        let gone = publish::gc(store.as_ref(), args.name.as_deref(), &required, args.dry_run, &actor()).await.map_err(op_err)?;
+        if args.json {
+            println!("{}", serde_json::json!({"deleted": if args.dry_run { Vec::new() } else { gone.clone() }, "would_delete": if args.dry_run { gone.clone() } else { Vec::new() }, "queues": queues, "requirements": required.len()}));
+        } else {
+            let verb = if args.dry_run { "would delete" } else { "deleted" };
+            for key in &gone {
+                println!("{verb} {key}");
+            }
+            println!(
+                "{} release(s) {verb}; {} queued version requirement(s) read from {}",
+                gone.len(),
+                required.len(),
+                queues.join(", ")
+            );
+        }
         Ok(())
     })
 }

@@ -161,6 +161,10 @@ impl Settings {
             Some(r) => Some(super::release::registry_url(r, &broker)?),
             None => None,
         };
+        if registry.is_some() && !plugins.exists() {
+            // A follower's plugins dir is its cache: a new machine starts with none.
+            std::fs::create_dir_all(&plugins).with_context(|| format!("creating the plugins dir {}", plugins.display())).map_err(CliError::Usage)?;
+        }
         let trust = args.trust.or_else(|| file.trust.clone());
         if let Some(path) = &trust {
             crate::registry::release::Trust::load(path).map_err(CliError::usage)?;

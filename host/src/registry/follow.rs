@@ -180,25 +180,21 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
 /// task without one, its newest. Older versions stay on the registry (a worker that has
 /// them keeps serving them to messages that require them).
 fn wanted_releases(releases: &[crate::broker::releases::StoredRelease], rollouts: &HashMap<String, RolloutState>) -> std::collections::HashSet<String> {
-    let mut newest: HashMap<String, semver::Version> = HashMap::new();
-    let mut wanted = std::collections::HashSet::new();
-    for r in releases.iter().filter(|r| r.yanked.is_none()) {
-        let Some((task, v)) = safe_key(&r.key) else { continue };
-        match rollouts.get(&task) {
-            Some(state) => {
-                if v >= state.stable || state.previous.as_ref() == Some(&v) || state.candidate.as_ref() == Some(&v) {
-                    wanted.insert(r.key.clone());
-                }
-            }
-            None => {
-                if newest.get(&task).is_none_or(|n| v > *n) {
-                    newest.insert(task, v);
-                }
-            }
+    let live: Vec<(&str, String, semver::Version)> = releases
+        .iter()
+        .filter(|r| r.yanked.is_none())
+        .filter_map(|r| safe_key(&r.key).map(|(t, v)| (r.key.as_str(), t, v)))
+        .collect();
+    let mut newest: HashMap<&str, &semver::Version> = HashMap::new();
+    for (_, t, v) in &live {
+        if newest.get(t.as_str()).is_none_or(|n| v > *n) {
+            newest.insert(t.as_str(), v);
         }
     }
-    wanted.extend(newest.into_iter().map(|(t, v)| format!("{t}@{v}")));
-    wanted
+    live.iter()
+        .filter(|(_, t, v)| super::publish::kept(v, rollouts.get(t), newest.get(t.as_str()).copied()))
+        .map(|(key, _, _)| key.to_string())
+        .collect()
 }
 
 /// Removes a yanked release's files from the plugins dir; true if there were any.

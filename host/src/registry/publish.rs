@@ -1,5 +1,5 @@
 //! Release operations from CI and operators: publish, rollout with its failure-rate gate
-//! and automatic rollback, rollback and yank — each one appended to the audit log.
+//! and automatic rollback, rollback, yank and gc — each one appended to the audit log.
 
 use super::release::{ReleaseRecord, SignedRelease};
 use super::rollout::{AuditEntry, ReadyReport, RolloutState};
@@ -330,4 +330,58 @@ pub async fn yank(store: &dyn ReleaseStore, task: &str, version: &Version, reaso
         }
     }
     Ok(())
+}
+
+/// Whether a task's release is still needed: under a rollout its stable version, the
+/// candidate, the version a rollback returns to and anything newer (staged); without one,
+/// its newest. What followers fetch (`follow::wanted_releases`) is the same set.
+pub(crate) fn kept(version: &Version, state: Option<&RolloutState>, newest: Option<&Version>) -> bool {
+    match state {
+        Some(s) => *version >= s.stable || s.previous.as_ref() == Some(version) || s.candidate.as_ref() == Some(version),
+        None => newest == Some(version),
+    }
+}
+
+/// Deletes from the registry the releases of `task` (or of every task) that nothing needs
+/// any more: not kept (above) and not matched by `required`, the version requirements of
+/// the messages still queued. Yanked releases stay: their record is what turns a message
+/// requiring them into a dead letter with the reason. Returns the keys deleted (or that
+/// would be, with `dry_run`).
+pub async fn gc(
+    store: &dyn ReleaseStore,
+    task: Option<&str>,
+    required: &[(String, semver::VersionReq)],
+    dry_run: bool,
+    by: &str,
+) -> Result<Vec<String>, ReleaseOpError> {
+    let states = rollouts(store).await?;
+    let releases = store.list().await?;
+    let parsed: Vec<(&StoredRelease, String, Version)> = releases
+        .iter()
+        .filter_map(|r| {
+            let (t, v) = r.key.rsplit_once('@')?;
+            Some((r, t.to_string(), Version::parse(v).ok()?))
+        })
+        .collect();
+    let mut newest: HashMap<&str, &Version> = HashMap::new();
+    for (r, t, v) in &parsed {
+        if r.yanked.is_none() && newest.get(t.as_str()).is_none_or(|n| v > *n) {
+            newest.insert(t.as_str(), v);
+        }
+    }
+    let mut gone = Vec::new();
+    for (r, t, v) in &parsed {
+        if task.is_some_and(|only| only != t) || r.yanked.is_some() {
+            continue;
+        }
+        if kept(v, states.get(t), newest.get(t.as_str()).copied()) || required.iter().any(|(rt, req)| rt == t && req.matches(v)) {
+            continue;
+        }
+        if !dry_run {
+            store.delete(&r.key).await?;
+            audit(store, AuditEntry::now("gc", t, Some(v), by, "deleted from the registry")).await?;
+        }
+        gone.push(r.key.clone());
+    }
+    Ok(gone)
 }
