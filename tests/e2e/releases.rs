@@ -173,6 +173,13 @@ fn unsigned_tampered_and_wrongly_signed_components_are_refused_everywhere() {
     }
     let refused: serde_json::Value = releases(&broker);
     assert!(refused.as_array().unwrap().iter().all(|r| r["ready_on"].as_array().unwrap().is_empty()), "{refused}");
+    // The count of refusals, as the worker reports it (also in `celery inspect stats`).
+    let listing = stdout(&cli(&broker, &["releases"]));
+    let count: u64 = listing
+        .lines()
+        .find_map(|l| l.strip_suffix(" refused under trust.toml")?.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no refusal count in:\n{listing}"));
+    assert!(count >= 2, "the stranger's key and the name not trusted: {listing}");
 
     // A plugins dir under the same trust.toml: unsigned and tampered files are refused too.
     let dir = tempfile::tempdir().unwrap();

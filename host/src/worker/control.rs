@@ -116,7 +116,8 @@ impl Worker {
                      "processes": [self.pid], "max-tasks-per-child": "N/A", "put-guarded-by-semaphore": false,
                      "timeouts": [0, 0]},
             "prefetch_count": self.cfg.prefetch_limit(),
-            "taskhost": {"grant_denials": stats.grant_denials, "dead_lettered": stats.dead_lettered},
+            "taskhost": {"grant_denials": stats.grant_denials, "dead_lettered": stats.dead_lettered,
+                         "releases_refused": self.registry.refused_count()},
             "broker": {"transport": "taskhost"},
             "sw_ident": "taskhost", "sw_ver": env!("CARGO_PKG_VERSION"),
         })
