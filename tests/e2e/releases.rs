@@ -190,6 +190,12 @@ fn unsigned_tampered_and_wrongly_signed_components_are_refused_everywhere() {
         "--key", &keys.key(), "--registry", &dir_target,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Into a directory too, a name and version hold one component.
+    let other = taskhost(&[
+        "publish", version_component(2).to_str().unwrap(), "--task", "tasks.version", "--version", "1.0.0",
+        "--key", &keys.key(), "--registry", &dir_target,
+    ]);
+    assert_eq!(other.status.code(), Some(2), "{}", stdout(&other));
     let wasm = dir.path().join("tasks.version@1.0.0.wasm");
     let mut bytes = std::fs::read(&wasm).unwrap();
     let n = bytes.len() - 10;

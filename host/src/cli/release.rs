@@ -307,6 +307,12 @@ pub fn publish(args: PublishArgs, file: &super::config::FileConfig) -> Result<()
     if let Some(dir) = args.registry.strip_prefix("dir:") {
         let dir = Path::new(dir);
         let wasm = dir.join(format!("{key_name}.wasm"));
+        if let Ok(existing) = std::fs::read(&wasm) {
+            if release::sha256_hex(&existing) == record.component_sha256 {
+                return report_publish(&args, &record, &format!("dir:{}", dir.display()), "already-published", false);
+            }
+            return Err(CliError::usage(anyhow!("{} already holds another component; publish a new version", wasm.display())));
+        }
         if let Some(m) = &manifest {
             std::fs::write(wasm.with_extension("toml"), m).map_err(CliError::failed)?;
         }
