@@ -77,7 +77,7 @@ pub const CHORD_EXPIRES: u64 = 86_400;
 /// Opens the backend a URL names, reading results under `key_prefix` (Redis; the embedded
 /// backend keeps every tenant's results in one file and ignores it).
 pub async fn connect_prefixed(url: &str, expires: Option<Duration>, key_prefix: &str) -> Result<Box<dyn ResultBackend>, BackendError> {
-    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+    if crate::broker::is_redis_url(url) {
         Ok(Box::new(RedisBackend::connect(url, expires).await?.with_key_prefix(key_prefix)))
     } else {
         connect(url, expires).await
@@ -86,9 +86,9 @@ pub async fn connect_prefixed(url: &str, expires: Option<Duration>, key_prefix: 
 
 /// Opens the backend a URL names.
 pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Box<dyn ResultBackend>, BackendError> {
-    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+    if crate::broker::is_redis_url(url) {
         Ok(Box::new(RedisBackend::connect(url, expires).await?))
-    } else if url.starts_with("sqlite://") {
+    } else if crate::broker::is_sqlite_url(url) {
         Ok(Box::new(SqliteBackend::open(url, expires)?))
     } else {
         Err(BackendError::UnsupportedUrl(url.to_string()))

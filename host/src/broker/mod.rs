@@ -186,11 +186,21 @@ pub trait Broker: Send + Sync {
     async fn queued(&self, queues: &[String]) -> Result<Vec<Vec<u8>>, BrokerError>;
 }
 
+/// Whether a URL names a Redis server (`redis://`, `rediss://`, `redis+unix://`).
+pub fn is_redis_url(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")
+}
+
+/// Whether a URL names the embedded broker's file (`sqlite://`).
+pub fn is_sqlite_url(url: &str) -> bool {
+    url.starts_with("sqlite://")
+}
+
 /// Opens the transport a URL names.
 pub async fn connect(url: &str) -> Result<Box<dyn Broker>, BrokerError> {
-    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+    if is_redis_url(url) {
         Ok(Box::new(RedisBroker::connect(url).await?))
-    } else if url.starts_with("sqlite://") {
+    } else if is_sqlite_url(url) {
         Ok(Box::new(SqliteBroker::open(url)?))
     } else {
         Err(BrokerError::UnsupportedUrl(url.to_string()))

@@ -415,7 +415,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
-fn cmd_err(e: redis::RedisError) -> BrokerError {
+pub(super) fn cmd_err(e: redis::RedisError) -> BrokerError {
     if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
         BrokerError::Connection(e.to_string())
     } else {

@@ -3,6 +3,8 @@
 //!
 //! Records and states travel as opaque JSON text: `registry::release` gives them meaning.
 
+use super::redis::cmd_err as redis_err;
+use super::sqlite::err as sql_err;
 use super::BrokerError;
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -66,12 +68,12 @@ pub trait ReleaseStore: Send + Sync {
 
 /// The release store on the broker a URL names.
 pub async fn connect(url: &str) -> Result<Box<dyn ReleaseStore>, BrokerError> {
-    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+    if super::is_redis_url(url) {
         let conn = super::redis_manager(url, Some(Duration::from_secs(10)))
             .await
             .map_err(|e| BrokerError::Connection(e.to_string()))?;
         Ok(Box::new(RedisReleases { conn }))
-    } else if url.starts_with("sqlite://") {
+    } else if super::is_sqlite_url(url) {
         let path = super::sqlite::path_from_url(url).ok_or_else(|| BrokerError::UnsupportedUrl(url.to_string()))?;
         let db = super::sqlite::Db::open(&path).map_err(BrokerError::Connection)?;
         db.call(|conn| conn.execute_batch(SQLITE_SCHEMA)).await.map_err(sql_err)?;
@@ -85,14 +87,6 @@ const PREFIX: &str = "taskhost.release.";
 
 struct RedisReleases {
     conn: redis::aio::ConnectionManager,
-}
-
-fn redis_err(e: redis::RedisError) -> BrokerError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
-        BrokerError::Connection(e.to_string())
-    } else {
-        BrokerError::Command(e.to_string())
-    }
 }
 
 fn k(name: &str) -> String {
@@ -315,10 +309,6 @@ CREATE TABLE IF NOT EXISTS release_outcomes (key TEXT PRIMARY KEY, ok INTEGER NO
 
 struct SqliteReleases {
     db: super::sqlite::Db,
-}
-
-fn sql_err(e: rusqlite::Error) -> BrokerError {
-    BrokerError::Command(e.to_string())
 }
 
 const BUMP: &str = "UPDATE release_generation SET n = n + 1 WHERE id = 0";

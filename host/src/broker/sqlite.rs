@@ -185,7 +185,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
-fn err(e: rusqlite::Error) -> BrokerError {
+pub(super) fn err(e: rusqlite::Error) -> BrokerError {
     BrokerError::Command(e.to_string())
 }
 

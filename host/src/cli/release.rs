@@ -191,7 +191,7 @@ async fn open_store(url: &str) -> Result<Box<dyn ReleaseStore>, CliError> {
 }
 
 fn is_oci(registry: &str) -> bool {
-    registry.starts_with("oci://") || registry.starts_with("oci+http://")
+    crate::registry::oci::split_scheme(registry).is_some()
 }
 
 /// The release store a `--registry` value names. Releases whose bytes are in an OCI
@@ -201,9 +201,7 @@ pub fn registry_url(registry: &str, broker: &str) -> Result<String, CliError> {
     match registry {
         "broker" => Ok(broker.to_string()),
         r if is_oci(r) => Ok(broker.to_string()),
-        r if r.starts_with("redis://") || r.starts_with("rediss://") || r.starts_with("redis+unix://") || r.starts_with("sqlite://") => {
-            Ok(r.to_string())
-        }
+        r if crate::broker::is_redis_url(r) || crate::broker::is_sqlite_url(r) => Ok(r.to_string()),
         r => Err(CliError::usage(anyhow!("--registry {r:?}: expected broker, a redis:// or sqlite:// URL, oci://host/repository, or dir:PATH"))),
     }
 }

@@ -340,7 +340,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         let backend: Arc<dyn backend::ResultBackend> =
             super::connect_backend(&args.result_backend, (!expires.is_zero()).then_some(expires)).await?.into();
         if args.worker_index.is_none() {
-            let tasks: Vec<String> = registry.all().iter().map(|tv| format!("{}@{}", tv.name, tv.version)).collect();
+            let tasks: Vec<String> = registry.all().iter().map(|tv| tv.key()).collect();
             banner(&args, &tasks, &node);
         }
         let _watch = registry.watch(WATCH_INTERVAL);

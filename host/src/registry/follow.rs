@@ -71,7 +71,7 @@ pub async fn follow(registry: Arc<Registry>, store: Arc<dyn ReleaseStore>, worke
 
 fn ready_report(registry: &Registry) -> ReadyReport {
     ReadyReport {
-        ready: registry.all().iter().map(|tv| (format!("{}@{}", tv.name, tv.version), tv.component.digest.clone())).collect(),
+        ready: registry.all().iter().map(|tv| (tv.key(), tv.component.digest.clone())).collect(),
         refused: registry.refused_count(),
         pid: std::process::id(),
     }
@@ -138,7 +138,9 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
             Err(e) => tracing::warn!(task = %task, "rollout state unreadable, the one read before stays: {e}"),
         }
     }
-    let wanted = wanted_releases(&releases, &rollouts);
+    // The active version, its rollback target and newer (staged) ones: ready before a
+    // rollout asks. Older versions stay on the registry.
+    let wanted = super::publish::kept_releases(&releases, &rollouts);
     let mut wrote = false;
     for r in &releases {
         let Some((name, version)) = safe_key(&r.key) else {
@@ -173,28 +175,6 @@ pub async fn sync_once(registry: &Arc<Registry>, store: &dyn ReleaseStore, seen:
     }
     *seen = Some(generation);
     Ok(())
-}
-
-/// The releases a worker fetches: per task under a rollout its stable version, the one a
-/// rollback returns to, and every newer one (staged: ready before its rollout asks); per
-/// task without one, its newest. Older versions stay on the registry (a worker that has
-/// them keeps serving them to messages that require them).
-fn wanted_releases(releases: &[crate::broker::releases::StoredRelease], rollouts: &HashMap<String, RolloutState>) -> std::collections::HashSet<String> {
-    let live: Vec<(&str, String, semver::Version)> = releases
-        .iter()
-        .filter(|r| r.yanked.is_none())
-        .filter_map(|r| safe_key(&r.key).map(|(t, v)| (r.key.as_str(), t, v)))
-        .collect();
-    let mut newest: HashMap<&str, &semver::Version> = HashMap::new();
-    for (_, t, v) in &live {
-        if newest.get(t.as_str()).is_none_or(|n| v > *n) {
-            newest.insert(t.as_str(), v);
-        }
-    }
-    live.iter()
-        .filter(|(_, t, v)| super::publish::kept(v, rollouts.get(t), newest.get(t.as_str()).copied()))
-        .map(|(key, _, _)| key.to_string())
-        .collect()
 }
 
 /// Removes a yanked release's files from the plugins dir; true if there were any.

@@ -41,8 +41,6 @@ pub struct TaskVersion {
     pub size: u64,
     /// How long reading, compiling (or mapping) and linking it took.
     pub load_time: Duration,
-    /// Its signed release record, where trust.toml verified one.
-    pub release: Option<release::ReleaseRecord>,
     limits: TaskLimits,
     grants: Arc<Grants>,
 }
@@ -56,6 +54,11 @@ impl TaskVersion {
     /// What its manifest grants each run.
     pub fn grants(&self) -> Arc<Grants> {
         self.grants.clone()
+    }
+
+    /// `task@version`, as releases are named.
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.name, self.version)
     }
 }
 
@@ -585,7 +588,7 @@ impl Registry {
             Err(e) => return Err(e),
         };
         let bytes = read_plugin_file(path, ceilings.max_component_size, ceilings.allow_symlinks)?;
-        let release = self.verify_release(path, &name, &version, &bytes, manifest_bytes.as_deref())?;
+        self.verify_release(path, &name, &version, &bytes, manifest_bytes.as_deref())?;
         let manifest = match &manifest_bytes {
             Some(bytes) => Manifest::parse(&String::from_utf8_lossy(bytes))
                 .and_then(|m| m.check_ceilings(ceilings).map(|()| m))
@@ -633,7 +636,6 @@ impl Registry {
             path: path.to_path_buf(),
             size: bytes.len() as u64,
             load_time: started.elapsed(),
-            release,
             limits,
             grants,
         })
@@ -669,8 +671,8 @@ impl Registry {
         version: &Version,
         bytes: &[u8],
         manifest: Option<&[u8]>,
-    ) -> Result<Option<release::ReleaseRecord>, FileError> {
-        let Some(trust) = self.trust.read().unwrap_or_else(|p| p.into_inner()).trust.clone() else { return Ok(None) };
+    ) -> Result<(), FileError> {
+        let Some(trust) = self.current_trust() else { return Ok(()) };
         let refused = |refusal| FileError::Refused { trust: trust.path.display().to_string(), refusal };
         let signed = match read_plugin_file(&release_path(path), release::MAX_RELEASE_BYTES, self.ceilings().allow_symlinks) {
             Ok(b) => Some(release::SignedRelease::parse(&b).map_err(refused)?),
@@ -679,9 +681,14 @@ impl Registry {
         };
         if signed.is_none() && self.policy.allow_unsigned {
             tracing::warn!(file = %path.display(), "UNSIGNED component loaded (--allow-unsigned): for development only");
-            return Ok(None);
+            return Ok(());
         }
-        trust.verify(name, version, bytes, manifest, signed.as_ref()).map(Some).map_err(refused)
+        trust.verify(name, version, bytes, manifest, signed.as_ref()).map(|_| ()).map_err(refused)
+    }
+
+    /// The trust file as last read, if the registry has one.
+    fn current_trust(&self) -> Option<Arc<release::Trust>> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).trust.clone()
     }
 
     /// Checks bytes about to be written into the plugins dir as a load would (the follower
@@ -694,7 +701,7 @@ impl Registry {
         manifest: Option<&[u8]>,
         signed: &release::SignedRelease,
     ) -> Result<(), release::Refusal> {
-        let Some(trust) = self.trust.read().unwrap_or_else(|p| p.into_inner()).trust.clone() else { return Ok(()) };
+        let Some(trust) = self.current_trust() else { return Ok(()) };
         trust.verify(name, version, component, manifest, Some(signed)).map(|_| ()).inspect_err(|_| {
             self.refused.fetch_add(1, Ordering::Relaxed);
         })
@@ -727,7 +734,7 @@ impl Registry {
     /// Counts a finished run of `task` for the rollout's failure-rate gate.
     pub fn record_outcome(&self, task: &TaskVersion, succeeded: bool) {
         let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
-        let e = outcomes.entry(format!("{}@{}", task.name, task.version)).or_default();
+        let e = outcomes.entry(task.key()).or_default();
         if succeeded {
             e.0 += 1
         } else {

@@ -24,13 +24,19 @@ pub struct OciTarget {
     plain_http: bool,
 }
 
+/// The rest of an `oci://` (HTTPS) or `oci+http://` URL, and whether it is plain HTTP.
+pub fn split_scheme(url: &str) -> Option<(&str, bool)> {
+    match (url.strip_prefix("oci://"), url.strip_prefix("oci+http://")) {
+        (Some(r), _) => Some((r, false)),
+        (_, Some(r)) => Some((r, true)),
+        _ => None,
+    }
+}
+
 impl OciTarget {
     pub fn parse(url: &str) -> Result<OciTarget, String> {
-        let (rest, plain_http) = match (url.strip_prefix("oci://"), url.strip_prefix("oci+http://")) {
-            (Some(r), _) => (r, false),
-            (_, Some(r)) => (r, true),
-            _ => return Err(format!("{url:?} is not oci://host/repository (or oci+http:// for a plain-HTTP registry)")),
-        };
+        let (rest, plain_http) = split_scheme(url)
+            .ok_or_else(|| format!("{url:?} is not oci://host/repository (or oci+http:// for a plain-HTTP registry)"))?;
         let base = rest.trim_end_matches('/');
         // A ':' only for the host's port; no digest, query or empty path segment.
         let path_ok = base.split('/').skip(1).all(|seg| !seg.is_empty() && !seg.contains(':'));
@@ -51,11 +57,7 @@ impl OciTarget {
 }
 
 fn parse_location(location: &str) -> Result<(Reference, bool), String> {
-    let (rest, plain_http) = match (location.strip_prefix("oci://"), location.strip_prefix("oci+http://")) {
-        (Some(r), _) => (r, false),
-        (_, Some(r)) => (r, true),
-        _ => return Err(format!("{location:?} is not an oci:// location")),
-    };
+    let (rest, plain_http) = split_scheme(location).ok_or_else(|| format!("{location:?} is not an oci:// location"))?;
     let reference: Reference = rest.parse().map_err(|e| format!("{location}: {e}"))?;
     Ok((reference, plain_http))
 }

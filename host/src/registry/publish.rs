@@ -6,7 +6,7 @@ use super::rollout::{AuditEntry, ReadyReport, RolloutState};
 use crate::broker::releases::{PutOutcome, ReleaseStore, StoredRelease};
 use crate::broker::BrokerError;
 use semver::Version;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -332,14 +332,32 @@ pub async fn yank(store: &dyn ReleaseStore, task: &str, version: &Version, reaso
     Ok(())
 }
 
-/// Whether a task's release is still needed: under a rollout its stable version, the
-/// candidate, the version a rollback returns to and anything newer (staged); without one,
-/// its newest. What followers fetch (`follow::wanted_releases`) is the same set.
-pub(crate) fn kept(version: &Version, state: Option<&RolloutState>, newest: Option<&Version>) -> bool {
-    match state {
-        Some(s) => *version >= s.stable || s.previous.as_ref() == Some(version) || s.candidate.as_ref() == Some(version),
-        None => newest == Some(version),
+/// `task@version` split, if the version is semver.
+fn key_parts(key: &str) -> Option<(&str, Version)> {
+    let (task, version) = key.rsplit_once('@')?;
+    Some((task, Version::parse(version).ok()?))
+}
+
+/// The releases still needed, by key: per task under a rollout its stable version, the
+/// candidate, the version a rollback returns to and anything newer (staged); per task
+/// without one, its newest. Yanked releases are never among them. What followers fetch and
+/// what gc keeps.
+pub(crate) fn kept_releases(releases: &[StoredRelease], states: &HashMap<String, RolloutState>) -> HashSet<String> {
+    let live: Vec<(&str, &str, Version)> =
+        releases.iter().filter(|r| r.yanked.is_none()).filter_map(|r| key_parts(&r.key).map(|(t, v)| (r.key.as_str(), t, v))).collect();
+    let mut newest: HashMap<&str, &Version> = HashMap::new();
+    for (_, t, v) in &live {
+        if newest.get(t).is_none_or(|n| v > *n) {
+            newest.insert(*t, v);
+        }
     }
+    live.iter()
+        .filter(|(_, t, v)| match states.get(*t) {
+            Some(s) => *v >= s.stable || s.previous.as_ref() == Some(v) || s.candidate.as_ref() == Some(v),
+            None => newest.get(t) == Some(&v),
+        })
+        .map(|(key, _, _)| key.to_string())
+        .collect()
 }
 
 /// Deletes from the registry the releases of `task` (or of every task) that nothing needs
@@ -356,30 +374,16 @@ pub async fn gc(
 ) -> Result<Vec<String>, ReleaseOpError> {
     let states = rollouts(store).await?;
     let releases = store.list().await?;
-    let parsed: Vec<(&StoredRelease, String, Version)> = releases
-        .iter()
-        .filter_map(|r| {
-            let (t, v) = r.key.rsplit_once('@')?;
-            Some((r, t.to_string(), Version::parse(v).ok()?))
-        })
-        .collect();
-    let mut newest: HashMap<&str, &Version> = HashMap::new();
-    for (r, t, v) in &parsed {
-        if r.yanked.is_none() && newest.get(t.as_str()).is_none_or(|n| v > *n) {
-            newest.insert(t.as_str(), v);
-        }
-    }
+    let kept = kept_releases(&releases, &states);
     let mut gone = Vec::new();
-    for (r, t, v) in &parsed {
-        if task.is_some_and(|only| only != t) || r.yanked.is_some() {
-            continue;
-        }
-        if kept(v, states.get(t), newest.get(t.as_str()).copied()) || required.iter().any(|(rt, req)| rt == t && req.matches(v)) {
+    for r in releases.iter().filter(|r| r.yanked.is_none() && !kept.contains(&r.key)) {
+        let Some((t, v)) = key_parts(&r.key) else { continue };
+        if task.is_some_and(|only| only != t) || required.iter().any(|(rt, req)| rt == t && req.matches(&v)) {
             continue;
         }
         if !dry_run {
             store.delete(&r.key).await?;
-            audit(store, AuditEntry::now("gc", t, Some(v), by, "deleted from the registry")).await?;
+            audit(store, AuditEntry::now("gc", t, Some(&v), by, "deleted from the registry")).await?;
         }
         gone.push(r.key.clone());
     }

@@ -233,12 +233,6 @@ impl Trust {
         }
         Ok(record)
     }
-
-    /// The trusted key's name for a public key, if listed.
-    pub fn key_name(&self, public_key_b64: &str) -> Option<&str> {
-        let key = parse_public_key(public_key_b64).ok()?;
-        self.keys.iter().find(|k| k.key == key).map(|k| k.entry.name.as_str())
-    }
 }
 
 fn check_digest(what: &'static str, bytes: &[u8], signed: Option<&String>) -> Result<(), Refusal> {
