@@ -225,6 +225,26 @@ fn a_revoked_key_stops_its_releases_loading() {
     assert!(v.contains("NotRegistered"), "{v}");
 }
 
+/// Starts `taskhost rollout <args>` and returns once `taskhost releases` shows `reaching`
+/// (a share) and the followers have had time to read it.
+fn start_rollout(broker: &str, args: &[&str], reaching: &str) -> std::process::Child {
+    let child = std::process::Command::new(taskhost_bin())
+        .arg("rollout")
+        .args(args)
+        .args(["--broker", broker])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !releases(broker).to_string().contains(reaching) {
+        assert!(Instant::now() < deadline, "the rollout never reached {reaching}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    child
+}
+
 /// Sends `count` tasks through a Python Celery client; (values → count, failures).
 fn tally(broker: &str, task: &str, count: usize, args_cycle: &str) -> serde_json::Value {
     serde_json::from_str(&interop(broker, &["tally", task, &count.to_string(), args_cycle])).unwrap()
@@ -243,18 +263,8 @@ fn a_rollout_step_sends_its_share_and_rollback_and_yank_return_the_old_version()
     // Staged: still 1.0.0.
     assert_eq!(run_value(&broker, "tasks.version", &[]), "\"1.0.0\"");
 
-    let mut rollout = std::process::Command::new(taskhost_bin())
-        .args(["rollout", "tasks.version", "2.0.0", "--steps", "10,100", "--interval", "300s", "--broker", &broker])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !releases(&broker).to_string().contains("active 10%") {
-        assert!(Instant::now() < deadline, "the rollout never reached 10%");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(600));
+    let mut rollout =
+        start_rollout(&broker, &["tasks.version", "2.0.0", "--steps", "10,100", "--interval", "300s"], "active 10%");
     let counts = tally(&broker, "tasks.version", 2000, "[[]]");
     let new = counts["values"]["\"2.0.0\""].as_u64().unwrap_or(0) as f64;
     let old = counts["values"]["\"1.0.0\""].as_u64().unwrap_or(0) as f64;
@@ -324,19 +334,11 @@ fn a_version_failing_half_its_tasks_is_rolled_back_on_its_own() {
     assert!(out.status.success(), "{}", stderr(&out));
     wait_ready(&broker, "tasks.canary@2.0.0", 2);
 
-    let rollout = std::process::Command::new(taskhost_bin())
-        .args(["rollout", "tasks.canary", "2.0.0", "--steps", "50,100", "--interval", "60s", "--min-samples", "20"])
-        .args(["--max-failure-rate", "5%", "--broker", &broker])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !releases(&broker).to_string().contains("active 50%") {
-        assert!(Instant::now() < deadline, "the rollout never reached 50%");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(600));
+    let rollout = start_rollout(
+        &broker,
+        &["tasks.canary", "2.0.0", "--steps", "50,100", "--interval", "60s", "--min-samples", "20", "--max-failure-rate", "5%"],
+        "active 50%",
+    );
     let started = Instant::now();
     let counts = tally(&broker, "tasks.canary", 300, "[[0], [1]]");
     assert!(counts["failed"].as_u64().unwrap() > 0, "{counts}");
