@@ -178,7 +178,7 @@ pub async fn rollout(
     }
 
     let back_to_stable = RolloutState { previous: current.previous.clone(), ..RolloutState::only(stable.clone()) };
-    match run_steps(store, plan, &key, &stable, &current, &mut progress).await {
+    match run_steps(store, plan, &key, &current, &mut progress).await {
         Ok(Some(reason)) => {
             set_state(store, &plan.task, &back_to_stable).await?;
             audit(store, AuditEntry::now("rollback", &plan.task, Some(&plan.version), &plan.by, format!("automatic: {reason}"))).await?;
@@ -212,10 +212,10 @@ async fn run_steps(
     store: &dyn ReleaseStore,
     plan: &RolloutPlan,
     key: &str,
-    stable: &Version,
     current: &RolloutState,
     progress: &mut impl FnMut(&str),
 ) -> Result<Option<String>, ReleaseOpError> {
+    let stable = &current.stable;
     let stable_key = format!("{}@{}", plan.task, stable);
     for &share in &plan.steps {
         if share >= 100.0 {
