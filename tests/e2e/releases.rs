@@ -568,3 +568,23 @@ fn gc_deletes_only_what_nothing_needs_or_requires() {
     assert_eq!(exists, 0, "the bytes went too");
     assert!(stdout(&cli(&broker, &["releases", "--audit"])).contains("gc"));
 }
+
+#[test]
+fn a_release_above_the_workers_size_ceiling_is_never_fetched_nor_written() {
+    let redis = RedisServer::start();
+    let broker = redis.url();
+    let keys = Keys::new("\"tasks.*\"");
+    let out = publish(&broker, &version_component(1), "tasks.version", "1.0.0", &keys.key(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cache = tempfile::tempdir().unwrap();
+    let w = WorkerProcess::start_with_plugins(
+        &broker,
+        cache.path(),
+        &["--registry", "broker", "--trust", &keys.trust(), "--max-component-size", "1000"],
+    );
+    w.wait_for_log("above this worker's max_component_size", Duration::from_secs(20));
+    let written: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(written.iter().all(|n| !n.to_string_lossy().contains("tasks.version")), "{written:?}");
+    let v = run_value(&broker, "tasks.version", &[]);
+    assert!(v.contains("NotRegistered"), "{v}");
+}
