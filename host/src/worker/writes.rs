@@ -1,0 +1,170 @@
+//! Batched writes: result records through the result flusher, acks through the ack
+//! flusher, broker operations retried through outages, hand-backs and dead letters.
+
+use super::*;
+
+impl Worker {
+    /// Stores a record, retrying through broker outages; false if it never got through.
+    pub(super) async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> bool {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store_batched(record, custom_state).await {
+                Ok(_) => return true,
+                Err(e @ (BackendError::Connection(_) | BackendError::Command(_))) if started.elapsed() < STORE_GIVE_UP => {
+                    tracing::warn!(id = %record.task_id, "storing result failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(id = %record.task_id, "giving up storing result; message stays unacked: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Queues a record for the result flusher, which writes every record queued in one
+    /// turn with one backend call, and waits for this one's outcome.
+    pub(super) async fn store_batched(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let mut record = record.clone();
+        if record.key_prefix.is_none() {
+            // Its tenant's prefix: the task's own, or (a chain's remaining steps) its parent's.
+            let prefixes = self.result_prefixes.borrow();
+            let prefix = prefixes.get(&record.task_id).or_else(|| record.parent_id.as_ref().and_then(|p| prefixes.get(p)));
+            record.key_prefix = prefix.map(|(p, _)| p.clone()).filter(|p| !p.is_empty());
+        }
+        self.queued_results.borrow_mut().push(QueuedResult {
+            record,
+            custom_state: custom_state.map(str::to_string),
+            done,
+        });
+        self.result_queued.notify_one();
+        outcome.await.unwrap_or_else(|_| Err(BackendError::Connection("the result write was abandoned".into())))
+    }
+
+    pub(super) async fn result_flusher(self: Rc<Self>) {
+        loop {
+            self.result_queued.notified().await;
+            // Let the other handlings of this turn queue theirs: one call writes them all.
+            tokio::task::yield_now().await;
+            loop {
+                let batch: Vec<QueuedResult> = {
+                    let mut queued = self.queued_results.borrow_mut();
+                    let n = queued.len().min(RESULT_BATCH);
+                    queued.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let (records, waiting): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|q| ((q.record, q.custom_state), q.done)).unzip();
+                match self.backend.store_many(&records).await {
+                    Ok(written) => {
+                        for (done, w) in waiting.into_iter().zip(written) {
+                            let _ = done.send(Ok(w));
+                        }
+                    }
+                    Err(e) => {
+                        for done in waiting {
+                            let _ = done.send(Err(e.shared()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) async fn broker_op<F, Fut>(&self, what: &str, op: F) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), BrokerError>>,
+    {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match op().await {
+                Ok(()) => return true,
+                Err(e) if started.elapsed() < STORE_GIVE_UP => {
+                    tracing::warn!("{what} failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!("giving up on {what}: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Queues an ack; the ack flusher sends queued acks together (one transaction for
+    /// many messages instead of one each), right after the tasks that queued them yield.
+    pub(super) async fn ack(&self, delivery: &Delivery) {
+        let Some(tag) = &delivery.tag else { return };
+        self.pending_acks.borrow_mut().push(tag.clone());
+        if self.pending_acks.borrow().len() >= ACK_BATCH {
+            self.flush_acks().await;
+        } else {
+            self.ack_queued.notify_one();
+        }
+    }
+
+    pub(super) async fn flush_acks(&self) {
+        // Each flush takes the tags it sends, so two flushes in flight (the flusher and an
+        // `ack` that filled a batch) never send or forget each other's. Tags go back to the
+        // queue if the broker never took them or the flush is cut short (shutdown aborts
+        // the flusher): the final flush sends them.
+        let taken = AcksInFlight { worker: self, tags: std::mem::take(&mut *self.pending_acks.borrow_mut()) };
+        if taken.tags.is_empty() {
+            return;
+        }
+        if self.broker_op("ack", || self.broker.ack(&taken.tags)).await {
+            let mut held = self.held.borrow_mut();
+            for tag in &taken.tags {
+                held.remove(tag);
+            }
+            taken.sent();
+        }
+    }
+
+    pub(super) async fn ack_flusher(self: Rc<Self>) {
+        loop {
+            self.ack_queued.notified().await;
+            // Let the other tasks that finished in this turn queue theirs too.
+            tokio::task::yield_now().await;
+            self.flush_acks().await;
+        }
+    }
+
+    /// Hands a message back because the worker is stopping, and counts it.
+    pub(super) async fn restore_on_shutdown(&self, delivery: &Delivery) {
+        self.restore(delivery).await;
+        self.stats.borrow_mut().restored_on_shutdown += 1;
+    }
+
+    pub(super) async fn restore(&self, delivery: &Delivery) {
+        if self.broker_op("restore", || self.broker.restore(delivery)).await {
+            if let Some(tag) = &delivery.tag {
+                self.held.borrow_mut().remove(tag);
+            }
+        }
+    }
+
+    /// Records a dead letter; false if the broker never took it (the caller then keeps
+    /// the message rather than acking it away).
+    pub(super) async fn dead_letter(&self, delivery: &Delivery, decoded: Option<&Decoded>, reason: String) -> bool {
+        self.stats.borrow_mut().dead_lettered += 1;
+        let letter = DeadLetter {
+            letter_id: uuid::Uuid::new_v4().to_string(),
+            id: decoded.map(|d| d.headers.id.clone()),
+            task: decoded.map(|d| d.headers.task.clone()),
+            queue: delivery.queue.clone(),
+            reason,
+            time: Utc::now(),
+            message: String::from_utf8_lossy(&delivery.raw).into_owned(),
+        };
+        self.broker_op("dead-letter", || self.broker.dead_letter(&letter)).await
+    }
+}
