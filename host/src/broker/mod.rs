@@ -132,6 +132,24 @@ pub trait Broker: Send + Sync {
     /// Pushes a reply to a control request onto the caller's reply queue.
     async fn reply(&self, exchange: &str, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError>;
 
+    /// Publishes a message on Celery's `celeryev` exchange under `routing_key`.
+    async fn publish_event(&self, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError>;
+
+    /// Every event message published from now on.
+    async fn event_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError>;
+
+    /// Makes replies to control requests carrying this `reply_to` routing key collectable.
+    async fn declare_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError>;
+
+    /// Takes the replies waiting for `routing_key`, waiting up to `wait` for a first one.
+    async fn take_replies(&self, routing_key: &str, wait: Duration) -> Result<Vec<Vec<u8>>, BrokerError>;
+
+    /// Drops a reply queue and what is left in it.
+    async fn remove_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError>;
+
+    /// Messages ready on each queue (not those taken, nor those parked until an ETA).
+    async fn queue_lengths(&self, queues: &[String]) -> Result<Vec<u64>, BrokerError>;
+
     /// Remembers revoked task ids until `until`, across worker restarts.
     async fn remember_revoked(&self, ids: &[String], until: DateTime<Utc>) -> Result<(), BrokerError>;
 
@@ -187,6 +205,14 @@ pub trait Broker: Send + Sync {
 }
 
 /// Whether a URL names a Redis server (`redis://`, `rediss://`, `redis+unix://`).
+/// Puts a dead letter's original message back on its queue, then drops the letter.
+pub async fn replay(broker: &dyn Broker, letter: &DeadLetter) -> Result<(), BrokerError> {
+    let priority = crate::protocol::Envelope::parse(letter.message.as_bytes()).map_or(0, |e| e.priority());
+    broker.publish(&letter.queue, priority, letter.message.as_bytes()).await?;
+    broker.remove_dead_letter(&letter.letter_id).await?;
+    Ok(())
+}
+
 pub fn is_redis_url(url: &str) -> bool {
     url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")
 }

@@ -445,6 +445,24 @@ fn band_keys(queues: &[String]) -> (Vec<String>, Vec<String>) {
     (keys, owners)
 }
 
+/// Messages ready on one queue: its band lists (KEYS) and, under fair dispatch, the
+/// per-tenant lists its messages were sorted into.
+const QUEUE_LENGTH: &str = r#"
+local n = 0
+for _, key in ipairs(KEYS) do
+  n = n + redis.call('LLEN', key)
+  for _, t in ipairs(redis.call('ZRANGE', 'taskhost.fair.active:' .. key, 0, -1)) do
+    n = n + redis.call('LLEN', 'taskhost.fair:' .. key .. '\31' .. t)
+  end
+end
+return n
+"#;
+
+/// The list a control reply for `routing_key` is pushed to.
+fn reply_list(routing_key: &str) -> String {
+    format!("{routing_key}.{}", crate::protocol::REPLY_EXCHANGE)
+}
+
 pub struct RedisBroker {
     url: String,
     db: i64,
@@ -463,6 +481,7 @@ pub struct RedisBroker {
     claim_tick: Script,
     fair_fetch: Script,
     unsort: Script,
+    queue_length: Script,
     /// Set while fair dispatch is on: queue → the tenant it is bound to.
     fairness: std::sync::RwLock<Option<HashMap<String, String>>>,
 }
@@ -526,6 +545,47 @@ async fn require_rpop_count(conn: &mut ConnectionManager) -> Result<(), BrokerEr
 }
 
 impl RedisBroker {
+    /// Follows a pub/sub pattern: every message from now on, resubscribing with backoff
+    /// after the connection drops, until the receiver is dropped.
+    async fn subscribe(&self, pattern: String) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = client(&self.url).map_err(|e| BrokerError::Connection(e.to_string()))?;
+        let mut pubsub = client.get_async_pubsub().await.map_err(cmd_err)?;
+        pubsub.psubscribe(&pattern).await.map_err(cmd_err)?;
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                {
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        backoff = Duration::from_millis(100);
+                        if tx.send(msg.get_payload_bytes().to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+                loop {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    match client.get_async_pubsub().await {
+                        Ok(mut fresh) => {
+                            if fresh.psubscribe(&pattern).await.is_ok() {
+                                pubsub = fresh;
+                                break;
+                            }
+                        }
+                        Err(e) => tracing::warn!("pub/sub reconnect to {pattern} failed: {e}"),
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
         let conn = manager(url, Some(Duration::from_secs(10))).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
         let blocking = manager(url, None).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
@@ -545,6 +605,7 @@ impl RedisBroker {
             claim_id: Script::new(CLAIM_IDS),
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
+            queue_length: Script::new(QUEUE_LENGTH),
             fair_fetch: Script::new(FAIR_FETCH),
             unsort: Script::new(UNSORT),
             fairness: std::sync::RwLock::new(None),
@@ -839,44 +900,64 @@ impl Broker for RedisBroker {
     }
 
     async fn control_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let client = client(&self.url).map_err(|e| BrokerError::Connection(e.to_string()))?;
-        let channel = format!("/{}.{}", self.db, crate::protocol::PIDBOX_EXCHANGE);
-        let mut pubsub = client.get_async_pubsub().await.map_err(cmd_err)?;
-        pubsub.psubscribe(&channel).await.map_err(cmd_err)?;
-        tokio::spawn(async move {
-            use futures::StreamExt;
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                {
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        backoff = Duration::from_millis(100);
-                        if tx.send(msg.get_payload_bytes().to_vec()).is_err() {
-                            return;
-                        }
-                    }
-                }
-                // The subscription dropped: resubscribe with backoff until the receiver goes.
-                loop {
-                    if tx.is_closed() {
-                        return;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    match client.get_async_pubsub().await {
-                        Ok(mut fresh) => {
-                            if fresh.psubscribe(&channel).await.is_ok() {
-                                pubsub = fresh;
-                                break;
-                            }
-                        }
-                        Err(e) => tracing::warn!("control channel reconnect failed: {e}"),
-                    }
-                }
+        self.subscribe(format!("/{}.{}", self.db, crate::protocol::PIDBOX_EXCHANGE)).await
+    }
+
+    async fn publish_event(&self, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError> {
+        let channel = format!("/{}.{}/{routing_key}", self.db, crate::protocol::events::EVENT_EXCHANGE);
+        self.conn().publish::<_, _, ()>(channel, raw).await.map_err(cmd_err)
+    }
+
+    async fn event_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
+        self.subscribe(format!("/{}.{}/*", self.db, crate::protocol::events::EVENT_EXCHANGE)).await
+    }
+
+    async fn declare_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError> {
+        // As kombu binds it: the list `<key>.reply.celery.pidbox` under routing key `<key>`.
+        let member = format!("{routing_key}{BAND_SEP}{BAND_SEP}{}", reply_list(routing_key));
+        let set = format!("_kombu.binding.{}", crate::protocol::REPLY_EXCHANGE);
+        self.conn().sadd::<_, _, ()>(set, member).await.map_err(cmd_err)
+    }
+
+    async fn take_replies(&self, routing_key: &str, wait: Duration) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let list = reply_list(routing_key);
+        let mut conn = self.conn();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let popped: Option<Vec<u8>> = conn.rpop(&list, None).await.map_err(cmd_err)?;
+            match popped {
+                Some(raw) => out.push(raw),
+                None => break,
             }
-        });
-        Ok(rx)
+        }
+        if out.is_empty() && !wait.is_zero() {
+            let mut blocking = self.blocking.lock().await;
+            let got: Option<(String, Vec<u8>)> = blocking.brpop(&list, wait.as_secs_f64()).await.map_err(cmd_err)?;
+            out.extend(got.map(|(_, raw)| raw));
+        }
+        Ok(out)
+    }
+
+    async fn remove_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError> {
+        let member = format!("{routing_key}{BAND_SEP}{BAND_SEP}{}", reply_list(routing_key));
+        let set = format!("_kombu.binding.{}", crate::protocol::REPLY_EXCHANGE);
+        let mut conn = self.conn();
+        conn.srem::<_, _, ()>(set, member).await.map_err(cmd_err)?;
+        conn.del::<_, ()>(reply_list(routing_key)).await.map_err(cmd_err)
+    }
+
+    async fn queue_lengths(&self, queues: &[String]) -> Result<Vec<u64>, BrokerError> {
+        let mut conn = self.conn();
+        let mut out = Vec::with_capacity(queues.len());
+        for q in queues {
+            let mut call = self.queue_length.prepare_invoke();
+            for band in PRIORITY_BANDS {
+                call.key(list_for_priority(q, band));
+            }
+            let n: u64 = call.invoke_async(&mut conn).await.map_err(cmd_err)?;
+            out.push(n);
+        }
+        Ok(out)
     }
 
     async fn reply(&self, exchange: &str, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError> {

@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS control (
     body BLOB NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    routing_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS replies (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     exchange TEXT NOT NULL,
@@ -110,6 +116,8 @@ CREATE TABLE IF NOT EXISTS usage (
 const CONTROL_POLL: Duration = Duration::from_millis(25);
 /// Broadcasts and replies older than this are deleted.
 const CONTROL_KEEP_SECS: f64 = 3600.0;
+/// Events are for live readers: older ones are deleted.
+const EVENTS_KEEP_SECS: f64 = 60.0;
 
 /// The file a `sqlite://` URL names: `sqlite://./taskhost.db`, `sqlite:///abs/path.db`.
 pub fn path_from_url(url: &str) -> Option<PathBuf> {
@@ -231,6 +239,46 @@ impl SqliteBroker {
             })
             .await
             .map_err(err)
+    }
+
+    /// Follows a table of `(seq, body)` rows (broadcasts, events): every row added from
+    /// now on, polled every [`CONTROL_POLL`], until the receiver is dropped.
+    async fn follow_table(&self, table: &'static str) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
+        let mut cursor: i64 = self
+            .db
+            .call(move |conn| conn.query_row(&format!("SELECT COALESCE(MAX(seq), 0) FROM {table}"), [], |r| r.get(0)))
+            .await
+            .map_err(err)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CONTROL_POLL).await;
+                if tx.is_closed() {
+                    return;
+                }
+                let after = cursor;
+                let rows: Result<Vec<(i64, Vec<u8>)>, _> = db
+                    .call(move |conn| {
+                        let mut q = conn.prepare_cached(&format!("SELECT seq, body FROM {table} WHERE seq > ?1 ORDER BY seq"))?;
+                        let rows = q.query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                        rows.collect()
+                    })
+                    .await;
+                match rows {
+                    Ok(rows) => {
+                        for (seq, body) in rows {
+                            cursor = seq;
+                            if tx.send(body).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("reading {table} failed: {e}"),
+                }
+            }
+        });
+        Ok(rx)
     }
 }
 
@@ -441,41 +489,71 @@ impl Broker for SqliteBroker {
     }
 
     async fn control_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
-        let mut cursor: i64 = self
-            .db
-            .call(|conn| conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM control", [], |r| r.get(0)))
+        self.follow_table("control").await
+    }
+
+    async fn publish_event(&self, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError> {
+        let (routing_key, body) = (routing_key.to_string(), raw.to_vec());
+        self.db
+            .call(move |conn| {
+                let now = now_secs();
+                conn.execute("DELETE FROM events WHERE created < ?1", [now - EVENTS_KEEP_SECS])?;
+                conn.execute("INSERT INTO events (routing_key, body, created) VALUES (?1, ?2, ?3)", params![routing_key, body, now])
+            })
             .await
-            .map_err(err)?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let db = self.db.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(CONTROL_POLL).await;
-                if tx.is_closed() {
-                    return;
-                }
-                let after = cursor;
-                let rows: Result<Vec<(i64, Vec<u8>)>, _> = db
-                    .call(move |conn| {
-                        let mut q = conn.prepare_cached("SELECT seq, body FROM control WHERE seq > ?1 ORDER BY seq")?;
-                        let rows = q.query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                        rows.collect()
-                    })
-                    .await;
-                match rows {
-                    Ok(rows) => {
-                        for (seq, body) in rows {
-                            cursor = seq;
-                            if tx.send(body).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!("reading control messages failed: {e}"),
-                }
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn event_stream(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
+        self.follow_table("events").await
+    }
+
+    async fn declare_reply_queue(&self, _routing_key: &str) -> Result<(), BrokerError> {
+        // Replies are rows keyed by routing key: nothing to bind.
+        Ok(())
+    }
+
+    async fn take_replies(&self, routing_key: &str, wait: Duration) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let key = routing_key.to_string();
+            let rows: Vec<Vec<u8>> = self
+                .db
+                .call(move |conn| {
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let rows = {
+                        let mut q = tx.prepare_cached("SELECT body FROM replies WHERE routing_key = ?1 ORDER BY id")?;
+                        let rows = q.query_map([&key], |r| r.get(0))?;
+                        rows.collect::<Result<Vec<Vec<u8>>, _>>()?
+                    };
+                    tx.execute("DELETE FROM replies WHERE routing_key = ?1", [&key])?;
+                    tx.commit()?;
+                    Ok(rows)
+                })
+                .await
+                .map_err(err)?;
+            if !rows.is_empty() || Instant::now() >= deadline {
+                return Ok(rows);
             }
-        });
-        Ok(rx)
+            tokio::time::sleep(CONTROL_POLL).await;
+        }
+    }
+
+    async fn remove_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError> {
+        let key = routing_key.to_string();
+        self.db.call(move |conn| conn.execute("DELETE FROM replies WHERE routing_key = ?1", [key])).await.map(|_| ()).map_err(err)
+    }
+
+    async fn queue_lengths(&self, queues: &[String]) -> Result<Vec<u64>, BrokerError> {
+        let queues = queues.to_vec();
+        self.db
+            .call(move |conn| {
+                let mut q = conn.prepare_cached("SELECT COUNT(*) FROM messages WHERE queue = ?1 AND taken_at IS NULL")?;
+                queues.iter().map(|name| q.query_row([name], |r| r.get::<_, i64>(0)).map(|n| n as u64)).collect()
+            })
+            .await
+            .map_err(err)
     }
 
     async fn reply(&self, exchange: &str, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError> {

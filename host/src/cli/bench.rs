@@ -58,6 +58,9 @@ pub struct DrainBench {
     /// Spread the tasks over this many tenants (header taskhost_tenant t0, t1, …).
     #[arg(long, value_name = "N")]
     pub spread_tenants: Option<usize>,
+    /// Send Celery task events (as `serve -E`), to measure what they cost.
+    #[arg(short = 'E', long)]
+    pub events: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -324,6 +327,9 @@ mod drain {
                 if let Some(policy) = &args.tenants {
                     cmd.arg("--tenants").arg(policy);
                 }
+                if args.events {
+                    cmd.arg("--events");
+                }
                 cmd
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                     .arg("--plugins")
@@ -352,7 +358,7 @@ mod drain {
         }
         if args.json {
             let out = serde_json::json!({"broker": url, "count": processed, "processes": processes,
-                "concurrency": args.concurrency, "results": args.results, "seconds": seconds, "tasks_per_sec": rate});
+                "concurrency": args.concurrency, "results": args.results, "events": args.events, "seconds": seconds, "tasks_per_sec": rate});
             println!("{out}");
         } else {
             println!(
@@ -394,6 +400,10 @@ mod drain {
                 visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
                 shutdown_grace: Duration::from_secs(30),
                 track_started: false,
+                task_events: args.events,
+                heartbeat: args.events,
+                report_dir: None,
+                broker_url: super::super::serve::redact(&url),
             };
             let tenants = match &args.tenants {
                 Some(path) => crate::tenant::PolicyHandle::open(path).map_err(CliError::usage)?,

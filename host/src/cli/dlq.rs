@@ -4,7 +4,6 @@
 use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
 use crate::broker::DeadLetter;
-use crate::protocol::Envelope;
 use anyhow::anyhow;
 
 #[derive(Debug, clap::Subcommand)]
@@ -104,9 +103,7 @@ pub fn run(cmd: DlqCommand, file: &super::config::FileConfig) -> Result<(), CliE
             }
             DlqCommand::Replay { ids, all, .. } => {
                 for l in pick(&letters, &ids, all)? {
-                    let priority = Envelope::parse(l.message.as_bytes()).map_or(0, |e| e.priority());
-                    b.publish(&l.queue, priority, l.message.as_bytes()).await.map_err(CliError::failed)?;
-                    b.remove_dead_letter(&l.letter_id).await.map_err(CliError::failed)?;
+                    crate::broker::replay(b.as_ref(), l).await.map_err(CliError::failed)?;
                     println!("replayed {} onto {}", l.letter_id, l.queue);
                 }
             }

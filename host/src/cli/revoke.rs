@@ -3,11 +3,8 @@
 
 use super::serve::BrokerArgs;
 use super::{current_thread_runtime, CliError};
-use crate::protocol::{encode_control, ControlRequest, ResultRecord, State};
 use crate::worker::REVOKE_LIFETIME;
 use anyhow::anyhow;
-use chrono::Utc;
-use serde_json::{json, Map, Value};
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -39,32 +36,10 @@ pub fn run(args: RevokeArgs, file: &super::config::FileConfig) -> Result<(), Cli
     rt.block_on(async {
         let broker = super::connect_broker(&broker_url).await?;
         let results = super::connect_backend(&backend_url, None).await?;
-        let until = Utc::now() + chrono::TimeDelta::from_std(lifetime).unwrap_or(chrono::TimeDelta::MAX);
-        broker.remember_revoked(&args.ids, until).await.map_err(CliError::failed)?;
-        let mut arguments = Map::new();
-        arguments.insert("task_id".into(), json!(args.ids));
-        arguments.insert("terminate".into(), Value::from(args.terminate));
-        arguments.insert("signal".into(), Value::from(args.signal.clone()));
-        let request = ControlRequest {
-            method: "revoke".into(),
-            arguments,
-            destination: None,
-            pattern: None,
-            matcher: None,
-            ticket: None,
-            reply_to: None,
-            expires: None,
-        };
-        broker.broadcast(&encode_control(&request, 1, None)).await.map_err(CliError::failed)?;
-        // As Celery 5.5+ workers do: a task not yet started reads REVOKED at once.
+        crate::worker::revoke_everywhere(broker.as_ref(), results.as_ref(), &args.ids, args.terminate, &args.signal, lifetime)
+            .await
+            .map_err(CliError::Failed)?;
         for id in &args.ids {
-            let waiting = match results.get(id).await.map_err(CliError::failed)? {
-                None => true,
-                Some(r) => matches!(r.status, State::Pending | State::Received | State::Retry | State::Rejected),
-            };
-            if waiting {
-                results.store(&ResultRecord::revoked(id, "revoked"), None).await.map_err(CliError::failed)?;
-            }
             println!("revoked {id}{}", if args.terminate { " (terminate)" } else { "" });
         }
         Ok(())

@@ -98,6 +98,24 @@ pub struct ServeArgs {
     /// Also load unsigned components (development only).
     #[arg(long)]
     pub allow_unsigned: bool,
+    /// Send Celery task events from the start (Flower and `celery events` also turn them
+    /// on with `enable_events`).
+    #[arg(short = 'E', long)]
+    pub events: bool,
+    /// Send no worker-online/heartbeat/offline events.
+    #[arg(long)]
+    pub without_heartbeat: bool,
+    /// Serve /metrics, /healthz, /readyz and the dashboard on this address
+    /// (`127.0.0.1:9808`, or a port alone for 127.0.0.1). Off unless set.
+    #[arg(long, env = "TASKHOST_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Token the dashboard's actions need (and every request, when --http is not on
+    /// loopback). Made up and logged when not given on loopback.
+    #[arg(long, env = "TASKHOST_HTTP_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// Set by the supervisor: where worker processes write reports for --http.
+    #[arg(long, hide = true)]
+    pub report_dir: Option<PathBuf>,
     /// Set by the supervisor on the processes it starts.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
@@ -127,6 +145,11 @@ struct Settings {
     /// The release registry followed (a store URL).
     registry: Option<String>,
     trust: crate::registry::TrustPolicy,
+    task_events: bool,
+    heartbeat: bool,
+    http: Option<std::net::SocketAddr>,
+    http_token: Option<String>,
+    report_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -177,7 +200,23 @@ impl Settings {
         if args.allow_unsigned && args.worker_index.is_none() {
             tracing::warn!("--allow-unsigned: UNSIGNED COMPONENTS WILL RUN. For development only; never in production.");
         }
+        let http = match &args.http {
+            Some(addr) => Some(parse_http_addr(addr)?),
+            None => None,
+        };
+        if let Some(addr) = http {
+            if !addr.ip().is_loopback() && args.http_token.is_none() {
+                return Err(CliError::usage(anyhow!(
+                    "--http {addr} is reachable from other machines: it needs --http-token (or TASKHOST_HTTP_TOKEN)"
+                )));
+            }
+        }
         Ok(Settings {
+            task_events: args.events,
+            heartbeat: !args.without_heartbeat,
+            http,
+            http_token: args.http_token,
+            report_dir: args.report_dir,
             ceilings,
             secrets: args.secrets,
             tenants: args.tenants,
@@ -205,6 +244,45 @@ impl Settings {
             schedule: if args.beat { args.schedule } else { None },
         })
     }
+}
+
+/// `127.0.0.1:9808`, `[::1]:9808`, `0.0.0.0:9808`, or `9808` (loopback).
+fn parse_http_addr(text: &str) -> Result<std::net::SocketAddr, CliError> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| CliError::usage(anyhow!("--http {text}: expected HOST:PORT (such as 127.0.0.1:9808) or a port")))
+}
+
+/// Exit status of a worker process stopped by a `shutdown` control command: its
+/// supervisor does not start it again.
+pub const CONTROL_SHUTDOWN_EXIT: i32 = 3;
+
+/// A fresh directory for the worker processes' reports to the --http listener.
+fn make_report_dir() -> Result<PathBuf, CliError> {
+    let dir = std::env::temp_dir().join(format!("taskhost-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display())).map_err(CliError::Failed)?;
+    Ok(dir)
+}
+
+/// Starts the --http listener on the current `LocalSet`; logs where the dashboard is.
+async fn start_http(args: &Settings, addr: std::net::SocketAddr, report_dir: PathBuf) -> Result<tokio::task::JoinHandle<()>, CliError> {
+    let cfg = crate::observe::http::HttpConfig {
+        addr,
+        token: args.http_token.clone(),
+        report_dir,
+        broker_url: args.broker.clone(),
+        backend_url: args.result_backend.clone(),
+        queues: args.queues.clone(),
+    };
+    let (token, serving) = crate::observe::http::start(cfg).await.map_err(|e| CliError::Usage(e.into()))?;
+    if args.http_token.is_some() {
+        tracing::info!("http: metrics on http://{addr}/metrics, dashboard on http://{addr}/ (token required)");
+    } else {
+        tracing::info!("http: metrics on http://{addr}/metrics, dashboard on http://{addr}/?token={token}");
+    }
+    Ok(tokio::task::spawn_local(serving))
 }
 
 fn node_name(args: &Settings) -> String {
@@ -352,7 +430,20 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         let _follow = args.registry.clone().map(|url| {
             tokio::task::spawn_local(crate::registry::follow::follow_url(registry.clone(), url, format!("{node}#{}", std::process::id())))
         });
+        // Alone (-p 1, unsupervised) this process serves --http itself.
+        let own_http = match (args.http, args.worker_index) {
+            (Some(addr), None) => {
+                let dir = make_report_dir()?;
+                Some((start_http(&args, addr, dir.clone()).await?, dir))
+            }
+            _ => None,
+        };
+        let report_dir = args.report_dir.clone().or_else(|| own_http.as_ref().map(|(_, dir)| dir.clone()));
         let cfg = WorkerConfig {
+            task_events: args.task_events,
+            heartbeat: args.heartbeat,
+            report_dir,
+            broker_url: redact(&args.broker),
             node_name: node.clone(),
             queues: args.queues.clone(),
             concurrency: args.concurrency,
@@ -387,9 +478,13 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
                 }
             }
         };
-        let stats = worker.run(shutdown).await;
+        let stats = worker.clone().run(shutdown).await;
         if let Some(beat) = beat {
             beat.abort();
+        }
+        if let Some((http, dir)) = own_http {
+            http.abort();
+            let _ = std::fs::remove_dir_all(dir);
         }
         tracing::info!(
             node = %node,
@@ -399,6 +494,9 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             grant_denials = stats.grant_denials,
             "worker stopped"
         );
+        if worker.shut_down_by_control() && args.worker_index.is_some() {
+            std::process::exit(CONTROL_SHUTDOWN_EXIT);
+        }
         Ok(())
     })
 }
@@ -524,9 +622,17 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         banner(args, &tasks, &node_name(args));
     }
     precompile(&exe, &args.plugins, &args.ceilings);
+    let report_dir = match args.http {
+        Some(_) => Some(make_report_dir()?),
+        None => None,
+    };
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
+        let _http = match (args.http, &report_dir) {
+            (Some(addr), Some(dir)) => Some(AbortOnDrop(start_http(args, addr, dir.clone()).await?)),
+            _ => None,
+        };
         let spawn = |i: usize| {
             let mut cmd = tokio::process::Command::new(&exe);
             cmd.arg("serve")
@@ -558,6 +664,15 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             }
             if args.trust.allow_unsigned {
                 cmd.arg("--allow-unsigned");
+            }
+            if args.task_events {
+                cmd.arg("--events");
+            }
+            if !args.heartbeat {
+                cmd.arg("--without-heartbeat");
+            }
+            if let Some(dir) = &report_dir {
+                cmd.arg("--report-dir").arg(dir);
             }
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);
@@ -596,6 +711,9 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 for child in children.iter_mut().flatten() {
                     let _ = child.wait().await;
                 }
+                if let Some(dir) = &report_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
                 return Ok(());
             }
             let waits = children.iter_mut().enumerate().filter_map(|(i, c)| c.as_mut().map(|c| (i, c))).map(|(i, c)| {
@@ -607,6 +725,17 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 ((i, status), _, _) = any_exit => Some((i, status)),
             };
             if let Some((i, status)) = exited {
+                if matches!(&status, Ok(s) if s.code() == Some(CONTROL_SHUTDOWN_EXIT)) {
+                    tracing::warn!(worker = i, "worker process stopped by a shutdown command; not restarted");
+                    children[i] = None;
+                    if children.iter().all(Option::is_none) {
+                        if let Some(dir) = &report_dir {
+                            let _ = std::fs::remove_dir_all(dir);
+                        }
+                        return Ok(());
+                    }
+                    continue;
+                }
                 tracing::warn!(worker = i, "worker process {}; restarting in 1 s", describe_exit(&status));
                 children[i] = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -614,4 +743,13 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             }
         }
     })
+}
+
+/// Aborts a spawned task when dropped (the supervisor's --http listener).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

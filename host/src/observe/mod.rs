@@ -5,6 +5,12 @@
 //! producers), so the human format escapes control characters: every event stays one
 //! line, and a guest's `\n` cannot forge a line of its own. JSON escapes them anyway.
 
+pub mod events;
+pub mod http;
+pub mod inspect;
+pub mod metrics;
+pub mod report;
+
 use std::io::Write;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;

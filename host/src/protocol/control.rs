@@ -101,6 +101,11 @@ pub fn decode_control(raw: &[u8]) -> Result<ControlRequest, ProtocolError> {
 }
 
 fn envelope(body: &Value, headers: Map<String, Value>, exchange: &str, routing_key: &str) -> Vec<u8> {
+    envelope_raw(&serde_json::to_vec(body).expect("JSON serializes"), headers, exchange, routing_key)
+}
+
+/// kombu's envelope around a JSON body already serialized (base64, non-persistent).
+pub(super) fn envelope_raw(body: &[u8], headers: Map<String, Value>, exchange: &str, routing_key: &str) -> Vec<u8> {
     let mut properties = Map::new();
     properties.insert("delivery_mode".into(), Value::from(1));
     properties.insert("delivery_info".into(), serde_json::json!({"exchange": exchange, "routing_key": routing_key}));
@@ -108,7 +113,7 @@ fn envelope(body: &Value, headers: Map<String, Value>, exchange: &str, routing_k
     properties.insert("body_encoding".into(), Value::from("base64"));
     properties.insert("delivery_tag".into(), Value::from(uuid::Uuid::new_v4().to_string()));
     let env = Envelope {
-        body: BASE64.encode(serde_json::to_vec(body).expect("JSON serializes")),
+        body: BASE64.encode(body),
         content_encoding: Some("utf-8".into()),
         content_type: Some("application/json".into()),
         headers,

@@ -434,7 +434,8 @@ fn iso(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
 }
 
-fn python_repr(v: &Value) -> String {
+/// Python's `repr` of a JSON value (`None`, `True`, `'text'`, `[1, 2]`, `{'k': 1}`).
+pub fn python_repr(v: &Value) -> String {
     match v {
         Value::Null => "None".into(),
         Value::Bool(true) => "True".into(),

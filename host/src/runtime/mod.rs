@@ -292,6 +292,16 @@ fn stderr_suffix(stderr: &str) -> String {
     }
 }
 
+/// Components this process loaded from the compile cache, and those it had to compile.
+static COMPILE_CACHE_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static COMPILE_CACHE_MISSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// (hits, misses) of the compile cache in this process so far.
+pub fn compile_cache_counts() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (COMPILE_CACHE_HITS.load(Relaxed), COMPILE_CACHE_MISSES.load(Relaxed))
+}
+
 /// One run's outcome and what the guest printed.
 #[derive(Debug)]
 pub struct TaskRun {
@@ -531,7 +541,10 @@ impl Runtime {
             }
             _ => self.cache.load(&self.engine, bytes, &digest).map_err(|e| LoadError::Compile(format!("{e:#}")))?,
         };
-        if !from_cache {
+        if from_cache {
+            COMPILE_CACHE_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            COMPILE_CACHE_MISSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             crate::alloc::release_free_memory();
         }
         let footprint = Footprint::of(bytes, &component).map_err(LoadError::Compile)?;

@@ -12,7 +12,6 @@ impl Worker {
     /// ([`HANDLED_PER_TURN_FETCHING`]) lets the broker's replies in that much sooner.
     pub(super) async fn consume(self: Rc<Self>, mut stop: watch::Receiver<bool>) -> Handlings {
         let mut handlings = Handlings::new();
-        let mut queues = self.cfg.queues.clone();
         let mut backoff = Duration::from_millis(100);
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut fetching: Option<Pin<Box<dyn Future<Output = Result<Vec<Delivery>, BrokerError>>>>> = None;
@@ -39,7 +38,7 @@ impl Worker {
                     budget = FAIR_LOOKAHEAD.saturating_sub(waiting).as_secs_f64();
                 }
                 if wanted && retry_at.is_none() {
-                    let (broker, keys) = (self.broker.clone(), queues.clone());
+                    let (broker, keys) = (self.broker.clone(), self.queues.borrow().clone());
                     fetching = Some(Box::pin(async move { broker.fetch_within(&keys, room, budget, FETCH_WAIT).await }));
                 }
             }
@@ -58,6 +57,7 @@ impl Worker {
                                 handlings.push(self.clone().handling(d));
                             }
                             // Round robin across queues, as kombu does.
+                            let mut queues = self.queues.borrow_mut();
                             if queues.len() > 1 {
                                 queues.rotate_left(1);
                             }

@@ -15,6 +15,36 @@ pub const REVOKE_LIFETIME: Duration = Duration::from_secs(3 * 3600);
 /// from broadcasts this node missed).
 const REVOKED_REFRESH: Duration = Duration::from_secs(5);
 
+/// Revokes tasks on every worker, as `app.control.revoke` does: remembered on the broker
+/// for `lifetime` (so restarting workers skip them too), broadcast (a running task stops
+/// with `terminate`), and REVOKED stored at once for those that have not started.
+pub async fn revoke_everywhere(
+    broker: &dyn crate::broker::Broker,
+    backend: &dyn crate::backend::ResultBackend,
+    ids: &[String],
+    terminate: bool,
+    signal: &str,
+    lifetime: Duration,
+) -> anyhow::Result<()> {
+    let until = Utc::now() + chrono::TimeDelta::from_std(lifetime).unwrap_or(chrono::TimeDelta::MAX);
+    broker.remember_revoked(ids, until).await?;
+    let mut arguments = serde_json::Map::new();
+    arguments.insert("task_id".into(), json!(ids));
+    arguments.insert("terminate".into(), Value::from(terminate));
+    arguments.insert("signal".into(), Value::from(signal));
+    crate::observe::inspect::send(broker, "revoke", arguments, None).await?;
+    for id in ids {
+        let waiting = match backend.get(id).await? {
+            None => true,
+            Some(r) => matches!(r.status, State::Pending | State::Received | State::Retry | State::Rejected),
+        };
+        if waiting {
+            backend.store(&ResultRecord::revoked(id, "revoked"), None).await?;
+        }
+    }
+    Ok(())
+}
+
 impl Worker {
     /// Loads the persisted revoked set, then follows control broadcasts.
     pub(super) async fn listen_control(self: Rc<Self>) {
@@ -55,12 +85,6 @@ impl Worker {
         }
     }
 
-    fn tick_clock(&self) -> u64 {
-        let c = self.clock.get() + 1;
-        self.clock.set(c);
-        c
-    }
-
     async fn on_control(&self, req: ControlRequest) {
         let now = Utc::now().timestamp_micros() as f64 / 1e6;
         if !req.is_for(&self.cfg.node_name) || req.is_expired(now) {
@@ -88,17 +112,63 @@ impl Worker {
             "active" => Value::from(
                 self.running.borrow().iter().map(|(id, r)| r.info(id, &self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
             ),
-            "reserved" | "scheduled" => json!([]),
+            "reserved" => Value::from(self.reserved.borrow().values().map(|r| r.info.clone()).collect::<Vec<_>>()),
+            "scheduled" => {
+                let now = Utc::now();
+                let mut scheduled = self.scheduled.borrow_mut();
+                scheduled.retain(|_, (due, _)| *due > now);
+                Value::from(
+                    scheduled
+                        .values()
+                        .map(|(due, info)| {
+                            let priority = info["delivery_info"]["priority"].clone();
+                            json!({"eta": due.to_rfc3339(), "priority": priority, "request": info})
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            }
+            "query_task" => self.control_query_task(&req),
+            "clock" => json!({"clock": self.events.tick()}),
+            "conf" => self.control_conf(),
+            "rate_limit" => self.control_rate_limit(&req),
+            "time_limit" => self.control_time_limit(&req),
+            "pool_grow" => self.control_pool(&req, true),
+            "pool_shrink" => self.control_pool(&req, false),
+            "add_consumer" => self.control_add_consumer(&req),
+            "cancel_consumer" => self.control_cancel_consumer(&req),
+            "shutdown" => {
+                tracing::warn!("shutdown requested by a remote control command");
+                self.shutdown_requested.send_replace(true);
+                // Celery raises WorkerShutdown here: no reply.
+                return;
+            }
+            "heartbeat" => {
+                self.heartbeat_now.notify_one();
+                Value::Null
+            }
+            "enable_events" => {
+                let changed = self.events.set_task_events(true);
+                if changed {
+                    tracing::info!("task events enabled by a remote control command");
+                }
+                json!({"ok": if changed { "task events enabled" } else { "task events already enabled" }})
+            }
+            "disable_events" => {
+                let changed = self.events.set_task_events(false);
+                if changed {
+                    tracing::info!("task events disabled by a remote control command");
+                }
+                json!({"ok": if changed { "task events disabled" } else { "task events already disabled" }})
+            }
             "revoked" => {
                 let mut ids: HashSet<String> = self.revoked.borrow().clone();
                 ids.extend(self.revoked_here.borrow().keys().cloned());
                 Value::from(ids.into_iter().collect::<Vec<_>>())
             }
-            "heartbeat" | "enable_events" | "disable_events" => json!({"ok": "ignored: taskhost sends no events yet"}),
             other => json!({"error": format!("No such control command: {other}")}),
         };
         if let Some(reply_to) = &req.reply_to {
-            let raw = encode_reply(&self.cfg.node_name, reply, req.ticket.as_deref(), reply_to, self.tick_clock());
+            let raw = encode_reply(&self.cfg.node_name, reply, req.ticket.as_deref(), reply_to, self.events.tick());
             if let Err(e) = self.broker.reply(&reply_to.exchange, &reply_to.routing_key, &raw).await {
                 tracing::warn!("control reply failed: {e}");
             }
@@ -110,17 +180,173 @@ impl Worker {
         json!({
             "total": stats.per_task,
             "pid": self.pid,
-            "clock": self.clock.get(),
+            "clock": self.events.clock().to_string(),
             "uptime": self.started.elapsed().as_secs(),
-            "pool": {"implementation": "taskhost (wasm sandboxes)", "max-concurrency": self.cfg.concurrency,
+            "pool": {"implementation": "taskhost (wasm sandboxes)", "max-concurrency": self.pool_size.get(),
                      "processes": [self.pid], "max-tasks-per-child": "N/A", "put-guarded-by-semaphore": false,
                      "timeouts": [0, 0]},
             "prefetch_count": self.cfg.prefetch_limit(),
             "taskhost": {"grant_denials": stats.grant_denials, "dead_lettered": stats.dead_lettered,
                          "releases_refused": self.registry.refused_count()},
-            "broker": {"transport": "taskhost"},
+            "broker": self.broker_info(),
+            "rusage": rusage(),
+            "task_events": self.events.task_events(),
             "sw_ident": "taskhost", "sw_ver": env!("CARGO_PKG_VERSION"),
         })
+    }
+
+    /// The `broker` block of `stats`, as kombu's `connection.info()` names it.
+    fn broker_info(&self) -> Value {
+        let url = &self.cfg.broker_url;
+        let transport = url.split_once("://").map_or("sqlite", |(scheme, _)| scheme);
+        let hostname = url.split_once("://").map(|(_, rest)| rest.rsplit('@').next().unwrap_or(rest)).unwrap_or("");
+        let (host, port) = match transport {
+            "redis" | "rediss" => {
+                let hp = hostname.split('/').next().unwrap_or("");
+                match hp.rsplit_once(':') {
+                    Some((h, p)) => (h.to_string(), p.parse::<u16>().ok()),
+                    None => (hp.to_string(), Some(6379)),
+                }
+            }
+            _ => (hostname.to_string(), None),
+        };
+        json!({"transport": transport, "hostname": host, "port": port, "virtual_host": Value::Null,
+               "ssl": transport == "rediss", "heartbeat": 0.0, "insist": false, "login_method": Value::Null,
+               "uri_prefix": Value::Null, "connect_timeout": 4, "transport_options": {}})
+    }
+
+    fn control_conf(&self) -> Value {
+        json!({
+            "broker_url": self.cfg.broker_url.clone(),
+            "task_queues": self.queues.borrow().clone(),
+            "worker_concurrency": self.pool_size.get(),
+            "worker_prefetch_multiplier": self.cfg.prefetch_multiplier,
+            "worker_send_task_events": self.events.task_events(),
+            "task_track_started": self.cfg.track_started,
+            "task_acks_late": true,
+            "broker_transport_options": {"visibility_timeout": self.cfg.visibility_timeout.as_secs_f64()},
+            "worker_hijack_root_logger": false,
+        })
+    }
+
+    fn control_query_task(&self, req: &ControlRequest) -> Value {
+        let ids: Vec<String> = match req.arguments.get("ids") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            _ => req.task_ids(),
+        };
+        let mut out = serde_json::Map::new();
+        for id in ids {
+            if let Some(r) = self.running.borrow().get(&id) {
+                out.insert(id.clone(), json!(["active", r.info(&id, &self.cfg.node_name, self.pid)]));
+            } else if let Some(r) = self.reserved.borrow().get(&id) {
+                out.insert(id.clone(), json!(["reserved", r.info]));
+            } else if let Some((_, info)) = self.scheduled.borrow().get(&id) {
+                out.insert(id.clone(), json!(["scheduled", info]));
+            }
+        }
+        Value::Object(out)
+    }
+
+    fn known_task(&self, name: &str) -> bool {
+        self.registry.task_names().iter().any(|n| n == name)
+    }
+
+    fn control_rate_limit(&self, req: &ControlRequest) -> Value {
+        let Some(task) = req.arguments.get("task_name").and_then(Value::as_str) else {
+            return json!({"error": "rate_limit needs task_name"});
+        };
+        if !self.known_task(task) {
+            return json!({"error": "unknown task"});
+        }
+        // Celery's forms: "10/s", "100/m", "1000/h", a bare number (per second), or
+        // none/0/"" to lift the limit.
+        let rate = match req.arguments.get("rate_limit") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_f64() == Some(0.0) => None,
+            Some(Value::Number(n)) => Some(format!("{n}/s")),
+            Some(Value::String(s)) if s.trim().is_empty() || s.trim() == "0" => None,
+            Some(Value::String(s)) if !s.contains('/') => Some(format!("{}/s", s.trim())),
+            Some(Value::String(s)) => Some(s.trim().to_string()),
+            Some(other) => return json!({"error": format!("Invalid rate limit string: {other}")}),
+        };
+        match rate {
+            None => {
+                self.rate_overrides.borrow_mut().insert(task.to_string(), None);
+                tracing::info!(task, "rate limit lifted by a remote control command");
+                json!({"ok": "rate limit disabled successfully"})
+            }
+            Some(text) => match text.parse::<crate::registry::RateLimit>() {
+                Ok(limit) => {
+                    self.rate_overrides.borrow_mut().insert(task.to_string(), Some(limit));
+                    tracing::info!(task, rate = %text, "rate limit set by a remote control command");
+                    json!({"ok": "new rate limit set successfully"})
+                }
+                Err(e) => json!({"error": format!("Invalid rate limit string: {e}")}),
+            },
+        }
+    }
+
+    fn control_time_limit(&self, req: &ControlRequest) -> Value {
+        let Some(task) = req.arguments.get("task_name").and_then(Value::as_str) else {
+            return json!({"error": "time_limit needs task_name"});
+        };
+        if !self.known_task(task) {
+            return json!({"error": "unknown task"});
+        }
+        let seconds = |key: &str| req.arguments.get(key).and_then(Value::as_f64).filter(|s| s.is_finite() && *s > 0.0);
+        let (hard, soft) = (seconds("hard"), seconds("soft"));
+        self.time_overrides.borrow_mut().insert(task.to_string(), (hard, soft));
+        tracing::info!(task, ?hard, ?soft, "time limits set by a remote control command");
+        json!({"ok": "time limits set successfully"})
+    }
+
+    fn control_pool(&self, req: &ControlRequest, grow: bool) -> Value {
+        let n = req.arguments.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 10_000) as usize;
+        if grow {
+            // Slots still owed to an earlier shrink are cancelled first.
+            let owed = self.shrink_owed.get().min(n);
+            self.shrink_owed.set(self.shrink_owed.get() - owed);
+            self.slots.add_permits(n - owed);
+            self.pool_size.set(self.pool_size.get() + n);
+            tracing::info!(concurrency = self.pool_size.get(), "pool grown by a remote control command");
+            return json!({"ok": "pool will grow"});
+        }
+        let n = n.min(self.pool_size.get().saturating_sub(1));
+        if n == 0 {
+            return json!({"error": "pool cannot shrink below one sandbox"});
+        }
+        self.pool_size.set(self.pool_size.get() - n);
+        // Idle slots go at once; busy ones as their tasks end.
+        let gone = self.slots.forget_permits(n);
+        self.shrink_owed.set(self.shrink_owed.get() + (n - gone));
+        tracing::info!(concurrency = self.pool_size.get(), "pool shrunk by a remote control command");
+        json!({"ok": "pool will shrink"})
+    }
+
+    fn control_add_consumer(&self, req: &ControlRequest) -> Value {
+        let Some(queue) = req.arguments.get("queue").and_then(Value::as_str).filter(|q| !q.is_empty()) else {
+            return json!({"error": "add_consumer needs queue"});
+        };
+        let mut queues = self.queues.borrow_mut();
+        if !queues.iter().any(|q| q == queue) {
+            queues.push(queue.to_string());
+            tracing::info!(queue, "now consuming from a queue added by a remote control command");
+        }
+        json!({"ok": format!("add consumer {queue}")})
+    }
+
+    fn control_cancel_consumer(&self, req: &ControlRequest) -> Value {
+        let Some(queue) = req.arguments.get("queue").and_then(Value::as_str) else {
+            return json!({"error": "cancel_consumer needs queue"});
+        };
+        let mut queues = self.queues.borrow_mut();
+        if queues.len() == 1 && queues[0] == queue {
+            return json!({"error": "cannot stop consuming from the last queue"});
+        }
+        queues.retain(|q| q != queue);
+        tracing::info!(queue, "no longer consuming from a queue, by a remote control command");
+        json!({"ok": format!("no longer consuming from {queue}")})
     }
 
     async fn control_revoke(&self, req: &ControlRequest) -> Value {
@@ -169,4 +395,18 @@ impl Worker {
             let _ = self.backend.store(&ResultRecord::revoked(id, "revoked"), None).await;
         }
     }
+}
+
+/// `getrusage(RUSAGE_SELF)` as Celery's `stats` reports it.
+fn rusage() -> Value {
+    // SAFETY: getrusage writes into the zeroed struct passed.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) } != 0 {
+        return Value::from("N/A");
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    json!({"utime": secs(r.ru_utime), "stime": secs(r.ru_stime), "maxrss": r.ru_maxrss, "ixrss": r.ru_ixrss,
+           "idrss": r.ru_idrss, "isrss": r.ru_isrss, "minflt": r.ru_minflt, "majflt": r.ru_majflt, "nswap": r.ru_nswap,
+           "inblock": r.ru_inblock, "oublock": r.ru_oublock, "msgsnd": r.ru_msgsnd, "msgrcv": r.ru_msgrcv,
+           "nsignals": r.ru_nsignals, "nvcsw": r.ru_nvcsw, "nivcsw": r.ru_nivcsw})
 }

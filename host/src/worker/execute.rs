@@ -23,6 +23,8 @@ impl Worker {
         if !acks_late {
             self.ack(delivery).await;
         }
+        let version = task.version.to_string();
+        self.on_started(delivery, decoded, &version);
         if self.cfg.track_started && !ignore_result {
             let mut started = ResultRecord::started(&h.id, self.pid, &self.cfg.node_name);
             link_fields(&mut started, decoded);
@@ -71,7 +73,6 @@ impl Worker {
                 started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
             },
         );
-        let version = task.version.to_string();
         let run = {
             // Boxed: wasmtime's instantiate/call futures are large, and inline they would
             // make every spawned `handle` future large too (memcpy'd on spawn and poll).
@@ -105,8 +106,17 @@ impl Worker {
         }
         drop(publishing);
         self.running.borrow_mut().remove(&h.id);
-        drop(slot);
+        let (memory, sandbox) = slot;
+        drop(memory);
+        if self.shrink_owed.get() > 0 {
+            // A `pool_shrink` took this slot away.
+            self.shrink_owed.set(self.shrink_owed.get() - 1);
+            sandbox.forget();
+        } else {
+            drop(sandbox);
+        }
         self.meter_run(h, &run, delivery.charge);
+        self.on_run_end(&delivery.queue, &h.task, &version, &run);
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
             if acks_late {
                 // Stopped by the shutdown, not by a user: it runs again elsewhere.

@@ -35,6 +35,7 @@ impl Worker {
                 tracing::debug!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "succeeded: {json}");
                 self.stats.borrow_mut().succeeded += 1;
                 self.registry.record_outcome(task, true);
+                self.on_succeeded(&delivery.queue, decoded, &value, run.elapsed);
                 // Celery's order: next chain step and links first, then the SUCCESS naming them.
                 let mut children: Vec<serde_json::Value> = sent_ids.iter().map(|id| canvas::child_tuple(id)).collect();
                 children.extend(self.hand_on(decoded, &value).await);
@@ -89,6 +90,7 @@ impl Worker {
         }
         if error == TaskError::Revoked {
             tracing::info!(task = %h.task, id = %h.id, "terminated by revoke");
+            self.on_revoked(&delivery.queue, decoded, true, false);
             let mut record = ResultRecord::revoked(&h.id, "terminated");
             link_fields(&mut record, decoded);
             let stored = ignore_result || self.store(&record, None).await;
@@ -98,6 +100,7 @@ impl Worker {
         }
         tracing::info!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "failed: {error}");
         if let TaskError::Reject { reason } = &error {
+            self.on_rejected(&delivery.queue, decoded);
             // The outcome is stored either way; a lost letter is logged by broker_op.
             let _ = self.dead_letter(delivery, Some(decoded), format!("rejected by the task: {reason}")).await;
         }
@@ -117,6 +120,7 @@ impl Worker {
         acks_late: bool,
     ) {
         self.stats.borrow_mut().failed += 1;
+        self.on_failed(&delivery.queue, decoded, exc, &traceback);
         // The rest of a chain never runs: each of its ids reads the same failure, stored
         // first so that a client woken by this task's FAILURE already sees them.
         for id in canvas::remaining_chain_ids(&decoded.embed) {
@@ -211,10 +215,14 @@ impl Worker {
     /// Whether the broker took it (retried through outages, up to `STORE_GIVE_UP`).
     pub(super) async fn publish_task(&self, msg: &OutgoingTask) -> bool {
         let raw = encode_task(msg);
-        match msg.eta.filter(|eta| *eta > Utc::now() + ETA_SLACK) {
+        let published = match msg.eta.filter(|eta| *eta > Utc::now() + ETA_SLACK) {
             Some(eta) => self.broker_op("publish", || self.broker.schedule(&msg.queue, msg.priority, &raw, eta)).await,
             None => self.broker_op("publish", || self.broker.publish(&msg.queue, msg.priority, &raw)).await,
+        };
+        if published {
+            self.on_sent(&msg.queue, &msg.task);
         }
+        published
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -274,6 +282,7 @@ impl Worker {
             return;
         }
         self.stats.borrow_mut().retried += 1;
+        self.on_retried(&delivery.queue, decoded, reason);
         tracing::info!(task = %h.task, id = %h.id, retries = h.retries + 1, "retry in {:?}: {reason}", delay);
         if !ignore_result {
             let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "RetryRequested", reason);
@@ -289,6 +298,7 @@ impl Worker {
     /// belongs to counts it as failed, as Celery does.
     pub(super) async fn skip_unrun(&self, delivery: &Delivery, decoded: &Decoded, reason: &str, ignore_result: bool) {
         self.stats.borrow_mut().processed += 1;
+        self.on_revoked(&delivery.queue, decoded, false, reason == "expired");
         let mut record = ResultRecord::revoked(&decoded.headers.id, reason);
         link_fields(&mut record, decoded);
         let stored = ignore_result || self.store(&record, None).await;

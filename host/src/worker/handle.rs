@@ -35,6 +35,7 @@ impl Worker {
         }
         let decoded = decoded;
         let h = &decoded.headers;
+        let _reserved = self.on_received(&delivery, &decoded);
         if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
         }
@@ -75,7 +76,10 @@ impl Worker {
             // Parked on the broker, not held here: an ETA past the visibility timeout
             // can never run twice, and a restart forgets nothing.
             match self.broker.schedule(&delivery.queue, decoded.priority, &delivery.raw, eta).await {
-                Ok(()) => self.ack(&delivery).await,
+                Ok(()) => {
+                    self.on_parked(&decoded, eta);
+                    self.ack(&delivery).await
+                }
                 Err(e) => {
                     tracing::warn!(id = %h.id, "parking ETA message failed, returning it: {e}");
                     self.restore(&delivery).await;
@@ -113,9 +117,14 @@ impl Worker {
 
         // Waiting its turn (rate limits, tenant slots) is not work waiting for a sandbox.
         in_progress.waiting(false);
-        if let Some(limit) = task.manifest.rate_limit {
+        // A `rate_limit` command's rate stands in for the manifest's.
+        let rate_limit = self.rate_overrides.borrow().get(&h.task).copied().unwrap_or(task.manifest.rate_limit);
+        if let Some(limit) = rate_limit {
             let scope = task.manifest.rate_limit_scope.unwrap_or(crate::registry::RateLimitScope::Worker);
             let wait = self.rate_limits.reserve(self.broker.as_ref(), &h.task, limit, scope).await;
+            if !wait.is_zero() {
+                self.on_rate_limit_wait(&delivery.queue, &h.task, wait);
+            }
             // A drain hands it back at once instead of waiting out its turn.
             if !wait.is_zero() && self.wait_turn(wait).await {
                 self.restore_on_shutdown(&delivery).await;
@@ -128,7 +137,12 @@ impl Worker {
             self.fail_unrunnable(&delivery, &decoded, "taskhost", "TaskNotAllowed", why, ignore_result).await;
             return;
         }
-        let mut limits = limits_for(&task, h.time_limit, &self.runtime.config().ceilings);
+        // The message's own limits win, as Celery's do; else a `time_limit` command's.
+        let asked = match h.time_limit {
+            (None, None) => self.time_overrides.borrow().get(&h.task).copied().unwrap_or((None, None)),
+            given => given,
+        };
+        let mut limits = limits_for(&task, asked, &self.runtime.config().ceilings);
         if let Some(cap) = tenant.and_then(|t| t.memory_limit) {
             limits.memory = limits.memory.min(cap.0);
         }

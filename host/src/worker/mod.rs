@@ -11,13 +11,14 @@ mod execute;
 mod finish;
 mod handle;
 mod housekeeping;
+mod monitor;
 pub mod outcome;
 pub mod rate;
 pub mod retry;
 mod tenancy;
 mod writes;
 
-pub use control::REVOKE_LIFETIME;
+pub use control::{revoke_everywhere, REVOKE_LIFETIME};
 
 use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{Broker, BrokerError, DeadLetter, Delivery};
@@ -92,6 +93,14 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Write STARTED before running (Celery's `task_track_started`).
     pub track_started: bool,
+    /// Send task events from the start (`-E`); `enable_events` turns them on later.
+    pub task_events: bool,
+    /// Send worker-online/heartbeat/offline events (Celery's default; `--without-heartbeat`).
+    pub heartbeat: bool,
+    /// Where this process writes its report for the `--http` listener, if one is on.
+    pub report_dir: Option<std::path::PathBuf>,
+    /// The broker's URL, password redacted (for `stats` and `conf`).
+    pub broker_url: String,
 }
 
 impl WorkerConfig {
@@ -152,9 +161,31 @@ pub struct Worker {
     revoked: RefCell<HashSet<String>>,
     revoked_here: RefCell<HashMap<String, Instant>>,
     rate_limits: rate::RateLimits,
-    /// Lamport clock for control replies.
-    clock: Cell<u64>,
+    /// Celery events, and the Lamport clock events and control replies share.
+    events: crate::observe::events::EventSink,
+    /// Counts for `/metrics`.
+    metrics: RefCell<crate::observe::metrics::TaskMetrics>,
+    /// Tasks for the dashboard (kept only while reporting).
+    recent: RefCell<crate::observe::report::RecentTasks>,
+    /// Messages received and not yet started, by task id (`inspect reserved`).
+    reserved: RefCell<HashMap<String, monitor::Reserved>>,
+    /// ETA messages this node parked, by task id, with their due time (`inspect scheduled`).
+    scheduled: RefCell<HashMap<String, (chrono::DateTime<Utc>, serde_json::Value)>>,
+    /// The queues consumed now (`add_consumer`, `cancel_consumer`).
+    queues: RefCell<Vec<String>>,
+    /// Sandboxes allowed at once now (`pool_grow`, `pool_shrink`).
+    pool_size: Cell<usize>,
+    /// Busy slots a `pool_shrink` still has to take away as their tasks end.
+    shrink_owed: Cell<usize>,
+    /// Rate limits set by `rate_limit` commands, over the manifests' (None: no limit).
+    rate_overrides: RefCell<HashMap<String, Option<crate::registry::RateLimit>>>,
+    /// Time limits set by `time_limit` commands: (hard, soft) seconds.
+    time_overrides: RefCell<HashMap<String, (Option<f64>, Option<f64>)>>,
+    heartbeat_now: Notify,
+    /// Set by a `shutdown` command.
+    shutdown_requested: watch::Sender<bool>,
     started: Instant,
+    started_unix: f64,
     stats: RefCell<WorkerStats>,
     pid: u32,
     /// The operator's tenants policy (none: every tenant may run everything).
@@ -197,12 +228,41 @@ struct RunningTask {
 
 impl RunningTask {
     fn info(&self, id: &str, node: &str, pid: u32) -> serde_json::Value {
+        Self::request_info(
+            id,
+            &self.name,
+            &self.args,
+            &self.kwargs,
+            &self.queue,
+            self.priority,
+            self.redelivered,
+            self.acknowledged,
+            Some(self.started_unix),
+            node,
+            pid,
+        )
+    }
+
+    /// Celery's `Request.info()`: what `inspect active/reserved/scheduled` list.
+    #[allow(clippy::too_many_arguments)]
+    fn request_info(
+        id: &str,
+        name: &str,
+        args: &str,
+        kwargs: &str,
+        queue: &str,
+        priority: u8,
+        redelivered: bool,
+        acknowledged: bool,
+        started_unix: Option<f64>,
+        node: &str,
+        pid: u32,
+    ) -> serde_json::Value {
         let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap_or(serde_json::Value::Null);
         serde_json::json!({
-            "id": id, "name": self.name, "type": self.name, "args": parse(&self.args), "kwargs": parse(&self.kwargs),
-            "hostname": node, "time_start": self.started_unix, "acknowledged": self.acknowledged,
-            "delivery_info": {"exchange": "", "routing_key": self.queue, "priority": self.priority,
-                              "redelivered": self.redelivered},
+            "id": id, "name": name, "type": name, "args": parse(args), "kwargs": parse(kwargs),
+            "hostname": node, "time_start": started_unix, "acknowledged": acknowledged,
+            "delivery_info": {"exchange": "", "routing_key": queue, "priority": priority, "redelivered": redelivered},
             "worker_pid": pid,
         })
     }
@@ -293,6 +353,8 @@ impl Worker {
         tenants: Arc<crate::tenant::PolicyHandle>,
     ) -> Rc<Worker> {
         let budget_mib = runtime.config().ceilings.max_process_memory.div_ceil(MIB).clamp(1, Semaphore::MAX_PERMITS as u64);
+        let events = crate::observe::events::EventSink::new(&cfg.node_name, cfg.task_events);
+        let (queues, pool_size) = (cfg.queues.clone(), cfg.concurrency.max(1));
         Rc::new(Worker {
             slots: Semaphore::new(cfg.concurrency.max(1)),
             memory_budget: Semaphore::new(budget_mib as usize),
@@ -319,8 +381,20 @@ impl Worker {
             revoked: RefCell::default(),
             revoked_here: RefCell::default(),
             rate_limits: rate::RateLimits::default(),
-            clock: Cell::new(0),
+            events,
+            metrics: RefCell::default(),
+            recent: RefCell::default(),
+            reserved: RefCell::default(),
+            scheduled: RefCell::default(),
+            queues: RefCell::new(queues),
+            pool_size: Cell::new(pool_size),
+            shrink_owed: Cell::new(0),
+            rate_overrides: RefCell::default(),
+            time_overrides: RefCell::default(),
+            heartbeat_now: Notify::new(),
+            shutdown_requested: watch::channel(false).0,
             started: Instant::now(),
+            started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
             stats: RefCell::default(),
             pid: std::process::id(),
             tenants,
@@ -335,6 +409,11 @@ impl Worker {
             claim_queued: Notify::new(),
             failpoint_panic: if cfg!(debug_assertions) { std::env::var("TASKHOST_FAILPOINT_PANIC_TASK").ok() } else { None },
         })
+    }
+
+    /// Whether a `shutdown` control command stopped this worker.
+    pub fn shut_down_by_control(&self) -> bool {
+        *self.shutdown_requested.borrow()
     }
 
     pub fn stats(&self) -> WorkerStats {
@@ -365,12 +444,20 @@ impl Worker {
         let acks = tokio::task::spawn_local(self.clone().ack_flusher());
         let results = tokio::task::spawn_local(self.clone().result_flusher());
         let claims = tokio::task::spawn_local(self.clone().claim_flusher());
+        let events = tokio::task::spawn_local(self.clone().event_flusher());
+        self.send_worker_event("worker-online").await;
+        let heartbeats = tokio::task::spawn_local(self.clone().heartbeats());
+        let report = tokio::task::spawn_local(self.clone().report_writer());
         let (stop_tx, stop_rx) = watch::channel(false);
         // Joined, not raced: a fetch in flight is never cancelled, because a BRPOP
         // abandoned on the server would still pop (and lose) the next message.
         let ((), tasks) = tokio::join!(
             async {
-                shutdown.await;
+                let mut asked = self.shutdown_requested.subscribe();
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = asked.wait_for(|a| *a) => tracing::warn!("shutdown requested by a remote control command"),
+                }
                 // No new task starts from here on; held ones go back as they reach a slot.
                 self.draining.send_replace(true);
                 let _ = stop_tx.send(true);
@@ -390,6 +477,13 @@ impl Worker {
         housekeeping.abort();
         self.flush_usage().await;
         control.abort();
+        events.abort();
+        let _ = events.await;
+        self.events.flush(self.broker.as_ref()).await;
+        heartbeats.abort();
+        self.send_worker_event("worker-offline").await;
+        report.abort();
+        self.remove_report();
         self.stats()
     }
 }

@@ -156,6 +156,7 @@ impl Worker {
     /// the message rather than acking it away).
     pub(super) async fn dead_letter(&self, delivery: &Delivery, decoded: Option<&Decoded>, reason: String) -> bool {
         self.stats.borrow_mut().dead_lettered += 1;
+        self.on_dead_letter(&delivery.queue, decoded.map(|d| d.headers.task.as_str()));
         let letter = DeadLetter {
             letter_id: uuid::Uuid::new_v4().to_string(),
             id: decoded.map(|d| d.headers.id.clone()),

@@ -1,0 +1,293 @@
+//! What the worker tells its watchers at each step of a task: Celery events, the metrics
+//! `/metrics` serves, the dashboard's recent tasks; worker heartbeats and the report file.
+
+use super::*;
+use crate::observe::metrics::{exception_label, PluginInfo, ProcessMetrics, MEMORY_BUCKETS, QUEUE_WAIT_BUCKETS, RUNTIME_BUCKETS};
+use crate::observe::report::{self, RecentTask, WorkerReport};
+use crate::protocol::events::{result_repr, TaskEvent};
+
+fn now_unix() -> f64 {
+    Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// A message received and not yet started: what `inspect reserved` lists.
+pub(super) struct Reserved {
+    pub info: serde_json::Value,
+    pub received: Instant,
+}
+
+/// Takes a message off the reserved list however its handling leaves the admission stage.
+pub(super) struct ReservedGuard<'a> {
+    pub worker: &'a Worker,
+    pub id: String,
+}
+
+impl Drop for ReservedGuard<'_> {
+    fn drop(&mut self) {
+        self.worker.reserved.borrow_mut().remove(&self.id);
+    }
+}
+
+impl Worker {
+    fn recent(&self, id: &str, update: impl FnOnce(&mut RecentTask)) {
+        if self.cfg.report_dir.is_some() {
+            if let Some(t) = self.recent.borrow_mut().get_mut(id) {
+                update(t);
+            }
+        }
+    }
+
+    pub(super) fn on_received<'a>(&'a self, delivery: &Delivery, decoded: &Decoded) -> ReservedGuard<'a> {
+        let h = &decoded.headers;
+        self.metrics.borrow_mut().series(&delivery.queue, &h.task).received += 1;
+        if self.events.task_events() {
+            self.events.task(&TaskEvent::Received {
+                uuid: &h.id,
+                name: &h.task,
+                args: protocol::args_repr(&decoded.args()),
+                kwargs: protocol::kwargs_repr(&decoded.kwargs()),
+                root_id: h.root_id.as_deref(),
+                parent_id: h.parent_id.as_deref(),
+                retries: h.retries,
+                eta: h.eta.map(|e| e.to_rfc3339()),
+                expires: h.expires.map(|e| e.to_rfc3339()),
+            });
+        }
+        if self.cfg.report_dir.is_some() {
+            self.recent.borrow_mut().push(RecentTask {
+                id: h.id.clone(),
+                name: h.task.clone(),
+                version: None,
+                state: "RECEIVED".into(),
+                queue: delivery.queue.clone(),
+                tenant: h.tenant.clone(),
+                worker: self.cfg.node_name.clone(),
+                received: now_unix(),
+                started: None,
+                runtime: None,
+                error: None,
+            });
+        }
+        let info = RunningTask::request_info(
+            &h.id,
+            &h.task,
+            &decoded.args_json,
+            &decoded.kwargs_json,
+            &delivery.queue,
+            decoded.priority,
+            h.redelivered,
+            false,
+            None,
+            &self.cfg.node_name,
+            self.pid,
+        );
+        self.reserved.borrow_mut().insert(h.id.clone(), Reserved { info, received: Instant::now() });
+        ReservedGuard { worker: self, id: h.id.clone() }
+    }
+
+    /// An ETA message parked on the broker by this node: `inspect scheduled` lists it
+    /// until its time comes.
+    pub(super) fn on_parked(&self, decoded: &Decoded, eta: chrono::DateTime<Utc>) {
+        let Some(reserved) = self.reserved.borrow_mut().remove(&decoded.headers.id) else { return };
+        let mut scheduled = self.scheduled.borrow_mut();
+        let now = Utc::now();
+        scheduled.retain(|_, (due, _)| *due > now);
+        scheduled.insert(decoded.headers.id.clone(), (eta, reserved.info));
+    }
+
+    pub(super) fn on_started(&self, delivery: &Delivery, decoded: &Decoded, version: &str) {
+        let h = &decoded.headers;
+        let waited = self.reserved.borrow_mut().remove(&h.id).map(|r| r.received.elapsed());
+        {
+            let mut metrics = self.metrics.borrow_mut();
+            let series = metrics.series(&delivery.queue, &h.task);
+            series.started += 1;
+            if let Some(w) = waited {
+                series.queue_wait.observe(QUEUE_WAIT_BUCKETS, w.as_secs_f64());
+            }
+        }
+        self.events.task(&TaskEvent::Started { uuid: &h.id });
+        self.recent(&h.id, |t| {
+            t.state = "STARTED".into();
+            t.started = Some(now_unix());
+            t.version = Some(version.to_string());
+        });
+    }
+
+    /// What every run feeds whatever its outcome: version, memory, limits hit, denials.
+    pub(super) fn on_run_end(&self, queue: &str, task: &str, version: &str, run: &TaskRun) {
+        let outcome = match &run.result {
+            Ok(_) => "succeeded",
+            Err(TaskError::Retry { .. }) => "retried",
+            Err(TaskError::Revoked) => "revoked",
+            Err(TaskError::Reject { .. }) => "rejected",
+            Err(_) => "failed",
+        };
+        let mut metrics = self.metrics.borrow_mut();
+        let series = metrics.series(queue, task);
+        match series.runs.get_mut(version) {
+            Some(outcomes) => *outcomes.entry(outcome.to_string()).or_default() += 1,
+            None => {
+                series.runs.insert(version.to_string(), [(outcome.to_string(), 1)].into_iter().collect());
+            }
+        }
+        if run.memory_high_water > 0 {
+            series.memory_high_water.observe(MEMORY_BUCKETS, run.memory_high_water as f64);
+        }
+        match &run.result {
+            Err(TaskError::TimeLimit { .. }) => series.time_limit_hits += 1,
+            Err(TaskError::MemoryLimit { .. }) => series.memory_limit_hits += 1,
+            _ => {}
+        }
+        series.grant_denials += u64::from(run.denials);
+    }
+
+    pub(super) fn on_succeeded(&self, queue: &str, decoded: &Decoded, value: &serde_json::Value, runtime: Duration) {
+        let h = &decoded.headers;
+        {
+            let mut metrics = self.metrics.borrow_mut();
+            let series = metrics.series(queue, &h.task);
+            series.succeeded += 1;
+            series.runtime.observe(RUNTIME_BUCKETS, runtime.as_secs_f64());
+        }
+        if self.events.task_events() {
+            self.events.task(&TaskEvent::Succeeded { uuid: &h.id, result: result_repr(value), runtime: runtime.as_secs_f64() });
+        }
+        self.recent(&h.id, |t| {
+            t.state = "SUCCESS".into();
+            t.runtime = Some(runtime.as_secs_f64());
+        });
+    }
+
+    pub(super) fn on_failed(&self, queue: &str, decoded: &Decoded, exc: &ExceptionInfo, traceback: &str) {
+        let h = &decoded.headers;
+        let repr = exc.repr();
+        *self.metrics.borrow_mut().series(queue, &h.task).failed.entry(exception_label(&repr)).or_default() += 1;
+        self.events.task(&TaskEvent::Failed { uuid: &h.id, exception: repr.clone(), traceback: traceback.to_string() });
+        self.recent(&h.id, |t| {
+            t.state = "FAILURE".into();
+            t.runtime = t.started.map(|s| (now_unix() - s).max(0.0));
+            t.error = Some(repr);
+        });
+    }
+
+    pub(super) fn on_retried(&self, queue: &str, decoded: &Decoded, reason: &str) {
+        let h = &decoded.headers;
+        self.metrics.borrow_mut().series(queue, &h.task).retried += 1;
+        let exception = format!("Retry({})", protocol::python_repr(&serde_json::Value::from(reason)));
+        self.events.task(&TaskEvent::Retried { uuid: &h.id, exception, traceback: String::new() });
+        self.recent(&h.id, |t| {
+            t.state = "RETRY".into();
+            t.error = Some(reason.to_string());
+        });
+    }
+
+    pub(super) fn on_revoked(&self, queue: &str, decoded: &Decoded, terminated: bool, expired: bool) {
+        let h = &decoded.headers;
+        self.metrics.borrow_mut().series(queue, &h.task).revoked += 1;
+        let signum = terminated.then_some(libc::SIGTERM);
+        self.events.task(&TaskEvent::Revoked { uuid: &h.id, terminated, signum, expired });
+        self.recent(&h.id, |t| t.state = "REVOKED".into());
+    }
+
+    pub(super) fn on_rejected(&self, queue: &str, decoded: &Decoded) {
+        let h = &decoded.headers;
+        self.metrics.borrow_mut().series(queue, &h.task).rejected += 1;
+        self.events.task(&TaskEvent::Rejected { uuid: &h.id, requeue: false });
+    }
+
+    pub(super) fn on_sent(&self, queue: &str, task: &str) {
+        self.metrics.borrow_mut().series(queue, task).sent += 1;
+    }
+
+    pub(super) fn on_dead_letter(&self, queue: &str, task: Option<&str>) {
+        self.metrics.borrow_mut().series(queue, task.unwrap_or("unknown")).dead_letters += 1;
+    }
+
+    pub(super) fn on_rate_limit_wait(&self, queue: &str, task: &str, waited: Duration) {
+        let mut metrics = self.metrics.borrow_mut();
+        let series = metrics.series(queue, task);
+        series.rate_limit_waits += 1;
+        series.rate_limit_wait_seconds += waited.as_secs_f64();
+    }
+
+    /// Task events waiting in the sink go out in batches until the worker stops.
+    pub(super) async fn event_flusher(self: Rc<Self>) {
+        loop {
+            self.events.wait_for_batch().await;
+            self.events.flush(self.broker.as_ref()).await;
+        }
+    }
+
+    pub(super) async fn send_worker_event(&self, kind: &'static str) {
+        if !self.cfg.heartbeat {
+            return;
+        }
+        let (active, processed) = (self.running.borrow().len(), self.stats.borrow().processed);
+        self.events.worker(self.broker.as_ref(), kind, active, processed).await;
+    }
+
+    /// `worker-heartbeat` every [`HEARTBEAT_FREQ`] (and at once on a `heartbeat` command).
+    pub(super) async fn heartbeats(self: Rc<Self>) {
+        let mut every = tokio::time::interval(crate::observe::events::HEARTBEAT_FREQ);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = self.heartbeat_now.notified() => {}
+            }
+            self.send_worker_event("worker-heartbeat").await;
+        }
+    }
+
+    fn report(&self) -> WorkerReport {
+        let stats = self.stats.borrow();
+        let (hits, misses) = crate::runtime::compile_cache_counts();
+        let plugins = self
+            .registry
+            .all()
+            .iter()
+            .map(|tv| PluginInfo { name: tv.name.clone(), version: tv.version.to_string(), digest: tv.component.digest.clone() })
+            .collect();
+        WorkerReport {
+            node: self.cfg.node_name.clone(),
+            pid: self.pid,
+            started_at: self.started_unix,
+            written_at: now_unix(),
+            concurrency: self.pool_size.get(),
+            queues: self.queues.borrow().clone(),
+            task_events: self.events.task_events(),
+            processed: stats.processed,
+            succeeded: stats.succeeded,
+            failed: stats.failed,
+            metrics: ProcessMetrics {
+                node: self.cfg.node_name.clone(),
+                active: self.running.borrow().len(),
+                tasks: self.metrics.borrow().clone(),
+                plugins,
+                releases_refused: self.registry.refused_count(),
+                compile_cache_hits: hits,
+                compile_cache_misses: misses,
+            },
+            recent: self.recent.borrow().to_vec(),
+        }
+    }
+
+    /// Rewrites this process's report for the `--http` listener every second.
+    pub(super) async fn report_writer(self: Rc<Self>) {
+        let Some(dir) = self.cfg.report_dir.clone() else { return };
+        let mut every = tokio::time::interval(report::REPORT_INTERVAL);
+        loop {
+            every.tick().await;
+            if let Err(e) = report::write_report(&dir, &self.report()) {
+                tracing::debug!("writing the worker report failed: {e}");
+            }
+        }
+    }
+
+    pub(super) fn remove_report(&self) {
+        if let Some(dir) = &self.cfg.report_dir {
+            let _ = std::fs::remove_file(report::report_path(dir, self.pid));
+        }
+    }
+}
