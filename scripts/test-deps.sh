@@ -21,11 +21,19 @@ if ! command -v docker-registry >/dev/null 2>&1; then
     apt-get install -y -qq docker-registry >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq docker-registry >/dev/null; }
 fi
 
+# chromium + chromedriver: the dashboard is tested in a real headless browser.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+fi
+
 # aiosmtpd: the SMTP server mail.send is tested against; gevent: Celery's pool in make bench;
-# componentize-py: builds the Python example tasks (taskhost build).
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL, aiosmtpd, gevent' 2>/dev/null \
+# componentize-py: builds the Python example tasks (taskhost build); flower: the monitoring
+# tests run real Flower; selenium drives chromium; opentelemetry: a traced Celery producer.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL, aiosmtpd, gevent, flower, selenium, opentelemetry.instrumentation.celery' 2>/dev/null \
     || [ ! -x .venv/bin/componentize-py ]; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6' pillow 'aiosmtpd>=1.4,<2' 'gevent>=24,<26' \
-        'componentize-py==0.25.*'
+        'componentize-py==0.25.*' 'flower>=2,<3' 'selenium>=4.20,<5' \
+        'opentelemetry-sdk>=1.27,<2' 'opentelemetry-instrumentation-celery>=0.48b0' 'opentelemetry-exporter-otlp-proto-http>=1.27,<2'
 fi

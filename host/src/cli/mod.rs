@@ -9,6 +9,7 @@ mod bench;
 mod build;
 mod config;
 mod dlq;
+mod inspect;
 mod limits;
 mod plugins;
 mod release;
@@ -58,6 +59,10 @@ pub enum Command {
     Revoke(revoke::RevokeArgs),
     /// What each tenant's tasks used (sandbox CPU, wall time, memory, outcomes), per hour.
     Usage(usage::UsageArgs),
+    /// Ask workers (taskhost or Celery) what they are doing, as `celery inspect` does.
+    Inspect(inspect::InspectArgs),
+    /// Follow the Celery events workers send (`celery events --dump`); --json for raw events.
+    Events(inspect::EventsArgs),
     /// The dead-letter queue: list, show, replay, purge.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -130,6 +135,8 @@ pub fn main() -> ExitCode {
         Command::Beat(args) => beat::run(args, &file),
         Command::Revoke(args) => revoke::run(args, &file),
         Command::Dlq(cmd) => dlq::run(cmd, &file),
+        Command::Inspect(args) => inspect::inspect(args, &file),
+        Command::Events(args) => inspect::events(args, &file),
         Command::Usage(args) => usage::run(args, &file),
         Command::Plugins(cmd) => plugins::run(cmd, &file),
         Command::Bench(cmd) => bench::run(cmd, &file),

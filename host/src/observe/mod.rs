@@ -34,7 +34,15 @@ pub fn init_tracing(format: LogFormat, default_level: &str) {
             .with_target(false)
             .try_init(),
         LogFormat::Json => {
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).json().flatten_event(true).try_init()
+            tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            // A task's line carries its span: id, task, version, queue, tenant.
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
         }
     };
 }

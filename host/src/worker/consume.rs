@@ -95,7 +95,17 @@ impl Worker {
         let counted = InProgress::new(&self, delivery.charge);
         let delivery = Rc::new(delivery);
         let worker = self.clone();
-        let caught = std::panic::AssertUnwindSafe(self.handle(delivery.clone(), counted)).catch_unwind();
+        // Every line logged while handling it carries the task's id, name, version, queue
+        // and tenant (filled in as they become known).
+        let span = tracing::info_span!(
+            "task",
+            id = tracing::field::Empty,
+            task = tracing::field::Empty,
+            version = tracing::field::Empty,
+            queue = %delivery.queue,
+            tenant = tracing::field::Empty,
+        );
+        let caught = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(self.handle(delivery.clone(), counted), span)).catch_unwind();
         Box::pin(async move {
             if let Err(payload) = caught.await {
                 let what = payload

@@ -24,6 +24,7 @@ impl Worker {
             self.ack(delivery).await;
         }
         let version = task.version.to_string();
+        tracing::Span::current().record("version", version.as_str());
         self.on_started(delivery, decoded, &version);
         if self.cfg.track_started && !ignore_result {
             let mut started = ResultRecord::started(&h.id, self.pid, &self.cfg.node_name);

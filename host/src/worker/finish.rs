@@ -32,7 +32,9 @@ impl Worker {
         let error = match run.result {
             Ok(json) => {
                 let value: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
-                tracing::debug!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "succeeded: {json}");
+                let duration_ms = run.elapsed.as_secs_f64() * 1e3;
+                tracing::info!(task = %h.task, id = %h.id, outcome = "succeeded", duration_ms, "succeeded in {:.3}s", run.elapsed.as_secs_f64());
+                tracing::debug!(task = %h.task, id = %h.id, "result: {json}");
                 self.stats.borrow_mut().succeeded += 1;
                 self.registry.record_outcome(task, true);
                 self.on_succeeded(&delivery.queue, decoded, &value, run.elapsed);
@@ -81,7 +83,7 @@ impl Worker {
                 &protocol::kwargs_repr(&decoded.kwargs()),
             );
             let traceback = format!("taskhost: {}@{version}: retries exhausted ({max_retries}); last: {reason}", h.task);
-            tracing::warn!(task = %h.task, id = %h.id, "{}", exc.message());
+            tracing::warn!(task = %h.task, id = %h.id, outcome = "failed", duration_ms = run.elapsed.as_secs_f64() * 1e3, "{}", exc.message());
             // The outcome is stored either way; a lost letter is logged by broker_op.
             let _ = self.dead_letter(delivery, Some(decoded), format!("max retries ({max_retries}) exceeded: {reason}")).await;
             self.registry.record_outcome(task, false);
@@ -89,7 +91,7 @@ impl Worker {
             return;
         }
         if error == TaskError::Revoked {
-            tracing::info!(task = %h.task, id = %h.id, "terminated by revoke");
+            tracing::info!(task = %h.task, id = %h.id, outcome = "revoked", duration_ms = run.elapsed.as_secs_f64() * 1e3, "terminated by revoke");
             self.on_revoked(&delivery.queue, decoded, true, false);
             let mut record = ResultRecord::revoked(&h.id, "terminated");
             link_fields(&mut record, decoded);
@@ -98,7 +100,7 @@ impl Worker {
             self.settle(delivery, stored, acks_late).await;
             return;
         }
-        tracing::info!(task = %h.task, id = %h.id, elapsed = ?run.elapsed, "failed: {error}");
+        tracing::info!(task = %h.task, id = %h.id, outcome = "failed", duration_ms = run.elapsed.as_secs_f64() * 1e3, "failed: {error}");
         if let TaskError::Reject { reason } = &error {
             self.on_rejected(&delivery.queue, decoded);
             // The outcome is stored either way; a lost letter is logged by broker_op.
@@ -283,7 +285,7 @@ impl Worker {
         }
         self.stats.borrow_mut().retried += 1;
         self.on_retried(&delivery.queue, decoded, reason);
-        tracing::info!(task = %h.task, id = %h.id, retries = h.retries + 1, "retry in {:?}: {reason}", delay);
+        tracing::info!(task = %h.task, id = %h.id, retries = h.retries + 1, outcome = "retried", "retry in {:?}: {reason}", delay);
         if !ignore_result {
             let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "RetryRequested", reason);
             let mut record = ResultRecord::retry(&h.id, Some(&exc), Some(format!("retry {} requested: {reason}", h.retries + 1)));

@@ -36,6 +36,14 @@ impl Worker {
         let decoded = decoded;
         let h = &decoded.headers;
         let _reserved = self.on_received(&delivery, &decoded);
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("id", h.id.as_str());
+            span.record("task", h.task.as_str());
+            if let Some(t) = &h.tenant {
+                span.record("tenant", t.as_str());
+            }
+        }
         if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
         }
@@ -187,7 +195,7 @@ impl Worker {
         let expired = h.expires.is_some_and(|e| e.to_utc() <= Utc::now());
         if self.is_revoked(&h.id) || expired {
             let reason = if expired { "expired" } else { "revoked" };
-            tracing::info!(task = %h.task, id = %h.id, "{reason} before it ran; skipped");
+            tracing::info!(task = %h.task, id = %h.id, outcome = "revoked", "{reason} before it ran; skipped");
             self.skip_unrun(&delivery, &decoded, reason, ignore_result).await;
             return;
         }
