@@ -11,6 +11,7 @@ mod conformance;
 mod first_run;
 mod hardening;
 mod interop;
+mod monitoring;
 mod network;
 mod python_tasks;
 mod readme;

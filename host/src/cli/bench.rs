@@ -404,6 +404,7 @@ mod drain {
                 heartbeat: args.events,
                 report_dir: None,
                 broker_url: super::super::serve::redact(&url),
+                otlp: None,
             };
             let tenants = match &args.tenants {
                 Some(path) => crate::tenant::PolicyHandle::open(path).map_err(CliError::usage)?,

@@ -179,15 +179,18 @@ pub fn events(args: EventsArgs, file: &super::config::FileConfig) -> Result<(), 
                     continue;
                 }
             };
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
             for event in events {
-                if args.json {
-                    println!("{}", Value::Object(event));
-                } else {
-                    println!("{}", human_line(&event));
+                let line = if args.json { Value::Object(event).to_string() } else { human_line(&event) };
+                // The reader went away (`| head`): done, not an error.
+                if writeln!(out, "{line}").is_err() {
+                    return Ok(());
                 }
             }
-            use std::io::Write as _;
-            let _ = std::io::stdout().flush();
+            if out.flush().is_err() {
+                return Ok(());
+            }
         }
     })
 }

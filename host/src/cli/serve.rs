@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// loopback). Made up and logged when not given on loopback.
     #[arg(long, env = "TASKHOST_HTTP_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// Export a `run/<task>` span per task (continuing a producer's `traceparent`) as
+    /// OTLP/HTTP JSON to this collector: http://HOST:4318 or its full /v1/traces URL.
+    #[arg(long, env = "TASKHOST_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Set by the supervisor: where worker processes write reports for --http.
     #[arg(long, hide = true)]
     pub report_dir: Option<PathBuf>,
@@ -150,6 +154,7 @@ struct Settings {
     http: Option<std::net::SocketAddr>,
     http_token: Option<String>,
     report_dir: Option<PathBuf>,
+    otlp: Option<String>,
 }
 
 impl Settings {
@@ -211,7 +216,11 @@ impl Settings {
                 )));
             }
         }
+        if let Some(url) = &args.otlp_endpoint {
+            crate::observe::otlp::Endpoint::parse(url).map_err(CliError::usage)?;
+        }
         Ok(Settings {
+            otlp: args.otlp_endpoint,
             task_events: args.events,
             heartbeat: !args.without_heartbeat,
             http,
@@ -444,6 +453,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             heartbeat: args.heartbeat,
             report_dir,
             broker_url: redact(&args.broker),
+            otlp: args.otlp.as_deref().map(crate::observe::otlp::Endpoint::parse).transpose().map_err(CliError::usage)?,
             node_name: node.clone(),
             queues: args.queues.clone(),
             concurrency: args.concurrency,
@@ -673,6 +683,9 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             }
             if let Some(dir) = &report_dir {
                 cmd.arg("--report-dir").arg(dir);
+            }
+            if let Some(url) = &args.otlp {
+                cmd.args(["--otlp-endpoint", url]);
             }
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);

@@ -8,6 +8,7 @@
 pub mod events;
 pub mod http;
 pub mod inspect;
+pub mod otlp;
 pub mod metrics;
 pub mod report;
 

@@ -165,7 +165,8 @@ pub fn result_repr(value: &Value) -> String {
 /// Hours west of UTC for this host now (Python's `time.timezone / 3600`, DST included).
 pub fn local_utcoffset() -> f64 {
     let offset = chrono::Local::now().offset().local_minus_utc();
-    -(offset as f64) / 3600.0
+    // `+ 0.0` turns UTC's -0.0 into the 0.0 Python sends.
+    -(offset as f64) / 3600.0 + 0.0
 }
 
 /// A decoded event of any kind, for readers (`taskhost events`).

@@ -172,6 +172,9 @@ pub struct TaskHeaders {
     pub tenant: Option<String>,
     pub shadow: Option<String>,
     pub redelivered: bool,
+    /// W3C trace context a traced producer put in the headers (opentelemetry's Celery
+    /// instrumentation injects it at the top level).
+    pub traceparent: Option<String>,
 }
 
 /// A decoded task message: what the worker acts on. The full envelope (every header
@@ -328,6 +331,8 @@ struct WireHeaders<'a> {
     redelivered: Raw<'a>,
     #[serde(borrow)]
     compression: Raw<'a>,
+    #[serde(borrow)]
+    traceparent: Raw<'a>,
 }
 
 #[derive(Deserialize, Default)]
@@ -368,6 +373,8 @@ impl TaskHeaders {
             tenant: header_str(h.taskhost_tenant, "taskhost_tenant")?,
             shadow: header_str(h.shadow, "shadow")?,
             redelivered: lenient(h.redelivered).unwrap_or(false),
+            // Only for tracing: a malformed one is ignored, never a reason to refuse the task.
+            traceparent: lenient(h.traceparent),
         })
     }
 }

@@ -97,8 +97,8 @@ impl Worker {
             "registered" => Value::from(self.registry.task_names()),
             "stats" => self.control_stats(),
             "active_queues" => Value::from(
-                self.cfg
-                    .queues
+                self.queues
+                    .borrow()
                     .iter()
                     .map(|q| {
                         json!({"name": q, "exchange": {"name": q, "type": "direct", "durable": true, "auto_delete": false},

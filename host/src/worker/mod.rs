@@ -101,6 +101,8 @@ pub struct WorkerConfig {
     pub report_dir: Option<std::path::PathBuf>,
     /// The broker's URL, password redacted (for `stats` and `conf`).
     pub broker_url: String,
+    /// Where `run/<task>` spans go (OTLP/HTTP), if anywhere.
+    pub otlp: Option<crate::observe::otlp::Endpoint>,
 }
 
 impl WorkerConfig {
@@ -182,6 +184,9 @@ pub struct Worker {
     /// Time limits set by `time_limit` commands: (hard, soft) seconds.
     time_overrides: RefCell<HashMap<String, (Option<f64>, Option<f64>)>>,
     heartbeat_now: Notify,
+    /// Span exporter (`--otlp-endpoint`), and when each running task started (unix ns).
+    tracer: Option<crate::observe::otlp::Exporter>,
+    span_starts: RefCell<HashMap<String, u64>>,
     /// Set by a `shutdown` command.
     shutdown_requested: watch::Sender<bool>,
     started: Instant,
@@ -355,6 +360,7 @@ impl Worker {
         let budget_mib = runtime.config().ceilings.max_process_memory.div_ceil(MIB).clamp(1, Semaphore::MAX_PERMITS as u64);
         let events = crate::observe::events::EventSink::new(&cfg.node_name, cfg.task_events);
         let (queues, pool_size) = (cfg.queues.clone(), cfg.concurrency.max(1));
+        let tracer = cfg.otlp.clone().map(|e| crate::observe::otlp::Exporter::new(e, "taskhost"));
         Rc::new(Worker {
             slots: Semaphore::new(cfg.concurrency.max(1)),
             memory_budget: Semaphore::new(budget_mib as usize),
@@ -392,6 +398,8 @@ impl Worker {
             rate_overrides: RefCell::default(),
             time_overrides: RefCell::default(),
             heartbeat_now: Notify::new(),
+            tracer,
+            span_starts: RefCell::default(),
             shutdown_requested: watch::channel(false).0,
             started: Instant::now(),
             started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
@@ -445,6 +453,7 @@ impl Worker {
         let results = tokio::task::spawn_local(self.clone().result_flusher());
         let claims = tokio::task::spawn_local(self.clone().claim_flusher());
         let events = tokio::task::spawn_local(self.clone().event_flusher());
+        let spans = tokio::task::spawn_local(self.clone().span_exporter());
         self.send_worker_event("worker-online").await;
         let heartbeats = tokio::task::spawn_local(self.clone().heartbeats());
         let report = tokio::task::spawn_local(self.clone().report_writer());
@@ -484,6 +493,10 @@ impl Worker {
         self.send_worker_event("worker-offline").await;
         report.abort();
         self.remove_report();
+        spans.abort();
+        if let Some(tracer) = &self.tracer {
+            tracer.flush().await;
+        }
         self.stats()
     }
 }

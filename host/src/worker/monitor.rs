@@ -10,6 +10,10 @@ fn now_unix() -> f64 {
     Utc::now().timestamp_micros() as f64 / 1e6
 }
 
+fn unix_nanos() -> u64 {
+    Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0) as u64
+}
+
 /// A message received and not yet started: what `inspect reserved` lists.
 pub(super) struct Reserved {
     pub info: serde_json::Value,
@@ -107,6 +111,9 @@ impl Worker {
             }
         }
         self.events.task(&TaskEvent::Started { uuid: &h.id });
+        if self.tracer.is_some() {
+            self.span_starts.borrow_mut().insert(h.id.clone(), unix_nanos());
+        }
         self.recent(&h.id, |t| {
             t.state = "STARTED".into();
             t.started = Some(now_unix());
@@ -150,6 +157,7 @@ impl Worker {
             series.succeeded += 1;
             series.runtime.observe(RUNTIME_BUCKETS, runtime.as_secs_f64());
         }
+        self.end_span(queue, decoded, "SUCCESS", None);
         if self.events.task_events() {
             self.events.task(&TaskEvent::Succeeded { uuid: &h.id, result: result_repr(value), runtime: runtime.as_secs_f64() });
         }
@@ -162,6 +170,7 @@ impl Worker {
     pub(super) fn on_failed(&self, queue: &str, decoded: &Decoded, exc: &ExceptionInfo, traceback: &str) {
         let h = &decoded.headers;
         let repr = exc.repr();
+        self.end_span(queue, decoded, "FAILURE", Some(repr.clone()));
         *self.metrics.borrow_mut().series(queue, &h.task).failed.entry(exception_label(&repr)).or_default() += 1;
         self.events.task(&TaskEvent::Failed { uuid: &h.id, exception: repr.clone(), traceback: traceback.to_string() });
         self.recent(&h.id, |t| {
@@ -174,6 +183,7 @@ impl Worker {
     pub(super) fn on_retried(&self, queue: &str, decoded: &Decoded, reason: &str) {
         let h = &decoded.headers;
         self.metrics.borrow_mut().series(queue, &h.task).retried += 1;
+        self.end_span(queue, decoded, "RETRY", None);
         let exception = format!("Retry({})", protocol::python_repr(&serde_json::Value::from(reason)));
         self.events.task(&TaskEvent::Retried { uuid: &h.id, exception, traceback: String::new() });
         self.recent(&h.id, |t| {
@@ -185,6 +195,7 @@ impl Worker {
     pub(super) fn on_revoked(&self, queue: &str, decoded: &Decoded, terminated: bool, expired: bool) {
         let h = &decoded.headers;
         self.metrics.borrow_mut().series(queue, &h.task).revoked += 1;
+        self.end_span(queue, decoded, "REVOKED", None);
         let signum = terminated.then_some(libc::SIGTERM);
         self.events.task(&TaskEvent::Revoked { uuid: &h.id, terminated, signum, expired });
         self.recent(&h.id, |t| t.state = "REVOKED".into());
@@ -209,6 +220,31 @@ impl Worker {
         let series = metrics.series(queue, task);
         series.rate_limit_waits += 1;
         series.rate_limit_wait_seconds += waited.as_secs_f64();
+    }
+
+    /// The task's `run/<task>` span ends (if it started here and spans are exported).
+    fn end_span(&self, queue: &str, decoded: &Decoded, state: &str, error: Option<String>) {
+        let Some(tracer) = &self.tracer else { return };
+        let h = &decoded.headers;
+        let Some(start) = self.span_starts.borrow_mut().remove(&h.id) else { return };
+        tracer.finish(&crate::observe::otlp::TaskSpan {
+            parent: h.traceparent.as_deref().and_then(crate::observe::otlp::parse_traceparent),
+            task: &h.task,
+            task_id: &h.id,
+            queue,
+            state,
+            retries: h.retries,
+            hostname: &self.cfg.node_name,
+            start_unix_nanos: start,
+            end_unix_nanos: unix_nanos(),
+            error,
+        });
+    }
+
+    pub(super) async fn span_exporter(self: Rc<Self>) {
+        if let Some(tracer) = &self.tracer {
+            tracer.run().await;
+        }
     }
 
     /// Task events waiting in the sink go out in batches until the worker stops.
