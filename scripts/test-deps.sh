@@ -35,5 +35,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check 'celery[redis]>=5.5,<6' pillow 'aiosmtpd>=1.4,<2' 'gevent>=24,<26' \
         'componentize-py==0.25.*' 'flower>=2,<3' 'selenium>=4.20,<5' \
-        'opentelemetry-sdk>=1.27,<2' 'opentelemetry-instrumentation-celery>=0.48b0' 'opentelemetry-exporter-otlp-proto-http>=1.27,<2'
+        'opentelemetry-sdk>=1.27,<2' 'opentelemetry-instrumentation-celery>=0.48b0'
 fi

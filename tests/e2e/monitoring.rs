@@ -145,7 +145,12 @@ fn one_scrape_covers_every_worker_process_under_celery_exporters_names() {
     let redis = RedisServer::start();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let serve = Serve::start(&redis.url(), &plugins_dir(), &["-p", "2", "--http", &addr, "-n", "th-metrics@box"]);
+    // One message held per process, so that a backlog stays on the broker to be counted.
+    let serve = Serve::start(
+        &redis.url(),
+        &plugins_dir(),
+        &["-p", "2", "-c", "1", "--prefetch-multiplier", "1", "--http", &addr, "-n", "th-metrics@box"],
+    );
     serve.wait_for_log("worker ready", 2, Duration::from_secs(30));
     assert_eq!(http("GET", port, "/healthz", None), (200, "ok\n".into()));
     for _ in 0..6 {
@@ -154,37 +159,37 @@ fn one_scrape_covers_every_worker_process_under_celery_exporters_names() {
     }
     let out = send(&redis.url(), &["tasks.fail", "--args", "[\"boom\"]", "--kwargs", "{\"kind\": \"ValueError\"}", "--wait"]);
     assert!(!out.status.success());
-    // Three tasks for a queue nobody consumes: its depth.
-    for _ in 0..3 {
-        sent_id(&send(&redis.url(), &["tasks.add", "--args", "[1, 2]", "-Q", "media_heavy"]));
+    // Two sleeps keep both processes busy; three more wait on the broker: the depth.
+    for _ in 0..5 {
+        sent_id(&send(&redis.url(), &["tasks.sleep", "--args", "[5000]"]));
     }
-    // Reports are rewritten every second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let (status, text) = http("GET", port, "/metrics", None);
-        assert_eq!(status, 200, "{text}");
-        if text.contains("celery_task_succeeded_total{name=\"tasks.add\",hostname=\"box\",queue_name=\"celery\"} 6\n") {
-            break text;
-        }
-        assert!(std::time::Instant::now() < deadline, "six successes never showed:\n{text}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    for line in [
+    let expected = [
+        "celery_task_succeeded_total{name=\"tasks.add\",hostname=\"box\",queue_name=\"celery\"} 6\n",
         "# TYPE celery_task_succeeded_total counter",
         "celery_task_received_total{name=\"tasks.add\",hostname=\"box\",queue_name=\"celery\"} 6",
         "celery_task_started_total{name=\"tasks.add\",hostname=\"box\",queue_name=\"celery\"} 6",
         "celery_task_failed_total{name=\"tasks.fail\",hostname=\"box\",exception=\"ValueError\",queue_name=\"celery\"} 1",
         "celery_worker_up{hostname=\"box\"} 1",
-        "celery_worker_tasks_active{hostname=\"box\"} 0",
         "celery_task_runtime_bucket{name=\"tasks.add\",hostname=\"box\",queue_name=\"celery\",le=\"+Inf\"} 6",
         "celery_task_runtime_count{name=\"tasks.add\",hostname=\"box\",queue_name=\"celery\"} 6",
         "celery_task_queue_wait_time_bucket{name=\"tasks.add\",hostname=\"box\",queue_name=\"celery\",le=\"1800\"} 6",
-        "celery_queue_length{queue_name=\"media_heavy\"} 3",
+        "celery_queue_length{queue_name=\"celery\"} 3",
+        "celery_worker_tasks_active{hostname=\"box\"} 2",
         "taskhost_task_runs_total{name=\"tasks.add\",version=\"1.0.0\",outcome=\"succeeded\",hostname=\"box\",queue_name=\"celery\"} 6",
         "taskhost_plugin_loaded{name=\"tasks.add\",version=\"1.0.0\",",
         "taskhost_worker_processes 2",
-    ] {
-        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    ];
+    // Reports are rewritten every second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, text) = http("GET", port, "/metrics", None);
+        assert_eq!(status, 200, "{text}");
+        let missing: Vec<&&str> = expected.iter().filter(|l| !text.contains(**l)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "missing {missing:?} in:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
     }
     let (status, body) = http("GET", port, "/readyz", None);
     assert_eq!(status, 200, "{body}");
@@ -376,4 +381,85 @@ fn the_dashboard_shows_tasks_and_replays_a_dead_letter_in_a_real_browser() {
     assert!(out.status.success(), "{}\n{}\n{}", stdout(&out), stderr(&out), serve.log_text());
     assert!(stdout(&out).contains("dashboard ok"));
     assert_eq!(record(&redis.url(), &lettered)["result"], 12);
+}
+
+/// A local OTLP/HTTP receiver: the JSON bodies POSTed to /v1/traces.
+fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream);
+            let mut length = 0;
+            let mut path = String::new();
+            loop {
+                let mut line = String::new();
+                if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if path.is_empty() {
+                    path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            if path == "/v1/traces" {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    seen.lock().unwrap().push(v);
+                }
+            }
+            let _ = reader.get_mut().write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+        }
+    });
+    (port, bodies)
+}
+
+#[test]
+fn a_traced_producers_trace_continues_into_a_run_span_exported_over_otlp() {
+    let redis = RedisServer::start();
+    let (port, bodies) = otlp_receiver();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let _worker = WorkerProcess::start(&redis.url(), &["--otlp-endpoint", &endpoint, "-n", "th-trace@box"]);
+    let out = monitoring(&redis.url(), &["traced", "2"]);
+    let sent: Vec<(String, String)> =
+        out.lines().filter_map(|l| l.split_once(' ')).map(|(id, trace)| (id.to_string(), trace.to_string())).collect();
+    assert_eq!(sent.len(), 2, "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        let spans: Vec<serde_json::Value> = bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["resourceSpans"].as_array().cloned().unwrap_or_default())
+            .flat_map(|rs| rs["scopeSpans"].as_array().cloned().unwrap_or_default())
+            .flat_map(|ss| ss["spans"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if spans.len() >= 2 {
+            break spans;
+        }
+        assert!(std::time::Instant::now() < deadline, "spans never arrived: {spans:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (task_id, trace_id) in &sent {
+        let span = spans
+            .iter()
+            .find(|s| s["attributes"].as_array().unwrap().iter().any(|a| a["key"] == "messaging.message.id" && a["value"]["stringValue"] == task_id.as_str()))
+            .unwrap_or_else(|| panic!("no span for {task_id}: {spans:?}"));
+        assert_eq!(span["traceId"], trace_id.as_str(), "the run span must continue the producer's trace");
+        assert_eq!(span["name"], "run/tasks.add");
+        assert_eq!(span["kind"], 5);
+        assert_eq!(span["parentSpanId"].as_str().unwrap().len(), 16, "{span}");
+        let attr = |k: &str| span["attributes"].as_array().unwrap().iter().find(|a| a["key"] == k).map(|a| a["value"].clone());
+        assert_eq!(attr("celery.action"), Some(serde_json::json!({"stringValue": "run"})));
+        assert_eq!(attr("celery.state"), Some(serde_json::json!({"stringValue": "SUCCESS"})));
+        assert_eq!(attr("celery.task_name"), Some(serde_json::json!({"stringValue": "tasks.add"})));
+    }
 }

@@ -183,19 +183,14 @@ def control(node):
     print("control ok")
 
 
-def traced(endpoint, count):
+def traced(count):
     """A producer instrumented with opentelemetry-instrumentation-celery sends tasks;
-    prints each task id and the trace id the producer span started."""
+    prints each task id and the trace id its enqueueing span belongs to."""
     from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "producer"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")))
-    trace.set_tracer_provider(provider)
+    trace.set_tracer_provider(TracerProvider())
     CeleryInstrumentor().instrument()
     tracer = trace.get_tracer("monitoring")
     for i in range(int(count)):
@@ -204,7 +199,6 @@ def traced(endpoint, count):
             trace_id = format(span.get_span_context().trace_id, "032x")
         check(r.get(timeout=20) == i + 1, "traced tasks.add result")
         print(r.id, trace_id)
-    provider.shutdown()
 
 
 SCENARIOS = {"flower": flower, "events_dump": events_dump, "control": control, "traced": traced}

@@ -15,8 +15,10 @@ pub enum InspectMethod {
     Scheduled,
     Stats,
     Registered,
+    #[value(name = "active_queues", alias = "active-queues")]
     ActiveQueues,
     Revoked,
+    #[value(name = "query_task", alias = "query-task")]
     QueryTask,
     Clock,
     Conf,

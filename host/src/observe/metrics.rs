@@ -164,6 +164,9 @@ fn escape(value: &str) -> String {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
     let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
     format!("{{{}}}", inner.join(","))
 }
