@@ -209,6 +209,31 @@ const EXAMPLES: &[Example] = &[
     Example { readme: "taskhost releases --audit", runs: &[Run::Ok("taskhost releases --audit", "yank")] },
     Example { readme: "taskhost gc --dry-run", runs: &[Run::Ok("taskhost gc --dry-run", "release(s) would delete")] },
     Example {
+        readme: "taskhost inspect ping|active|reserved|scheduled|stats|registered|active_queues [-d NODE] [--json]",
+        runs: &[
+            Run::Ok("taskhost inspect ping", "pong"),
+            Run::Ok("taskhost inspect active", "nodes online"),
+            Run::Ok("taskhost inspect reserved", "nodes online"),
+            Run::Ok("taskhost inspect scheduled", "nodes online"),
+            Run::Ok("taskhost inspect stats", "max-concurrency"),
+            Run::Ok("taskhost inspect registered", "tasks.add"),
+            Run::Ok("taskhost inspect active_queues", "\"celery\""),
+            Run::Ok("taskhost inspect ping -d NODE", "1 node online"),
+            Run::Ok("taskhost inspect ping --json", "{\"ok\":\"pong\"}"),
+        ],
+    },
+    Example {
+        readme: "taskhost events [--json]",
+        runs: &[
+            Run::Ok("taskhost events --duration 3", "heartbeat: active="),
+            Run::Ok("taskhost events --json --duration 3", "\"type\":\"worker-heartbeat\""),
+        ],
+    },
+    Example {
+        readme: "taskhost serve -E --http 127.0.0.1:9808",
+        runs: &[Run::Serves("taskhost serve -E --http 127.0.0.1:9808", "dashboard on http://127.0.0.1:9808/?token=")],
+    },
+    Example {
         readme: "taskhost bench runtime --plugins dist/plugins [--processes N]",
         runs: &[
             Run::Ok("taskhost bench runtime --plugins dist/plugins --seconds 0.3", "tasks.noop"),
@@ -362,6 +387,8 @@ fn every_command_the_readme_shows_runs_as_written() {
     let letters = stdout(&cli(&broker, &["dlq", "list", "--json"]));
     let letter: serde_json::Value = serde_json::from_str(letters.lines().next().expect("a dead letter")).unwrap();
     shell.fills.push(("<letter-id>".into(), letter["letter_id"].as_str().unwrap().to_string()));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    shell.fills.push(("NODE".into(), format!("taskhost-0@{host}")));
 
     for example in EXAMPLES {
         for run in example.runs {

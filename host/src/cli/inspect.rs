@@ -132,7 +132,9 @@ pub struct EventsArgs {
 fn human_line(event: &Map<String, Value>) -> String {
     let get = |k: &str| event.get(k).cloned().unwrap_or(Value::Null);
     let host = get("hostname").as_str().unwrap_or("?").to_string();
-    let kind = get("type").as_str().unwrap_or("?").replace('-', " ");
+    // As Celery's dump: `heartbeat`, `online`, `task succeeded`.
+    let kind = event.get("type").and_then(Value::as_str).unwrap_or("?");
+    let kind = kind.strip_prefix("worker-").unwrap_or(kind).replace('-', " ");
     let when = get("timestamp")
         .as_f64()
         .and_then(|t| chrono::DateTime::from_timestamp_micros((t * 1e6) as i64))
