@@ -42,7 +42,7 @@ test-deps:
 	bash scripts/test-deps.sh
 
 ## taskhost against Celery, side by side (release build; BENCH_SCALE=0.1 for a quick run;
-## BENCH_ARGS=--only-io for the http.fetch scenario alone, --only-tenants for the tenant ones).
+## BENCH_ARGS=--only-io for the http.fetch scenario alone, --only-tenants for the tenant ones, --only-events for what Celery events cost).
 BENCH_SCALE ?= 1
 bench: test-deps plugins
 	.venv/bin/pip install --quiet --disable-pip-version-check pillow

@@ -27,6 +27,7 @@ from pathlib import Path
 from chart import write_chart
 from io_bench import report_io, run_io
 from publish_bench import report_publish, run_publish
+from events_bench import report_events, run_events
 from python_bench import report_python, run_python
 from tenants_bench import report_tenants, run_tenants
 
@@ -261,6 +262,8 @@ def main():
     ap.add_argument("--only-python", action="store_true", help="run only the Python-task scenario (py.noop against Celery)")
     ap.add_argument("--only-publish", action="store_true",
                     help="run only the release scenario (publish -> every following worker serving, 20 rounds)")
+    ap.add_argument("--only-events", action="store_true",
+                    help="run only the events scenario (the no-op drain with Celery task events off and on)")
     ap.add_argument("--only-tenants", action="store_true",
                     help="run only the tenant scenarios (a flood and a late tenant; the drain with fairness on and off)")
     args = ap.parse_args()
@@ -280,6 +283,7 @@ def main():
          report_publish),
         (args.only_tenants, "tenants", lambda p: run_tenants(h, args.taskhost, args.plugins, args.scale, p), 4,
          report_tenants),
+        (args.only_events, "events", lambda p: run_events(h, args.taskhost, args.plugins, args.scale, p), 1, report_events),
     ]
     for asked, key, run, steps, report_one in alone:
         if asked:
@@ -311,7 +315,7 @@ def main():
     ]
 
     # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
-    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2)
+    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2 + 1)
 
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
@@ -381,12 +385,15 @@ def main():
     results["python"] = run_python(sys.modules[__name__], args.taskhost, args.python_plugins, args.scale, progress)
     # Releases: publish -> every following worker serving.
     results["publish"] = run_publish(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
+    # Celery events: what they cost the drain.
+    results["events"] = run_events(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
 
     report(results)
     report_io(results["io"])
     report_tenants(results["tenants"])
     report_python(results["python"])
     report_publish(results["publish"])
+    report_events(results["events"])
     save(results, args)
 
 

@@ -366,6 +366,7 @@ fn the_celery_comparison_benchmark_runs_in_smoke_size() {
     assert!(table.contains("celery prefork -c 2") && table.contains("taskhost -p"), "{table}");
     assert!(table.contains("a's throughput with fairness on") && table.contains("no-op drain over 10 tenants"), "{table}");
     assert!(table.contains("Python tasks:") && table.contains("taskhost / celery:"), "{table}");
+    assert!(table.contains("Events: no-op drain") && table.contains("events on, a reader following"), "{table}");
     let written: Vec<std::path::PathBuf> = std::fs::read_dir(out_dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
     let json_path = written.iter().find(|p| p.extension().is_some_and(|e| e == "json")).expect("a JSON of results");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();

@@ -328,21 +328,27 @@ fn events_flow_on_the_embedded_broker_too() {
 #[test]
 fn json_task_lines_carry_id_name_version_queue_outcome_and_duration() {
     let redis = RedisServer::start();
-    let worker = WorkerProcess::start(&redis.url(), &["--log-format", "json", "-n", "th-json@box"]);
-    let id = sent_id(&send(&redis.url(), &["tasks.add", "--args", "[1, 1]"]));
-    wait_status(&redis.url(), &id, "SUCCESS", Duration::from_secs(15));
-    worker.wait_for_log("\"outcome\":\"succeeded\"", Duration::from_secs(5));
-    let line: serde_json::Value = worker
-        .log_text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["outcome"] == "succeeded" && v["id"] == id.as_str())
-        .expect("a JSON line for the task");
-    assert_eq!(line["span"]["id"], id.as_str(), "{line}");
-    assert_eq!(line["span"]["task"], "tasks.add");
-    assert_eq!(line["span"]["version"], "1.0.0");
-    assert_eq!(line["span"]["queue"], "celery");
-    assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    // Successes are logged at debug (one line a task would flood the log), failures at info.
+    let worker = WorkerProcess::start_with_env(
+        &redis.url(),
+        &plugins_dir(),
+        &["--log-format", "json", "-n", "th-json@box"],
+        &[("RUST_LOG", "info,taskhost::worker=debug")],
+    );
+    let ok = sent_id(&send(&redis.url(), &["tasks.add", "--args", "[1, 1]"]));
+    let bad = sent_id(&send(&redis.url(), &["tasks.fail", "--args", "[\"boom\"]"]));
+    wait_status(&redis.url(), &ok, "SUCCESS", Duration::from_secs(15));
+    wait_status(&redis.url(), &bad, "FAILURE", Duration::from_secs(15));
+    worker.wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(5));
+    let lines: Vec<serde_json::Value> = worker.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    for (id, task, outcome) in [(&ok, "tasks.add", "succeeded"), (&bad, "tasks.fail", "failed")] {
+        let line = lines.iter().find(|v| v["outcome"] == outcome && v["id"] == id.as_str()).expect("a JSON line for the task");
+        assert_eq!(line["span"]["id"], id.as_str(), "{line}");
+        assert_eq!(line["span"]["task"], task);
+        assert_eq!(line["span"]["version"], "1.0.0");
+        assert_eq!(line["span"]["queue"], "celery");
+        assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    }
 }
 
 #[test]

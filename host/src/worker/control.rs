@@ -1,7 +1,7 @@
 //! Remote control for one worker node: Celery's pidbox commands (`revoke`, `ping`,
 //! `registered`, `stats`, `active`, `active_queues`, `revoked`, …) and the revoked set.
 
-use super::Worker;
+use super::{monitor, Worker};
 use crate::protocol::{decode_control, encode_reply, ControlRequest, ResultRecord, State};
 use chrono::Utc;
 use serde_json::{json, Value};
@@ -112,7 +112,9 @@ impl Worker {
             "active" => Value::from(
                 self.running.borrow().iter().map(|(id, r)| r.info(id, &self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
             ),
-            "reserved" => Value::from(self.reserved.borrow().values().map(|r| r.info.clone()).collect::<Vec<_>>()),
+            "reserved" => Value::from(
+                self.reserved.borrow().values().map(|r| monitor::held_info(&r.delivery, &self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
+            ),
             "scheduled" => {
                 let now = Utc::now();
                 let mut scheduled = self.scheduled.borrow_mut();
@@ -120,7 +122,8 @@ impl Worker {
                 Value::from(
                     scheduled
                         .values()
-                        .map(|(due, info)| {
+                        .map(|(due, delivery)| {
+                            let info = monitor::held_info(delivery, &self.cfg.node_name, self.pid);
                             let priority = info["delivery_info"]["priority"].clone();
                             json!({"eta": due.to_rfc3339(), "priority": priority, "request": info})
                         })
@@ -240,9 +243,9 @@ impl Worker {
             if let Some(r) = self.running.borrow().get(&id) {
                 out.insert(id.clone(), json!(["active", r.info(&id, &self.cfg.node_name, self.pid)]));
             } else if let Some(r) = self.reserved.borrow().get(&id) {
-                out.insert(id.clone(), json!(["reserved", r.info]));
-            } else if let Some((_, info)) = self.scheduled.borrow().get(&id) {
-                out.insert(id.clone(), json!(["scheduled", info]));
+                out.insert(id.clone(), json!(["reserved", monitor::held_info(&r.delivery, &self.cfg.node_name, self.pid)]));
+            } else if let Some((_, delivery)) = self.scheduled.borrow().get(&id) {
+                out.insert(id.clone(), json!(["scheduled", monitor::held_info(delivery, &self.cfg.node_name, self.pid)]));
             }
         }
         Value::Object(out)

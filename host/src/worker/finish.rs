@@ -33,8 +33,9 @@ impl Worker {
             Ok(json) => {
                 let value: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
                 let duration_ms = run.elapsed.as_secs_f64() * 1e3;
-                tracing::info!(task = %h.task, id = %h.id, outcome = "succeeded", duration_ms, "succeeded in {:.3}s", run.elapsed.as_secs_f64());
-                tracing::debug!(task = %h.task, id = %h.id, "result: {json}");
+                // Debug, not info: at tens of thousands of tasks a second a line each would
+                // flood the log (Celery's worker logs successes only at `-l info`, not by default).
+                tracing::debug!(task = %h.task, id = %h.id, outcome = "succeeded", duration_ms, "succeeded in {:.3}s: {json}", run.elapsed.as_secs_f64());
                 self.stats.borrow_mut().succeeded += 1;
                 self.registry.record_outcome(task, true);
                 self.on_succeeded(&delivery.queue, decoded, &value, run.elapsed);

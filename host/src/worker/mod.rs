@@ -172,7 +172,7 @@ pub struct Worker {
     /// Messages received and not yet started, by task id (`inspect reserved`).
     reserved: RefCell<HashMap<String, monitor::Reserved>>,
     /// ETA messages this node parked, by task id, with their due time (`inspect scheduled`).
-    scheduled: RefCell<HashMap<String, (chrono::DateTime<Utc>, serde_json::Value)>>,
+    scheduled: RefCell<HashMap<String, (chrono::DateTime<Utc>, Rc<Delivery>)>>,
     /// The queues consumed now (`add_consumer`, `cancel_consumer`).
     queues: RefCell<Vec<String>>,
     /// Sandboxes allowed at once now (`pool_grow`, `pool_shrink`).

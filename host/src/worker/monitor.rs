@@ -14,21 +14,42 @@ fn unix_nanos() -> u64 {
     Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0) as u64
 }
 
-/// A message received and not yet started: what `inspect reserved` lists.
+/// A message received and not yet started: what `inspect reserved` lists. Only the
+/// message is kept (shared, not copied); it is decoded again if someone asks.
 pub(super) struct Reserved {
-    pub info: serde_json::Value,
+    pub delivery: Rc<Delivery>,
     pub received: Instant,
+}
+
+/// Celery's `Request.info()` of a message held here and not running.
+pub(super) fn held_info(delivery: &Delivery, node: &str, pid: u32) -> serde_json::Value {
+    match protocol::decode(&delivery.raw) {
+        Ok(d) => RunningTask::request_info(
+            &d.headers.id,
+            &d.headers.task,
+            &d.args_json,
+            &d.kwargs_json,
+            &delivery.queue,
+            d.priority,
+            d.headers.redelivered,
+            false,
+            None,
+            node,
+            pid,
+        ),
+        Err(_) => serde_json::Value::Null,
+    }
 }
 
 /// Takes a message off the reserved list however its handling leaves the admission stage.
 pub(super) struct ReservedGuard<'a> {
-    pub worker: &'a Worker,
-    pub id: String,
+    worker: &'a Worker,
+    id: &'a str,
 }
 
 impl Drop for ReservedGuard<'_> {
     fn drop(&mut self) {
-        self.worker.reserved.borrow_mut().remove(&self.id);
+        self.worker.reserved.borrow_mut().remove(self.id);
     }
 }
 
@@ -41,7 +62,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn on_received<'a>(&'a self, delivery: &Delivery, decoded: &Decoded) -> ReservedGuard<'a> {
+    pub(super) fn on_received<'a>(&'a self, delivery: &Rc<Delivery>, decoded: &'a Decoded) -> ReservedGuard<'a> {
         let h = &decoded.headers;
         self.metrics.borrow_mut().series(&delivery.queue, &h.task).received += 1;
         if self.events.task_events() {
@@ -72,21 +93,8 @@ impl Worker {
                 error: None,
             });
         }
-        let info = RunningTask::request_info(
-            &h.id,
-            &h.task,
-            &decoded.args_json,
-            &decoded.kwargs_json,
-            &delivery.queue,
-            decoded.priority,
-            h.redelivered,
-            false,
-            None,
-            &self.cfg.node_name,
-            self.pid,
-        );
-        self.reserved.borrow_mut().insert(h.id.clone(), Reserved { info, received: Instant::now() });
-        ReservedGuard { worker: self, id: h.id.clone() }
+        self.reserved.borrow_mut().insert(h.id.clone(), Reserved { delivery: delivery.clone(), received: Instant::now() });
+        ReservedGuard { worker: self, id: &h.id }
     }
 
     /// An ETA message parked on the broker by this node: `inspect scheduled` lists it
@@ -96,7 +104,7 @@ impl Worker {
         let mut scheduled = self.scheduled.borrow_mut();
         let now = Utc::now();
         scheduled.retain(|_, (due, _)| *due > now);
-        scheduled.insert(decoded.headers.id.clone(), (eta, reserved.info));
+        scheduled.insert(decoded.headers.id.clone(), (eta, reserved.delivery));
     }
 
     pub(super) fn on_started(&self, delivery: &Delivery, decoded: &Decoded, version: &str) {
