@@ -4,8 +4,10 @@ tests/e2e/monitoring.rs): real Flower's HTTP API, `celery control`, a traced pro
 Usage: BROKER=redis://... python monitoring.py SCENARIO [ARGS...]; exits non-zero when an
 expectation fails.
 """
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,12 @@ from celery.result import AsyncResult
 broker = os.environ["BROKER"]
 app = Celery("monitoring", broker=broker, backend=broker)
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+
+
+def die_with_parent():
+    """For a helper process: SIGTERM when this script dies, even by SIGKILL (a test's
+    timeout), so no Flower or event reader outlives it."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def check(cond, message):
@@ -59,7 +67,7 @@ def flower(port, node, log_path):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "flowerapp", "flower", f"--port={port}", "--address=127.0.0.1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=here,
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=here, preexec_fn=die_with_parent,
         )
     try:
         workers = wait_for(
@@ -125,13 +133,15 @@ def flower(port, node, log_path):
 def events_dump(seconds):
     """Runs `celery events --dump` while tasks run; prints what it printed."""
     proc = subprocess.Popen([sys.executable, "-m", "celery", "-b", broker, "events", "--dump"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(2)
-    r = app.send_task("tasks.add", (20, 22))
-    check(r.get(timeout=20) == 42, "tasks.add result")
-    time.sleep(float(seconds))
-    proc.terminate()
-    out, _ = proc.communicate(timeout=10)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
+    try:
+        time.sleep(2)
+        r = app.send_task("tasks.add", (20, 22))
+        check(r.get(timeout=20) == 42, "tasks.add result")
+        time.sleep(float(seconds))
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
     print(r.id)
     print(out)
 

@@ -123,6 +123,14 @@ pub trait Broker: Send + Sync {
     /// Deletes one dead letter; false if it was not there.
     async fn remove_dead_letter(&self, letter_id: &str) -> Result<bool, BrokerError>;
 
+    /// The newest `limit` dead letters, newest last, and how many there are in all.
+    async fn newest_dead_letters(&self, limit: usize) -> Result<(Vec<DeadLetter>, usize), BrokerError> {
+        let mut all = self.dead_letters().await?;
+        let total = all.len();
+        all.drain(..total.saturating_sub(limit));
+        Ok((all, total))
+    }
+
     /// Broadcasts a control request to every worker (kombu's pidbox fanout).
     async fn broadcast(&self, raw: &[u8]) -> Result<(), BrokerError>;
 

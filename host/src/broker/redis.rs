@@ -893,6 +893,16 @@ impl Broker for RedisBroker {
         Ok(removed == 1)
     }
 
+    async fn newest_dead_letters(&self, limit: usize) -> Result<(Vec<DeadLetter>, usize), BrokerError> {
+        let mut conn = self.conn();
+        let total: usize = conn.llen(DEAD_LETTERS).await.map_err(cmd_err)?;
+        if limit == 0 {
+            return Ok((Vec::new(), total));
+        }
+        let items: Vec<String> = conn.lrange(DEAD_LETTERS, -(limit as isize), -1).await.map_err(cmd_err)?;
+        Ok((items.iter().filter_map(|s| serde_json::from_str(s).ok()).collect(), total))
+    }
+
     async fn broadcast(&self, raw: &[u8]) -> Result<(), BrokerError> {
         // Pub/sub ignores the db number, hence kombu's "/<db>." prefix.
         let channel = format!("/{}.{}", self.db, crate::protocol::PIDBOX_EXCHANGE);

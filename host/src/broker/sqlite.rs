@@ -453,6 +453,20 @@ impl Broker for SqliteBroker {
             .map_err(err)
     }
 
+    async fn newest_dead_letters(&self, limit: usize) -> Result<(Vec<DeadLetter>, usize), BrokerError> {
+        let (rows, total): (Vec<String>, i64) = self
+            .db
+            .call(move |conn| {
+                let total = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+                let mut q = conn.prepare("SELECT record FROM (SELECT id, record FROM dead_letters ORDER BY id DESC LIMIT ?1) ORDER BY id")?;
+                let rows = q.query_map([limit as i64], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+                Ok((rows, total))
+            })
+            .await
+            .map_err(err)?;
+        Ok((rows.iter().filter_map(|r| serde_json::from_str(r).ok()).collect(), total as usize))
+    }
+
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError> {
         let rows: Vec<String> = self
             .db

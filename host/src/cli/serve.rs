@@ -205,9 +205,11 @@ impl Settings {
         if args.allow_unsigned && args.worker_index.is_none() {
             tracing::warn!("--allow-unsigned: UNSIGNED COMPONENTS WILL RUN. For development only; never in production.");
         }
-        let http = match &args.http {
-            Some(addr) => Some(parse_http_addr(addr)?),
-            None => None,
+        // Only the process that listens reads --http: a supervised worker inherits the
+        // environment (TASKHOST_HTTP) but never serves it.
+        let http = match (&args.http, args.worker_index) {
+            (Some(addr), None) => Some(parse_http_addr(addr)?),
+            _ => None,
         };
         if let Some(addr) = http {
             if !addr.ip().is_loopback() && args.http_token.is_none() {
@@ -267,12 +269,16 @@ fn parse_http_addr(text: &str) -> Result<std::net::SocketAddr, CliError> {
 /// supervisor does not start it again.
 pub const CONTROL_SHUTDOWN_EXIT: i32 = 3;
 
-/// A fresh directory for the worker processes' reports to the --http listener.
+/// A fresh directory for the worker processes' reports to the --http listener: a
+/// random name, readable and writable by this user only (no one else can plant or read
+/// reports there).
 fn make_report_dir() -> Result<PathBuf, CliError> {
-    let dir = std::env::temp_dir().join(format!("taskhost-http-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display())).map_err(CliError::Failed)?;
-    Ok(dir)
+    let dir = tempfile::Builder::new()
+        .prefix("taskhost-http-")
+        .tempdir()
+        .context("creating the directory for worker reports")
+        .map_err(CliError::Failed)?;
+    Ok(dir.keep())
 }
 
 /// Starts the --http listener on the current `LocalSet`; logs where the dashboard is.
@@ -691,6 +697,8 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 cmd.args(["--hostname", h]);
             }
             cmd.envs(crate::alloc::worker_env());
+            // The supervisor listens; its workers only report.
+            cmd.env_remove("TASKHOST_HTTP").env_remove("TASKHOST_HTTP_TOKEN");
             die_with_supervisor(&mut cmd, ORPHAN_SIGNAL);
             // Own process group: a terminal Ctrl-C reaches only the supervisor, which forwards one SIGTERM.
             cmd.process_group(0).kill_on_drop(false).spawn()

@@ -11,13 +11,14 @@ use tokio::sync::Notify;
 
 /// How long task events gather before they leave in one batch.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(100);
-/// Most events in one message.
+/// Most events in one message, and most bytes of them.
 const BATCH_MAX: usize = 2000;
+const BATCH_MAX_BYTES: usize = 1 << 20;
 /// Celery's heartbeat interval (`freq`).
 pub const HEARTBEAT_FREQ: Duration = Duration::from_secs(2);
-/// Buffered task events past this are dropped (counted) rather than held without bound
-/// while the broker is unreachable.
-const BUFFER_CAP: usize = 100_000;
+/// Buffered task events past this many bytes are dropped (counted) rather than held
+/// without bound while the broker is unreachable.
+const BUFFER_CAP_BYTES: usize = 64 << 20;
 
 pub struct EventSink {
     node: String,
@@ -26,6 +27,7 @@ pub struct EventSink {
     task_events: Cell<bool>,
     clock: Cell<u64>,
     pending: RefCell<Vec<String>>,
+    pending_bytes: Cell<usize>,
     queued: Notify,
     dropped: Cell<u64>,
 }
@@ -43,6 +45,7 @@ impl EventSink {
             task_events: Cell::new(task_events),
             clock: Cell::new(0),
             pending: RefCell::default(),
+            pending_bytes: Cell::new(0),
             queued: Notify::new(),
             dropped: Cell::new(0),
         }
@@ -84,12 +87,14 @@ impl EventSink {
         if !self.task_events.get() {
             return;
         }
-        let mut pending = self.pending.borrow_mut();
-        if pending.len() >= BUFFER_CAP {
+        if self.pending_bytes.get() >= BUFFER_CAP_BYTES {
             self.dropped.set(self.dropped.get() + 1);
             return;
         }
-        pending.push(event_json(event, &self.stamp()));
+        let json = event_json(event, &self.stamp());
+        self.pending_bytes.set(self.pending_bytes.get() + json.len());
+        let mut pending = self.pending.borrow_mut();
+        pending.push(json);
         if pending.len() == 1 {
             self.queued.notify_one();
         }
@@ -105,7 +110,7 @@ impl EventSink {
             loadavg: loadavg(),
             sw_ident: "taskhost",
             sw_ver: env!("CARGO_PKG_VERSION"),
-            sw_sys: std::env::consts::OS,
+            sw_sys: system_name(),
         };
         let json = event_json(&event, &self.stamp());
         let raw = encode_event_message(&self.node, &routing_key(kind), json.as_bytes());
@@ -122,28 +127,64 @@ impl EventSink {
         tokio::time::sleep(BATCH_WINDOW).await;
     }
 
-    /// Sends the queued task events; those the broker did not take are queued again.
+    /// Sends the queued task events; those the broker did not take (or that were still
+    /// on their way when this was cancelled) are queued again, ahead of newer ones.
     pub async fn flush(&self, broker: &dyn Broker) {
         let events = std::mem::take(&mut *self.pending.borrow_mut());
+        self.pending_bytes.set(0);
         if events.is_empty() {
             return;
         }
-        for (i, chunk) in events.chunks(BATCH_MAX).enumerate() {
-            let raw = encode_event_message(&self.node, MULTI_ROUTING_KEY, &batch_json(chunk));
+        let mut unsent = Unsent { sink: self, events: events.into() };
+        while !unsent.events.is_empty() {
+            let (mut n, mut bytes) = (0, 0);
+            while n < unsent.events.len() && n < BATCH_MAX && (n == 0 || bytes + unsent.events[n].len() <= BATCH_MAX_BYTES) {
+                bytes += unsent.events[n].len();
+                n += 1;
+            }
+            let batch: Vec<&String> = unsent.events.iter().take(n).collect();
+            let raw = encode_event_message(&self.node, MULTI_ROUTING_KEY, &batch_json(&batch));
             if let Err(e) = broker.publish_event(MULTI_ROUTING_KEY, &raw).await {
-                tracing::warn!("sending {} task events failed, kept for the next batch: {e}", events.len());
-                let unsent = events[i * BATCH_MAX..].to_vec();
-                let mut pending = self.pending.borrow_mut();
-                let newer = std::mem::replace(&mut *pending, unsent);
-                pending.extend(newer);
-                pending.truncate(BUFFER_CAP);
+                tracing::warn!("sending {} task events failed, kept for the next batch: {e}", unsent.events.len());
                 return;
             }
+            unsent.events.drain(..n);
         }
         let dropped = self.dropped.replace(0);
         if dropped > 0 {
             tracing::warn!(dropped, "task events dropped while the broker was unreachable");
         }
+    }
+}
+
+/// Events taken for sending and not yet sent: back to the front of the queue when dropped.
+struct Unsent<'a> {
+    sink: &'a EventSink,
+    events: std::collections::VecDeque<String>,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
+        let mut pending = self.sink.pending.borrow_mut();
+        let newer = std::mem::take(&mut *pending);
+        let bytes: usize = self.events.iter().chain(&newer).map(String::len).sum();
+        pending.extend(self.events.drain(..));
+        pending.extend(newer);
+        self.sink.pending_bytes.set(bytes);
+    }
+}
+
+/// The system's name as Python's `platform.system()` gives it (Celery's `sw_sys`).
+fn system_name() -> &'static str {
+    match std::env::consts::OS {
+        "linux" => "Linux",
+        "macos" => "Darwin",
+        "windows" => "Windows",
+        "freebsd" => "FreeBSD",
+        other => other,
     }
 }
 

@@ -21,6 +21,12 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 const THROUGHPUT_SECONDS: usize = 300;
 /// Largest request body read (rate-limit form).
 const MAX_BODY: usize = 64 * 1024;
+/// Connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 64;
+/// A client has this long to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Dead letters the dashboard lists (the newest).
+const DEAD_LETTERS_LISTED: usize = 100;
 
 pub struct HttpConfig {
     pub addr: SocketAddr,
@@ -43,8 +49,6 @@ pub enum HttpError {
     WeakToken,
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
-    #[error("{0}")]
-    Connect(String),
 }
 
 struct State {
@@ -52,10 +56,45 @@ struct State {
     /// Reads need the token too (the listener is reachable beyond this machine).
     guard_reads: bool,
     report_dir: PathBuf,
-    broker: Box<dyn Broker>,
-    backend: Box<dyn ResultBackend>,
+    broker_url: String,
+    backend_url: String,
+    /// Connected on first use and again after a failure: the listener starts (and
+    /// `/readyz` says what is down) while the broker is unreachable.
+    broker: RefCell<Option<Rc<dyn Broker>>>,
+    backend: RefCell<Option<Rc<dyn ResultBackend>>>,
     queues: Vec<String>,
     throughput: RefCell<Throughput>,
+}
+
+impl State {
+    async fn broker(&self) -> Result<Rc<dyn Broker>, String> {
+        if let Some(b) = self.broker.borrow().clone() {
+            return Ok(b);
+        }
+        let b: Rc<dyn Broker> = crate::broker::connect(&self.broker_url).await.map_err(|e| e.to_string())?.into();
+        *self.broker.borrow_mut() = Some(b.clone());
+        Ok(b)
+    }
+
+    async fn backend(&self) -> Result<Rc<dyn ResultBackend>, String> {
+        if let Some(b) = self.backend.borrow().clone() {
+            return Ok(b);
+        }
+        let b: Rc<dyn ResultBackend> = crate::backend::connect(&self.backend_url, None).await.map_err(|e| e.to_string())?.into();
+        *self.backend.borrow_mut() = Some(b.clone());
+        Ok(b)
+    }
+}
+
+/// Whether a Host header names this machine: with reads open on loopback, a page on
+/// another origin must not read them through DNS rebinding.
+fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else { return true };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Default)]
@@ -165,20 +204,22 @@ pub async fn start(cfg: HttpConfig) -> Result<(String, impl std::future::Future<
         None => hex::encode(rand::random::<[u8; 16]>()),
     };
     let listener = tokio::net::TcpListener::bind(cfg.addr).await.map_err(|e| HttpError::Bind(cfg.addr, e))?;
-    let broker = crate::broker::connect(&cfg.broker_url).await.map_err(|e| HttpError::Connect(e.to_string()))?;
-    let backend = crate::backend::connect(&cfg.backend_url, None).await.map_err(|e| HttpError::Connect(e.to_string()))?;
     let state = Rc::new(State {
         token: token.clone(),
         guard_reads: !loopback,
         report_dir: cfg.report_dir,
-        broker,
-        backend,
+        broker_url: cfg.broker_url,
+        backend_url: cfg.backend_url,
+        broker: RefCell::default(),
+        backend: RefCell::default(),
         queues: cfg.queues,
         throughput: RefCell::default(),
     });
+    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let serving = async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
+            let Ok(permit) = connections.clone().acquire_owned().await else { return };
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
@@ -200,12 +241,14 @@ pub async fn start(cfg: HttpConfig) -> Result<(String, impl std::future::Future<
                     let state = state.clone();
                     async move { Ok::<_, std::convert::Infallible>(route(&state, req).await) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await
-                {
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                if let Err(e) = served.await {
                     tracing::debug!("http connection ended: {e}");
                 }
+                drop(permit);
             });
         }
     };
@@ -222,6 +265,9 @@ async fn route(state: &State, req: Request<hyper::body::Incoming>) -> Response<F
     let is_action = method == Method::POST;
     if (is_action || state.guard_reads) && !ok {
         return unauthorized();
+    }
+    if !state.guard_reads && !ok && !loopback_host(req.headers().get(header::HOST).and_then(|h| h.to_str().ok())) {
+        return json_response(StatusCode::FORBIDDEN, &json!({"error": "this listener answers only to localhost names"}));
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
@@ -259,9 +305,14 @@ fn known_queues(state: &State, reports: &[WorkerReport]) -> Vec<String> {
 }
 
 async fn queue_depths(state: &State, queues: &[String]) -> Vec<(String, u64)> {
-    match state.broker.queue_lengths(queues).await {
+    let lengths = match state.broker().await {
+        Ok(b) => b.queue_lengths(queues).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    match lengths {
         Ok(lengths) => queues.iter().cloned().zip(lengths).collect(),
         Err(e) => {
+            *state.broker.borrow_mut() = None;
             tracing::warn!("reading queue lengths failed: {e}");
             Vec::new()
         }
@@ -278,10 +329,20 @@ async fn metrics(state: &State) -> Response<Full<Bytes>> {
 
 async fn readyz(state: &State) -> Response<Full<Bytes>> {
     let mut failing = Vec::new();
-    if let Err(e) = state.broker.queue_lengths(&state.queues).await {
+    let broker = match state.broker().await {
+        Ok(b) => b.queue_lengths(&state.queues).await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = broker {
+        *state.broker.borrow_mut() = None;
         failing.push(format!("broker: {e}"));
     }
-    if let Err(e) = state.backend.get("taskhost-readyz-probe").await {
+    let backend = match state.backend().await {
+        Ok(b) => b.get("taskhost-readyz-probe").await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = backend {
+        *state.backend.borrow_mut() = None;
         failing.push(format!("result backend: {e}"));
     }
     let now = now_unix();
@@ -332,31 +393,41 @@ async fn overview(state: &State) -> Value {
         .into_iter()
         .map(|((name, version, digest), workers)| json!({"name": name, "version": version, "digest": digest, "workers": workers}))
         .collect();
-    let dead_letters: Vec<Value> = match state.broker.dead_letters().await {
-        Ok(letters) => letters
-            .iter()
-            .rev()
-            .take(100)
-            .map(|l| json!({"letter_id": l.letter_id, "task": l.task, "id": l.id, "queue": l.queue, "reason": l.reason, "time": l.time}))
-            .collect(),
+    let letters = match state.broker().await {
+        Ok(b) => b.newest_dead_letters(DEAD_LETTERS_LISTED).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let (dead_letters, dead_letters_total): (Vec<Value>, usize) = match letters {
+        Ok((letters, total)) => (
+            letters
+                .iter()
+                .rev()
+                .map(|l| json!({"letter_id": l.letter_id, "task": l.task, "id": l.id, "queue": l.queue, "reason": l.reason, "time": l.time}))
+                .collect(),
+            total,
+        ),
         Err(e) => {
             tracing::warn!("reading dead letters failed: {e}");
-            Vec::new()
+            (Vec::new(), 0)
         }
     };
     json!({"generated_at": now, "workers": workers, "queues": queues, "throughput": throughput, "tasks": tasks,
-           "plugins": plugins, "dead_letters": dead_letters})
+           "plugins": plugins, "dead_letters": dead_letters, "dead_letters_total": dead_letters_total})
 }
 
 async fn replay(state: &State, letter_id: &str) -> Response<Full<Bytes>> {
-    let letters = match state.broker.dead_letters().await {
+    let broker = match state.broker().await {
+        Ok(b) => b,
+        Err(e) => return json_response(StatusCode::BAD_GATEWAY, &json!({"error": e})),
+    };
+    let letters = match broker.dead_letters().await {
         Ok(l) => l,
         Err(e) => return json_response(StatusCode::BAD_GATEWAY, &json!({"error": e.to_string()})),
     };
     let Some(letter) = letters.iter().find(|l| l.letter_id == letter_id) else {
         return json_response(StatusCode::NOT_FOUND, &json!({"error": format!("no dead letter {letter_id}")}));
     };
-    match crate::broker::replay(state.broker.as_ref(), letter).await {
+    match crate::broker::replay(broker.as_ref(), letter).await {
         Ok(()) => {
             tracing::info!(letter = letter_id, queue = %letter.queue, "dead letter replayed from the dashboard");
             json_response(StatusCode::OK, &json!({"ok": format!("replayed {letter_id} onto {}", letter.queue)}))
@@ -368,7 +439,11 @@ async fn replay(state: &State, letter_id: &str) -> Response<Full<Bytes>> {
 async fn revoke(state: &State, task_id: &str, terminate: bool) -> Response<Full<Bytes>> {
     let ids = [task_id.to_string()];
     let lifetime = crate::worker::REVOKE_LIFETIME;
-    match crate::worker::revoke_everywhere(state.broker.as_ref(), state.backend.as_ref(), &ids, terminate, "SIGTERM", lifetime).await {
+    let (broker, backend) = match (state.broker().await, state.backend().await) {
+        (Ok(b), Ok(r)) => (b, r),
+        (Err(e), _) | (_, Err(e)) => return json_response(StatusCode::BAD_GATEWAY, &json!({"error": e})),
+    };
+    match crate::worker::revoke_everywhere(broker.as_ref(), backend.as_ref(), &ids, terminate, "SIGTERM", lifetime).await {
         Ok(()) => {
             tracing::info!(id = task_id, terminate, "revoked from the dashboard");
             json_response(StatusCode::OK, &json!({"ok": format!("revoked {task_id}")}))
@@ -387,8 +462,12 @@ async fn rate_limit(state: &State, body: &[u8]) -> Response<Full<Bytes>> {
     let mut arguments = serde_json::Map::new();
     arguments.insert("task_name".into(), Value::from(task));
     arguments.insert("rate_limit".into(), form.get("rate").cloned().unwrap_or(Value::Null));
+    let broker = match state.broker().await {
+        Ok(b) => b,
+        Err(e) => return json_response(StatusCode::BAD_GATEWAY, &json!({"error": e})),
+    };
     let replies =
-        match super::inspect::broadcast(state.broker.as_ref(), "rate_limit", arguments, None, Duration::from_secs(1), None).await {
+        match super::inspect::broadcast(broker.as_ref(), "rate_limit", arguments, None, Duration::from_secs(1), None).await {
             Ok(r) => r,
             Err(e) => return json_response(StatusCode::BAD_GATEWAY, &json!({"error": e.to_string()})),
         };
@@ -413,6 +492,16 @@ mod tests {
         assert_eq!(percent_decode("a%20b+c"), "a b c");
         assert_eq!(percent_decode("abc%2"), "abc%2");
         assert_eq!(percent_decode("%41%42"), "AB");
+    }
+
+    #[test]
+    fn only_local_names_read_an_open_listener() {
+        for ok in [None, Some("127.0.0.1:9808"), Some("localhost"), Some("LOCALHOST:1"), Some("[::1]:9808"), Some("127.0.0.2")] {
+            assert!(loopback_host(ok), "{ok:?}");
+        }
+        for bad in [Some("evil.example"), Some("evil.example:9808"), Some("10.0.0.1:9808"), Some("localhost.evil.example"), Some("")] {
+            assert!(!loopback_host(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub async fn broadcast(
         ticket: Some(ticket.clone()),
         reply_to: Some(ReplyTo { exchange: REPLY_EXCHANGE.into(), routing_key: oid.clone() }),
         expires: None,
+        clock: None,
     };
     let expires = chrono::Utc::now().timestamp_micros() as f64 / 1e6 + timeout.as_secs_f64();
     broker.broadcast(&encode_control(&request, 1, Some(expires))).await?;
@@ -56,6 +57,7 @@ pub async fn send(broker: &dyn Broker, method: &str, arguments: Map<String, Valu
         ticket: None,
         reply_to: None,
         expires: None,
+        clock: None,
     };
     broker.broadcast(&encode_control(&request, 1, None)).await
 }

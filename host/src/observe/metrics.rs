@@ -103,21 +103,32 @@ impl TaskSeries {
     }
 }
 
+/// Most (queue, task name) series a process keeps; past it, new names count under
+/// [`OVERFLOW_NAME`]. Task names come from producers: a flood of made-up names must not
+/// grow the worker's memory or the scrape without bound.
+pub const MAX_SERIES: usize = 2_000;
+pub const OVERFLOW_NAME: &str = "_other";
+
 /// One process's counts: queue → task name → series. Looked up by `&str` on the hot
 /// path, so a task already seen costs two hash lookups and no allocation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TaskMetrics {
     pub queues: HashMap<String, HashMap<String, TaskSeries>>,
+    #[serde(skip)]
+    count: usize,
 }
 
 impl TaskMetrics {
     pub fn series(&mut self, queue: &str, task: &str) -> &mut TaskSeries {
+        let known = self.queues.get(queue).is_some_and(|names| names.contains_key(task));
+        let (queue, task) = if known || self.count < MAX_SERIES { (queue, task) } else { (OVERFLOW_NAME, OVERFLOW_NAME) };
         if !self.queues.contains_key(queue) {
             self.queues.insert(queue.to_string(), HashMap::new());
         }
         let names = self.queues.get_mut(queue).expect("inserted above");
         if !names.contains_key(task) {
             names.insert(task.to_string(), TaskSeries::default());
+            self.count += 1;
         }
         names.get_mut(task).expect("inserted above")
     }
@@ -151,7 +162,7 @@ pub fn exporter_hostname(node: &str) -> &str {
 
 /// celery-exporter's `exception` label from an exception repr: `ValueError('x')` → `ValueError`.
 pub fn exception_label(repr: &str) -> String {
-    let name: String = repr.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+    let name: String = repr.chars().take_while(|c| c.is_alphanumeric() || *c == '_').take(64).collect();
     if !name.is_empty() && repr[name.len()..].starts_with('(') {
         name
     } else {
@@ -403,6 +414,22 @@ mod tests {
         assert!(text.contains("celery_worker_tasks_active{hostname=\"vm\"} 3\n"));
         assert!(text.contains("celery_queue_length{queue_name=\"celery\"} 5\n"));
         assert_eq!(text.matches("# TYPE celery_task_succeeded_total counter").count(), 1);
+    }
+
+    #[test]
+    fn made_up_task_names_cannot_grow_the_series_without_bound() {
+        let mut m = TaskMetrics::default();
+        for i in 0..MAX_SERIES + 500 {
+            m.series("celery", &format!("made.up.{i}")).received += 1;
+        }
+        for i in 0..100 {
+            m.series(&format!("queue.{i}"), "x").received += 1;
+        }
+        assert_eq!(m.queues["celery"].len(), MAX_SERIES);
+        assert_eq!(m.queues.len(), 2);
+        assert_eq!(m.queues[OVERFLOW_NAME][OVERFLOW_NAME].received, 600);
+        m.series("celery", "made.up.0").received += 1;
+        assert_eq!(m.queues["celery"]["made.up.0"].received, 2);
     }
 
     #[test]

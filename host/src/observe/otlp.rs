@@ -16,6 +16,8 @@ const EXPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Most spans in one request; spans past [`BUFFER_CAP`] are dropped while the collector is down.
 const BATCH_MAX: usize = 512;
 const BUFFER_CAP: usize = 20_000;
+/// A collector that does not answer within this is skipped (spans dropped).
+const POST_TIMEOUT: Duration = Duration::from_secs(5);
 /// OTLP's `SPAN_KIND_CONSUMER`.
 const KIND_CONSUMER: u8 = 5;
 
@@ -178,7 +180,7 @@ impl Exporter {
             .header(http::header::HOST, self.endpoint.authority.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))?;
-        let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await??;
+        let response = sender.send_request(request).await?;
         let status = response.status();
         let _ = response.into_body().collect().await;
         connection.abort();
@@ -207,7 +209,8 @@ impl Exporter {
             if batch.is_empty() {
                 return;
             }
-            if let Err(e) = self.post(self.request_body(&batch)).await {
+            let posted = tokio::time::timeout(POST_TIMEOUT, self.post(self.request_body(&batch))).await;
+            if let Err(e) = posted.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {POST_TIMEOUT:?}"))) {
                 tracing::warn!(spans = batch.len(), "exporting spans to {}{} failed; dropped: {e:#}", self.endpoint.authority, self.endpoint.path);
                 return;
             }

@@ -38,6 +38,9 @@ pub struct ControlRequest {
     /// Unix time after which the request is dropped (from the envelope headers).
     #[serde(skip)]
     pub expires: Option<f64>,
+    /// The sender's Lamport clock (from the envelope headers).
+    #[serde(skip)]
+    pub clock: Option<u64>,
 }
 
 fn glob_match(pattern: &str, text: &str) -> bool {
@@ -97,6 +100,7 @@ pub fn decode_control(raw: &[u8]) -> Result<ControlRequest, ProtocolError> {
     let body = BASE64.decode(envelope.body.as_bytes()).map_err(|e| ProtocolError::Base64(e.to_string()))?;
     let mut req: ControlRequest = serde_json::from_slice(&body).map_err(|e| ProtocolError::Body(e.to_string()))?;
     req.expires = envelope.headers.get("expires").and_then(Value::as_f64);
+    req.clock = envelope.headers.get("clock").and_then(Value::as_u64);
     Ok(req)
 }
 
@@ -171,6 +175,7 @@ mod tests {
             ticket: None,
             reply_to: None,
             expires: None,
+            clock: None,
         };
         let back = decode_control(&encode_control(&revoke, 3, None)).unwrap();
         assert_eq!(back.task_ids(), ["a1", "a2"]);
@@ -190,6 +195,7 @@ mod tests {
                 ticket: None,
                 reply_to: None,
                 expires: None,
+                clock: None,
             },
             1,
             None,

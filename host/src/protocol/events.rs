@@ -155,8 +155,12 @@ pub fn decode_event_message(raw: &[u8]) -> Result<Vec<Map<String, Value>>, Proto
 
 /// A result's repr as events carry it: at most [`RESULT_REPR_MAX`] characters.
 pub fn result_repr(value: &Value) -> String {
-    let text = super::message::python_repr(value);
-    match text.char_indices().nth(RESULT_REPR_MAX) {
+    truncated(super::message::python_repr(value), RESULT_REPR_MAX)
+}
+
+/// `text` cut to `max` characters, `...` marking a cut (Celery's `saferepr` limit).
+pub fn truncated(text: String, max: usize) -> String {
+    match text.char_indices().nth(max) {
         Some((cut, _)) => format!("{}...", &text[..cut]),
         None => text,
     }

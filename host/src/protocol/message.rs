@@ -175,6 +175,10 @@ pub struct TaskHeaders {
     /// W3C trace context a traced producer put in the headers (opentelemetry's Celery
     /// instrumentation injects it at the top level).
     pub traceparent: Option<String>,
+    /// The producer's reprs of the arguments, for display only (events, logs): Celery
+    /// lets an app hide secrets there (`apply_async(argsrepr=…)`).
+    pub argsrepr: Option<String>,
+    pub kwargsrepr: Option<String>,
 }
 
 /// A decoded task message: what the worker acts on. The full envelope (every header
@@ -333,6 +337,10 @@ struct WireHeaders<'a> {
     compression: Raw<'a>,
     #[serde(borrow)]
     traceparent: Raw<'a>,
+    #[serde(borrow)]
+    argsrepr: Raw<'a>,
+    #[serde(borrow)]
+    kwargsrepr: Raw<'a>,
 }
 
 #[derive(Deserialize, Default)]
@@ -375,6 +383,8 @@ impl TaskHeaders {
             redelivered: lenient(h.redelivered).unwrap_or(false),
             // Only for tracing: a malformed one is ignored, never a reason to refuse the task.
             traceparent: lenient(h.traceparent),
+            argsrepr: lenient(h.argsrepr),
+            kwargsrepr: lenient(h.kwargsrepr),
         })
     }
 }

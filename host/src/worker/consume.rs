@@ -22,10 +22,10 @@ impl Worker {
                 if stopping {
                     break;
                 }
-                let room = self.cfg.prefetch_limit().saturating_sub(self.in_progress.get());
+                let room = self.prefetch_limit().saturating_sub(self.in_progress.get());
                 // Refill in batches: fetching one message each time one finishes would cost
                 // a broker round trip per task. An idle worker (nothing held) fetches at once.
-                let low_water = (self.cfg.prefetch_limit() / 2).max(1);
+                let low_water = (self.prefetch_limit() / 2).max(1);
                 let idle = self.in_progress.get() == 0;
                 let mut wanted = room > 0 && (room >= low_water || idle);
                 // Under fair dispatch, no more than a little work waits here: what waits
@@ -125,6 +125,7 @@ impl Worker {
         let decoded = protocol::decode(&delivery.raw).ok();
         if let Some(d) = &decoded {
             self.running.borrow_mut().remove(&d.headers.id);
+            self.span_starts.borrow_mut().remove(&d.headers.id);
         }
         let reason = format!("the worker panicked handling this message: {what}");
         tracing::error!(queue = %delivery.queue, id = ?decoded.as_ref().map(|d| &d.headers.id), "{reason}; dead-lettered");

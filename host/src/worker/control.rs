@@ -90,6 +90,9 @@ impl Worker {
         if !req.is_for(&self.cfg.node_name) || req.is_expired(now) {
             return;
         }
+        if let Some(c) = req.clock {
+            self.events.seen_clock(c);
+        }
         tracing::debug!(method = %req.method, "control request");
         let reply = match req.method.as_str() {
             "revoke" => self.control_revoke(&req).await,
@@ -188,7 +191,7 @@ impl Worker {
             "pool": {"implementation": "taskhost (wasm sandboxes)", "max-concurrency": self.pool_size.get(),
                      "processes": [self.pid], "max-tasks-per-child": "N/A", "put-guarded-by-semaphore": false,
                      "timeouts": [0, 0]},
-            "prefetch_count": self.cfg.prefetch_limit(),
+            "prefetch_count": self.prefetch_limit(),
             "taskhost": {"grant_denials": stats.grant_denials, "dead_lettered": stats.dead_lettered,
                          "releases_refused": self.registry.refused_count()},
             "broker": self.broker_info(),
@@ -244,7 +247,7 @@ impl Worker {
                 out.insert(id.clone(), json!(["active", r.info(&id, &self.cfg.node_name, self.pid)]));
             } else if let Some(r) = self.reserved.borrow().get(&id) {
                 out.insert(id.clone(), json!(["reserved", monitor::held_info(&r.delivery, &self.cfg.node_name, self.pid)]));
-            } else if let Some((_, delivery)) = self.scheduled.borrow().get(&id) {
+            } else if let Some((_, delivery)) = self.scheduled.borrow().get(&id).filter(|(due, _)| *due > Utc::now()) {
                 out.insert(id.clone(), json!(["scheduled", monitor::held_info(delivery, &self.cfg.node_name, self.pid)]));
             }
         }

@@ -119,6 +119,7 @@ impl Worker {
         self.meter_run(h, &run, delivery.charge);
         self.on_run_end(&delivery.queue, &h.task, &version, &run);
         if self.killing.get() && run.result == Err(TaskError::Revoked) {
+            self.span_starts.borrow_mut().remove(&h.id);
             if acks_late {
                 // Stopped by the shutdown, not by a user: it runs again elsewhere.
                 self.restore_on_shutdown(delivery).await;

@@ -276,6 +276,7 @@ impl Worker {
         if let Err(e) = published {
             if acks_late {
                 tracing::warn!(id = %h.id, "could not requeue the retry, returning the message instead: {e}");
+                self.span_starts.borrow_mut().remove(&h.id);
                 self.restore(delivery).await;
             } else {
                 // Acked before it ran: the only copy was the one we failed to publish.

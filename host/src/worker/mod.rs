@@ -419,6 +419,12 @@ impl Worker {
         })
     }
 
+    /// Messages held at most: the sandboxes allowed now (`pool_grow`/`pool_shrink` move
+    /// it) times the prefetch multiplier, as Celery's prefetch count follows its pool.
+    fn prefetch_limit(&self) -> usize {
+        (self.pool_size.get() * self.cfg.prefetch_multiplier.max(1)).max(1)
+    }
+
     /// Whether a `shutdown` control command stopped this worker.
     pub fn shut_down_by_control(&self) -> bool {
         *self.shutdown_requested.borrow()

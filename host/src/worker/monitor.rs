@@ -4,7 +4,13 @@
 use super::*;
 use crate::observe::metrics::{exception_label, PluginInfo, ProcessMetrics, MEMORY_BUCKETS, QUEUE_WAIT_BUCKETS, RUNTIME_BUCKETS};
 use crate::observe::report::{self, RecentTask, WorkerReport};
-use crate::protocol::events::{result_repr, TaskEvent};
+use crate::protocol::events::{result_repr, truncated, TaskEvent, RESULT_REPR_MAX};
+
+/// Distinct `exception` labels kept per task series.
+const MAX_EXCEPTION_LABELS: usize = 32;
+
+/// Longest traceback an event carries.
+const TRACEBACK_MAX: usize = 8 * 1024;
 
 fn now_unix() -> f64 {
     Utc::now().timestamp_micros() as f64 / 1e6
@@ -13,6 +19,9 @@ fn now_unix() -> f64 {
 fn unix_nanos() -> u64 {
     Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0) as u64
 }
+
+/// Most parked messages `inspect scheduled` lists per process (each is kept in memory).
+const SCHEDULED_LISTED: usize = 1_000;
 
 /// A message received and not yet started: what `inspect reserved` lists. Only the
 /// message is kept (shared, not copied); it is decoded again if someone asks.
@@ -69,8 +78,10 @@ impl Worker {
             self.events.task(&TaskEvent::Received {
                 uuid: &h.id,
                 name: &h.task,
-                args: protocol::args_repr(&decoded.args()),
-                kwargs: protocol::kwargs_repr(&decoded.kwargs()),
+                // The producer's reprs where it sent them (an app may hide secrets there),
+                // cut as Celery cuts them.
+                args: truncated(h.argsrepr.clone().unwrap_or_else(|| protocol::args_repr(&decoded.args())), RESULT_REPR_MAX),
+                kwargs: truncated(h.kwargsrepr.clone().unwrap_or_else(|| protocol::kwargs_repr(&decoded.kwargs())), RESULT_REPR_MAX),
                 root_id: h.root_id.as_deref(),
                 parent_id: h.parent_id.as_deref(),
                 retries: h.retries,
@@ -102,9 +113,14 @@ impl Worker {
     pub(super) fn on_parked(&self, decoded: &Decoded, eta: chrono::DateTime<Utc>) {
         let Some(reserved) = self.reserved.borrow_mut().remove(&decoded.headers.id) else { return };
         let mut scheduled = self.scheduled.borrow_mut();
-        let now = Utc::now();
-        scheduled.retain(|_, (due, _)| *due > now);
-        scheduled.insert(decoded.headers.id.clone(), (eta, reserved.delivery));
+        if scheduled.len() >= SCHEDULED_LISTED {
+            let now = Utc::now();
+            scheduled.retain(|_, (due, _)| *due > now);
+        }
+        // Past the cap a parked message is still parked, only not listed here.
+        if scheduled.len() < SCHEDULED_LISTED {
+            scheduled.insert(decoded.headers.id.clone(), (eta, reserved.delivery));
+        }
     }
 
     pub(super) fn on_started(&self, delivery: &Delivery, decoded: &Decoded, version: &str) {
@@ -179,8 +195,20 @@ impl Worker {
         let h = &decoded.headers;
         let repr = exc.repr();
         self.end_span(queue, decoded, "FAILURE", Some(repr.clone()));
-        *self.metrics.borrow_mut().series(queue, &h.task).failed.entry(exception_label(&repr)).or_default() += 1;
-        self.events.task(&TaskEvent::Failed { uuid: &h.id, exception: repr.clone(), traceback: traceback.to_string() });
+        {
+            let mut metrics = self.metrics.borrow_mut();
+            let failed = &mut metrics.series(queue, &h.task).failed;
+            // Exception names can come from guest code: a few dozen per task, then `_other`.
+            let mut label = exception_label(&repr);
+            if failed.len() >= MAX_EXCEPTION_LABELS && !failed.contains_key(&label) {
+                label = crate::observe::metrics::OVERFLOW_NAME.to_string();
+            }
+            *failed.entry(label).or_default() += 1;
+        }
+        if self.events.task_events() {
+            let traceback = truncated(traceback.to_string(), TRACEBACK_MAX);
+            self.events.task(&TaskEvent::Failed { uuid: &h.id, exception: truncated(repr.clone(), RESULT_REPR_MAX), traceback });
+        }
         self.recent(&h.id, |t| {
             t.state = "FAILURE".into();
             t.runtime = t.started.map(|s| (now_unix() - s).max(0.0));
@@ -192,8 +220,10 @@ impl Worker {
         let h = &decoded.headers;
         self.metrics.borrow_mut().series(queue, &h.task).retried += 1;
         self.end_span(queue, decoded, "RETRY", None);
-        let exception = format!("Retry({})", protocol::python_repr(&serde_json::Value::from(reason)));
-        self.events.task(&TaskEvent::Retried { uuid: &h.id, exception, traceback: String::new() });
+        if self.events.task_events() {
+            let exception = truncated(format!("Retry({})", protocol::python_repr(&serde_json::Value::from(reason))), RESULT_REPR_MAX);
+            self.events.task(&TaskEvent::Retried { uuid: &h.id, exception, traceback: String::new() });
+        }
         self.recent(&h.id, |t| {
             t.state = "RETRY".into();
             t.error = Some(reason.to_string());
