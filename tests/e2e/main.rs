@@ -15,6 +15,7 @@ mod monitoring;
 mod network;
 mod python_tasks;
 mod readme;
+mod reliability;
 mod releases;
 mod runtime;
 mod semantics;

@@ -53,6 +53,8 @@ pub enum ProtocolError {
     Compression(String),
     #[error("body does not decompress: {0}")]
     Decompress(String),
+    #[error("message of {size} bytes is larger than the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
     #[error("body is not [args, kwargs, embed] JSON: {0}")]
     Body(String),
     #[error("message has no {0} header (protocol v1 messages are not supported)")]
@@ -389,8 +391,15 @@ impl TaskHeaders {
     }
 }
 
+/// Largest message (and decompressed body) a worker decodes; larger ones are dead-lettered
+/// unread, so a hostile producer cannot make a worker hold gigabytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Decodes one list element as popped from Redis.
 pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
+    if raw.len() > MAX_MESSAGE_BYTES {
+        return Err(ProtocolError::TooLarge { size: raw.len(), limit: MAX_MESSAGE_BYTES });
+    }
     // One UTF-8 check of the whole message, then a `str` parse: `from_slice` re-checks
     // every borrowed string and raw header, which made the envelope parse 25% slower.
     let text = std::str::from_utf8(raw).map_err(|e| ProtocolError::Envelope(e.to_string()))?;
@@ -408,11 +417,15 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
         None => {}
         // kombu labels zlib data "application/x-gzip"; both names mean zlib here.
         Some("application/x-gzip" | "zlib") => {
+            // A small body may inflate to any size (a zlib bomb): no further than the limit.
             let mut out = Vec::new();
             flate2::read::ZlibDecoder::new(&body[..])
-                .take(64 << 20)
+                .take(MAX_MESSAGE_BYTES as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| ProtocolError::Decompress(e.to_string()))?;
+            if out.len() > MAX_MESSAGE_BYTES {
+                return Err(ProtocolError::Decompress(format!("it inflates past the {MAX_MESSAGE_BYTES}-byte limit")));
+            }
             body = out;
         }
         Some(other) => return Err(ProtocolError::Compression(other.to_string())),

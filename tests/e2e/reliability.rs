@@ -1,0 +1,140 @@
+//! Reliability: a corpus of poison messages (tests/poison/ plus generated ones too big to
+//! keep) against one worker — each dead-lettered with its reason, memory bounded, the next
+//! good task served at once.
+
+use crate::support::*;
+use std::time::{Duration, Instant};
+
+/// Peak and current resident memory of a process, in MiB (VmHWM, VmRSS).
+fn memory_mib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap()
+            / 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A Celery message whose body is `body` (already the wire text: base64, compressed or not).
+fn message(task: &str, id: &str, body: &str, compression: Option<&str>) -> String {
+    let mut headers = serde_json::json!({"lang": "py", "task": task, "id": id, "root_id": id, "retries": 0,
+                                          "timelimit": [null, null], "argsrepr": "()", "kwargsrepr": "{}"});
+    if let Some(c) = compression {
+        headers["compression"] = c.into();
+    }
+    serde_json::json!({"body": body, "content-encoding": "utf-8", "content-type": "application/json", "headers": headers,
+                       "properties": {"delivery_tag": format!("tag-{id}"), "body_encoding": "base64", "priority": 0,
+                                      "delivery_info": {"exchange": "", "routing_key": "celery"}}})
+    .to_string()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn zlib(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(bytes).unwrap();
+    z.finish().unwrap()
+}
+
+#[test]
+fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_at_once() {
+    let redis = RedisServer::start();
+    let worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
+    let corpus_dir = workspace_root().join("tests/poison");
+    let expected: &[(&str, &str)] = &[
+        ("not-json.txt", "envelope is not JSON"),
+        ("truncated-envelope.json", "envelope is not JSON"),
+        ("invalid-utf8.bin", "envelope is not JSON"),
+        ("bad-base64.json", "body is not valid base64"),
+        ("pickle-content-type.json", "unsupported content type \"application/x-python-serialize\""),
+        ("yaml-content-type.json", "unsupported content type \"application/x-yaml\""),
+        ("missing-task-header.json", "message has no task header"),
+        ("missing-id-header.json", "message has no id header"),
+        ("protocol-v1.json", "message has no task header (protocol v1 messages are not supported)"),
+        ("mistyped-retries.json", "header retries is invalid"),
+        ("mistyped-eta.json", "header eta is invalid"),
+        ("mistyped-task-header.json", "header task is invalid"),
+        ("body-not-a-triple.json", "body is not [args, kwargs, embed] JSON"),
+        ("args-not-a-list.json", "body is not [args, kwargs, embed] JSON"),
+        ("unknown-compression.json", "unsupported compression \"application/x-bz2\""),
+        ("corrupt-zlib.json", "body does not decompress"),
+        ("no-delivery-tag.json", "message has no properties.delivery_tag"),
+        ("unknown-task.json", "no component serves task tasks.nobody.serves.this"),
+    ];
+    let on_disk: std::collections::BTreeSet<String> =
+        std::fs::read_dir(&corpus_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let listed: std::collections::BTreeSet<String> = expected.iter().map(|(f, _)| f.to_string()).collect();
+    assert_eq!(on_disk, listed, "every corpus file needs its expected reason here");
+
+    let mut poisons: Vec<(String, Vec<u8>, String)> = Vec::new();
+    for (i, (file, reason)) in expected.iter().enumerate() {
+        let raw = std::fs::read(corpus_dir.join(file)).unwrap();
+        // Unique ids and delivery tags per message.
+        let raw = String::from_utf8_lossy(&raw).replace("-ID", &format!("-{i}")).into_bytes();
+        let raw = if file.ends_with(".bin") { std::fs::read(corpus_dir.join(file)).unwrap() } else { raw };
+        poisons.push((file.to_string(), raw, reason.to_string()));
+    }
+    // Too big to keep in the repository: made here.
+    let bomb = zlib(&vec![b'['; 300 << 20]);
+    poisons.push(("zlib bomb (300 MiB of '[')".into(), message("tasks.add", "bomb-1", &b64(&bomb), Some("application/x-gzip")).into_bytes(), "inflates past".into()));
+    let deep = format!("[{}{}, {{}}, {{}}]", "[".repeat(100_000), "]".repeat(100_000));
+    poisons.push(("JSON nested 100,000 deep".into(), message("tasks.add", "deep-1", &b64(deep.as_bytes()), None).into_bytes(), "recursion limit".into()));
+    let huge_body = b64(format!("[[\"{}\"], {{}}, {{}}]", "x".repeat(100 << 20)).as_bytes());
+    poisons.push(("a 100 MiB body".into(), message("tasks.add", "huge-1", &huge_body, None).into_bytes(), "larger than the 67108864-byte limit".into()));
+    drop(huge_body);
+
+    let mut waits = Vec::new();
+    for (name, raw, reason) in &poisons {
+        let before: usize = redis.query(redis::cmd("LLEN").arg("taskhost.dlq"));
+        let _: () = redis.query(redis::cmd("LPUSH").arg("celery").arg(raw.as_slice()));
+        // The next good task runs at once.
+        let t0 = Instant::now();
+        let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "20"]);
+        waits.push(t0.elapsed());
+        assert_eq!(stdout(&ok), "4", "after {name}: {}\n{}", stderr(&ok), worker.log_text());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let letter: serde_json::Value = loop {
+            let n: usize = redis.query(redis::cmd("LLEN").arg("taskhost.dlq"));
+            if n > before {
+                let last: String = redis.query(redis::cmd("LINDEX").arg("taskhost.dlq").arg(-1));
+                break serde_json::from_str(&last).unwrap();
+            }
+            assert!(Instant::now() < deadline, "{name} was never dead-lettered:\n{}", worker.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let got = letter["reason"].as_str().unwrap();
+        assert!(got.contains(reason.as_str()), "{name}: reason {got:?} does not say {reason:?}");
+        let (peak, _) = memory_mib(worker.pid());
+        if name.starts_with("zlib bomb") {
+            // It would inflate to 300 MiB; the worker stops at the 64 MiB limit.
+            assert!(peak < 400, "{name}: the worker's peak memory reached {peak} MiB");
+        }
+    }
+    let (peak, now) = memory_mib(worker.pid());
+    eprintln!("worker memory: peak {peak} MiB, now {now} MiB; next-task waits: {waits:?}");
+    assert!(waits.iter().all(|w| *w < Duration::from_secs(5)), "{waits:?}");
+    let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert_eq!(unacked, 0, "every poison message was settled");
+    // Still up, still serving.
+    let ok = send(&redis.url(), &["tasks.add", "--args", "[3, 4]", "--wait", "--timeout", "10"]);
+    assert_eq!(stdout(&ok), "7");
+}
+
+#[test]
+fn arguments_too_large_for_the_guests_memory_cap_fail_that_task_only() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &[]);
+    // tasks.alloc's manifest caps it at 32 MiB; its arguments alone are 40 MiB.
+    let id = "big-args-1";
+    let body = b64(format!("[[\"{}\"], {{}}, {{}}]", "y".repeat(40 << 20)).as_bytes());
+    let _: () = redis.query(redis::cmd("LPUSH").arg("celery").arg(message("tasks.alloc", id, &body, None)));
+    let failed = wait_status(&redis.url(), id, "FAILURE", Duration::from_secs(30));
+    let text = failed.to_string();
+    assert!(text.contains("memory limit") || text.contains("MemoryLimit"), "{text}");
+    let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "10"]);
+    assert_eq!(stdout(&ok), "4");
+}
