@@ -82,7 +82,7 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
     let bomb = zlib(&vec![b'['; 300 << 20]);
     poisons.push(("zlib bomb (300 MiB of '[')".into(), message("tasks.add", "bomb-1", &b64(&bomb), Some("application/x-gzip")).into_bytes(), "inflates past".into()));
     let deep = format!("[{}{}, {{}}, {{}}]", "[".repeat(100_000), "]".repeat(100_000));
-    poisons.push(("JSON nested 100,000 deep".into(), message("tasks.add", "deep-1", &b64(deep.as_bytes()), None).into_bytes(), "recursion limit".into()));
+    poisons.push(("JSON nested 100,000 deep".into(), message("tasks.add", "deep-1", &b64(deep.as_bytes()), None).into_bytes(), "past the recursion limit of 128".into()));
     let huge_body = b64(format!("[[\"{}\"], {{}}, {{}}]", "x".repeat(100 << 20)).as_bytes());
     poisons.push(("a 100 MiB body".into(), message("tasks.add", "huge-1", &huge_body, None).into_bytes(), "larger than the 67108864-byte limit".into()));
     drop(huge_body);
@@ -116,7 +116,13 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
     }
     let (peak, now) = memory_mib(worker.pid());
     eprintln!("worker memory: peak {peak} MiB, now {now} MiB; next-task waits: {waits:?}");
-    assert!(waits.iter().all(|w| *w < Duration::from_secs(5)), "{waits:?}");
+    // The 100 MiB message is read whole (Redis's reply, the client's buffers) before its
+    // size refuses it: a transient peak of several times its size, given back after.
+    assert!(peak < 1500, "peak {peak} MiB");
+    // Known: the Redis client keeps its grown read buffer for the connection's life
+    // (README, Reliability): bounded by the largest message seen, not growing.
+    assert!(now < 700, "the worker kept {now} MiB after the poison");
+    assert!(waits.iter().all(|w| *w < Duration::from_secs(10)), "{waits:?}");
     let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
     assert_eq!(unacked, 0, "every poison message was settled");
     // Still up, still serving.

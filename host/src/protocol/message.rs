@@ -247,7 +247,43 @@ fn decode_body(body: &[u8]) -> Result<(String, String, Embed), ProtocolError> {
     if !kwargs.get().starts_with('{') {
         return Err(ProtocolError::Body(format!("kwargs must be a JSON object, got {}", kwargs.get())));
     }
+    for (what, raw) in [("args", args.get()), ("kwargs", kwargs.get())] {
+        let depth = nesting_depth(raw);
+        if depth > MAX_NESTING {
+            return Err(ProtocolError::Body(format!("{what} nest {depth} levels deep, past the recursion limit of {MAX_NESTING}")));
+        }
+    }
     Ok((args.get().to_string(), kwargs.get().to_string(), decode_embed(embed)?))
+}
+
+/// Deepest nesting arguments may have: serde_json's own recursion limit, which a guest
+/// parsing them would hit anyway (taken as raw text, they are not parsed here).
+const MAX_NESTING: usize = 128;
+
+/// How deep the arrays and objects of a JSON text nest (strings skipped).
+fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 type Raw<'a> = Option<&'a RawValue>;
@@ -430,8 +466,9 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
         }
         Some(other) => return Err(ProtocolError::Compression(other.to_string())),
     }
-    let (args_json, kwargs_json, embed) = decode_body(&body)?;
+    // Headers first: a protocol v1 message (no task header, a dict body) says so.
     let headers = TaskHeaders::from_wire(&envelope.headers)?;
+    let (args_json, kwargs_json, embed) = decode_body(&body)?;
     let priority = priority_from(lenient::<Value>(envelope.properties.priority).as_ref());
     Ok(Decoded { priority, headers, args_json, kwargs_json, embed })
 }
@@ -550,6 +587,13 @@ pub fn encode_task(t: &OutgoingTask) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_is_measured_outside_strings() {
+        assert_eq!(nesting_depth("[1, [2, {\"a\": [3]}]]"), 4);
+        assert_eq!(nesting_depth("[\"[[[[\\\"[[\"]"), 1);
+        assert_eq!(nesting_depth("[]"), 1);
+    }
 
     /// `add.delay(2, 3)` as captured from Celery 5.7 (celery-wire.md §1).
     const CAPTURED: &str = r#"{"body": "W1syLCAzXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d",

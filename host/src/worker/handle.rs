@@ -18,6 +18,11 @@ impl Worker {
                 tracing::warn!(queue = %delivery.queue, "undecodable message dead-lettered: {e}");
                 let kept = self.dead_letter(&delivery, None, format!("undecodable message: {e}")).await;
                 self.settle(&delivery, kept, true).await;
+                if matches!(e, protocol::ProtocolError::TooLarge { .. }) {
+                    // Reading it took a few copies of it: give that memory back now.
+                    drop(delivery);
+                    crate::alloc::release_free_memory();
+                }
                 return;
             }
         };

@@ -164,8 +164,21 @@ impl Worker {
             queue: delivery.queue.clone(),
             reason,
             time: Utc::now(),
-            message: String::from_utf8_lossy(&delivery.raw).into_owned(),
+            message: letter_text(&delivery.raw),
         };
         self.broker_op("dead-letter", || self.broker.dead_letter(&letter)).await
     }
+}
+
+/// The original message as a dead letter keeps it: whole (so it can be replayed), except
+/// one over the size limit, which would be refused again anyway — its first MiB is kept
+/// for whoever looks into it, not three more copies of it in memory.
+fn letter_text(raw: &[u8]) -> String {
+    const KEPT: usize = 1 << 20;
+    if raw.len() <= protocol::MAX_MESSAGE_BYTES {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    let mut text = String::from_utf8_lossy(&raw[..KEPT]).into_owned();
+    text.push_str(&format!("… [{} more bytes not kept]", raw.len() - KEPT));
+    text
 }
