@@ -169,3 +169,57 @@ fn serve_with_beat_runs_scheduled_tasks_on_the_embedded_broker() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("entry \"x\": give exactly one of `every` or `cron`"), "{}", stderr(&out));
 }
+
+/// Runs SQL on a SQLite file through Python's sqlite3 (the test machine's Python).
+fn sqlite_exec(db: &std::path::Path, sql: &str) -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); r = c.execute(sys.argv[2]).fetchall(); c.commit(); print(r)"])
+        .arg(db)
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_tick_whose_message_never_reached_the_broker_is_not_recorded_and_goes_out_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("taskhost.db");
+    let url = format!("sqlite://{}", db.display());
+    // Creates the schema.
+    assert!(cli(&url, &["dlq", "list"]).status.success());
+    // Every message insert fails, as on a full disk.
+    sqlite_exec(&db, "CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk full'); END");
+    let path = dir.path().join("schedule.toml");
+    std::fs::write(&path, "[[entry]]\nname = \"sum\"\ntask = \"tasks.add\"\nevery = \"1s\"\nargs = [1, 2]\n").unwrap();
+    let log = dir.path().join("beat.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut beat = std::process::Command::new(taskhost_bin())
+        .args(["beat", "--schedule", path.to_str().unwrap(), "--broker", &url])
+        .env("RUST_LOG", "info")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !read().contains("tick not sent after 5 attempts") {
+        assert!(std::time::Instant::now() < deadline, "{}", read());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sqlite_exec(&db, "SELECT COUNT(*) FROM beat_ticks"), "[(0,)]", "a tick was recorded without its message");
+    sqlite_exec(&db, "DROP TRIGGER refuse");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !read().contains("beat: sent") {
+        assert!(std::time::Instant::now() < deadline, "{}", read());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = read().matches("beat: sent").count();
+    let queued: String = sqlite_exec(&db, "SELECT COUNT(*) FROM messages");
+    let recorded = sqlite_exec(&db, "SELECT COUNT(*) FROM beat_ticks");
+    unsafe { libc::kill(beat.id() as i32, libc::SIGTERM) };
+    let _ = beat.wait();
+    assert_eq!(recorded, "[(1,)]");
+    assert!(queued.trim_start_matches("[(").trim_end_matches(",)]").parse::<usize>().unwrap() >= sent, "{queued} < {sent}");
+}

@@ -82,23 +82,27 @@ pub async fn run(entries: Vec<Entry>, broker: &dyn Broker, holder: &str, origin:
                 Some(next) if next < due && now - next <= window => next,
                 _ => due,
             };
-            match broker.claim_tick(&entry.name, due).await {
-                Ok(true) if first_start && !entry.fires_on_first_start() => {
-                    tracing::info!(entry = %entry.name, "beat: first start; cron entry waits for its next time");
+            if first_start && !entry.fires_on_first_start() {
+                match broker.claim_tick(&entry.name, due).await {
+                    Ok(true) => tracing::info!(entry = %entry.name, "beat: first start; cron entry waits for its next time"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(entry = %entry.name, "beat: claiming tick failed: {e}");
+                        continue;
+                    }
                 }
-                Ok(true) => send(entry, broker, origin, due).await,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(entry = %entry.name, "beat: claiming tick failed: {e}");
-                    continue;
-                }
+            } else if !send(entry, broker, origin, due).await {
+                // Neither recorded nor sent: the next turn tries this tick again.
+                continue;
             }
             seen.insert(entry.name.clone(), due);
         }
     }
 }
 
-async fn send(entry: &Entry, broker: &dyn Broker, origin: &str, due: chrono::DateTime<Utc>) {
+/// Claims the tick and sends its message in one broker step, retrying a few times; false
+/// if the broker never took it (then the tick is not recorded either, and is tried again).
+async fn send(entry: &Entry, broker: &dyn Broker, origin: &str, due: chrono::DateTime<Utc>) -> bool {
     let now = Utc::now();
     let mut extra = serde_json::Map::new();
     extra.insert(
@@ -121,17 +125,20 @@ async fn send(entry: &Entry, broker: &dyn Broker, origin: &str, due: chrono::Dat
     let raw = encode_task(&msg);
     let mut backoff = Duration::from_millis(100);
     for attempt in 1..=5 {
-        match broker.publish(&entry.queue, entry.priority, &raw).await {
-            Ok(()) => {
+        match broker.claim_tick_and_publish(&entry.name, due, &entry.queue, entry.priority, &raw).await {
+            Ok(true) => {
                 tracing::info!(entry = %entry.name, task = %entry.task, id = %id, tick = %due, "beat: sent");
-                return;
+                return true;
             }
+            // Another beat instance sent it.
+            Ok(false) => return true,
             Err(e) if attempt < 5 => {
                 tracing::warn!(entry = %entry.name, "beat: sending failed, retrying: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }
-            Err(e) => tracing::error!(entry = %entry.name, tick = %due, "beat: tick not sent after 5 attempts: {e}"),
+            Err(e) => tracing::error!(entry = %entry.name, tick = %due, "beat: tick not sent after 5 attempts, not recorded either (tried again): {e}"),
         }
     }
+    false
 }

@@ -181,6 +181,18 @@ pub trait Broker: Send + Sync {
     /// The last tick recorded for `entry`.
     async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError>;
 
+    /// [`claim_tick`](Broker::claim_tick) and publishing the tick's message as one step:
+    /// either both happen or neither, so a send that fails never leaves a tick recorded
+    /// (and lost). Whether this caller claimed the tick (and its message went out).
+    async fn claim_tick_and_publish(
+        &self,
+        entry: &str,
+        due: DateTime<Utc>,
+        queue: &str,
+        priority: u8,
+        raw: &[u8],
+    ) -> Result<bool, BrokerError>;
+
     /// Records each (task id, tenant) for `ttl` unless another tenant owns that id already;
     /// returns, per claim, that other owner. A task id names one tenant's result.
     async fn claim_task_ids(&self, claims: &[(String, String)], ttl: Duration) -> Result<Vec<Option<String>>, BrokerError>;

@@ -355,6 +355,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
+/// CLAIM_TICK, then the tick's message onto its band list, in one script.
+const CLAIM_TICK_AND_PUBLISH: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
 const BEAT_TICKS: &str = "taskhost.beat.ticks";
 const LEASE_PREFIX: &str = "taskhost.lease.";
 const REVOKED: &str = "taskhost.revoked";
@@ -482,6 +491,7 @@ pub struct RedisBroker {
     fair_fetch: Script,
     unsort: Script,
     queue_length: Script,
+    claim_tick_and_publish: Script,
     /// Set while fair dispatch is on: queue → the tenant it is bound to.
     fairness: std::sync::RwLock<Option<HashMap<String, String>>>,
 }
@@ -606,6 +616,7 @@ impl RedisBroker {
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
             queue_length: Script::new(QUEUE_LENGTH),
+            claim_tick_and_publish: Script::new(CLAIM_TICK_AND_PUBLISH),
             fair_fetch: Script::new(FAIR_FETCH),
             unsort: Script::new(UNSORT),
             fairness: std::sync::RwLock::new(None),
@@ -840,6 +851,27 @@ impl Broker for RedisBroker {
         .await;
         let _: Result<i64, _> = self.unlock.key(UNACKED_MUTEX).arg(&token).invoke_async(&mut conn).await;
         result
+    }
+
+    async fn claim_tick_and_publish(
+        &self,
+        entry: &str,
+        due: DateTime<Utc>,
+        queue: &str,
+        priority: u8,
+        raw: &[u8],
+    ) -> Result<bool, BrokerError> {
+        let claimed: i64 = self
+            .claim_tick_and_publish
+            .key(BEAT_TICKS)
+            .key(list_for_priority(queue, priority))
+            .arg(entry)
+            .arg(due.timestamp_millis())
+            .arg(raw)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(cmd_err)?;
+        Ok(claimed == 1)
     }
 
     async fn publish(&self, queue: &str, priority: u8, raw: &[u8]) -> Result<(), BrokerError> {

@@ -691,6 +691,34 @@ impl Broker for SqliteBroker {
             .map_err(err)
     }
 
+    async fn claim_tick_and_publish(
+        &self,
+        entry: &str,
+        due: DateTime<Utc>,
+        queue: &str,
+        priority: u8,
+        raw: &[u8],
+    ) -> Result<bool, BrokerError> {
+        let (entry, due) = (entry.to_string(), due.timestamp_millis());
+        let (queue, body, band) = (queue.to_string(), raw.to_vec(), band_for_priority(priority));
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let changed = tx.execute(
+                    "INSERT INTO beat_ticks (entry, due_ms) VALUES (?1, ?2)
+                     ON CONFLICT(entry) DO UPDATE SET due_ms = excluded.due_ms WHERE beat_ticks.due_ms < excluded.due_ms",
+                    params![entry, due],
+                )?;
+                if changed == 1 {
+                    tx.execute("INSERT INTO messages (queue, band, body) VALUES (?1, ?2, ?3)", params![queue, band, body])?;
+                }
+                tx.commit()?;
+                Ok(changed == 1)
+            })
+            .await
+            .map_err(err)
+    }
+
     async fn last_tick(&self, entry: &str) -> Result<Option<DateTime<Utc>>, BrokerError> {
         let entry = entry.to_string();
         let ms: Option<i64> = self
