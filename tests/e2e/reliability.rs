@@ -144,3 +144,33 @@ fn arguments_too_large_for_the_guests_memory_cap_fail_that_task_only() {
     let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "10"]);
     assert_eq!(stdout(&ok), "4");
 }
+
+#[test]
+fn a_rate_limited_flood_waits_on_the_broker_past_a_thousand_held() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "1", "-n", "th-rate@box"]);
+    let script = "import os; from celery import Celery; \
+                  r = Celery(broker=os.environ['BROKER']).control.rate_limit('tasks.noop', '1/m', reply=True, destination=['th-rate@box']); \
+                  assert r and 'ok' in r[0]['th-rate@box'], r";
+    let out = run_bounded(std::process::Command::new(python()).args(["-c", script]).env("BROKER", redis.url()), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sent = send(&redis.url(), &["tasks.noop", "--count", "1500", "--ignore-result"]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    // Held stops growing at the cap (plus the prefetch); the rest stays queued.
+    let mut last = usize::MAX;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (held, queued) = loop {
+        std::thread::sleep(Duration::from_millis(700));
+        let reserved = cli(&redis.url(), &["inspect", "reserved", "-d", "th-rate@box", "--json"]);
+        let reserved: serde_json::Value = serde_json::from_str(&stdout(&reserved)).unwrap();
+        let held = reserved["th-rate@box"].as_array().unwrap().len();
+        let queued: usize = redis.query(redis::cmd("LLEN").arg("celery"));
+        if held == last && held > 0 {
+            break (held, queued);
+        }
+        last = held;
+        assert!(Instant::now() < deadline, "held never settled: {held}");
+    };
+    assert!((1000..=1010).contains(&held), "held {held}");
+    assert!(queued >= 480, "only {queued} left on the broker with {held} held");
+}

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 /// Expired results are purged on one store in this many.
 const PURGE_EVERY: u64 = 1000;
+/// How long a chord claim holds: a claimer that dies before publishing the callback
+/// gives the chord to the next member to join (its redelivered message) after this, as
+/// the Redis backend's expiring claim key does (Celery 5.7's extended 21 s).
+const CHORD_CLAIM_SECS: f64 = 21.0;
 
 pub struct SqliteBackend {
     db: Db,
@@ -154,10 +158,14 @@ impl ResultBackend for SqliteBackend {
         self.db
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let now = now_secs();
+                // A claim past its time is no claim.
                 let meta: Option<(Option<i64>, Option<String>, i64)> = tx
-                    .query_row("SELECT size, claim, done FROM chords WHERE group_id = ?1", [&gid], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
+                    .query_row(
+                        "SELECT size, CASE WHEN claim_until IS NULL OR claim_until >= ?2 THEN claim END, done FROM chords WHERE group_id = ?1",
+                        params![gid, now],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
                     .optional()?;
                 if meta.as_ref().is_some_and(|m| m.2 != 0) {
                     return Ok(None);
@@ -169,7 +177,10 @@ impl ResultBackend for SqliteBackend {
                 let count: i64 = tx.query_row("SELECT COUNT(*) FROM chord_entries WHERE group_id = ?1", [&gid], |r| r.get(0))?;
                 let claimed = match meta {
                     Some((Some(size), None, _)) if count == size => {
-                        tx.execute("UPDATE chords SET claim = ?1 WHERE group_id = ?2", params![token, gid])?;
+                        tx.execute(
+                            "UPDATE chords SET claim = ?1, claim_until = ?3 WHERE group_id = ?2",
+                            params![token, gid, now + CHORD_CLAIM_SECS],
+                        )?;
                         let mut q = tx.prepare("SELECT value FROM chord_entries WHERE group_id = ?1 ORDER BY idx")?;
                         let rows: Vec<String> = q.query_map([&gid], |r| r.get(0))?.collect::<Result<_, _>>()?;
                         Some(rows)
@@ -196,5 +207,32 @@ impl ResultBackend for SqliteBackend {
             })
             .await
             .map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> ChordEntry {
+        ChordEntry { task_id: id.into(), state: "SUCCESS".into(), result: serde_json::json!(1) }
+    }
+
+    #[tokio::test]
+    async fn a_dead_claimers_chord_goes_to_the_next_member_once_its_claim_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let b = SqliteBackend::open(&url, None).unwrap();
+        b.chord_init("g", 2).await.unwrap();
+        assert!(b.chord_join("g", 0, &entry("a")).await.unwrap().is_none());
+        let (entries, _token) = b.chord_join("g", 1, &entry("b")).await.unwrap().expect("the last member claims");
+        assert_eq!(entries.len(), 2);
+        // The claimer dies before chord_done; its message comes back and joins again.
+        assert!(b.chord_join("g", 1, &entry("b")).await.unwrap().is_none(), "a live claim holds");
+        b.db.call(|c| c.execute("UPDATE chords SET claim_until = 0 WHERE group_id = 'g'", [])).await.unwrap();
+        let (again, token) = b.chord_join("g", 1, &entry("b")).await.unwrap().expect("an expired claim is taken over");
+        assert_eq!(again.len(), 2);
+        b.chord_done("g", &token).await.unwrap();
+        assert!(b.chord_join("g", 1, &entry("b")).await.unwrap().is_none(), "a done chord stays done");
     }
 }

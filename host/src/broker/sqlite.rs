@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS chords (
     group_id TEXT PRIMARY KEY,
     size INTEGER,
     claim TEXT,
-    done INTEGER NOT NULL DEFAULT 0
+    done INTEGER NOT NULL DEFAULT 0,
+    claim_until REAL
 );
 CREATE TABLE IF NOT EXISTS chord_entries (
     group_id TEXT NOT NULL,
@@ -183,7 +184,14 @@ impl Db {
 fn set_up(conn: &Connection) -> Result<(), rusqlite::Error> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(SCHEMA)
+    conn.execute_batch(SCHEMA)?;
+    // Files made before chord claims expired lack the column.
+    let has_claim_until: bool =
+        conn.query_row("SELECT COUNT(*) FROM pragma_table_info('chords') WHERE name = 'claim_until'", [], |r| r.get::<_, i64>(0))? > 0;
+    if !has_claim_until {
+        conn.execute_batch("ALTER TABLE chords ADD COLUMN claim_until REAL")?;
+    }
+    Ok(())
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {

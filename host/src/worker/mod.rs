@@ -145,6 +145,8 @@ pub struct Worker {
     result_queued: Notify,
     ack_queued: Notify,
     in_progress: Cell<usize>,
+    /// Messages waiting for a rate-limit turn without holding a prefetch slot.
+    turn_waiters: Cell<usize>,
     slot_freed: Notify,
     /// What fair dispatch charged (ns of CPU) for the messages here waiting for a sandbox:
     /// fetches under fairness keep it below [`FAIR_LOOKAHEAD`].
@@ -376,6 +378,7 @@ impl Worker {
             result_queued: Notify::new(),
             ack_queued: Notify::new(),
             in_progress: Cell::new(0),
+            turn_waiters: Cell::new(0),
             slot_freed: Notify::new(),
             waiting_charge_ns: Cell::new(0),
             fair: Cell::new(false),

@@ -58,6 +58,9 @@ pub(super) enum Admission {
     Drained,
 }
 
+/// Messages a process lets wait for a rate-limit turn beyond its prefetch.
+pub(super) const TURN_WAITERS_MAX: usize = 1_000;
+
 /// Per tenant, the local queue of messages waiting for one of its slots.
 pub(super) type SlotQueues = RefCell<HashMap<String, Rc<tokio::sync::Mutex<()>>>>;
 
@@ -71,16 +74,25 @@ pub(super) struct UsageCache {
 
 impl Worker {
     /// Waits `wait` without counting against the prefetch, so other messages keep flowing;
-    /// true if a drain began meanwhile.
+    /// true if a drain began meanwhile. Past [`TURN_WAITERS_MAX`] waiting at once, a
+    /// message waits on its prefetch slot instead: the worker then stops fetching, and the
+    /// rest of a rate-limited flood stays on the broker rather than in this process.
     pub(super) async fn wait_turn(&self, wait: Duration) -> bool {
-        self.in_progress.set(self.in_progress.get() - 1);
-        self.slot_freed.notify_one();
+        let released = self.turn_waiters.get() < TURN_WAITERS_MAX;
+        if released {
+            self.turn_waiters.set(self.turn_waiters.get() + 1);
+            self.in_progress.set(self.in_progress.get() - 1);
+            self.slot_freed.notify_one();
+        }
         let mut draining = self.draining.subscribe();
         let drained = tokio::select! {
             _ = tokio::time::sleep(wait) => false,
             _ = draining.wait_for(|d| *d) => true,
         };
-        self.in_progress.set(self.in_progress.get() + 1);
+        if released {
+            self.turn_waiters.set(self.turn_waiters.get() - 1);
+            self.in_progress.set(self.in_progress.get() + 1);
+        }
         drained
     }
 
