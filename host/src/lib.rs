@@ -23,6 +23,8 @@ pub mod broker;
 pub mod canvas;
 pub mod ceilings;
 pub mod cli;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod observe;
 pub mod protocol;
 pub mod registry;
