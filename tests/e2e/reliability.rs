@@ -174,3 +174,65 @@ fn a_rate_limited_flood_waits_on_the_broker_past_a_thousand_held() {
     assert!((1000..=1010).contains(&held), "held {held}");
     assert!(queued >= 480, "only {queued} left on the broker with {held} held");
 }
+
+/// p99 of `taskhost bench roundtrip` (sequential no-ops, send to result) in ms.
+fn round_trip_p99(broker: &str, count: usize) -> f64 {
+    let out = cli(broker, &["bench", "roundtrip", "--count", &count.to_string(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    v["p99_ms"].as_f64().unwrap()
+}
+
+#[test]
+fn hostile_components_are_contained_with_typed_errors() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
+    let run = |mode: &str, n: u64| {
+        let out = send(&redis.url(), &["tasks.hostile", "--args", &format!("[\"{mode}\", {n}]"), "--wait", "--timeout", "60"]);
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let (ok, _, err) = run("recurse", 100_000_000);
+    assert!(!ok && err.contains("call stack exhausted"), "{err}");
+    let (ok, _, err) = run("resources", 200_000);
+    assert!(!ok && err.contains("resource table has no free keys"), "{err}");
+    // Floods of log lines and progress updates are cut at their caps; the task succeeds.
+    let (ok, out, err) = run("logflood", 100_000);
+    assert!(ok && out == "100000", "{out} {err}");
+    let (ok, out, err) = run("progressflood", 100_000);
+    assert!(ok && out == "100000", "{out} {err}");
+    let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "10"]);
+    assert_eq!(stdout(&ok), "4");
+}
+
+/// The reliability issue's acceptance test for latency beside hostile tasks. It does not
+/// pass yet (README, Reliability: p99 ~90-220 ms beside a log-call flood, against
+/// ~6-12 ms alone), so `make test` does not run it; run it alone with `--ignored`.
+#[test]
+#[ignore = "does not pass yet: a flood of host calls holds the worker's thread (README, Reliability)"]
+fn a_well_behaved_task_beside_hostile_ones_keeps_its_round_trip_p99_within_2x() {
+    let redis = RedisServer::start();
+    let _worker = WorkerProcess::start(&redis.url(), &["-c", "8"]);
+    let baseline = round_trip_p99(&redis.url(), 400);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hostile: Vec<_> = [("recurse", 100_000_000u64), ("resources", 200_000), ("logflood", 100_000), ("progressflood", 100_000)]
+        .into_iter()
+        .map(|(mode, n)| {
+            let (url, stop) = (redis.url(), stop.clone());
+            std::thread::spawn(move || {
+                let mut runs = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = send(&url, &["tasks.hostile", "--args", &format!("[\"{mode}\", {n}]"), "--wait", "--timeout", "60"]);
+                    runs += 1;
+                }
+                runs
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let beside = round_trip_p99(&redis.url(), 400);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs: usize = hostile.into_iter().map(|h| h.join().unwrap()).sum();
+    eprintln!("round-trip p99: {baseline:.2} ms alone, {beside:.2} ms beside {runs} hostile runs");
+    assert!(runs >= 8, "the hostile tasks hardly ran: {runs}");
+    assert!(beside <= 2.0 * baseline, "p99 {beside:.2} ms beside hostile tasks against {baseline:.2} ms alone");
+}

@@ -29,12 +29,19 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Most host `log` bytes kept per task; further lines are counted, not emitted.
 pub const MAX_LOG_BYTES: usize = 64 * 1024;
+/// Most host `log` lines emitted per task: each is written out synchronously, and
+/// thousands of tiny ones held the worker's thread for ~100 ms (other tasks' latency).
+pub const MAX_LOG_LINES: u32 = 1_000;
 /// Most `set-progress` updates per task; a guest calling it in a loop gets the first ones.
 pub const MAX_PROGRESS_UPDATES: u32 = 1_000;
 /// Largest `set-progress` metadata accepted.
 pub const MAX_PROGRESS_BYTES: usize = 64 * 1024;
 /// Longest `set-progress` state name kept (Celery's are words such as "PROGRESS").
 pub const MAX_PROGRESS_STATE_BYTES: usize = 256;
+/// Most host resources (streams, pollables, requests, …) a task may hold at once. Each
+/// lives in host memory, outside the guest's memory cap: wasmtime's default (1,000,000)
+/// would let one task hold ~100 MB of the host's. Real tasks hold tens.
+pub const MAX_RESOURCES: usize = 10_000;
 /// Longest single `log` line kept; the rest of a longer line is cut with a marker.
 pub const MAX_LOG_LINE_BYTES: usize = 8 * 1024;
 
@@ -61,6 +68,7 @@ pub(super) struct TaskState {
     task_id: String,
     task_name: String,
     log_bytes: usize,
+    log_lines: u32,
     pub logs_dropped: u64,
     progress_sent: u32,
     tasks_sent: u32,
@@ -116,13 +124,18 @@ impl TaskState {
         }
         TaskState {
             wasi: builder.build(),
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_RESOURCES);
+                table
+            },
             limiter: MemoryLimiter::new(memory_cap),
             control,
             deadlines,
             task_id: task_id.to_string(),
             task_name: task_name.to_string(),
             log_bytes: 0,
+            log_lines: 0,
             logs_dropped: 0,
             progress_sent: 0,
             tasks_sent: 0,
@@ -150,11 +163,12 @@ impl WasiHttpView for TaskState {
 impl Host for TaskState {
     fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
         let message = cap_text(message, MAX_LOG_LINE_BYTES);
-        if self.log_bytes + message.len() > MAX_LOG_BYTES {
+        if self.log_bytes + message.len() > MAX_LOG_BYTES || self.log_lines >= MAX_LOG_LINES {
             self.logs_dropped += 1;
             return Ok(());
         }
         self.log_bytes += message.len();
+        self.log_lines += 1;
         // The human log format escapes control characters (see observe), so a guest's
         // newline cannot start a line of its own.
         let (id, name) = (&self.task_id, &self.task_name);

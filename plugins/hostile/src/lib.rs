@@ -1,6 +1,7 @@
 //! `tasks.hostile(mode, n?)`: what a hostile tenant's task tries, one mode per attack, so
 //! tests can show each one contained: huge texts, forged log lines, bulk memory work,
-//! clock probing, reads, writes and requests beyond what is granted.
+//! clock probing, reads, writes and requests beyond what is granted, stack exhaustion and
+//! host resources created without end.
 use serde_json::json;
 use std::time::{Instant, SystemTime};
 use taskhost_sdk::{task, Context, TaskError};
@@ -12,6 +13,27 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
     let big = || "x".repeat(n);
     match mode.as_str() {
         "fail" => Err(TaskError::fail(big())),
+        "recurse" => Ok(json!(recurse(n as u64))),
+        "resources" => {
+            // Host-side objects (pollables), never dropped: host memory, not guest memory.
+            for i in 0..n {
+                let pollable = wasip2::clocks::monotonic_clock::subscribe_duration(1_000_000_000 + i as u64);
+                std::mem::forget(pollable);
+            }
+            Ok(json!(n))
+        }
+        "logflood" => {
+            for i in 0..n {
+                ctx.info(&format!("line {i}"));
+            }
+            Ok(json!(n))
+        }
+        "progressflood" => {
+            for i in 0..n {
+                ctx.set_progress("PROGRESS", &json!({"i": i}));
+            }
+            Ok(json!(n))
+        }
         "reject" => Err(TaskError::reject(big())),
         "retry" => Err(TaskError::retry_in(big(), 0.0)),
         "progress" => {
@@ -136,4 +158,14 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
         }
         other => Err(TaskError::reject(format!("unknown mode {other:?}"))),
     }
+}
+
+/// Recursion `depth` frames deep, each keeping a little stack the optimizer cannot drop.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    if depth == 0 {
+        return 0;
+    }
+    let pad = std::hint::black_box([depth; 16]);
+    recurse(depth - 1).wrapping_add(pad[(depth % 16) as usize])
 }
