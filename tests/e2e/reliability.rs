@@ -28,6 +28,13 @@ fn message(task: &str, id: &str, body: &str, compression: Option<&str>) -> Strin
     .to_string()
 }
 
+/// LPUSHes a raw message on `celery` over a plain connection: the shared helper's async
+/// connection gives up on a 140 MB push on a busy machine.
+fn push(redis: &RedisServer, raw: &[u8]) {
+    let mut conn = redis.client().get_connection().unwrap();
+    let _: () = redis::cmd("LPUSH").arg("celery").arg(raw).query(&mut conn).unwrap();
+}
+
 fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -90,7 +97,7 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
     let mut waits = Vec::new();
     for (name, raw, reason) in &poisons {
         let before: usize = redis.query(redis::cmd("LLEN").arg("taskhost.dlq"));
-        let _: () = redis.query(redis::cmd("LPUSH").arg("celery").arg(raw.as_slice()));
+        push(&redis, raw);
         // The next good task runs at once.
         let t0 = Instant::now();
         let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "20"]);
@@ -122,7 +129,10 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
     // Known: the Redis client keeps its grown read buffer for the connection's life
     // (README, Reliability): bounded by the largest message seen, not growing.
     assert!(now < 700, "the worker kept {now} MiB after the poison");
-    assert!(waits.iter().all(|w| *w < Duration::from_secs(10)), "{waits:?}");
+    // At once behind each poison; behind the 100 MiB one (last), once it has been read.
+    let (last, rest) = waits.split_last().unwrap();
+    assert!(rest.iter().all(|w| *w < Duration::from_secs(2)), "{waits:?}");
+    assert!(*last < Duration::from_secs(20), "{waits:?}");
     let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
     assert_eq!(unacked, 0, "every poison message was settled");
     // Still up, still serving.
@@ -137,7 +147,7 @@ fn arguments_too_large_for_the_guests_memory_cap_fail_that_task_only() {
     // tasks.alloc's manifest caps it at 32 MiB; its arguments alone are 40 MiB.
     let id = "big-args-1";
     let body = b64(format!("[[\"{}\"], {{}}, {{}}]", "y".repeat(40 << 20)).as_bytes());
-    let _: () = redis.query(redis::cmd("LPUSH").arg("celery").arg(message("tasks.alloc", id, &body, None)));
+    push(&redis, message("tasks.alloc", id, &body, None).as_bytes());
     let failed = wait_status(&redis.url(), id, "FAILURE", Duration::from_secs(30));
     let text = failed.to_string();
     assert!(text.contains("memory limit") || text.contains("MemoryLimit"), "{text}");
