@@ -660,11 +660,7 @@ impl Runtime {
             if Instant::now() >= state.deadlines.hard {
                 return Err(wasmtime::Error::new(Interrupt::TimeLimit));
             }
-            // Yield until the executor's timers fire, not merely to the back of its run
-            // queue: a worker's single LocalSet task polls every handling, and an immediate
-            // wake-up let a CPU-bound guest run up to 61 slices before the runtime read its
-            // sockets (other tasks' latency: p99 ~90-220 ms beside a host-call flood).
-            Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(Duration::from_micros(1)))))
+            Ok(UpdateDeadline::Yield(1))
         });
         let TaskInput { id, name, retries, queue, eta, parent_id, root_id, args, kwargs } = input;
         let info = TaskInfo {
