@@ -21,17 +21,8 @@ pub async fn broadcast(
     let oid = uuid::Uuid::new_v4().to_string();
     let ticket = uuid::Uuid::new_v4().to_string();
     broker.declare_reply_queue(&oid).await?;
-    let request = ControlRequest {
-        method: method.to_string(),
-        arguments,
-        destination,
-        pattern: None,
-        matcher: None,
-        ticket: Some(ticket.clone()),
-        reply_to: Some(ReplyTo { exchange: REPLY_EXCHANGE.into(), routing_key: oid.clone() }),
-        expires: None,
-        clock: None,
-    };
+    let reply_to = ReplyTo { exchange: REPLY_EXCHANGE.into(), routing_key: oid.clone() };
+    let request = request(method, arguments, destination, Some((ticket.clone(), reply_to)));
     let expires = chrono::Utc::now().timestamp_micros() as f64 / 1e6 + timeout.as_secs_f64();
     broker.broadcast(&encode_control(&request, 1, Some(expires))).await?;
     let deadline = Instant::now() + timeout;
@@ -48,18 +39,13 @@ pub async fn broadcast(
 
 /// A broadcast that wants no answer (`shutdown`, `revoke` without reply).
 pub async fn send(broker: &dyn Broker, method: &str, arguments: Map<String, Value>, destination: Option<Vec<String>>) -> Result<(), BrokerError> {
-    let request = ControlRequest {
-        method: method.to_string(),
-        arguments,
-        destination,
-        pattern: None,
-        matcher: None,
-        ticket: None,
-        reply_to: None,
-        expires: None,
-        clock: None,
-    };
-    broker.broadcast(&encode_control(&request, 1, None)).await
+    broker.broadcast(&encode_control(&request(method, arguments, destination, None), 1, None)).await
+}
+
+/// A broadcast request; with a ticket and reply queue when answers are wanted.
+fn request(method: &str, arguments: Map<String, Value>, destination: Option<Vec<String>>, reply: Option<(String, ReplyTo)>) -> ControlRequest {
+    let (ticket, reply_to) = reply.map_or((None, None), |(t, r)| (Some(t), Some(r)));
+    ControlRequest { method: method.to_string(), arguments, destination, pattern: None, matcher: None, ticket, reply_to, expires: None, clock: None }
 }
 
 /// The `(node, reply)` pairs in one reply message, if it answers `ticket`.
