@@ -224,7 +224,6 @@ pub trait Broker: Send + Sync {
     async fn queued(&self, queues: &[String]) -> Result<Vec<Vec<u8>>, BrokerError>;
 }
 
-/// Whether a URL names a Redis server (`redis://`, `rediss://`, `redis+unix://`).
 /// Puts a dead letter's original message back on its queue, then drops the letter.
 pub async fn replay(broker: &dyn Broker, letter: &DeadLetter) -> Result<(), BrokerError> {
     let priority = crate::protocol::Envelope::parse(letter.message.as_bytes()).map_or(0, |e| e.priority());
@@ -233,6 +232,7 @@ pub async fn replay(broker: &dyn Broker, letter: &DeadLetter) -> Result<(), Brok
     Ok(())
 }
 
+/// Whether a URL names a Redis server (`redis://`, `rediss://`, `redis+unix://`).
 pub fn is_redis_url(url: &str) -> bool {
     url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")
 }

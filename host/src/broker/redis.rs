@@ -347,19 +347,12 @@ end
 return 0
 "#;
 
-/// KEYS[1] ticks hash; ARGV: entry, due ms.
+/// KEYS[1] ticks hash, and KEYS[2] the band list the tick's message goes onto, if it
+/// is sent in the same step; ARGV: entry, due ms, message.
 const CLAIM_TICK: &str = r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"#;
-
-/// CLAIM_TICK, then the tick's message onto its band list, in one script.
-const CLAIM_TICK_AND_PUBLISH: &str = r#"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[3])
+if KEYS[2] then redis.call('LPUSH', KEYS[2], ARGV[3]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
@@ -472,6 +465,13 @@ fn reply_list(routing_key: &str) -> String {
     format!("{routing_key}.{}", crate::protocol::REPLY_EXCHANGE)
 }
 
+/// kombu's binding of that list to the reply exchange: the binding set, and the member
+/// `routing key SEP pattern SEP queue` that `reply` looks for.
+fn reply_binding(routing_key: &str) -> (String, String) {
+    let set = format!("_kombu.binding.{}", crate::protocol::REPLY_EXCHANGE);
+    (set, format!("{routing_key}{BAND_SEP}{BAND_SEP}{}", reply_list(routing_key)))
+}
+
 pub struct RedisBroker {
     url: String,
     db: i64,
@@ -491,7 +491,6 @@ pub struct RedisBroker {
     fair_fetch: Script,
     unsort: Script,
     queue_length: Script,
-    claim_tick_and_publish: Script,
     /// Set while fair dispatch is on: queue → the tenant it is bound to.
     fairness: std::sync::RwLock<Option<HashMap<String, String>>>,
 }
@@ -616,7 +615,6 @@ impl RedisBroker {
             lease: Script::new(LEASE),
             claim_tick: Script::new(CLAIM_TICK),
             queue_length: Script::new(QUEUE_LENGTH),
-            claim_tick_and_publish: Script::new(CLAIM_TICK_AND_PUBLISH),
             fair_fetch: Script::new(FAIR_FETCH),
             unsort: Script::new(UNSORT),
             fairness: std::sync::RwLock::new(None),
@@ -862,7 +860,7 @@ impl Broker for RedisBroker {
         raw: &[u8],
     ) -> Result<bool, BrokerError> {
         let claimed: i64 = self
-            .claim_tick_and_publish
+            .claim_tick
             .key(BEAT_TICKS)
             .key(list_for_priority(queue, priority))
             .arg(entry)
@@ -955,9 +953,7 @@ impl Broker for RedisBroker {
     }
 
     async fn declare_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError> {
-        // As kombu binds it: the list `<key>.reply.celery.pidbox` under routing key `<key>`.
-        let member = format!("{routing_key}{BAND_SEP}{BAND_SEP}{}", reply_list(routing_key));
-        let set = format!("_kombu.binding.{}", crate::protocol::REPLY_EXCHANGE);
+        let (set, member) = reply_binding(routing_key);
         self.conn().sadd::<_, _, ()>(set, member).await.map_err(cmd_err)
     }
 
@@ -981,8 +977,7 @@ impl Broker for RedisBroker {
     }
 
     async fn remove_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError> {
-        let member = format!("{routing_key}{BAND_SEP}{BAND_SEP}{}", reply_list(routing_key));
-        let set = format!("_kombu.binding.{}", crate::protocol::REPLY_EXCHANGE);
+        let (set, member) = reply_binding(routing_key);
         let mut conn = self.conn();
         conn.srem::<_, _, ()>(set, member).await.map_err(cmd_err)?;
         conn.del::<_, ()>(reply_list(routing_key)).await.map_err(cmd_err)

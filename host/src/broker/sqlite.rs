@@ -113,6 +113,12 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 ";
 
+/// Records a beat tick unless one as late is recorded: ?1 entry, ?2 due ms; one row
+/// changed means this caller claimed it.
+const CLAIM_TICK: &str = "INSERT INTO beat_ticks (entry, due_ms) VALUES (?1, ?2)
+     ON CONFLICT(entry) DO UPDATE SET due_ms = excluded.due_ms WHERE beat_ticks.due_ms < excluded.due_ms";
+const INSERT_MESSAGE: &str = "INSERT INTO messages (queue, band, body) VALUES (?1, ?2, ?3)";
+
 /// How often a control stream looks for new broadcasts: the revoke latency on SQLite.
 const CONTROL_POLL: Duration = Duration::from_millis(25);
 /// Broadcasts and replies older than this are deleted.
@@ -387,7 +393,7 @@ impl Broker for SqliteBroker {
         let (queue, body, band) = (queue.to_string(), raw.to_vec(), band_for_priority(priority));
         self.db
             .call(move |conn| {
-                conn.prepare_cached("INSERT INTO messages (queue, band, body) VALUES (?1, ?2, ?3)")?
+                conn.prepare_cached(INSERT_MESSAGE)?
                     .execute(params![queue, band, body])
             })
             .await
@@ -401,7 +407,7 @@ impl Broker for SqliteBroker {
             .call(move |conn| {
                 let tx = conn.transaction()?;
                 {
-                    let mut ins = tx.prepare_cached("INSERT INTO messages (queue, band, body) VALUES (?1, ?2, ?3)")?;
+                    let mut ins = tx.prepare_cached(INSERT_MESSAGE)?;
                     for body in bodies {
                         ins.execute(params![queue, band, body])?;
                     }
@@ -688,12 +694,7 @@ impl Broker for SqliteBroker {
         let (entry, due) = (entry.to_string(), due.timestamp_millis());
         self.db
             .call(move |conn| {
-                let changed = conn.execute(
-                    "INSERT INTO beat_ticks (entry, due_ms) VALUES (?1, ?2)
-                     ON CONFLICT(entry) DO UPDATE SET due_ms = excluded.due_ms WHERE beat_ticks.due_ms < excluded.due_ms",
-                    params![entry, due],
-                )?;
-                Ok(changed == 1)
+                Ok(conn.execute(CLAIM_TICK, params![entry, due])? == 1)
             })
             .await
             .map_err(err)
@@ -712,13 +713,9 @@ impl Broker for SqliteBroker {
         self.db
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let changed = tx.execute(
-                    "INSERT INTO beat_ticks (entry, due_ms) VALUES (?1, ?2)
-                     ON CONFLICT(entry) DO UPDATE SET due_ms = excluded.due_ms WHERE beat_ticks.due_ms < excluded.due_ms",
-                    params![entry, due],
-                )?;
+                let changed = tx.execute(CLAIM_TICK, params![entry, due])?;
                 if changed == 1 {
-                    tx.execute("INSERT INTO messages (queue, band, body) VALUES (?1, ?2, ?3)", params![queue, band, body])?;
+                    tx.execute(INSERT_MESSAGE, params![queue, band, body])?;
                 }
                 tx.commit()?;
                 Ok(changed == 1)
