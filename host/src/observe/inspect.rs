@@ -3,8 +3,6 @@
 
 use crate::broker::{Broker, BrokerError};
 use crate::protocol::{encode_control, ControlRequest, Envelope, ReplyTo, REPLY_EXCHANGE};
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use serde_json::{Map, Value};
 use std::time::{Duration, Instant};
 
@@ -54,7 +52,7 @@ fn decode_reply(raw: &[u8], ticket: &str) -> Vec<(String, Value)> {
     if envelope.headers.get("ticket").and_then(Value::as_str).is_some_and(|t| t != ticket) {
         return Vec::new();
     }
-    let Ok(body) = BASE64.decode(envelope.body.as_bytes()) else { return Vec::new() };
+    let Ok(body) = envelope.body_bytes() else { return Vec::new() };
     match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(map)) => map.into_iter().collect(),
         _ => Vec::new(),

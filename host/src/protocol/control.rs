@@ -86,7 +86,12 @@ impl ControlRequest {
 
     /// Task ids named by `revoke`'s `task_id` argument (one id or a list).
     pub fn task_ids(&self) -> Vec<String> {
-        match self.arguments.get("task_id") {
+        self.id_list("task_id")
+    }
+
+    /// The ids an argument names: one string or a list of them (Celery accepts both).
+    pub fn id_list(&self, argument: &str) -> Vec<String> {
+        match self.arguments.get(argument) {
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
             _ => Vec::new(),
@@ -97,7 +102,7 @@ impl ControlRequest {
 /// Decodes a pidbox envelope as published on `/<db>.celery.pidbox`.
 pub fn decode_control(raw: &[u8]) -> Result<ControlRequest, ProtocolError> {
     let envelope = Envelope::parse(raw)?;
-    let body = BASE64.decode(envelope.body.as_bytes()).map_err(|e| ProtocolError::Base64(e.to_string()))?;
+    let body = envelope.body_bytes()?;
     let mut req: ControlRequest = serde_json::from_slice(&body).map_err(|e| ProtocolError::Body(e.to_string()))?;
     req.expires = envelope.headers.get("expires").and_then(Value::as_f64);
     req.clock = envelope.headers.get("clock").and_then(Value::as_u64);

@@ -4,8 +4,6 @@
 use super::control::envelope_raw;
 use super::message::ProtocolError;
 use super::Envelope;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -138,7 +136,7 @@ pub fn batch_json<S: AsRef<str>>(events: &[S]) -> Vec<u8> {
 /// JSON objects; whatever is not an object is dropped.
 pub fn decode_event_message(raw: &[u8]) -> Result<Vec<Map<String, Value>>, ProtocolError> {
     let envelope = Envelope::parse(raw)?;
-    let body = BASE64.decode(envelope.body.as_bytes()).map_err(|e| ProtocolError::Base64(e.to_string()))?;
+    let body = envelope.body_bytes()?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| ProtocolError::Body(e.to_string()))?;
     Ok(match value {
         Value::Array(items) => items

@@ -96,6 +96,11 @@ impl Envelope {
     pub fn routing_key(&self) -> Option<&str> {
         self.properties.get("delivery_info").and_then(|d| d.get("routing_key")).and_then(Value::as_str)
     }
+
+    /// The body's bytes (base64, as kombu's Redis transport always encodes it).
+    pub fn body_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        BASE64.decode(self.body.as_bytes()).map_err(|e| ProtocolError::Base64(e.to_string()))
+    }
 }
 
 /// The envelope with kombu's redelivery marks set (`headers.redelivered` and

@@ -34,15 +34,17 @@ pub async fn revoke_everywhere(
     arguments.insert("signal".into(), Value::from(signal));
     crate::observe::inspect::send(broker, "revoke", arguments, None).await?;
     for id in ids {
-        let waiting = match backend.get(id).await? {
-            None => true,
-            Some(r) => matches!(r.status, State::Pending | State::Received | State::Retry | State::Rejected),
-        };
-        if waiting {
+        if not_started(backend.get(id).await?.as_ref()) {
             backend.store(&ResultRecord::revoked(id, "revoked"), None).await?;
         }
     }
     Ok(())
+}
+
+/// Whether a task with this stored record has not started: Celery 5.5+ stores REVOKED
+/// at once for such a task when it is revoked.
+fn not_started(current: Option<&ResultRecord>) -> bool {
+    current.is_none_or(|r| matches!(r.status, State::Pending | State::Received | State::Retry | State::Rejected))
 }
 
 impl Worker {
@@ -236,10 +238,9 @@ impl Worker {
     }
 
     fn control_query_task(&self, req: &ControlRequest) -> Value {
-        let ids: Vec<String> = match req.arguments.get("ids") {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-            _ => req.task_ids(),
+        let ids = match req.id_list("ids") {
+            ids if ids.is_empty() => req.task_ids(),
+            ids => ids,
         };
         let mut out = serde_json::Map::new();
         for id in ids {
@@ -393,11 +394,7 @@ impl Worker {
     /// Celery 5.5+: a revoke stores REVOKED at once for a task that has not started.
     async fn mark_revoked_if_waiting(&self, id: &str) {
         let current = self.backend.get(id).await.ok().flatten();
-        let waiting = match &current {
-            None => true,
-            Some(r) => matches!(r.status, State::Pending | State::Received | State::Retry | State::Rejected),
-        };
-        if waiting {
+        if not_started(current.as_ref()) {
             let _ = self.backend.store(&ResultRecord::revoked(id, "revoked"), None).await;
         }
     }

@@ -105,12 +105,6 @@ pub struct WorkerConfig {
     pub otlp: Option<crate::observe::otlp::Endpoint>,
 }
 
-impl WorkerConfig {
-    pub fn prefetch_limit(&self) -> usize {
-        (self.concurrency * self.prefetch_multiplier.max(1)).max(1)
-    }
-}
-
 /// Counts for the banner, `stats` and tests.
 #[derive(Debug, Default, Clone)]
 pub struct WorkerStats {
