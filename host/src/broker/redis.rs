@@ -430,9 +430,6 @@ fn json_string(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
-fn now_secs() -> f64 {
-    Utc::now().timestamp_micros() as f64 / 1e6
-}
 
 /// Every band of every queue, grouped by band first as kombu's BRPOP does.
 fn band_keys(queues: &[String]) -> (Vec<String>, Vec<String>) {
@@ -635,7 +632,7 @@ impl RedisBroker {
         for k in keys {
             inv.key(k);
         }
-        inv.arg(max).arg(now_secs());
+        inv.arg(max).arg(crate::protocol::unix_now());
         if bound.is_some() {
             // Sorted ahead of what is handed out, so a tenant arriving behind a flood is
             // seen within a few fetches.
@@ -748,7 +745,7 @@ impl Broker for RedisBroker {
         // the consuming end of its list, or it would be lost.
         let mut attempt = 0;
         let tag: Option<String> = loop {
-            match self.record.arg(&raw).arg(now_secs()).arg(json_string(&queue)).invoke_async(&mut self.conn()).await {
+            match self.record.arg(&raw).arg(crate::protocol::unix_now()).arg(json_string(&queue)).invoke_async(&mut self.conn()).await {
                 Ok(tag) => break tag,
                 Err(e) if attempt < 5 => {
                     attempt += 1;
@@ -801,7 +798,7 @@ impl Broker for RedisBroker {
         if tags.is_empty() {
             return Ok(());
         }
-        let now = now_secs();
+        let now = crate::protocol::unix_now();
         let mut cmd = redis::cmd("ZADD");
         cmd.arg(UNACKED_INDEX).arg("XX");
         for t in tags {
@@ -825,7 +822,7 @@ impl Broker for RedisBroker {
         if locked.is_none() {
             return Ok(0);
         }
-        let ceiling = now_secs() - visibility.as_secs_f64();
+        let ceiling = crate::protocol::unix_now() - visibility.as_secs_f64();
         let result = async {
             let tags: Vec<String> = conn.zrangebyscore(UNACKED_INDEX, "-inf", ceiling).await.map_err(cmd_err)?;
             let mut restored = 0;
@@ -1034,7 +1031,7 @@ impl Broker for RedisBroker {
         let wait: String = self
             .rate_slot
             .key(format!("{RATE_PREFIX}{key}"))
-            .arg(now_secs())
+            .arg(crate::protocol::unix_now())
             .arg(interval.as_secs_f64())
             .invoke_async(&mut self.conn())
             .await

@@ -132,9 +132,7 @@ pub fn path_from_url(url: &str) -> Option<PathBuf> {
     (!rest.is_empty()).then(|| PathBuf::from(rest))
 }
 
-pub(crate) fn now_secs() -> f64 {
-    Utc::now().timestamp_micros() as f64 / 1e6
-}
+pub(crate) use crate::protocol::unix_now as now_secs;
 
 /// One connection to the database file, used from the blocking pool.
 #[derive(Clone)]

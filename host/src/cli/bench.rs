@@ -282,9 +282,7 @@ mod drain {
     /// A worker that finished nothing for this long after its last task has drained.
     const IDLE: Duration = Duration::from_millis(500);
 
-    fn unix_now() -> f64 {
-        chrono::Utc::now().timestamp_micros() as f64 / 1e6
-    }
+    use crate::protocol::unix_now;
 
     pub fn run(args: DrainBench) -> Result<(), CliError> {
         if args.child {

@@ -32,9 +32,6 @@ pub struct EventSink {
     dropped: Cell<u64>,
 }
 
-fn now_unix() -> f64 {
-    chrono::Utc::now().timestamp_micros() as f64 / 1e6
-}
 
 impl EventSink {
     pub fn new(node: &str, task_events: bool) -> Self {
@@ -79,7 +76,7 @@ impl EventSink {
     }
 
     fn stamp(&self) -> Stamp<'_> {
-        Stamp { hostname: &self.node, utcoffset: self.utcoffset, pid: self.pid, clock: self.tick(), timestamp: now_unix() }
+        Stamp { hostname: &self.node, utcoffset: self.utcoffset, pid: self.pid, clock: self.tick(), timestamp: crate::protocol::unix_now() }
     }
 
     /// Queues a task event if task events are on.

@@ -120,9 +120,6 @@ impl Throughput {
     }
 }
 
-fn now_unix() -> f64 {
-    chrono::Utc::now().timestamp_micros() as f64 / 1e6
-}
 
 /// Whether a request may act: its bearer token (or `?token=`) is the listener's.
 fn authorized(req: &Request<hyper::body::Incoming>, token: &str) -> bool {
@@ -230,7 +227,7 @@ pub async fn start(cfg: HttpConfig) -> Result<(String, impl std::future::Future<
                     }
                 },
                 _ = every.tick() => {
-                    let reports = read_reports(&state.report_dir, now_unix());
+                    let reports = read_reports(&state.report_dir, crate::protocol::unix_now());
                     state.throughput.borrow_mut().sample(&reports, chrono::Utc::now().timestamp());
                     continue;
                 }
@@ -294,7 +291,7 @@ async fn route(state: &State, req: Request<hyper::body::Incoming>) -> Response<F
 /// Every queue worth a depth: those served at start, those workers consume now.
 fn known_queues(state: &State, reports: &[WorkerReport]) -> Vec<String> {
     let mut queues = state.queues.clone();
-    for r in reports.iter().filter(|r| r.is_fresh(now_unix())) {
+    for r in reports.iter().filter(|r| r.is_fresh(crate::protocol::unix_now())) {
         for q in &r.queues {
             if !queues.contains(q) {
                 queues.push(q.clone());
@@ -320,7 +317,7 @@ async fn queue_depths(state: &State, queues: &[String]) -> Vec<(String, u64)> {
 }
 
 async fn metrics(state: &State) -> Response<Full<Bytes>> {
-    let now = now_unix();
+    let now = crate::protocol::unix_now();
     let reports = read_reports(&state.report_dir, now);
     let views: Vec<ProcessView<'_>> = reports.iter().map(|r| ProcessView { metrics: &r.metrics, up: r.is_fresh(now) }).collect();
     let depths = queue_depths(state, &known_queues(state, &reports)).await;
@@ -345,7 +342,7 @@ async fn readyz(state: &State) -> Response<Full<Bytes>> {
         *state.backend.borrow_mut() = None;
         failing.push(format!("result backend: {e}"));
     }
-    let now = now_unix();
+    let now = crate::protocol::unix_now();
     let reports = read_reports(&state.report_dir, now);
     let live: Vec<&WorkerReport> = reports.iter().filter(|r| r.is_fresh(now)).collect();
     if live.is_empty() {
@@ -361,7 +358,7 @@ async fn readyz(state: &State) -> Response<Full<Bytes>> {
 }
 
 async fn overview(state: &State) -> Value {
-    let now = now_unix();
+    let now = crate::protocol::unix_now();
     let reports = read_reports(&state.report_dir, now);
     let workers: Vec<Value> = reports
         .iter()

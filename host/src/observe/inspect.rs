@@ -21,7 +21,7 @@ pub async fn broadcast(
     broker.declare_reply_queue(&oid).await?;
     let reply_to = ReplyTo { exchange: REPLY_EXCHANGE.into(), routing_key: oid.clone() };
     let request = request(method, arguments, destination, Some((ticket.clone(), reply_to)));
-    let expires = chrono::Utc::now().timestamp_micros() as f64 / 1e6 + timeout.as_secs_f64();
+    let expires = crate::protocol::unix_now() + timeout.as_secs_f64();
     broker.broadcast(&encode_control(&request, 1, Some(expires))).await?;
     let deadline = Instant::now() + timeout;
     let mut replies = Vec::new();

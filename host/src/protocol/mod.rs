@@ -12,3 +12,8 @@ pub use message::{
 };
 pub use control::{decode_control, encode_control, encode_reply, ControlRequest, ReplyTo, PIDBOX_EXCHANGE, REPLY_EXCHANGE};
 pub use result::{ExceptionInfo, ResultRecord, State};
+
+/// Now as the float Unix seconds Celery's headers, events and records carry.
+pub fn unix_now() -> f64 {
+    chrono::Utc::now().timestamp_micros() as f64 / 1e6
+}

@@ -88,7 +88,7 @@ impl Worker {
     }
 
     async fn on_control(&self, req: ControlRequest) {
-        let now = Utc::now().timestamp_micros() as f64 / 1e6;
+        let now = crate::protocol::unix_now();
         if !req.is_for(&self.cfg.node_name) || req.is_expired(now) {
             return;
         }

@@ -71,7 +71,7 @@ impl Worker {
                 acknowledged: !acks_late,
                 args: input.args.clone(),
                 kwargs: input.kwargs.clone(),
-                started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
+                started_unix: crate::protocol::unix_now(),
             },
         );
         let run = {

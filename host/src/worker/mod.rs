@@ -399,7 +399,7 @@ impl Worker {
             span_starts: RefCell::default(),
             shutdown_requested: watch::channel(false).0,
             started: Instant::now(),
-            started_unix: Utc::now().timestamp_micros() as f64 / 1e6,
+            started_unix: crate::protocol::unix_now(),
             stats: RefCell::default(),
             pid: std::process::id(),
             tenants,

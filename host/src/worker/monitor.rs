@@ -12,9 +12,6 @@ const MAX_EXCEPTION_LABELS: usize = 32;
 /// Longest traceback an event carries.
 const TRACEBACK_MAX: usize = 8 * 1024;
 
-fn now_unix() -> f64 {
-    Utc::now().timestamp_micros() as f64 / 1e6
-}
 
 fn unix_nanos() -> u64 {
     Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0) as u64
@@ -98,7 +95,7 @@ impl Worker {
                 queue: delivery.queue.clone(),
                 tenant: h.tenant.clone(),
                 worker: self.cfg.node_name.clone(),
-                received: now_unix(),
+                received: crate::protocol::unix_now(),
                 started: None,
                 runtime: None,
                 error: None,
@@ -140,7 +137,7 @@ impl Worker {
         }
         self.recent(&h.id, |t| {
             t.state = "STARTED".into();
-            t.started = Some(now_unix());
+            t.started = Some(crate::protocol::unix_now());
             t.version = Some(version.to_string());
         });
     }
@@ -211,7 +208,7 @@ impl Worker {
         }
         self.recent(&h.id, |t| {
             t.state = "FAILURE".into();
-            t.runtime = t.started.map(|s| (now_unix() - s).max(0.0));
+            t.runtime = t.started.map(|s| (crate::protocol::unix_now() - s).max(0.0));
             t.error = Some(repr);
         });
     }
@@ -327,7 +324,7 @@ impl Worker {
             node: self.cfg.node_name.clone(),
             pid: self.pid,
             started_at: self.started_unix,
-            written_at: now_unix(),
+            written_at: crate::protocol::unix_now(),
             concurrency: self.pool_size.get(),
             queues: self.queues.borrow().clone(),
             task_events: self.events.task_events(),
