@@ -2,7 +2,7 @@
 //! counted per worker process, merged across a `serve`'s processes, rendered as text.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -246,21 +246,23 @@ pub struct ProcessView<'a> {
     pub up: bool,
 }
 
-const TASK_COUNTERS: &[(&str, &str)] = &[
-    ("sent", "Sent when a task message is published."),
-    ("received", "Sent when the worker receives a task."),
-    ("started", "Sent just before the worker executes the task."),
-    ("succeeded", "Sent if the task executed successfully."),
-    ("rejected", "The task was rejected by the worker, possibly to be re-queued or moved to a dead letter queue."),
-    ("revoked", "Sent if the task has been revoked."),
-    ("retried", "Sent if the task failed, but will be retried in the future."),
+/// celery-exporter's task counters: event, help text, the count.
+type Counter = (&'static str, &'static str, fn(&TaskSeries) -> u64);
+const TASK_COUNTERS: &[Counter] = &[
+    ("sent", "Sent when a task message is published.", |s| s.sent),
+    ("received", "Sent when the worker receives a task.", |s| s.received),
+    ("started", "Sent just before the worker executes the task.", |s| s.started),
+    ("succeeded", "Sent if the task executed successfully.", |s| s.succeeded),
+    ("rejected", "The task was rejected by the worker, possibly to be re-queued or moved to a dead letter queue.", |s| s.rejected),
+    ("revoked", "Sent if the task has been revoked.", |s| s.revoked),
+    ("retried", "Sent if the task failed, but will be retried in the future.", |s| s.retried),
 ];
 
 /// The `/metrics` page for every process of a `serve` and the queue lengths read now.
 pub fn render(processes: &[ProcessView<'_>], queue_lengths: &[(String, u64)]) -> String {
     let mut merged: BTreeMap<(String, String, String), TaskSeries> = BTreeMap::new();
     let mut hosts: BTreeMap<String, (bool, usize)> = BTreeMap::new();
-    let mut plugins: BTreeMap<PluginInfo, ()> = BTreeMap::new();
+    let mut plugins: BTreeSet<PluginInfo> = BTreeSet::new();
     let (mut refused, mut hits, mut misses) = (0, 0, 0);
     for p in processes {
         let host = exporter_hostname(&p.metrics.node).to_string();
@@ -275,29 +277,28 @@ pub fn render(processes: &[ProcessView<'_>], queue_lengths: &[(String, u64)]) ->
             }
         }
         if p.up {
-            for plugin in &p.metrics.plugins {
-                plugins.insert(plugin.clone(), ());
-            }
+            plugins.extend(p.metrics.plugins.iter().cloned());
         }
         refused += p.metrics.releases_refused;
         hits += p.metrics.compile_cache_hits;
         misses += p.metrics.compile_cache_misses;
     }
 
+    // One pass over the series: the exposition groups samples by family, whatever order
+    // they come in.
+    let per_task: &[(&str, &str, fn(&TaskSeries) -> f64)] = &[
+        ("taskhost_time_limit_hits", "Runs stopped at their hard time limit.", |s| s.time_limit_hits as f64),
+        ("taskhost_memory_limit_hits", "Runs stopped at their memory limit.", |s| s.memory_limit_hits as f64),
+        ("taskhost_grant_denials", "Requests tasks made that their grants did not allow.", |s| s.grant_denials as f64),
+        ("taskhost_dead_letters", "Messages moved to the dead-letter queue.", |s| s.dead_letters as f64),
+        ("taskhost_rate_limit_waits", "Runs that waited for their rate limit.", |s| s.rate_limit_waits as f64),
+        ("taskhost_rate_limit_wait_seconds", "Time runs waited for their rate limit.", |s| s.rate_limit_wait_seconds),
+    ];
     let mut x = Exposition::default();
     for ((name, host, queue), s) in &merged {
         let l: &[(&str, &str)] = &[("name", name), ("hostname", host), ("queue_name", queue)];
-        for (event, help) in TASK_COUNTERS {
-            let v = match *event {
-                "sent" => s.sent,
-                "received" => s.received,
-                "started" => s.started,
-                "succeeded" => s.succeeded,
-                "rejected" => s.rejected,
-                "revoked" => s.revoked,
-                _ => s.retried,
-            };
-            x.sample(&format!("celery_task_{event}"), "counter", help, "_total", l, v as f64);
+        for (event, help, count) in TASK_COUNTERS {
+            x.sample(&format!("celery_task_{event}"), "counter", help, "_total", l, count(s) as f64);
         }
         let failed_help = "Sent if the execution of the task failed.";
         if s.failed.is_empty() {
@@ -308,18 +309,7 @@ pub fn render(processes: &[ProcessView<'_>], queue_lengths: &[(String, u64)]) ->
             let with: &[(&str, &str)] = &[("name", name), ("hostname", host), ("exception", exception), ("queue_name", queue)];
             x.sample("celery_task_failed", "counter", failed_help, "_total", with, *n as f64);
         }
-    }
-    for (host, (up, active)) in &hosts {
-        let l: &[(&str, &str)] = &[("hostname", host)];
-        x.sample("celery_worker_up", "gauge", "Indicates if a worker has recently sent a heartbeat.", "", l, if *up { 1.0 } else { 0.0 });
-        x.sample("celery_worker_tasks_active", "gauge", "The number of tasks the worker is currently processing", "", l, *active as f64);
-    }
-    for ((name, host, queue), s) in &merged {
-        let l: &[(&str, &str)] = &[("name", name), ("hostname", host), ("queue_name", queue)];
         x.histogram("celery_task_runtime", "Histogram of task runtime measurements.", RUNTIME_BUCKETS, l, &s.runtime);
-    }
-    for ((name, host, queue), s) in &merged {
-        let l: &[(&str, &str)] = &[("name", name), ("hostname", host), ("queue_name", queue)];
         x.histogram(
             "celery_task_queue_wait_time",
             "Histogram of the time tasks spend waiting in the queue before being executed, excluding deliberate ETA/countdown delay.",
@@ -327,21 +317,13 @@ pub fn render(processes: &[ProcessView<'_>], queue_lengths: &[(String, u64)]) ->
             l,
             &s.queue_wait,
         );
-    }
-    for (queue, n) in queue_lengths {
-        x.sample("celery_queue_length", "gauge", "The number of message in broker queue.", "", &[("queue_name", queue)], *n as f64);
-    }
-
-    for ((name, host, queue), s) in &merged {
         for (version, outcomes) in &s.runs {
             for (outcome, n) in outcomes {
-                let l: &[(&str, &str)] = &[("name", name), ("version", version), ("outcome", outcome), ("hostname", host), ("queue_name", queue)];
-                x.sample("taskhost_task_runs", "counter", "Task runs by component version and outcome.", "_total", l, *n as f64);
+                let with: &[(&str, &str)] =
+                    &[("name", name), ("version", version), ("outcome", outcome), ("hostname", host), ("queue_name", queue)];
+                x.sample("taskhost_task_runs", "counter", "Task runs by component version and outcome.", "_total", with, *n as f64);
             }
         }
-    }
-    for ((name, host, queue), s) in &merged {
-        let l: &[(&str, &str)] = &[("name", name), ("hostname", host), ("queue_name", queue)];
         if s.memory_high_water.count() > 0 {
             x.histogram(
                 "taskhost_sandbox_memory_high_water_bytes",
@@ -351,23 +333,19 @@ pub fn render(processes: &[ProcessView<'_>], queue_lengths: &[(String, u64)]) ->
                 &s.memory_high_water,
             );
         }
-    }
-    let per_task: &[(&str, &'static str, fn(&TaskSeries) -> f64)] = &[
-        ("taskhost_time_limit_hits_total", "Runs stopped at their hard time limit.", |s| s.time_limit_hits as f64),
-        ("taskhost_memory_limit_hits_total", "Runs stopped at their memory limit.", |s| s.memory_limit_hits as f64),
-        ("taskhost_grant_denials_total", "Requests tasks made that their grants did not allow.", |s| s.grant_denials as f64),
-        ("taskhost_dead_letters_total", "Messages moved to the dead-letter queue.", |s| s.dead_letters as f64),
-        ("taskhost_rate_limit_waits_total", "Runs that waited for their rate limit.", |s| s.rate_limit_waits as f64),
-        ("taskhost_rate_limit_wait_seconds_total", "Time runs waited for their rate limit.", |s| s.rate_limit_wait_seconds),
-    ];
-    for (family, help, value) in per_task {
-        let base = family.trim_end_matches("_total");
-        for ((name, host, queue), s) in &merged {
-            let l: &[(&str, &str)] = &[("name", name), ("hostname", host), ("queue_name", queue)];
-            x.sample(base, "counter", help, "_total", l, value(s));
+        for (family, help, value) in per_task {
+            x.sample(family, "counter", help, "_total", l, value(s));
         }
     }
-    for plugin in plugins.keys() {
+    for (host, (up, active)) in &hosts {
+        let l: &[(&str, &str)] = &[("hostname", host)];
+        x.sample("celery_worker_up", "gauge", "Indicates if a worker has recently sent a heartbeat.", "", l, if *up { 1.0 } else { 0.0 });
+        x.sample("celery_worker_tasks_active", "gauge", "The number of tasks the worker is currently processing", "", l, *active as f64);
+    }
+    for (queue, n) in queue_lengths {
+        x.sample("celery_queue_length", "gauge", "The number of message in broker queue.", "", &[("queue_name", queue)], *n as f64);
+    }
+    for plugin in &plugins {
         let l: &[(&str, &str)] = &[("name", &plugin.name), ("version", &plugin.version), ("digest", &plugin.digest)];
         x.sample("taskhost_plugin_loaded", "gauge", "Component versions loaded by live worker processes.", "", l, 1.0);
     }
