@@ -154,7 +154,7 @@ struct Settings {
     http: Option<std::net::SocketAddr>,
     http_token: Option<String>,
     report_dir: Option<PathBuf>,
-    otlp: Option<String>,
+    otlp: Option<crate::observe::otlp::Endpoint>,
 }
 
 impl Settings {
@@ -212,17 +212,11 @@ impl Settings {
             _ => None,
         };
         if let Some(addr) = http {
-            if !addr.ip().is_loopback() && args.http_token.is_none() {
-                return Err(CliError::usage(anyhow!(
-                    "--http {addr} is reachable from other machines: it needs --http-token (or TASKHOST_HTTP_TOKEN)"
-                )));
-            }
+            crate::observe::http::check_access(addr, args.http_token.as_deref()).map_err(CliError::usage)?;
         }
-        if let Some(url) = &args.otlp_endpoint {
-            crate::observe::otlp::Endpoint::parse(url).map_err(CliError::usage)?;
-        }
+        let otlp = args.otlp_endpoint.as_deref().map(crate::observe::otlp::Endpoint::parse).transpose().map_err(CliError::usage)?;
         Ok(Settings {
-            otlp: args.otlp_endpoint,
+            otlp,
             task_events: args.events,
             heartbeat: !args.without_heartbeat,
             http,
@@ -271,22 +265,22 @@ pub const CONTROL_SHUTDOWN_EXIT: i32 = 3;
 
 /// A fresh directory for the worker processes' reports to the --http listener: a
 /// random name, readable and writable by this user only (no one else can plant or read
-/// reports there).
-fn make_report_dir() -> Result<PathBuf, CliError> {
-    let dir = tempfile::Builder::new()
+/// reports there), removed when dropped.
+fn make_report_dir() -> Result<tempfile::TempDir, CliError> {
+    tempfile::Builder::new()
         .prefix("taskhost-http-")
         .tempdir()
         .context("creating the directory for worker reports")
-        .map_err(CliError::Failed)?;
-    Ok(dir.keep())
+        .map_err(CliError::Failed)
 }
 
 /// Starts the --http listener on the current `LocalSet`; logs where the dashboard is.
-async fn start_http(args: &Settings, addr: std::net::SocketAddr, report_dir: PathBuf) -> Result<tokio::task::JoinHandle<()>, CliError> {
+/// It stops when the handle is dropped.
+async fn start_http(args: &Settings, addr: std::net::SocketAddr, report_dir: &std::path::Path) -> Result<AbortOnDrop, CliError> {
     let cfg = crate::observe::http::HttpConfig {
         addr,
         token: args.http_token.clone(),
-        report_dir,
+        report_dir: report_dir.to_path_buf(),
         broker_url: args.broker.clone(),
         backend_url: args.result_backend.clone(),
         queues: args.queues.clone(),
@@ -297,7 +291,7 @@ async fn start_http(args: &Settings, addr: std::net::SocketAddr, report_dir: Pat
     } else {
         tracing::info!("http: metrics on http://{addr}/metrics, dashboard on http://{addr}/?token={token}");
     }
-    Ok(tokio::task::spawn_local(serving))
+    Ok(AbortOnDrop(tokio::task::spawn_local(serving)))
 }
 
 fn node_name(args: &Settings) -> String {
@@ -445,21 +439,22 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         let _follow = args.registry.clone().map(|url| {
             tokio::task::spawn_local(crate::registry::follow::follow_url(registry.clone(), url, format!("{node}#{}", std::process::id())))
         });
-        // Alone (-p 1, unsupervised) this process serves --http itself.
+        // Alone (-p 1, unsupervised) this process serves --http itself; both go when
+        // this returns.
         let own_http = match (args.http, args.worker_index) {
             (Some(addr), None) => {
                 let dir = make_report_dir()?;
-                Some((start_http(&args, addr, dir.clone()).await?, dir))
+                Some((start_http(&args, addr, dir.path()).await?, dir))
             }
             _ => None,
         };
-        let report_dir = args.report_dir.clone().or_else(|| own_http.as_ref().map(|(_, dir)| dir.clone()));
+        let report_dir = args.report_dir.clone().or_else(|| own_http.as_ref().map(|(_, dir)| dir.path().to_path_buf()));
         let cfg = WorkerConfig {
             task_events: args.task_events,
             heartbeat: args.heartbeat,
             report_dir,
             broker_url: redact(&args.broker),
-            otlp: args.otlp.as_deref().map(crate::observe::otlp::Endpoint::parse).transpose().map_err(CliError::usage)?,
+            otlp: args.otlp.clone(),
             node_name: node.clone(),
             queues: args.queues.clone(),
             concurrency: args.concurrency,
@@ -497,10 +492,6 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         let stats = worker.clone().run(shutdown).await;
         if let Some(beat) = beat {
             beat.abort();
-        }
-        if let Some((http, dir)) = own_http {
-            http.abort();
-            let _ = std::fs::remove_dir_all(dir);
         }
         tracing::info!(
             node = %node,
@@ -646,7 +637,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let _http = match (args.http, &report_dir) {
-            (Some(addr), Some(dir)) => Some(AbortOnDrop(start_http(args, addr, dir.clone()).await?)),
+            (Some(addr), Some(dir)) => Some(start_http(args, addr, dir.path()).await?),
             _ => None,
         };
         let spawn = |i: usize| {
@@ -688,10 +679,10 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 cmd.arg("--without-heartbeat");
             }
             if let Some(dir) = &report_dir {
-                cmd.arg("--report-dir").arg(dir);
+                cmd.arg("--report-dir").arg(dir.path());
             }
-            if let Some(url) = &args.otlp {
-                cmd.args(["--otlp-endpoint", url]);
+            if let Some(endpoint) = &args.otlp {
+                cmd.args(["--otlp-endpoint", &endpoint.url()]);
             }
             if let Some(h) = &args.hostname {
                 cmd.args(["--hostname", h]);
@@ -732,9 +723,6 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 for child in children.iter_mut().flatten() {
                     let _ = child.wait().await;
                 }
-                if let Some(dir) = &report_dir {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
                 return Ok(());
             }
             let waits = children.iter_mut().enumerate().filter_map(|(i, c)| c.as_mut().map(|c| (i, c))).map(|(i, c)| {
@@ -750,9 +738,6 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                     tracing::warn!(worker = i, "worker process stopped by a shutdown command; not restarted");
                     children[i] = None;
                     if children.iter().all(Option::is_none) {
-                        if let Some(dir) = &report_dir {
-                            let _ = std::fs::remove_dir_all(dir);
-                        }
                         return Ok(());
                     }
                     continue;
@@ -766,7 +751,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
     })
 }
 
-/// Aborts a spawned task when dropped (the supervisor's --http listener).
+/// Aborts a spawned task when dropped (the --http listener).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

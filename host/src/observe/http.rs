@@ -190,16 +190,22 @@ fn unauthorized() -> Response<Full<Bytes>> {
     r
 }
 
+/// Whether the listener may start: beyond loopback only with a token, and a token long
+/// enough not to be guessed.
+pub fn check_access(addr: SocketAddr, token: Option<&str>) -> Result<(), HttpError> {
+    match token {
+        Some(t) if t.len() < 16 => Err(HttpError::WeakToken),
+        None if !addr.ip().is_loopback() => Err(HttpError::TokenRequired(addr)),
+        _ => Ok(()),
+    }
+}
+
 /// Starts listening; the returned future serves until dropped. The token in use (given
 /// or made up) is returned so the caller can print the dashboard's address.
 pub async fn start(cfg: HttpConfig) -> Result<(String, impl std::future::Future<Output = ()>), HttpError> {
+    check_access(cfg.addr, cfg.token.as_deref())?;
     let loopback = cfg.addr.ip().is_loopback();
-    let token = match &cfg.token {
-        Some(t) if t.len() < 16 => return Err(HttpError::WeakToken),
-        Some(t) => t.clone(),
-        None if !loopback => return Err(HttpError::TokenRequired(cfg.addr)),
-        None => hex::encode(rand::random::<[u8; 16]>()),
-    };
+    let token = cfg.token.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
     let listener = tokio::net::TcpListener::bind(cfg.addr).await.map_err(|e| HttpError::Bind(cfg.addr, e))?;
     let state = Rc::new(State {
         token: token.clone(),

@@ -51,6 +51,11 @@ impl Endpoint {
         };
         Ok(Endpoint { authority: authority.to_string(), path })
     }
+
+    /// The full traces URL, as `parse` reads it back.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.authority, self.path)
+    }
 }
 
 /// The parent a producer gave: trace id and span id, lowercase hex.
@@ -246,6 +251,8 @@ mod tests {
         assert_eq!(Endpoint::parse("http://127.0.0.1:4318").unwrap().path, "/v1/traces");
         assert_eq!(Endpoint::parse("http://c:4318/v1/traces").unwrap().path, "/v1/traces");
         assert_eq!(Endpoint::parse("http://c:4318/otlp/").unwrap().path, "/otlp/v1/traces");
+        let e = Endpoint::parse("http://c:4318").unwrap();
+        assert_eq!(Endpoint::parse(&e.url()).unwrap(), e);
         assert!(Endpoint::parse("https://c:4318").is_err());
         assert!(Endpoint::parse("http://c").is_err());
     }
