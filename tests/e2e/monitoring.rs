@@ -5,12 +5,13 @@ use crate::support::*;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-/// One HTTP/1.1 request (connection closed after): status and body.
-fn http(method: &str, port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+/// One HTTP/1.1 request to the listener on `port` (connection closed after), with the
+/// given Host header and bearer token: status and body.
+fn request(method: &str, port: u16, path: &str, host: &str, token: Option<&str>) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -18,15 +19,13 @@ fn http(method: &str, port: u16, path: &str, token: Option<&str>) -> (u16, Strin
     (status, body)
 }
 
-/// A GET with a Host header of the caller's choosing (no token).
+fn http(method: &str, port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    request(method, port, path, "127.0.0.1", token)
+}
+
+/// A request with a Host header of the caller's choosing (no token).
 fn http_with_host(method: &str, port: u16, path: &str, host: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, raw)
+    request(method, port, path, host, None)
 }
 
 fn monitoring(broker: &str, args: &[&str]) -> String {
@@ -41,7 +40,7 @@ fn monitoring(broker: &str, args: &[&str]) -> String {
 
 /// A `serve` of several processes (WorkerProcess runs one), logging to a file.
 struct Serve {
-    child: std::process::Child,
+    child: KillOnDrop,
     log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -61,7 +60,7 @@ impl Serve {
             .stderr(file)
             .spawn()
             .unwrap();
-        Serve { child, log, _dir: dir }
+        Serve { child: KillOnDrop(child), log, _dir: dir }
     }
 
     fn log_text(&self) -> String {
@@ -74,18 +73,6 @@ impl Serve {
             assert!(std::time::Instant::now() < deadline, "serve log never showed {needle:?} ×{count}:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(25));
         }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -141,7 +128,7 @@ fn a_supervised_worker_stopped_by_shutdown_is_not_restarted() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(s) = serve.child.try_wait().unwrap() {
+        if let Some(s) = serve.child.0.try_wait().unwrap() {
             break s;
         }
         assert!(std::time::Instant::now() < deadline, "serve kept running after shutdown:\n{}", serve.log_text());
@@ -333,13 +320,13 @@ fn taskhost_inspect_and_events_answer_for_taskhost_and_celery_workers_alike() {
     }
 }
 
-/// A child process stopped however the test ends.
+/// A child process stopped however the test ends: SIGTERM, then SIGKILL past 20 s.
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while self.0.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
