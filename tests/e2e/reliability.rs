@@ -196,7 +196,7 @@ fn round_trip_p99(broker: &str, count: usize) -> f64 {
 #[test]
 fn hostile_components_are_contained_with_typed_errors() {
     let redis = RedisServer::start();
-    let _worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
+    let worker = WorkerProcess::start(&redis.url(), &["-c", "4"]);
     let run = |mode: &str, n: u64| {
         let out = send(&redis.url(), &["tasks.hostile", "--args", &format!("[\"{mode}\", {n}]"), "--wait", "--timeout", "60"]);
         (out.status.success(), stdout(&out), stderr(&out))
@@ -208,6 +208,8 @@ fn hostile_components_are_contained_with_typed_errors() {
     // Floods of log lines and progress updates are cut at their caps; the task succeeds.
     let (ok, out, err) = run("logflood", 100_000);
     assert!(ok && out == "100000", "{out} {err}");
+    let emitted = worker.log_text().lines().filter(|l| l.contains(": line ") && l.contains("task_id=")).count();
+    assert_eq!(emitted, 1000, "log lines emitted of 100,000 (the cap is 1,000 a task)");
     let (ok, out, err) = run("progressflood", 100_000);
     assert!(ok && out == "100000", "{out} {err}");
     let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "10"]);
