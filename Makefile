@@ -24,12 +24,13 @@ test: test-deps plugins
 	TASKHOST_PLUGINS_DIR=$(CURDIR)/$(PLUGINS_DIR) TASKHOST_BIN=$(CURDIR)/$(TASKHOST) \
 	  TASKHOST_PYTHON=$(CURDIR)/.venv/bin/python \
 	  $(CARGO) test -p taskhost -p taskhost-sdk -p taskhost-e2e
-	@# Tests timed against absolute bounds, alone on the machine after the rest.
+	@# Tests timed against absolute bounds, and the crash soak, alone on the machine after the rest.
 	TASKHOST_PLUGINS_DIR=$(CURDIR)/$(PLUGINS_DIR) TASKHOST_BIN=$(CURDIR)/$(TASKHOST) \
 	  TASKHOST_PYTHON=$(CURDIR)/.venv/bin/python \
 	  $(CARGO) test -p taskhost-e2e -- --ignored --test-threads 1 --exact \
 	  tenants::a_tenant_behind_a_flood_of_100k_starts_within_50_ms \
-	  tenants::a_flood_over_1000_task_names_and_two_queues_is_no_different
+	  tenants::a_flood_over_1000_task_names_and_two_queues_is_no_different \
+	  chaos::a_crash_soak_of_100k_tasks_through_kill_9_and_sigstop_stores_every_result
 
 ## Every example component into dist/plugins/<task>@<version>.wasm.
 plugins:
@@ -42,7 +43,8 @@ test-deps:
 	bash scripts/test-deps.sh
 
 ## taskhost against Celery, side by side (release build; BENCH_SCALE=0.1 for a quick run;
-## BENCH_ARGS=--only-io for the http.fetch scenario alone, --only-tenants for the tenant ones, --only-events for what Celery events cost).
+## BENCH_ARGS=--only-io for the http.fetch scenario alone, --only-tenants for the tenant ones, --only-events for what Celery events cost,
+## --only-soak for the memory soak: 10 million no-op tasks and 100,000 thumbnails).
 BENCH_SCALE ?= 1
 bench: test-deps plugins
 	.venv/bin/pip install --quiet --disable-pip-version-check pillow

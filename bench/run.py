@@ -29,6 +29,7 @@ from io_bench import report_io, run_io
 from publish_bench import report_publish, run_publish
 from events_bench import report_events, run_events
 from python_bench import report_python, run_python
+from soak_bench import report_soak, run_soak
 from tenants_bench import report_tenants, run_tenants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,6 +265,8 @@ def main():
                     help="run only the release scenario (publish -> every following worker serving, 20 rounds)")
     ap.add_argument("--only-events", action="store_true",
                     help="run only the events scenario (the no-op drain with Celery task events off and on)")
+    ap.add_argument("--only-soak", action="store_true",
+                    help="run only the memory soak (10 million no-op tasks, then 100,000 thumbnails; RSS sampled)")
     ap.add_argument("--only-tenants", action="store_true",
                     help="run only the tenant scenarios (a flood and a late tenant; the drain with fairness on and off)")
     args = ap.parse_args()
@@ -284,6 +287,7 @@ def main():
         (args.only_tenants, "tenants", lambda p: run_tenants(h, args.taskhost, args.plugins, args.scale, p), 4,
          report_tenants),
         (args.only_events, "events", lambda p: run_events(h, args.taskhost, args.plugins, args.scale, p), 1, report_events),
+        (args.only_soak, "soak", lambda p: run_soak(h, args.taskhost, args.plugins, args.scale, p), 2, report_soak),
     ]
     for asked, key, run, steps, report_one in alone:
         if asked:

@@ -98,12 +98,7 @@ fn bulk_fill_component(pages: u32) -> Vec<u8> {
     (i32.store (i32.const 44) (i32.const 1))
     (i32.const 32)))"#
     );
-    let mut module = wat::parse_str(&wat).unwrap();
-    let mut resolve = wit_parser::Resolve::default();
-    let (package, _) = resolve.push_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit")).unwrap();
-    let world = resolve.select_world(&[package], Some("task")).unwrap();
-    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8).unwrap();
-    wit_component::ComponentEncoder::default().module(&module).unwrap().validate(true).encode().unwrap()
+    task_component(&wat)
 }
 
 #[test]

@@ -104,14 +104,37 @@ impl RedisServer {
 
     pub fn start_on(port: u16) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let child = Self::spawn(port, dir.path(), &["--appendonly", "no"]);
+        Self::ready(RedisServer { port, child, _dir: dir })
+    }
+
+    /// A server persisting to `dir` with an append-only file fsynced every second, as a
+    /// production Redis under a queue is run; started again on the same `dir`, it
+    /// replays what it had written.
+    pub fn start_persistent(port: u16, dir: &std::path::Path) -> RedisServer {
+        let child = Self::spawn(port, dir, &["--appendonly", "yes", "--appendfsync", "everysec"]);
+        Self::ready(RedisServer { port, child, _dir: tempfile::tempdir().unwrap() })
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path, persistence: &[&str]) -> std::process::Child {
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(persistence)
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .stdout(std::process::Stdio::null())
             .spawn()
-            .expect("redis-server (make test-deps installs it)");
-        let server = RedisServer { port, child, _dir: dir };
+            .expect("redis-server (make test-deps installs it)")
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn ready(server: RedisServer) -> RedisServer {
+        let port = server.port;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(std::time::Instant::now() < deadline, "redis-server did not start on {port}");
@@ -178,11 +201,23 @@ impl WorkerProcess {
         env: &[(&str, &str)],
         ready_within: std::time::Duration,
     ) -> WorkerProcess {
+        Self::start_processes(1, broker, plugins, extra, env, ready_within)
+    }
+
+    /// `serve -p <processes>`: a supervisor and its worker processes (`children`).
+    pub fn start_processes(
+        processes: usize,
+        broker: &str,
+        plugins: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        ready_within: std::time::Duration,
+    ) -> WorkerProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
         let file = std::fs::File::create(&log).unwrap();
         let child = std::process::Command::new(taskhost_bin())
-            .args(["serve", "-p", "1", "--broker", broker, "--plugins"])
+            .args(["serve", "-p", &processes.to_string(), "--broker", broker, "--plugins"])
             .arg(plugins)
             .args(extra)
             .env("TASKHOST_CACHE_DIR", cache_dir())
@@ -211,6 +246,24 @@ impl WorkerProcess {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The pids of a supervisor's worker processes (its children serving tasks).
+    pub fn children(&self) -> Vec<i32> {
+        let me = self.pid().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid …: the fields after the last ')'.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if ppid == Some(me.as_str()) && String::from_utf8_lossy(&cmdline).contains("--worker-index") {
+                pids.push(pid);
+            }
+        }
+        pids.sort();
+        pids
     }
 
     pub fn signal(&self, sig: i32) {
@@ -315,4 +368,15 @@ pub fn wait_status(broker: &str, id: &str, status: &str, within: std::time::Dura
         assert!(std::time::Instant::now() < deadline, "task {id} never reached {status}: {r}");
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
+}
+
+/// A component of the taskhost world from a hand-written core module (WAT), as an
+/// attacker would write one: the module exports `memory`, `cabi_realloc` and `run`.
+pub fn task_component(wat: &str) -> Vec<u8> {
+    let mut module = wat::parse_str(wat).unwrap();
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(workspace_root().join("wit")).unwrap();
+    let world = resolve.select_world(&[package], Some("task")).unwrap();
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8).unwrap();
+    wit_component::ComponentEncoder::default().module(&module).unwrap().validate(true).encode().unwrap()
 }

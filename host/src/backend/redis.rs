@@ -6,7 +6,7 @@ use crate::canvas::ChordEntry;
 use crate::protocol::ResultRecord;
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
+use crate::broker::RedisConn;
 use redis::{AsyncCommands, Script};
 use std::time::Duration;
 
@@ -92,7 +92,7 @@ fn err(e: redis::RedisError) -> BackendError {
 
 pub struct RedisBackend {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: RedisConn,
     store: Script,
     chord_join: Script,
     chord_done: Script,
@@ -104,7 +104,7 @@ pub struct RedisBackend {
 impl RedisBackend {
     pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Self, BackendError> {
         let client = crate::broker::redis_client(url).map_err(err)?;
-        let conn = crate::broker::redis_manager(url, Some(Duration::from_secs(10))).await.map_err(err)?;
+        let conn = crate::broker::redis_manager(url, Some(crate::broker::REDIS_RESPONSE_TIMEOUT)).await.map_err(err)?;
         Ok(RedisBackend {
             client,
             conn,

@@ -2,10 +2,12 @@
 //! schedule, dead-letter — and the URL that picks a transport.
 
 mod redis;
+mod redis_conn;
 pub mod releases;
 pub mod sqlite;
 
-pub use self::redis::{client as redis_client, manager as redis_manager, RedisBroker, TLS_CA_ENV};
+pub use self::redis::RedisBroker;
+pub use self::redis_conn::{client as redis_client, manager as redis_manager, RedisConn, RESPONSE_TIMEOUT as REDIS_RESPONSE_TIMEOUT, TLS_CA_ENV};
 pub use self::sqlite::SqliteBroker;
 
 use async_trait::async_trait;

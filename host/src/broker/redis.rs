@@ -11,7 +11,7 @@ use super::{Broker, BrokerError, DeadLetter, Delivery};
 use crate::protocol::{list_for_priority, mark_redelivered, priority_from, Envelope, BAND_SEP, PRIORITY_BANDS};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use super::redis_conn::{client, manager, RedisConn, RESPONSE_TIMEOUT};
 use redis::{AsyncCommands, Script};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -472,9 +472,11 @@ fn reply_binding(routing_key: &str) -> (String, String) {
 pub struct RedisBroker {
     url: String,
     db: i64,
-    conn: ConnectionManager,
-    /// BRPOP blocks its connection, so it gets its own.
-    blocking: tokio::sync::Mutex<ConnectionManager>,
+    conn: RedisConn,
+    /// BRPOP blocks its connection, so it gets its own, without a response timeout: a
+    /// BRPOP given up on the client side could still pop on the server, and its reply
+    /// (the message) would be lost. A dead peer ends it through TCP keepalive instead.
+    blocking: tokio::sync::Mutex<RedisConn>,
     fetch: Script,
     record: Script,
     restore: Script,
@@ -499,38 +501,9 @@ fn db_of(url: &str) -> i64 {
     after_scheme.split_once('/').and_then(|(_, path)| path.trim_matches('/').parse().ok()).unwrap_or(0)
 }
 
-/// Environment variable naming a PEM file of CA certificates to trust for `rediss://`
-/// (the default trust store is the Mozilla roots; `#insecure` on the URL skips checks).
-pub const TLS_CA_ENV: &str = "TASKHOST_TLS_CA_FILE";
-
-/// A client for `url`, trusting the CA in `$TASKHOST_TLS_CA_FILE` for TLS if set.
-pub fn client(url: &str) -> Result<redis::Client, redis::RedisError> {
-    match std::env::var_os(TLS_CA_ENV) {
-        Some(path) if url.starts_with("rediss://") => {
-            let root_cert = std::fs::read(&path).map_err(|e| {
-                redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "cannot read TLS CA file", e.to_string()))
-            })?;
-            redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) })
-        }
-        _ => redis::Client::open(url),
-    }
-}
-
-/// Connects with automatic reconnection. Each attempt retries briefly (0.1 + 0.2 + 0.4 s);
-/// callers (the worker's loops) keep retrying with their own backoff after that.
-pub async fn manager(url: &str, response_timeout: Option<Duration>) -> Result<ConnectionManager, redis::RedisError> {
-    let client = client(url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_number_of_retries(3)
-        .set_max_delay(Duration::from_secs(1))
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(response_timeout);
-    ConnectionManager::new_with_config(client, config).await
-}
-
 /// The fetch script pops with `RPOP key count` (Redis 6.2+); an older server is refused
 /// at connect with a clear error rather than failing every fetch.
-async fn require_rpop_count(conn: &mut ConnectionManager) -> Result<(), BrokerError> {
+async fn require_rpop_count(conn: &mut RedisConn) -> Result<(), BrokerError> {
     let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await.map_err(cmd_err) {
         Ok(info) => info,
         Err(e @ BrokerError::Connection(_)) => return Err(e),
@@ -593,7 +566,7 @@ impl RedisBroker {
     }
 
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
-        let conn = manager(url, Some(Duration::from_secs(10))).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
+        let conn = manager(url, Some(RESPONSE_TIMEOUT)).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
         let blocking = manager(url, None).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
         require_rpop_count(&mut conn.clone()).await?;
         Ok(RedisBroker {
@@ -618,7 +591,7 @@ impl RedisBroker {
         })
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -741,23 +714,18 @@ impl Broker for RedisBroker {
         };
         let Some((key, raw)) = popped else { return Ok(Vec::new()) };
         let queue = owners[keys.iter().position(|k| *k == key).unwrap_or(0)].clone();
-        // Popped but not yet recorded: if recording fails, the message must go back to
-        // the consuming end of its list, or it would be lost.
-        let mut attempt = 0;
+        // Popped but not yet recorded: the message is nowhere but here, so recording is
+        // retried until it gets through (an outage, a black hole) rather than given up.
+        // Recording is idempotent (the unacked entry is keyed by the message's own
+        // delivery tag), so a retry after a reply that was lost records it once.
+        let mut backoff = Duration::from_millis(50);
         let tag: Option<String> = loop {
             match self.record.arg(&raw).arg(crate::protocol::unix_now()).arg(json_string(&queue)).invoke_async(&mut self.conn()).await {
                 Ok(tag) => break tag,
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!("recording a popped message failed, retrying: {e}");
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
                 Err(e) => {
-                    let back: redis::RedisResult<()> = self.conn().rpush(&key, &raw).await;
-                    if let Err(again) = back {
-                        tracing::error!("a popped message could be neither recorded nor returned: {again}");
-                    }
-                    return Err(cmd_err(e));
+                    tracing::warn!("recording a popped message failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         };

@@ -86,7 +86,7 @@ pub async fn connect(url: &str) -> Result<Box<dyn ReleaseStore>, BrokerError> {
 const PREFIX: &str = "taskhost.release.";
 
 struct RedisReleases {
-    conn: redis::aio::ConnectionManager,
+    conn: super::RedisConn,
 }
 
 fn k(name: &str) -> String {

@@ -5,8 +5,9 @@
 use std::time::Instant;
 use wasmtime::ResourceLimiter;
 
-/// Table elements one task may grow to: generous for function tables, far below abuse.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Table elements one task may grow a table to: generous for function tables (a large
+/// Python component has ~10,000), far below abuse. The pool's table slots are sized to it.
+pub(super) const MAX_TABLE_ELEMENTS: usize = 20_000;
 
 pub(super) struct MemoryLimiter {
     cap: u64,

@@ -488,6 +488,7 @@ impl Runtime {
             .max_core_instances_per_component(footprint::CORE_INSTANCES_PER_COMPONENT)
             .max_memories_per_component(footprint::MEMORIES_PER_COMPONENT)
             .max_tables_per_component(footprint::TABLES_PER_COMPONENT)
+            .table_elements(limits::MAX_TABLE_ELEMENTS)
             .max_memory_size(config.ceilings.max_task_memory as usize)
             // Decommits are not batched (wasmtime's default of 1): since slots are reset in
             // place below, batching no longer speeds up small tasks (measured equal), and a

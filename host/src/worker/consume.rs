@@ -65,7 +65,9 @@ impl Worker {
                         Err(e) => {
                             tracing::warn!("fetch failed, retrying in {:?}: {e}", backoff);
                             retry_at = Some(tokio::time::Instant::now() + backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            // At most 1 s: consuming resumes within ~1 s of the broker's
+                            // return, and a failed attempt costs one refused connect.
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
                     }
                 }

@@ -6,6 +6,8 @@ use super::*;
 impl Worker {
     pub(super) async fn housekeeping(self: Rc<Self>) {
         let touch_every = (self.cfg.visibility_timeout / 4).min(Duration::from_secs(60)).max(Duration::from_millis(100));
+        // A message whose holder died waits at most half the timeout more to come back.
+        let sweep_every = (self.cfg.visibility_timeout / 2).clamp(Duration::from_secs(1), SWEEP_INTERVAL);
         let mut last_touch = Instant::now();
         let mut last_sweep: Option<Instant> = None;
         let mut last_usage_flush = Instant::now();
@@ -24,11 +26,17 @@ impl Worker {
                     }
                 }
             }
-            if last_touch.elapsed() >= touch_every {
+            // The sweep below would restore this worker's own held messages if their
+            // refresh had failed (an outage longer than the visibility timeout), and they
+            // would run twice: so each sweep follows a refresh that got through.
+            let sweep_due = last_sweep.is_none_or(|t| t.elapsed() >= sweep_every);
+            let mut touched = false;
+            if last_touch.elapsed() >= touch_every || sweep_due {
                 last_touch = Instant::now();
                 let tags: Vec<String> = self.held.borrow().iter().cloned().collect();
-                if let Err(e) = self.broker.touch(&tags).await {
-                    tracing::warn!("refreshing held messages failed: {e}");
+                match self.broker.touch(&tags).await {
+                    Ok(()) => touched = true,
+                    Err(e) => tracing::warn!("refreshing held messages failed: {e}"),
                 }
             }
             self.keep_fairness().await;
@@ -40,7 +48,7 @@ impl Worker {
                 last_usage_flush = Instant::now();
                 self.flush_usage().await;
             }
-            if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_INTERVAL) {
+            if sweep_due && touched {
                 last_sweep = Some(Instant::now());
                 match self.broker.restore_expired(self.cfg.visibility_timeout).await {
                     Ok(0) => {}

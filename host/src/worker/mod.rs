@@ -47,7 +47,8 @@ pub const DEFAULT_PREFETCH_MULTIPLIER: usize = 4;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a fetch blocks on empty queues: bounds how late a drain starts.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
-/// kombu sweeps every 100 s (`unacked_restore_interval` 10 × throttle 10).
+/// Longest gap between visibility sweeps: kombu sweeps every 100 s
+/// (`unacked_restore_interval` 10 × throttle 10); a shorter timeout sweeps at half of it.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(100);
 /// How often parked (ETA) messages are checked: the lateness bound of an ETA.
 const MOVE_DUE_INTERVAL: Duration = Duration::from_millis(100);

@@ -1,7 +1,7 @@
 //! `tasks.hostile(mode, n?)`: what a hostile tenant's task tries, one mode per attack, so
 //! tests can show each one contained: huge texts, forged log lines, bulk memory work,
 //! clock probing, reads, writes and requests beyond what is granted, stack exhaustion and
-//! host resources created without end.
+//! host resources created without end, results past the cap.
 use serde_json::json;
 use std::time::{Instant, SystemTime};
 use taskhost_sdk::{task, Context, TaskError};
@@ -34,6 +34,9 @@ fn hostile(ctx: &Context, mode: String, n: Option<u64>, path: Option<String>) ->
             }
             Ok(json!(n))
         }
+        // A result of exactly n bytes of JSON (a string of n - 2 characters in quotes):
+        // one past the worker's result cap, or far past it.
+        "result" => Ok(json!("x".repeat(n.saturating_sub(2)))),
         "reject" => Err(TaskError::reject(big())),
         "retry" => Err(TaskError::retry_in(big(), 0.0)),
         "progress" => {

@@ -1,0 +1,90 @@
+"""make bench's soak scenario: the worker's resident memory over 10 million no-op tasks
+and then 100,000 thumbnails on one Redis, the queue topped up as fast as it drains. Flat
+means the last sample and the highest are within 10% of the first after warm-up.
+"""
+import base64
+import io
+import subprocess
+import time
+
+
+def small_image():
+    """A 480x360 PNG (base64): small enough for one command-line argument (128 KiB)."""
+    from PIL import Image
+
+    img = Image.new("RGB", (480, 360))
+    px = img.load()
+    for x in range(0, 480, 3):
+        for y in range(0, 360, 3):
+            px[x, y] = (x % 256, y % 256, (x * y) % 256)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def soak_phase(h, taskhost, rds, worker_pid, task, args, queue, total, batch):
+    """Keeps `queue` topped up until `total` were sent and all ran; RSS samples over it."""
+    samples, sent, last_sample = [], 0, 0.0
+    start = time.time()
+    while True:
+        queued = rds.r.llen(queue)
+        if sent < total and queued < batch:
+            k = min(batch, total - sent)
+            h.fill(taskhost, rds.url, queue, k, task=task, args=args)
+            sent += k
+            continue
+        done = sent - queued - rds.r.hlen("unacked")
+        now = time.time()
+        if now - last_sample >= 1.0:
+            last_sample = now
+            samples.append({"t": round(now - start, 1), "done": done, "rss_mb": h.rss_kb(worker_pid) / 1024})
+        if sent >= total and queued == 0 and rds.r.hlen("unacked") == 0:
+            break
+        time.sleep(0.05)
+    took = time.time() - start
+    samples.append({"t": round(took, 1), "done": total, "rss_mb": h.rss_kb(worker_pid) / 1024})
+    # The first tenth warms up (allocator arenas, compiled code paged in, pools filled).
+    warm = [s for s in samples if s["done"] >= total // 10] or samples
+    first, last = warm[0]["rss_mb"], warm[-1]["rss_mb"]
+    highest = max(s["rss_mb"] for s in warm)
+    return {"task": task, "count": total, "seconds": took, "per_s": total / took, "rss_after_warmup_mb": first,
+            "rss_end_mb": last, "rss_max_mb": highest, "rss_min_mb": min(s["rss_mb"] for s in warm),
+            "end_vs_warm_pct": 100 * (last - first) / first, "max_vs_warm_pct": 100 * (highest - first) / first,
+            "flat": abs(last - first) <= 0.1 * first and highest <= 1.1 * first, "samples": samples}
+
+
+def run_soak(h, taskhost, plugins, scale, progress):
+    import os
+
+    noops = max(10_000, int(10_000_000 * scale))
+    thumbs = max(1_000, int(100_000 * scale))
+    cores = os.cpu_count() or 1
+    rds = h.Redis()
+    cmd = [taskhost, "serve", "--plugins", plugins, "-p", str(cores), "-c", "32", "-Q", "celery,media_heavy",
+           "--broker", rds.url, "--track-started", "false"]
+    worker = subprocess.Popen(cmd, env={**os.environ, "RUST_LOG": "warn"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run([taskhost, "send", "tasks.noop", "--broker", rds.url, "--wait", "--timeout", "60"],
+                       check=True, capture_output=True)
+        out = {"processes": cores, "concurrency": 32}
+        with progress.step(f"soak: {noops:,} no-op tasks, RSS sampled every second"):
+            out["noop"] = soak_phase(h, taskhost, rds, worker.pid, "tasks.noop", "[]", "celery", noops, 200_000)
+        image = small_image()
+        with progress.step(f"soak: {thumbs:,} thumbnails (480x360 PNG → 128 px)"):
+            out["thumbnail"] = soak_phase(h, taskhost, rds, worker.pid, "media.thumbnail", f'["{image}", 128]',
+                                          "media_heavy", thumbs, 500)
+        out["redis_used_memory_mb"] = rds.r.info("memory")["used_memory"] / 2**20
+        return out
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        rds.stop()
+
+
+def report_soak(s):
+    print(f"\nSoak: worker RSS (supervisor + {s['processes']} processes) after the first tenth, at the end, and the highest")
+    for key in ("noop", "thumbnail"):
+        p = s[key]
+        print(f"  {p['task']:17}{p['count']:>11,} in {p['seconds']:>6.0f} s ({p['per_s']:>7.0f}/s)   "
+              f"RSS {p['rss_after_warmup_mb']:.0f} → {p['rss_end_mb']:.0f} MB (max {p['rss_max_mb']:.0f}, "
+              f"{p['end_vs_warm_pct']:+.1f}% / {p['max_vs_warm_pct']:+.1f}%)   {'flat' if p['flat'] else 'NOT flat'}")

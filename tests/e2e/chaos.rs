@@ -1,0 +1,354 @@
+//! Chaos: worker processes killed (`kill -9`) and stopped past the visibility timeout
+//! mid-drain, Redis crashing and coming back, and a fault proxy between worker and Redis
+//! (resets, a black hole, latency) — every task ends stored; duplicates are counted.
+
+use crate::fault_proxy::{Fault, FaultProxy};
+use crate::support::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Logs each completed run (the worker's debug "succeeded" line) so runs can be counted.
+const RUN_LOG: &str = "info,taskhost::worker::finish=debug";
+
+/// Completed runs per task id, from a worker log written under [`RUN_LOG`].
+fn runs_per_task(log: &str) -> HashMap<String, usize> {
+    let mut runs = HashMap::new();
+    for line in log.lines().filter(|l| l.contains("succeeded in")) {
+        let Some((_, rest)) = line.split_once(" id=") else { continue };
+        // The span writes it quoted (`task{… id="…"}`), the event bare.
+        let id: String = rest.trim_start_matches('"').chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+        assert!(!id.is_empty(), "no task id in {line:?}");
+        *runs.entry(id).or_insert(0) += 1;
+    }
+    runs
+}
+
+/// Tasks run more than once, and the extra runs they took.
+fn duplicates(runs: &HashMap<String, usize>) -> (usize, usize) {
+    let twice: Vec<usize> = runs.values().filter(|n| **n > 1).copied().collect();
+    (twice.len(), twice.iter().map(|n| n - 1).sum())
+}
+
+/// A Celery protocol v2 message for `task(*args)`, as a Python client writes it.
+fn celery_message(task: &str, id: &str, args: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    let body = serde_json::json!([args, {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
+    let body = base64::engine::general_purpose::STANDARD.encode(body.to_string());
+    serde_json::json!({"body": body, "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "py", "task": task, "id": id, "root_id": id, "parent_id": null, "group": null,
+                    "retries": 0, "timelimit": [null, null], "argsrepr": args.to_string(), "kwargsrepr": "{}"},
+        "properties": {"correlation_id": id, "delivery_tag": uuid::Uuid::new_v4().to_string(), "body_encoding": "base64",
+                       "priority": 0, "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": "celery"}}})
+    .to_string()
+    .into_bytes()
+}
+
+/// Enqueues `n` runs of `task(*args)` straight on Redis (one pipeline); their ids.
+fn enqueue(conn: &mut redis::Connection, task: &str, args: &serde_json::Value, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("LPUSH").arg("celery").arg(celery_message(task, id, args)).ignore();
+    }
+    pipe.query::<()>(conn).unwrap();
+    ids
+}
+
+/// (results stored, of which SUCCESS) on a Redis backend.
+fn stored(conn: &mut redis::Connection) -> (usize, usize) {
+    let script = redis::Script::new(
+        r#"local keys = redis.call('KEYS', 'celery-task-meta-*')
+           local ok = 0
+           for _, k in ipairs(keys) do
+             local v = redis.call('GET', k)
+             if v and string.find(v, '"status":%s*"SUCCESS"') then ok = ok + 1 end
+           end
+           return {#keys, ok}"#,
+    );
+    let (all, ok): (usize, usize) = script.invoke(conn).unwrap();
+    (all, ok)
+}
+
+/// Waits until `want` results are stored, or panics with what is missing.
+fn wait_stored(conn: &mut redis::Connection, want: usize, within: Duration, worker: &WorkerProcess) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (all, _) = stored(conn);
+        if all >= want {
+            return started.elapsed();
+        }
+        if started.elapsed() > within {
+            let queued: usize = redis::cmd("LLEN").arg("celery").query(conn).unwrap();
+            let unacked: usize = redis::cmd("HLEN").arg("unacked").query(conn).unwrap();
+            let log = worker.log_text();
+            let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("succeeded in")).take(40).collect();
+            panic!("{all} of {want} results stored after {within:?}; {queued} queued, {unacked} unacked; log tail:\n{}", tail.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// After a run: nothing left queued, held or dead-lettered.
+fn assert_drained(conn: &mut redis::Connection) {
+    let queued: usize = redis::cmd("LLEN").arg("celery").query(conn).unwrap();
+    let unacked: usize = redis::cmd("HLEN").arg("unacked").query(conn).unwrap();
+    let index: usize = redis::cmd("ZCARD").arg("unacked_index").query(conn).unwrap();
+    let dead: usize = redis::cmd("LLEN").arg("taskhost.dlq").query(conn).unwrap();
+    assert_eq!((queued, unacked, index, dead), (0, 0, 0, 0), "(queued, unacked, unacked_index, dead letters) after the drain");
+}
+
+/// A pseudo-random number in `0..n` (the tests want spread, not cryptography).
+fn random_below(n: u64) -> u64 {
+    (uuid::Uuid::new_v4().as_u128() % n as u128) as u64
+}
+
+fn kill(pid: i32, signal: i32) {
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to {pid}");
+}
+
+/// Waits for a supervisor to have `n` worker processes; their pids.
+fn children_up(worker: &WorkerProcess, n: usize) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pids = worker.children();
+        if pids.len() == n {
+            return pids;
+        }
+        assert!(Instant::now() < deadline, "{} of {n} worker processes up:\n{}", pids.len(), worker.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The issue's crash soak: 100,000 acks-late tasks through two worker processes, five
+/// `kill -9`s at random points, then one process stopped (SIGSTOP) for longer than the
+/// visibility timeout and resumed. Every task ends with a SUCCESS; the duplicates (runs
+/// a killed or stopped process finished but never acked) are counted and bounded by
+/// what those processes held.
+#[test]
+#[ignore = "a minute of both cores: make test runs it alone, after the rest"]
+fn a_crash_soak_of_100k_tasks_through_kill_9_and_sigstop_stores_every_result() {
+    const TASKS: usize = 100_000;
+    const VISIBILITY: u64 = 5;
+    let redis = RedisServer::start();
+    let mut conn = redis.client().get_connection().unwrap();
+    let worker = WorkerProcess::start_processes(
+        2,
+        &redis.url(),
+        &plugins_dir(),
+        &["-c", "16", "--visibility-timeout", &VISIBILITY.to_string()],
+        &[("RUST_LOG", RUN_LOG)],
+        Duration::from_secs(30),
+    );
+    children_up(&worker, 2);
+    // Sent in ten waves a second apart, so the drain spans the whole of the chaos.
+    let producer = {
+        let client = redis.client();
+        std::thread::spawn(move || {
+            let mut conn = client.get_connection().unwrap();
+            for _ in 0..10 {
+                enqueue(&mut conn, "tasks.noop", &serde_json::json!([]), TASKS / 10);
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+        })
+    };
+    let started = Instant::now();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300 + random_below(1200)));
+        let pids = children_up(&worker, 2);
+        kill(pids[random_below(2) as usize], libc::SIGKILL);
+    }
+    // Stopped, it holds its prefetched messages past the visibility timeout; the other
+    // process restores and runs them. Resumed, it finishes and acks what it was running.
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped = children_up(&worker, 2)[random_below(2) as usize];
+    kill(stopped, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(VISIBILITY + 4));
+    kill(stopped, libc::SIGCONT);
+    producer.join().unwrap();
+    wait_stored(&mut conn, TASKS, Duration::from_secs(240), &worker);
+    std::thread::sleep(Duration::from_secs(2)); // the last acks
+    let (all, ok) = stored(&mut conn);
+    assert_eq!((all, ok), (TASKS, TASKS), "(results, SUCCESS)");
+    assert_drained(&mut conn);
+    let log = worker.log_text();
+    let runs = runs_per_task(&log);
+    let (twice, extra) = duplicates(&runs);
+    let restored: usize = log.lines().filter(|l| l.contains("restored messages past the visibility timeout")).count();
+    eprintln!(
+        "crash soak: {TASKS} tasks stored in {:.1}s through 5 kill -9 and a {}s SIGSTOP; {twice} ran twice ({extra} extra runs); \
+         {} runs logged; {restored} visibility sweeps restored messages",
+        (started.elapsed()).as_secs_f64(),
+        VISIBILITY + 4,
+        runs.values().sum::<usize>()
+    );
+    assert!(runs.len() >= TASKS, "runs logged for only {} tasks", runs.len());
+    // Each kill loses at most what that process held (its prefetch: 16 × 4), the stop
+    // the same again; every other task ran once.
+    assert!(twice <= 6 * 64, "{twice} tasks ran more than once");
+    assert!(restored >= 1, "nothing was restored after the SIGSTOP: the test did not test it");
+}
+
+/// `sqlite3` through the test Python: one query's rows as JSON.
+fn sqlite_query(path: &std::path::Path, sql: &str) -> serde_json::Value {
+    let script = "import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(json.dumps(c.execute(sys.argv[2]).fetchall()))";
+    let out = run_bounded(std::process::Command::new(python()).args(["-c", script]).arg(path).arg(sql), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The embedded broker under the same kills: worker processes die mid-transaction; the
+/// file passes `PRAGMA integrity_check` and every task ends with a result.
+#[test]
+fn killing_worker_processes_on_the_embedded_broker_corrupts_nothing_and_loses_nothing() {
+    const TASKS: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let broker = format!("sqlite://{}", db.display());
+    let worker = WorkerProcess::start_processes(
+        2,
+        &broker,
+        &plugins_dir(),
+        &["-c", "16", "--visibility-timeout", "5"],
+        &[("RUST_LOG", RUN_LOG)],
+        Duration::from_secs(30),
+    );
+    children_up(&worker, 2);
+    let sent = send(&broker, &["tasks.noop", "--count", &TASKS.to_string()]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200 + random_below(800)));
+        let pids = children_up(&worker, 2);
+        kill(pids[random_below(2) as usize], libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = sqlite_query(&db, "SELECT COUNT(*) FROM results WHERE status = 'SUCCESS'")[0][0].as_u64().unwrap();
+        if done as usize >= TASKS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done} of {TASKS} results after 180 s:\n{}", worker.log_text().lines().rev().take(30).collect::<Vec<_>>().join("\n"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sqlite_query(&db, "PRAGMA integrity_check"), serde_json::json!([["ok"]]));
+    let left = sqlite_query(&db, "SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM dead_letters)");
+    assert_eq!(left, serde_json::json!([[0, 0]]), "(messages left, dead letters)");
+    let (twice, extra) = duplicates(&runs_per_task(&worker.log_text()));
+    eprintln!("embedded broker: {TASKS} tasks stored through 5 kill -9; {twice} ran twice ({extra} extra runs)");
+    assert!(twice <= 5 * 64, "{twice} tasks ran more than once");
+}
+
+/// Redis killed (SIGKILL) mid-drain and started again on its append-only file: the
+/// worker is consuming again within 2 s of Redis accepting connections, and every task
+/// Redis had acknowledged ends with its result, run once.
+#[test]
+fn a_redis_crash_and_restart_mid_drain_loses_nothing_and_consuming_resumes_within_2s() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let redis = RedisServer::start_persistent(port, data.path());
+    let url = redis.url();
+    let worker = WorkerProcess::start_with_env(&url, &plugins_dir(), &["-c", "8"], &[("RUST_LOG", RUN_LOG)]);
+    let mut conn = redis.client().get_connection().unwrap();
+    let ids = enqueue(&mut conn, "tasks.sleep", &serde_json::json!([10]), 3000);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before: usize = redis::cmd("LLEN").arg("celery").query(&mut conn).unwrap();
+    assert!(before > 500, "the drain was nearly over before the crash ({before} left)");
+    drop(conn);
+    redis.crash();
+    std::thread::sleep(Duration::from_secs(3));
+    let redis = RedisServer::start_persistent(port, data.path());
+    let back = Instant::now();
+    let mut conn = redis.client().get_connection().unwrap();
+    // Consuming again: the queue shrinks.
+    let after_restart: usize = loop {
+        match redis::cmd("LLEN").arg("celery").query::<usize>(&mut conn) {
+            Ok(n) => break n,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)), // still loading the file
+        }
+    };
+    assert!(after_restart > 0 && after_restart <= before, "queue {after_restart} after the restart, {before} before the crash");
+    let resumed = loop {
+        let n: usize = redis::cmd("LLEN").arg("celery").query(&mut conn).unwrap();
+        if n < after_restart {
+            break back.elapsed();
+        }
+        assert!(back.elapsed() < Duration::from_secs(30), "the worker never consumed again:\n{}", worker.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    wait_stored(&mut conn, ids.len(), Duration::from_secs(120), &worker);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(stored(&mut conn), (ids.len(), ids.len()), "(results, SUCCESS)");
+    assert_drained(&mut conn);
+    let runs = runs_per_task(&worker.log_text());
+    eprintln!("redis crash: consuming again {:.0} ms after Redis was back; duplicates {:?}", resumed.as_secs_f64() * 1000.0, duplicates(&runs));
+    assert!(resumed <= Duration::from_secs(2), "consuming resumed {resumed:?} after Redis returned");
+    assert_eq!(duplicates(&runs), (0, 0), "(tasks run twice, extra runs)");
+}
+
+/// A fault proxy between worker and Redis: connections reset, 200 ms added each way, and
+/// a 15 s black hole. The worker notices the dead connection within 10 s, reconnects
+/// after each fault, and every task ends stored, none run twice.
+#[test]
+fn through_resets_latency_and_a_black_hole_the_worker_notices_reconnects_and_loses_nothing() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port);
+    let via_proxy = format!("redis://127.0.0.1:{}/0", proxy.port);
+    // A low visibility timeout: a fetch whose reply the black hole swallowed was still
+    // recorded by Redis, and those messages come back when it lapses.
+    let worker = WorkerProcess::start_with_env(&via_proxy, &plugins_dir(), &["-c", "8", "--visibility-timeout", "10"], &[("RUST_LOG", RUN_LOG)]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 20 tasks of 50 ms every 200 ms, sent around the proxy, for as long as faults last.
+    let producer = {
+        let (client, stop) = (redis.client(), stop.clone());
+        std::thread::spawn(move || {
+            let mut conn = client.get_connection().unwrap();
+            let mut ids = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ids.extend(enqueue(&mut conn, "tasks.sleep", &serde_json::json!([50]), 20));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            ids
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..3 {
+        proxy.reset_all();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    proxy.set(Fault::Latency(Duration::from_millis(200)));
+    std::thread::sleep(Duration::from_secs(5));
+    proxy.set(Fault::None);
+    std::thread::sleep(Duration::from_secs(1));
+    let logged_before = worker.log_text().len();
+    proxy.set(Fault::BlackHole);
+    let hole = Instant::now();
+    let noticed = loop {
+        let log = worker.log_text();
+        if log[logged_before..].contains("no reply from Redis in time") {
+            break hole.elapsed();
+        }
+        assert!(hole.elapsed() < Duration::from_secs(15), "no sign the worker noticed the black hole:\n{}", &log[logged_before..]);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(hole.elapsed()));
+    proxy.set(Fault::None);
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ids = producer.join().unwrap();
+    let mut conn = redis.client().get_connection().unwrap();
+    let drained = wait_stored(&mut conn, ids.len(), Duration::from_secs(90), &worker);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(stored(&mut conn), (ids.len(), ids.len()), "(results, SUCCESS)");
+    assert_drained(&mut conn);
+    let runs = runs_per_task(&worker.log_text());
+    eprintln!(
+        "fault proxy: {} tasks; black hole noticed after {:.1}s; all stored {:.1}s after the faults; duplicates {:?}",
+        ids.len(),
+        noticed.as_secs_f64(),
+        drained.as_secs_f64(),
+        duplicates(&runs)
+    );
+    assert!(noticed <= Duration::from_secs(10), "the black hole went unnoticed for {noticed:?}");
+    assert_eq!(duplicates(&runs), (0, 0), "(tasks run twice, extra runs)");
+}
