@@ -60,7 +60,9 @@ impl FaultProxy {
         *self.state.fault.lock().unwrap() = fault;
     }
 
-    /// Resets every open connection (RST to both ends); new ones are let through.
+    /// Ends every open connection at both ends, dropping whatever it still held (the
+    /// last descriptor closes with linger 0, so the kernel sends RST); new connections
+    /// are let through.
     pub fn reset_all(&self) {
         let sockets = std::mem::take(&mut *self.state.sockets.lock().unwrap());
         for s in &sockets {
@@ -75,7 +77,8 @@ impl FaultProxy {
                     std::mem::size_of::<libc::linger>() as libc::socklen_t,
                 );
             }
-            let _ = s.shutdown(Shutdown::Read);
+            // Both ways: bytes still waiting to be forwarded are dropped with it.
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 }
