@@ -27,18 +27,18 @@ def soak_phase(h, taskhost, rds, worker_pid, task, args, queue, total, batch):
     samples, sent, last_sample = [], 0, 0.0
     start = time.time()
     while True:
-        queued = rds.r.llen(queue)
+        queued, held = rds.r.llen(queue), rds.r.hlen("unacked")
+        now = time.time()
+        # Sampled before topping up: with slow tasks the top-up runs almost every turn.
+        if now - last_sample >= 1.0:
+            last_sample = now
+            samples.append({"t": round(now - start, 1), "done": sent - queued - held, "rss_mb": h.rss_kb(worker_pid) / 1024})
         if sent < total and queued < batch:
             k = min(batch, total - sent)
             h.fill(taskhost, rds.url, queue, k, task=task, args=args)
             sent += k
             continue
-        done = sent - queued - rds.r.hlen("unacked")
-        now = time.time()
-        if now - last_sample >= 1.0:
-            last_sample = now
-            samples.append({"t": round(now - start, 1), "done": done, "rss_mb": h.rss_kb(worker_pid) / 1024})
-        if sent >= total and queued == 0 and rds.r.hlen("unacked") == 0:
+        if sent >= total and queued == 0 and held == 0:
             break
         time.sleep(0.05)
     took = time.time() - start
