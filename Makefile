@@ -30,6 +30,7 @@ test: test-deps plugins
 	  $(CARGO) test -p taskhost-e2e -- --ignored --test-threads 1 --exact \
 	  tenants::a_tenant_behind_a_flood_of_100k_starts_within_50_ms \
 	  tenants::a_flood_over_1000_task_names_and_two_queues_is_no_different \
+	  tenants::usage_is_metered_per_tenant_within_5_percent_of_the_process_cpu \
 	  chaos::a_crash_soak_of_100k_tasks_through_kill_9_and_sigstop_stores_every_result \
 	  reliability::a_well_behaved_task_beside_hostile_ones_keeps_its_round_trip_p99_within_2x_of_beside_harmless_ones
 	@# 60 s of fuzzing from the kept corpus where nightly Rust is installed (it says why not where not).

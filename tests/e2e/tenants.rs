@@ -163,7 +163,10 @@ fn worker_child(serve: i32) -> i32 {
     children.split_whitespace().next().map_or(serve, |c| c.parse().unwrap())
 }
 
+/// A CPU measurement: other tests' load on the machine shows up in the process's CPU
+/// beside the sandboxes', so `make test` runs it alone.
 #[test]
+#[ignore = "timed: make test runs it alone"]
 fn usage_is_metered_per_tenant_within_5_percent_of_the_process_cpu() {
     let (dir, broker) = sqlite_broker();
     let mut worker = worker_with_policy(&broker, dir.path());
