@@ -235,13 +235,14 @@ def thumbnails(app, n, image):
     return n / (time.time() - start)
 
 
-def test_image():
+def test_image(width=1024, height=768, step=4):
+    """A PNG (base64) of `width` x `height` with a pixel set every `step`."""
     from PIL import Image
 
-    img = Image.new("RGB", (1024, 768))
+    img = Image.new("RGB", (width, height))
     px = img.load()
-    for x in range(0, 1024, 4):
-        for y in range(0, 768, 4):
+    for x in range(0, width, step):
+        for y in range(0, height, step):
             px[x, y] = (x % 256, y % 256, (x * y) % 256)
     out = io.BytesIO()
     img.save(out, format="PNG")

@@ -3,25 +3,9 @@ and then 100,000 thumbnails on one Redis, the queue topped up as fast as it drai
 means the median of each fifth of the run (after the first tenth) is within 10% of the
 first fifth's; single samples also swing with the work in flight, reported beside it.
 """
-import base64
-import io
 import statistics
 import subprocess
 import time
-
-
-def small_image():
-    """A 480x360 PNG (base64): small enough for one command-line argument (128 KiB)."""
-    from PIL import Image
-
-    img = Image.new("RGB", (480, 360))
-    px = img.load()
-    for x in range(0, 480, 3):
-        for y in range(0, 360, 3):
-            px[x, y] = (x % 256, y % 256, (x * y) % 256)
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()
 
 
 def soak_phase(h, taskhost, rds, worker_pid, task, args, queue, total, batch):
@@ -75,7 +59,8 @@ def run_soak(h, taskhost, plugins, scale, progress):
         out = {"processes": cores, "concurrency": 32}
         with progress.step(f"soak: {noops:,} no-op tasks, RSS sampled every second"):
             out["noop"] = soak_phase(h, taskhost, rds, worker.pid, "tasks.noop", "[]", "celery", noops, 200_000)
-        image = small_image()
+        # 480x360: small enough for one command-line argument (128 KiB).
+        image = h.test_image(480, 360, 3)
         with progress.step(f"soak: {thumbs:,} thumbnails (480x360 PNG → 128 px)"):
             out["thumbnail"] = soak_phase(h, taskhost, rds, worker.pid, "media.thumbnail", f'["{image}", 128]',
                                           "media_heavy", thumbs, 500)

@@ -81,13 +81,7 @@ fn bulk_fill_component(pages: u32) -> Vec<u8> {
     let wat = format!(
         r#"(module
   (memory (export "memory") 17)
-  (global $heap (mut i32) (i32.const 65536))
-  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
-    (local $p i32)
-    (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
-                           (i32.xor (i32.sub (local.get 2) (i32.const 1)) (i32.const -1))))
-    (global.set $heap (i32.add (local.get $p) (local.get 3)))
-    (local.get $p))
+{BUMP_REALLOC}
   (data (i32.const 16) "1")
   (func (export "run") (param i32) (result i32)
     (local $start i32)

@@ -225,13 +225,7 @@ fn hostile_module(data: &str, body: &str) -> String {
   (import "taskhost:task/host@0.3.0" "log" (func $log (param i32 i32 i32)))
   (memory (export "memory") 17)
   (table $t 1 funcref)
-  (global $heap (mut i32) (i32.const 65536))
-  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
-    (local $p i32)
-    (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
-                           (i32.xor (i32.sub (local.get 2) (i32.const 1)) (i32.const -1))))
-    (global.set $heap (i32.add (local.get $p) (local.get 3)))
-    (local.get $p))
+{BUMP_REALLOC}
   (data (i32.const 16) "{data}")
   ;; Writes $n in decimal to end just before $end; its first byte's address.
   (func $decimal (param $n i32) (param $end i32) (result i32)

@@ -370,6 +370,16 @@ pub fn wait_status(broker: &str, id: &str, status: &str, within: std::time::Dura
     }
 }
 
+/// WAT for a hand-written module's `cabi_realloc`: a bump allocator from 64 KiB up, never
+/// freeing (a task's instance lives for one call). Paste into a module with `{BUMP_REALLOC}`.
+pub const BUMP_REALLOC: &str = r#"  (global $heap (mut i32) (i32.const 65536))
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+    (local $p i32)
+    (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
+                           (i32.xor (i32.sub (local.get 2) (i32.const 1)) (i32.const -1))))
+    (global.set $heap (i32.add (local.get $p) (local.get 3)))
+    (local.get $p))"#;
+
 /// A component of the taskhost world from a hand-written core module (WAT), as an
 /// attacker would write one: the module exports `memory`, `cabi_realloc` and `run`.
 pub fn task_component(wat: &str) -> Vec<u8> {
