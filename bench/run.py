@@ -30,6 +30,7 @@ from publish_bench import report_publish, run_publish
 from events_bench import report_events, run_events
 from python_bench import report_python, run_python
 from soak_bench import report_soak, run_soak
+from sql_bench import report_sql, run_sql
 from tenants_bench import report_tenants, run_tenants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,6 +269,8 @@ def main():
                     help="run only the events scenario (the no-op drain with Celery task events off and on)")
     ap.add_argument("--only-soak", action="store_true",
                     help="run only the memory soak (10 million no-op tasks, then 100,000 thumbnails; RSS sampled)")
+    ap.add_argument("--only-sql", action="store_true",
+                    help="run only the SQL-backend scenario (results in PostgreSQL, taskhost against Celery)")
     ap.add_argument("--only-tenants", action="store_true",
                     help="run only the tenant scenarios (a flood and a late tenant; the drain with fairness on and off)")
     args = ap.parse_args()
@@ -289,6 +292,7 @@ def main():
          report_tenants),
         (args.only_events, "events", lambda p: run_events(h, args.taskhost, args.plugins, args.scale, p), 1, report_events),
         (args.only_soak, "soak", lambda p: run_soak(h, args.taskhost, args.plugins, args.scale, p), 2, report_soak),
+        (args.only_sql, "sql", lambda p: run_sql(h, args.taskhost, args.plugins, args.scale, p), 2, report_sql),
     ]
     for asked, key, run, steps, report_one in alone:
         if asked:
@@ -320,7 +324,7 @@ def main():
     ]
 
     # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
-    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2 + 1)
+    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2 + 1 + 2)
 
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
@@ -392,6 +396,8 @@ def main():
     results["publish"] = run_publish(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
     # Celery events: what they cost the drain.
     results["events"] = run_events(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
+    # Results in PostgreSQL (Celery's database backend) against Celery on the same database.
+    results["sql"] = run_sql(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
 
     report(results)
     report_io(results["io"])
@@ -399,6 +405,7 @@ def main():
     report_python(results["python"])
     report_publish(results["publish"])
     report_events(results["events"])
+    report_sql(results["sql"])
     save(results, args)
 
 

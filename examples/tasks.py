@@ -11,7 +11,7 @@ import time
 from celery import Celery
 
 broker = os.environ.get("BROKER", "redis://127.0.0.1:6379/0")
-app = Celery("tasks", broker=broker, backend=broker)
+app = Celery("tasks", broker=broker, backend=os.environ.get("RESULT_BACKEND", broker))
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
 
 

@@ -37,3 +37,24 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import celery, redis, PIL
         'componentize-py==0.25.*' 'flower>=2,<3' 'selenium>=4.20,<5' \
         'opentelemetry-sdk>=1.27,<2' 'opentelemetry-instrumentation-celery>=0.48b0'
 fi
+
+# Celery's database result backend (SQLAlchemy with psycopg 3 and PyMySQL): the SQL backend
+# tests have Python clients and workers read and write the same tables as taskhost.
+if ! .venv/bin/python -c 'import sqlalchemy, psycopg, pymysql' 2>/dev/null; then
+    .venv/bin/pip install --quiet --disable-pip-version-check 'sqlalchemy>=2,<3' 'psycopg[binary]>=3.1,<4' 'pymysql>=1.1,<2'
+fi
+
+# PostgreSQL and MariaDB for those tests: this machine kind runs both on 127.0.0.1; where
+# absent they are installed from Debian and started (the tests say why they skip otherwise).
+if ! command -v psql >/dev/null 2>&1 || ! pg_isready -q -h 127.0.0.1 2>/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    command -v psql >/dev/null 2>&1 || apt-get install -y -qq postgresql >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; } || true
+    service postgresql start >/dev/null 2>&1 || true
+fi
+if ! command -v mysql >/dev/null 2>&1 || ! mysqladmin -h 127.0.0.1 -u root ping >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    command -v mysql >/dev/null 2>&1 || apt-get install -y -qq mariadb-server >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq mariadb-server >/dev/null; } || true
+    service mariadb start >/dev/null 2>&1 || true
+fi

@@ -21,4 +21,5 @@ mod reliability;
 mod releases;
 mod runtime;
 mod semantics;
+mod sql_backends;
 mod tenants;

@@ -12,8 +12,10 @@ from celery import Celery
 from celery.result import AsyncResult
 
 broker = os.environ["BROKER"]
-app = Celery("interop", broker=broker, backend=broker)
+app = Celery("interop", broker=broker, backend=os.environ.get("RESULT_BACKEND", broker))
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+if os.environ.get("RESULT_EXTENDED"):
+    app.conf.result_extended = True
 
 
 def check(cond, message):
@@ -276,8 +278,41 @@ def tally(task, count, args_cycle="[[]]"):
     print(json.dumps({"values": values, "failed": failed}))
 
 
+def sql_results():
+    """On a SQL result backend (RESULT_BACKEND=db+postgresql://… or db+mysql+pymysql://…): a
+    group saved to celery_tasksetmeta and restored, and with RESULT_EXTENDED the extended
+    columns as Celery's DatabaseBackend reads them."""
+    from celery import group
+    from celery.result import GroupResult
+
+    s = app.signature
+    g = group(s("tasks.add", (i, i)) for i in range(5))()
+    g.save()
+    restored = GroupResult.restore(g.id, app=app)
+    check(restored is not None, "saved group not restored")
+    check(restored.get(timeout=30) == [0, 2, 4, 6, 8], f"restored group {restored!r}")
+    r = app.send_task("tasks.add", (2, 3))
+    check(r.get(timeout=10) == 5, "tasks.add")
+    meta = app.backend.get_task_meta(r.id)
+    check(meta["status"] == "SUCCESS" and meta["date_done"] is not None, f"meta {meta!r}")
+    if os.environ.get("RESULT_EXTENDED"):
+        check(meta.get("name") == "tasks.add", f"extended name {meta.get('name')!r}")
+        check(meta.get("args") == [2, 3] and meta.get("kwargs") == {}, f"extended args {meta.get('args')!r} {meta.get('kwargs')!r}")
+        check(meta.get("retries") == 0 and meta.get("queue") == "celery", f"extended retries/queue {meta!r}")
+        check((meta.get("worker") or "").startswith("taskhost@"), f"extended worker {meta.get('worker')!r}")
+    print("group saved and restored; meta read")
+
+
+def celery_tables(url, extended):
+    """Creates Celery's own tables at URL (SQLAlchemy's DDL), for comparison with taskhost's."""
+    own = Celery("ddl", broker="memory://", backend=url)
+    own.conf.result_extended = extended == "1"
+    own.backend._create_tables()
+    print("created")
+
+
 SCENARIOS = {f.__name__: f for f in [canvas, canvas_errors, add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires,
-                                     revoke_terminate, revoke_queued, inspect, python_tasks, tally]}
+                                     revoke_terminate, revoke_queued, inspect, python_tasks, tally, sql_results, celery_tables]}
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]](*sys.argv[2:])

@@ -2,9 +2,11 @@
 //! way Celery clients do (subscribe, read once, wait for the ready-state notification).
 
 mod redis;
+pub mod sql;
 mod sqlite;
 
 pub use self::redis::RedisBackend;
+pub use self::sql::SqlBackend;
 pub use self::sqlite::SqliteBackend;
 
 use crate::canvas::ChordEntry;
@@ -25,7 +27,7 @@ pub enum BackendError {
     Timeout { task_id: String, timeout: Duration },
     #[error("stored result for task {task_id} is not a Celery record: {reason}")]
     Corrupt { task_id: String, reason: String },
-    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH, redis://, rediss://)")]
+    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH, redis://, rediss://, postgresql://, mysql://)")]
     UnsupportedUrl(String),
 }
 
@@ -54,6 +56,19 @@ pub trait ResultBackend: Send + Sync {
 
     /// Waits for a ready state (SUCCESS, FAILURE, REVOKED); `None` waits forever.
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError>;
+
+    /// Whether chords are joined as members finish ([`ResultBackend::chord_join`]). Where
+    /// not (the SQL backends, as Celery's), whoever publishes a chord also publishes a
+    /// `celery.chord_unlock` task that polls its members and sends the callback.
+    fn native_join(&self) -> bool {
+        true
+    }
+
+    /// Deletes expired results (`celery.backend_cleanup`); how many. Backends whose
+    /// records expire by themselves have nothing to do.
+    async fn cleanup(&self) -> Result<u64, BackendError> {
+        Ok(0)
+    }
 
     /// Declares a chord of `size` members (what Celery's producer does before the last one).
     async fn chord_init(&self, group_id: &str, size: u64) -> Result<(), BackendError>;
@@ -84,9 +99,30 @@ pub async fn connect_prefixed(url: &str, expires: Option<Duration>, key_prefix: 
     }
 }
 
+/// How a worker opens its backend: connections for its concurrency, and Celery's
+/// `result_extended` columns where a SQL backend creates its tables.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizing {
+    pub pool_size: u32,
+    pub extended: bool,
+}
+
+impl Default for Sizing {
+    fn default() -> Self {
+        Sizing { pool_size: 4, extended: false }
+    }
+}
+
 /// Opens the backend a URL names.
 pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Box<dyn ResultBackend>, BackendError> {
-    if crate::broker::is_redis_url(url) {
+    connect_sized(url, expires, Sizing::default()).await
+}
+
+/// Opens the backend a URL names, sized for a worker.
+pub async fn connect_sized(url: &str, expires: Option<Duration>, sizing: Sizing) -> Result<Box<dyn ResultBackend>, BackendError> {
+    if sql::is_sql_url(url) {
+        Ok(Box::new(SqlBackend::connect(url, expires, sizing.pool_size, sizing.extended).await?))
+    } else if crate::broker::is_redis_url(url) {
         Ok(Box::new(RedisBackend::connect(url, expires).await?))
     } else if crate::broker::is_sqlite_url(url) {
         Ok(Box::new(SqliteBackend::open(url, expires)?))

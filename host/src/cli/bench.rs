@@ -403,6 +403,7 @@ mod drain {
                 report_dir: None,
                 broker_url: super::super::serve::redact(&url),
                 otlp: None,
+                result_extended: false,
             };
             let tenants = match &args.tenants {
                 Some(path) => crate::tenant::PolicyHandle::open(path).map_err(CliError::usage)?,

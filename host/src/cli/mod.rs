@@ -186,6 +186,19 @@ pub(crate) async fn connect_backend(
         .map_err(CliError::Usage)
 }
 
+/// [`connect_backend`] sized for a worker process.
+pub(crate) async fn connect_backend_sized(
+    url: &str,
+    expires: Option<std::time::Duration>,
+    sizing: crate::backend::Sizing,
+) -> Result<Box<dyn crate::backend::ResultBackend>, CliError> {
+    use anyhow::Context as _;
+    crate::backend::connect_sized(url, expires, sizing)
+        .await
+        .with_context(|| format!("connecting to result backend {}", serve::redact(url)))
+        .map_err(CliError::Usage)
+}
+
 /// A seconds value (`--shutdown-grace 2.5`) as a duration: negative, NaN or out-of-range
 /// values are a usage error, never a panic.
 pub(crate) fn seconds(v: f64, flag: &str) -> Result<std::time::Duration, CliError> {

@@ -181,6 +181,24 @@ fn send_workflow(args: &SendArgs, spec: &str, broker_url: &str, backend_url: &st
         for msg in &plan.messages {
             broker.publish(&msg.queue, msg.priority, &encode_task(msg)).await.map_err(CliError::failed)?;
         }
+        if let (Some((gid, _)), false) = (&plan.chord, backend.native_join()) {
+            // As Celery's producer does for a backend without a native join: a
+            // `celery.chord_unlock` a second on, polling the members until all are ready.
+            let members: Vec<&crate::protocol::OutgoingTask> = plan.messages.iter().filter(|m| m.group.as_deref() == Some(gid.as_str())).collect();
+            if let Some(callback) = members.first().and_then(|m| m.embed.chord.clone()) {
+                let unlock = crate::worker::builtins::ChordUnlock {
+                    group_id: gid.clone(),
+                    members: members.iter().map(|m| m.id.clone()).collect(),
+                    callback,
+                    interval: crate::worker::builtins::CHORD_UNLOCK_INTERVAL,
+                    max_retries: None,
+                };
+                // Celery routes it as the callback: its queue, else the header's.
+                let queue = unlock.callback.options.get("queue").and_then(serde_json::Value::as_str).unwrap_or(&members[0].queue).to_string();
+                let msg = unlock.message(1.0, &origin(), &queue, members[0].priority);
+                broker.publish(&msg.queue, msg.priority, &encode_task(&msg)).await.map_err(CliError::failed)?;
+            }
+        }
         if !args.wait {
             for id in &plan.results {
                 println!("{id}");

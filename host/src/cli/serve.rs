@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// Store STARTED before running a task, Celery's task_track_started [default: true].
     #[arg(long, action = clap::ArgAction::Set)]
     pub track_started: Option<bool>,
+    /// Celery's result_extended: results carry the task's name, args, kwargs, worker,
+    /// retries and queue (a SQL backend's new table gets those columns).
+    #[arg(long)]
+    pub result_extended: bool,
     /// Node name, name@host [default: taskhost@<hostname>].
     #[arg(short = 'n', long)]
     pub hostname: Option<String>,
@@ -137,6 +141,7 @@ struct Settings {
     shutdown_grace: Duration,
     result_expires: Duration,
     track_started: bool,
+    result_extended: bool,
     hostname: Option<String>,
     broker: String,
     result_backend: String,
@@ -242,6 +247,7 @@ impl Settings {
                 "--result-expires",
             )?,
             track_started: args.track_started.or(file.track_started).unwrap_or(true),
+            result_extended: args.result_extended,
             hostname: args.hostname.or_else(|| file.hostname.clone()),
             broker,
             result_backend,
@@ -292,6 +298,12 @@ async fn start_http(args: &Settings, addr: std::net::SocketAddr, report_dir: &st
         tracing::info!("http: metrics on http://{addr}/metrics, dashboard on http://{addr}/?token={token}");
     }
     Ok(AbortOnDrop(tokio::task::spawn_local(serving)))
+}
+
+/// A worker process's result-backend connections: enough for its result writes and
+/// chord polls to proceed together, never more than its sandboxes.
+fn backend_sizing(args: &Settings) -> crate::backend::Sizing {
+    crate::backend::Sizing { pool_size: args.concurrency.clamp(2, 16) as u32, extended: args.result_extended }
 }
 
 fn node_name(args: &Settings) -> String {
@@ -425,7 +437,9 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
     local.block_on(&rt, async {
         let broker: Arc<dyn broker::Broker> = super::connect_broker(&args.broker).await?.into();
         let backend: Arc<dyn backend::ResultBackend> =
-            super::connect_backend(&args.result_backend, (!expires.is_zero()).then_some(expires)).await?.into();
+            super::connect_backend_sized(&args.result_backend, (!expires.is_zero()).then_some(expires), backend_sizing(&args))
+                .await?
+                .into();
         if args.worker_index.is_none() {
             let tasks: Vec<String> = registry.all().iter().map(|tv| tv.key()).collect();
             banner(&args, &tasks, &node);
@@ -462,6 +476,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             visibility_timeout: visibility,
             shutdown_grace: grace,
             track_started: args.track_started,
+            result_extended: args.result_extended,
         };
         let beat = match &args.schedule {
             Some(path) if args.worker_index.is_none() => {
@@ -629,6 +644,14 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         banner(args, &tasks, &node_name(args));
     }
     precompile(&exe, &args.plugins, &args.ceilings);
+    if crate::backend::sql::is_sql_url(&args.result_backend) {
+        // Fails here, once and clearly, if the database is unreachable or refuses us, and
+        // creates Celery's tables before the workers race to.
+        let rt = current_thread_runtime()?;
+        let expires = (!args.result_expires.is_zero()).then_some(args.result_expires);
+        let sizing = crate::backend::Sizing { pool_size: 1, extended: args.result_extended };
+        rt.block_on(super::connect_backend_sized(&args.result_backend, expires, sizing))?;
+    }
     let report_dir = match args.http {
         Some(_) => Some(make_report_dir()?),
         None => None,
@@ -653,6 +676,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
                 .args(["--shutdown-grace", &args.shutdown_grace.as_secs_f64().to_string()])
                 .args(["--result-expires", &args.result_expires.as_secs_f64().to_string()])
                 .args(["--track-started", &args.track_started.to_string()])
+                .args(args.result_extended.then_some("--result-extended"))
                 .args(["--broker", &args.broker])
                 .args(["--result-backend", &args.result_backend])
                 .args(child_flags(&args.ceilings));

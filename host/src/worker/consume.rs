@@ -139,7 +139,7 @@ impl Worker {
             if d.headers.ignore_result != Some(true) {
                 let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "WorkerPanic", reason.as_str());
                 let mut record = ResultRecord::failure(&d.headers.id, &exc, Some(format!("taskhost: {reason}")));
-                link_fields(&mut record, d);
+                self.link_fields(&mut record, d);
                 self.store(&record, None).await;
             }
         }

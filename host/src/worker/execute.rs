@@ -28,7 +28,7 @@ impl Worker {
         self.on_started(delivery, decoded, &version);
         if self.cfg.track_started && !ignore_result {
             let mut started = ResultRecord::started(&h.id, self.pid, &self.cfg.node_name);
-            link_fields(&mut started, decoded);
+            self.link_fields(&mut started, decoded);
             self.store(&started, None).await;
         }
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
@@ -126,7 +126,7 @@ impl Worker {
             } else if !ignore_result {
                 // Acked before it ran (at most once): nothing to requeue; say what happened.
                 let mut record = ResultRecord::revoked(&h.id, "terminated");
-                link_fields(&mut record, decoded);
+                self.link_fields(&mut record, decoded);
                 self.store(&record, None).await;
             }
             return;

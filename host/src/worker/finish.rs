@@ -45,7 +45,7 @@ impl Worker {
                 let stored = ignore_result || {
                     let mut record = ResultRecord::success(&h.id, value.clone());
                     record.children = children;
-                    link_fields(&mut record, decoded);
+                    self.link_fields(&mut record, decoded);
                     self.store(&record, None).await
                 };
                 self.chord_member_done(decoded, "SUCCESS", value).await;
@@ -95,7 +95,7 @@ impl Worker {
             tracing::info!(task = %h.task, id = %h.id, outcome = "revoked", duration_ms = run.elapsed.as_secs_f64() * 1e3, "terminated by revoke");
             self.on_revoked(&delivery.queue, decoded, true, false);
             let mut record = ResultRecord::revoked(&h.id, "terminated");
-            link_fields(&mut record, decoded);
+            self.link_fields(&mut record, decoded);
             let stored = ignore_result || self.store(&record, None).await;
             self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
             self.settle(delivery, stored, acks_late).await;
@@ -135,7 +135,7 @@ impl Worker {
             self.store(&step, None).await;
         }
         let mut record = ResultRecord::failure(&decoded.headers.id, exc, Some(traceback.clone()));
-        link_fields(&mut record, decoded);
+        self.link_fields(&mut record, decoded);
         let stored = ignore_result || self.store(&record, None).await;
         let lineage = canvas::Lineage { headers: &decoded.headers, origin: &self.cfg.node_name };
         for errback in canvas::errbacks(&decoded.embed, &lineage, DEFAULT_QUEUE) {
@@ -175,6 +175,10 @@ impl Worker {
     pub(super) async fn chord_member_done(&self, decoded: &Decoded, state: &str, result: serde_json::Value) {
         let h = &decoded.headers;
         let (Some(group), Some(callback)) = (&h.group, &decoded.embed.chord) else { return };
+        if !self.backend.native_join() {
+            // The producer sent a `celery.chord_unlock` that polls the members instead.
+            return;
+        }
         let entry = canvas::ChordEntry { task_id: h.id.clone(), state: state.to_string(), result };
         let joined = match self.backend.chord_join(group, h.group_index.unwrap_or(0), &entry).await {
             Ok(j) => j,
@@ -291,7 +295,7 @@ impl Worker {
         if !ignore_result {
             let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "RetryRequested", reason);
             let mut record = ResultRecord::retry(&h.id, Some(&exc), Some(format!("retry {} requested: {reason}", h.retries + 1)));
-            link_fields(&mut record, decoded);
+            self.link_fields(&mut record, decoded);
             self.store(&record, None).await;
         }
         // The retry is queued: this delivery is done whether or not RETRY was stored.
@@ -304,7 +308,7 @@ impl Worker {
         self.stats.borrow_mut().processed += 1;
         self.on_revoked(&delivery.queue, decoded, false, reason == "expired");
         let mut record = ResultRecord::revoked(&decoded.headers.id, reason);
-        link_fields(&mut record, decoded);
+        self.link_fields(&mut record, decoded);
         let stored = ignore_result || self.store(&record, None).await;
         self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
         self.settle(delivery, stored, true).await;

@@ -100,6 +100,10 @@ impl Worker {
             }
             return;
         }
+        if builtins::is_builtin(&h.task) {
+            self.run_builtin(&delivery, &decoded).await;
+            return;
+        }
         let requirement = match h.version_req.as_deref().map(semver::VersionReq::parse) {
             None => None,
             Some(Ok(req)) => Some(req),

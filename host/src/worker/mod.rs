@@ -5,6 +5,7 @@
 //! Single-threaded by design (see design.md, process model): everything here runs on
 //! one `LocalSet`, so shared state is `Rc`/`RefCell`, never a lock.
 
+pub mod builtins;
 mod consume;
 mod control;
 mod execute;
@@ -104,6 +105,9 @@ pub struct WorkerConfig {
     pub broker_url: String,
     /// Where `run/<task>` spans go (OTLP/HTTP), if anywhere.
     pub otlp: Option<crate::observe::otlp::Endpoint>,
+    /// Celery's `result_extended`: records carry the task's name, args, kwargs, worker,
+    /// retries and queue.
+    pub result_extended: bool,
 }
 
 /// Counts for the banner, `stats` and tests.
@@ -519,7 +523,26 @@ fn limits_for(task: &TaskVersion, header: (Option<f64>, Option<f64>), ceilings: 
 }
 
 /// `group_id` and `parent_id`, as Celery adds them to records.
-fn link_fields(record: &mut ResultRecord, decoded: &Decoded) {
-    record.group_id = decoded.headers.group.clone();
-    record.parent_id = decoded.headers.parent_id.clone();
+impl Worker {
+    /// The fields a record takes from its message: group and parent, and with
+    /// `result_extended` Celery's name, args, kwargs, worker, retries and queue.
+    fn link_fields(&self, record: &mut ResultRecord, decoded: &Decoded) {
+        record.group_id = decoded.headers.group.clone();
+        record.parent_id = decoded.headers.parent_id.clone();
+        if self.cfg.result_extended {
+            let h = &decoded.headers;
+            let ext = &mut record.extended;
+            ext.insert("name".into(), h.task.clone().into());
+            ext.insert("args".into(), decoded.args().into());
+            ext.insert("kwargs".into(), decoded.kwargs().into());
+            ext.insert("worker".into(), self.cfg.node_name.clone().into());
+            ext.insert("retries".into(), h.retries.into());
+            // Celery's is the delivery's routing key; one consumed queue is that key.
+            let queue = match self.cfg.queues.as_slice() {
+                [only] => serde_json::Value::from(only.clone()),
+                _ => serde_json::Value::Null,
+            };
+            ext.insert("queue".into(), queue);
+        }
+    }
 }
