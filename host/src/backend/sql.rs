@@ -157,6 +157,14 @@ impl Row {
     }
 }
 
+/// One connection first: a refused connection or login is told as the server told it
+/// (a pool would retry until its timeout and say only that it timed out).
+async fn probe<C: sqlx::Connection>(opts: &C::Options) -> Result<(), BackendError> {
+    let conn = C::connect_with(opts).await.map_err(|e| BackendError::Connection(e.to_string()))?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
 /// What a server tells of the tables at connect time.
 struct Layout {
     columns: Vec<String>,
@@ -167,13 +175,14 @@ struct Layout {
 impl SqlBackend {
     /// Connects with a pool of `pool_size` connections, creates Celery's tables where they
     /// are absent (with the DDL SQLAlchemy emits for them), and reads their layout.
-    /// `extended`: create the `result_extended` columns with a new table.
+    /// `extended`: write (and read) the `result_extended` columns, where the table has them.
     pub async fn connect(url: &str, expires: Option<Duration>, pool_size: u32, extended: bool) -> Result<Self, BackendError> {
         let (dialect, sqlx_url) = Dialect::of_url(url).ok_or_else(|| BackendError::UnsupportedUrl(url.to_string()))?;
         let pool_size = pool_size.max(1);
         let pool = match dialect {
             Dialect::Postgres => {
                 let opts = sqlx::postgres::PgConnectOptions::from_str(&sqlx_url).map_err(|e| BackendError::Connection(e.to_string()))?;
+                probe::<sqlx::PgConnection>(&opts).await?;
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(pool_size)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -184,6 +193,7 @@ impl SqlBackend {
             }
             Dialect::MySql => {
                 let opts = sqlx::mysql::MySqlConnectOptions::from_str(&sqlx_url).map_err(|e| BackendError::Connection(e.to_string()))?;
+                probe::<sqlx::MySqlConnection>(&opts).await?;
                 let pool = sqlx::mysql::MySqlPoolOptions::new()
                     .max_connections(pool_size)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -200,9 +210,9 @@ impl SqlBackend {
                 Pool::My(pool)
             }
         };
-        let layout = ensure_tables(&pool, dialect, extended).await?;
+        let layout = ensure_tables(&pool, dialect).await?;
         let has = |c: &str| layout.columns.iter().any(|have| have == c);
-        let written = Written { children: has("children"), extended: EXTENDED_COLUMNS.iter().all(|c| has(c)) };
+        let written = Written { children: has("children"), extended: extended && EXTENDED_COLUMNS.iter().all(|c| has(c)) };
         let statements = statements(dialect, layout.id_from_sequence, written);
         Ok(SqlBackend { pool, dialect, expires, layout: written, statements, last_cleanup: Mutex::new(None) })
     }
@@ -382,20 +392,18 @@ fn statements(dialect: Dialect, id_from_sequence: bool, layout: Written) -> Stat
 
 /// The DDL SQLAlchemy emits for Celery's models on this server (checked against
 /// `metadata.create_all` on PostgreSQL 15 and MariaDB 10.11): a sequence for each `id`
-/// where the server has sequences, else MySQL's AUTO_INCREMENT.
-fn ddl(dialect: Dialect, sequences: bool, extended: bool) -> Vec<String> {
+/// where the server has sequences, else MySQL's AUTO_INCREMENT. The extended columns are
+/// always there: Celery's `TaskExtended` extends the one table whether or not
+/// `result_extended` is on.
+fn ddl(dialect: Dialect, sequences: bool) -> Vec<String> {
     let (binary, datetime) = match dialect {
         Dialect::Postgres => ("BYTEA", "TIMESTAMP WITHOUT TIME ZONE"),
         Dialect::MySql => ("BLOB", "DATETIME"),
     };
     let id = if sequences { "id INTEGER NOT NULL" } else { "id INTEGER NOT NULL AUTO_INCREMENT" };
-    let extended_cols = if extended {
-        format!(
-            "\tname VARCHAR(155), \n\targs {binary}, \n\tkwargs {binary}, \n\tworker VARCHAR(155), \n\tretries INTEGER, \n\tqueue VARCHAR(155), \n\tstamps {binary}, \n"
-        )
-    } else {
-        String::new()
-    };
+    let extended_cols = format!(
+        "\tname VARCHAR(155), \n\targs {binary}, \n\tkwargs {binary}, \n\tworker VARCHAR(155), \n\tretries INTEGER, \n\tqueue VARCHAR(155), \n\tstamps {binary}, \n"
+    );
     let mut out = Vec::new();
     if sequences {
         out.push("CREATE SEQUENCE task_id_sequence".to_string());
@@ -418,7 +426,7 @@ fn ddl(dialect: Dialect, sequences: bool, extended: bool) -> Vec<String> {
 
 /// Creates the tables if absent, under a server-side lock so that worker processes
 /// starting together do not race, then reads the task table's columns and id default.
-async fn ensure_tables(pool: &Pool, dialect: Dialect, extended: bool) -> Result<Layout, BackendError> {
+async fn ensure_tables(pool: &Pool, dialect: Dialect) -> Result<Layout, BackendError> {
     let setup = |e: sqlx::Error| BackendError::Connection(format!("setting up Celery's tables: {e}"));
     match pool {
         Pool::Pg(p) => {
@@ -427,7 +435,7 @@ async fn ensure_tables(pool: &Pool, dialect: Dialect, extended: bool) -> Result<
             let exists: Option<String> =
                 sqlx::query_scalar("SELECT to_regclass('celery_taskmeta')::text").fetch_one(&mut *tx).await.map_err(setup)?;
             if exists.is_none() {
-                for stmt in ddl(dialect, true, extended) {
+                for stmt in ddl(dialect, true) {
                     sqlx::query(audited(&stmt)).execute(&mut *tx).await.map_err(setup)?;
                 }
             }
@@ -460,7 +468,7 @@ async fn ensure_tables(pool: &Pool, dialect: Dialect, extended: bool) -> Result<
                 .fetch_optional(&mut *conn)
                 .await?;
                 if exists.is_none() {
-                    for stmt in ddl(dialect, sequences, extended) {
+                    for stmt in ddl(dialect, sequences) {
                         sqlx::query(audited(&stmt)).execute(&mut *conn).await?;
                     }
                 }
@@ -640,11 +648,11 @@ mod tests {
 
     #[test]
     fn ddl_is_what_sqlalchemy_emits() {
-        let pg = ddl(Dialect::Postgres, true, false);
+        let pg = ddl(Dialect::Postgres, true);
         assert_eq!(pg[0], "CREATE SEQUENCE task_id_sequence");
         assert!(pg[1].starts_with("CREATE TABLE celery_taskmeta (\n\tid INTEGER NOT NULL, \n\ttask_id VARCHAR(155), "));
         assert!(pg[1].contains("result BYTEA") && pg[1].contains("date_done TIMESTAMP WITHOUT TIME ZONE"));
-        let mysql = ddl(Dialect::MySql, false, true);
+        let mysql = ddl(Dialect::MySql, false);
         assert!(mysql[0].contains("id INTEGER NOT NULL AUTO_INCREMENT") && mysql[0].contains("stamps BLOB"));
         assert_eq!(mysql.len(), 4);
     }

@@ -201,6 +201,9 @@ pub struct Decoded {
     /// Keyword args: JSON object text.
     pub kwargs_json: String,
     pub embed: Embed,
+    /// The queue it was taken from (Celery's `delivery_info.routing_key`), where the
+    /// consumer records it (for extended results); not part of the message.
+    pub queue: Option<String>,
 }
 
 impl Decoded {
@@ -475,7 +478,7 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
     let headers = TaskHeaders::from_wire(&envelope.headers)?;
     let (args_json, kwargs_json, embed) = decode_body(&body)?;
     let priority = priority_from(lenient::<Value>(envelope.properties.priority).as_ref());
-    Ok(Decoded { priority, headers, args_json, kwargs_json, embed })
+    Ok(Decoded { priority, headers, args_json, kwargs_json, embed, queue: None })
 }
 
 /// A task to publish: what `send_task`/`apply_async` would put on the wire.

@@ -38,6 +38,9 @@ impl Worker {
                 return;
             }
         }
+        if self.cfg.result_extended {
+            decoded.queue = Some(delivery.queue.clone());
+        }
         let decoded = decoded;
         let h = &decoded.headers;
         let _reserved = self.on_received(&delivery, &decoded);

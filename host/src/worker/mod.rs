@@ -537,12 +537,7 @@ impl Worker {
             ext.insert("kwargs".into(), decoded.kwargs().into());
             ext.insert("worker".into(), self.cfg.node_name.clone().into());
             ext.insert("retries".into(), h.retries.into());
-            // Celery's is the delivery's routing key; one consumed queue is that key.
-            let queue = match self.cfg.queues.as_slice() {
-                [only] => serde_json::Value::from(only.clone()),
-                _ => serde_json::Value::Null,
-            };
-            ext.insert("queue".into(), queue);
+            ext.insert("queue".into(), decoded.queue.clone().into());
         }
     }
 }
