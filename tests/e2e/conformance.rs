@@ -46,8 +46,15 @@ fn task_of(raw: &[u8]) -> String {
     decode(raw).unwrap().headers.task
 }
 
+/// `split:<transport URL>|<state URL>` is a transport beside a state store (`--state`).
 async fn connect(url: &str) -> Box<dyn Broker> {
-    broker::connect(url).await.unwrap()
+    match url.strip_prefix("split:").and_then(|rest| rest.split_once('|')) {
+        Some((transport, state)) => Box::new(broker::state::SplitBroker {
+            transport: broker::connect_transport(transport).await.unwrap(),
+            store: broker::state::connect_store(state).await.unwrap(),
+        }),
+        None => broker::connect_transport(url).await.unwrap(),
+    }
 }
 
 const WAIT: Duration = Duration::from_millis(50);
@@ -250,6 +257,136 @@ macro_rules! conformance {
         }
     };
 }
+
+async fn parked_messages_go_out_once_when_due(url: String) {
+    let b = connect(&url).await;
+    let due = chrono::Utc::now() + chrono::TimeDelta::milliseconds(300);
+    b.schedule("q", 0, &message("later", 0), due).await.unwrap();
+    b.schedule("q", 0, &message("later too", 0), due).await.unwrap();
+    assert_eq!(b.move_due().await.unwrap(), 0, "never early");
+    assert!(b.fetch(&["q".into()], 1, WAIT).await.unwrap().is_empty());
+    assert_eq!(b.queued(&["q".into()]).await.unwrap().len(), 2, "parked messages count as queued");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let other = connect(&url).await;
+    let (a, c) = tokio::join!(b.move_due(), other.move_due());
+    assert_eq!(a.unwrap() + c.unwrap(), 2, "each moved by one mover");
+    let mut got: Vec<String> = b.fetch(&["q".into()], 4, WAIT).await.unwrap().iter().map(|d| task_of(&d.raw)).collect();
+    got.sort();
+    assert_eq!(got, vec!["later", "later too"]);
+}
+
+async fn leases_are_exclusive_until_released_or_lapsed(url: String) {
+    let b = connect(&url).await;
+    let ttl = Duration::from_millis(400);
+    assert!(b.lease("beat", "a", ttl).await.unwrap());
+    assert!(!b.lease("beat", "b", ttl).await.unwrap(), "held by a");
+    assert!(b.lease("beat", "a", ttl).await.unwrap(), "a renews");
+    b.release_lease("beat", "b").await.unwrap();
+    assert!(!b.lease("beat", "b", ttl).await.unwrap(), "only the holder releases");
+    b.release_lease("beat", "a").await.unwrap();
+    assert!(b.lease("beat", "b", ttl).await.unwrap(), "released: b takes it");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(b.lease("beat", "a", ttl).await.unwrap(), "lapsed: a takes it back");
+}
+
+async fn beat_ticks_are_claimed_once_and_never_backwards(url: String) {
+    let b = connect(&url).await;
+    let t0 = chrono::DateTime::from_timestamp_millis(1_800_000_000_000).unwrap();
+    let t1 = t0 + chrono::TimeDelta::seconds(30);
+    assert_eq!(b.last_tick("e").await.unwrap(), None);
+    assert!(b.claim_tick("e", t0).await.unwrap());
+    assert!(!b.claim_tick("e", t0).await.unwrap(), "the same tick twice");
+    assert!(b.claim_tick_and_publish("e", t1, "q", 0, &message("tick", 0)).await.unwrap());
+    assert!(!b.claim_tick_and_publish("e", t1, "q", 0, &message("tick", 0)).await.unwrap());
+    assert!(!b.claim_tick("e", t0).await.unwrap(), "an older tick after a newer one");
+    assert_eq!(b.last_tick("e").await.unwrap(), Some(t1));
+    let got = b.fetch(&["q".into()], 4, WAIT).await.unwrap();
+    assert_eq!(got.len(), 1, "the claimed tick's message went out once");
+}
+
+async fn revoked_ids_are_remembered_until_their_time(url: String) {
+    let b = connect(&url).await;
+    let soon = chrono::Utc::now() + chrono::TimeDelta::milliseconds(300);
+    let later = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    b.remember_revoked(&["r1".into(), "r2".into()], soon).await.unwrap();
+    b.remember_revoked(&["r2".into()], later).await.unwrap();
+    let mut ids = b.revoked().await.unwrap();
+    ids.sort();
+    assert_eq!(ids, vec!["r1", "r2"]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(b.revoked().await.unwrap(), vec!["r2"]);
+}
+
+async fn cluster_rate_slots_space_starts(url: String) {
+    let b = connect(&url).await;
+    let every = Duration::from_millis(200);
+    let first = b.reserve_rate_slot("tasks.add", every).await.unwrap();
+    let second = b.reserve_rate_slot("tasks.add", every).await.unwrap();
+    let third = b.reserve_rate_slot("tasks.add", every).await.unwrap();
+    assert!(first < Duration::from_millis(50), "{first:?}");
+    assert!(second > Duration::from_millis(120) && second <= every, "{second:?}");
+    assert!(third > Duration::from_millis(320) && third <= 2 * every, "{third:?}");
+    assert!(b.reserve_rate_slot("other", every).await.unwrap() < Duration::from_millis(50), "keys apart");
+}
+
+async fn task_ids_belong_to_one_tenant(url: String) {
+    let b = connect(&url).await;
+    let ttl = Duration::from_secs(60);
+    let claims = vec![("id-1".to_string(), "acme".to_string()), ("id-2".to_string(), "acme".to_string())];
+    assert_eq!(b.claim_task_ids(&claims, ttl).await.unwrap(), vec![None, None]);
+    let rival = vec![("id-1".to_string(), "globex".to_string()), ("id-3".to_string(), "globex".to_string())];
+    assert_eq!(b.claim_task_ids(&rival, ttl).await.unwrap(), vec![Some("acme".to_string()), None]);
+    assert_eq!(b.claim_task_ids(&claims[..1], ttl).await.unwrap(), vec![None], "the owner again");
+}
+
+async fn usage_sums_and_keeps_the_high_water(url: String) {
+    use taskhost::tenant::meter::{Usage, UsageRow};
+    let b = connect(&url).await;
+    let hour = chrono::Utc::now().timestamp() / 3600;
+    let row = |runs, memory| UsageRow {
+        hour,
+        tenant: "acme".into(),
+        task: "tasks.add".into(),
+        counts: Usage { runs, memory_high_water: memory, ..Default::default() },
+    };
+    b.add_usage(&[row(2, 100)]).await.unwrap();
+    b.add_usage(&[row(3, 50)]).await.unwrap();
+    let got = b.usage(hour - 1).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].counts.runs, got[0].counts.memory_high_water), (5, 100));
+    assert!(b.usage(hour + 1).await.unwrap().is_empty());
+}
+
+/// The coordination-state cases on every broker and on Redis beside a PostgreSQL state
+/// store (`--state`; skipped, saying why, where PostgreSQL is absent).
+macro_rules! state_conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite_state {
+            $(#[test] fn $case() { let t = super::sqlite(); crate::support::block_on(super::$case(t.url())); })*
+        }
+        mod redis_state {
+            $(#[test] fn $case() { let t = super::redis(); crate::support::block_on(super::$case(t.url())); })*
+        }
+        mod redis_with_postgresql_state {
+            $(#[test] fn $case() {
+                let Some(db) = crate::sql_backends::TestDb::create(crate::sql_backends::Server::Postgres) else { return };
+                let t = super::redis();
+                crate::support::block_on(super::$case(format!("split:{}|{}", t.url(), db.url())));
+            })*
+        }
+    };
+}
+
+state_conformance!(
+    parked_messages_go_out_once_when_due,
+    leases_are_exclusive_until_released_or_lapsed,
+    beat_ticks_are_claimed_once_and_never_backwards,
+    revoked_ids_are_remembered_until_their_time,
+    cluster_rate_slots_space_starts,
+    task_ids_belong_to_one_tenant,
+    usage_sums_and_keeps_the_high_water,
+    dead_letters_round_trip,
+);
 
 /// The result-backend cases on the SQL backends (each in a database of its own; skipped,
 /// saying why, where the server is absent). Their rows stay until `backend_cleanup`, as

@@ -1,10 +1,11 @@
 //! `trait Broker`: the few verbs every transport offers — fetch, ack, restore, publish,
-//! schedule, dead-letter — and the URL that picks a transport.
+//! schedule, dead-letter — and the URL that picks a transport (and, optionally, a state store).
 
 mod redis;
 mod redis_conn;
 pub mod releases;
 pub mod sqlite;
+pub mod state;
 
 pub use self::redis::RedisBroker;
 pub use self::redis_conn::{client as redis_client, manager as redis_manager, RedisConn, RESPONSE_TIMEOUT as REDIS_RESPONSE_TIMEOUT, TLS_CA_ENV};
@@ -244,8 +245,18 @@ pub fn is_sqlite_url(url: &str) -> bool {
     url.starts_with("sqlite://")
 }
 
-/// Opens the transport a URL names.
+/// Opens the transport a URL names; with `TASKHOST_STATE` set (`--state`), beside the store
+/// it names, which then holds the coordination state instead of the transport.
 pub async fn connect(url: &str) -> Result<Box<dyn Broker>, BrokerError> {
+    let transport = connect_transport(url).await?;
+    match std::env::var(state::STATE_ENV).ok().filter(|s| !s.is_empty()) {
+        Some(state_url) => Ok(Box::new(state::SplitBroker { transport, store: state::connect_store(&state_url).await? })),
+        None => Ok(transport),
+    }
+}
+
+/// Opens the transport a URL names, holding its own coordination state.
+pub async fn connect_transport(url: &str) -> Result<Box<dyn Broker>, BrokerError> {
     if is_redis_url(url) {
         Ok(Box::new(RedisBroker::connect(url).await?))
     } else if is_sqlite_url(url) {

@@ -24,11 +24,23 @@ pub struct BrokerArgs {
     /// Result backend URL (default: the broker's).
     #[arg(long, env = "TASKHOST_RESULT_BACKEND")]
     pub result_backend: Option<String>,
+    /// Where leases, beat ticks, rate slots, revokes, ETA-parked messages and dead letters
+    /// live instead of the broker: postgresql://… [default: on the broker].
+    #[arg(long, env = "TASKHOST_STATE")]
+    pub state: Option<String>,
 }
 
 impl BrokerArgs {
-    /// Broker and result backend URLs after flags > env > file > defaults.
+    /// Broker and result backend URLs after flags > env > file > defaults. A `--state` URL
+    /// becomes `TASKHOST_STATE` for this process (which `broker::connect` reads) and the
+    /// worker processes it starts.
     pub fn urls(&self, file: &FileConfig) -> (String, String) {
+        if let Some(state) = &self.state {
+            if std::env::var(crate::broker::state::STATE_ENV).ok().as_deref() != Some(state.as_str()) {
+                // Read at start-up, before any thread: nothing else reads the environment yet.
+                unsafe { std::env::set_var(crate::broker::state::STATE_ENV, state) };
+            }
+        }
         let broker = file.broker(self.broker.as_deref());
         let backend = file.result_backend(self.result_backend.as_deref(), &broker);
         (broker, backend)
