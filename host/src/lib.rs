@@ -6,8 +6,9 @@
 //! cli ──► worker ──► runtime      wasmtime engine, sandbox, limits (the only wasmtime user)
 //!   │        ├─────► registry     components on disk, versions, hot swap, signed releases,
 //!   │        │                    rollout state, the follower of the broker's release store
-//!   │        ├─────► broker       trait Broker + transports; ReleaseStore (releases on Redis/SQLite)
-//!   │        └─────► backend      Celery-format results
+//!   │        ├─────► broker       trait Broker + transports; ReleaseStore (releases on Redis/SQLite);
+//!   │        │                    StateStore (coordination state on PostgreSQL beside a transport)
+//!   │        └─────► backend      Celery-format results (Redis, SQLite, PostgreSQL/MySQL tables)
 //!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
 //! worker ──► canvas               chain / group / chord bookkeeping (pure)
 //! cli ──► beat ──► broker          periodic tasks: lease, persisted ticks

@@ -308,6 +308,19 @@ fn an_unreachable_or_refusing_database_is_a_clear_error_at_start() {
             assert!(!err.contains("wrong"), "the password was shown: {err}");
         }
     }
+    // A state store that is not there stops serve the same way.
+    let nowhere = format!("postgresql://postgres@127.0.0.1:{}/x", free_port());
+    for processes in ["1", "2"] {
+        let out = run_bounded(
+            Command::new(taskhost_bin())
+                .args(["serve", "-p", processes, "--broker", &redis.url(), "--state", &nowhere, "--plugins"])
+                .arg(plugins_dir())
+                .env("TASKHOST_CACHE_DIR", cache_dir()),
+            Duration::from_secs(60),
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains("Connection refused"), "serve -p {processes} --state {nowhere} said:\n{err}");
+    }
 }
 
 #[test]
@@ -341,4 +354,52 @@ fn results_wait_in_held_messages_while_the_database_is_locked() {
         assert!(std::time::Instant::now() < deadline, "{n} of 50 stored, {held} held after the lock");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Redis carries the messages; PostgreSQL (`--state`) holds beat's lease and ticks, the
+/// parked ETA messages and the dead letters; the CLI finds them there too.
+#[test]
+fn with_state_on_postgresql_beat_eta_and_dead_letters_live_in_the_database() {
+    let Some(db) = TestDb::create(Server::Postgres) else { return };
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("schedule.toml");
+    std::fs::write(&schedule, "[[entry]]\nname = \"sum\"\ntask = \"tasks.add\"\nevery = \"1s\"\nargs = [20, 22]\n").unwrap();
+    let state = db.url();
+    let worker = WorkerProcess::start(
+        &redis.url(),
+        &["--state", &state, "--result-backend", &state, "--beat", "--schedule", schedule.to_str().unwrap()],
+    );
+    worker.wait_for_log("beat: sent", Duration::from_secs(10));
+    assert_eq!(db.query("SELECT entry FROM taskhost_beat_ticks"), "sum");
+    assert_eq!(db.query("SELECT name FROM taskhost_leases"), "beat");
+    // A countdown parks the message in PostgreSQL, not on Redis, until it is due.
+    let out = send(&redis.url(), &["tasks.add", "--args", "[1, 2]", "--countdown", "3", "--state", &state, "--result-backend", &state]);
+    let id = stdout(&out);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while db.query("SELECT count(*) FROM taskhost_parked") != "1" {
+        assert!(std::time::Instant::now() < deadline, "the countdown message was never parked in PostgreSQL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let on_redis: bool = redis.query(redis::cmd("EXISTS").arg("taskhost.scheduled"));
+    assert!(!on_redis, "parked on Redis too");
+    let r = taskhost(&["result", &id, "--wait", "--timeout", "15", "--broker", &redis.url(), "--result-backend", &state]);
+    assert_eq!(stdout(&r), "3", "{}", stderr(&r));
+    assert_eq!(db.query("SELECT count(*) FROM taskhost_parked"), "0");
+    // An unknown task is dead-lettered into PostgreSQL; `dlq` reads and replays it there.
+    let out = send(&redis.url(), &["tasks.nope", "--state", &state, "--result-backend", &state]);
+    let lost = stdout(&out);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.query("SELECT count(*) FROM taskhost_dead_letters") != "1" {
+        assert!(std::time::Instant::now() < deadline, "no dead letter in PostgreSQL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed = taskhost(&["dlq", "list", "--broker", &redis.url(), "--state", &state]);
+    assert!(stdout(&listed).contains(&lost), "{}\n{}", stdout(&listed), stderr(&listed));
+    let without = taskhost(&["dlq", "list", "--broker", &redis.url()]);
+    assert!(!stdout(&without).contains(&lost), "the letter is on Redis too: {}", stdout(&without));
+    // Beat's sums went on running all along.
+    let sent = worker.log_text().lines().find(|l| l.contains("beat: sent")).and_then(|l| l.split("id=").nth(1)).unwrap().split_whitespace().next().unwrap().to_string();
+    let r = taskhost(&["result", &sent, "--wait", "--timeout", "10", "--broker", &redis.url(), "--result-backend", &state]);
+    assert_eq!(stdout(&r), "42", "{}", stderr(&r));
 }

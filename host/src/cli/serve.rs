@@ -664,6 +664,12 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         let sizing = crate::backend::Sizing { pool_size: 1, extended: args.result_extended };
         rt.block_on(super::connect_backend_sized(&args.result_backend, expires, sizing))?;
     }
+    if let Some(state) = std::env::var(crate::broker::state::STATE_ENV).ok().filter(|s| !s.is_empty()) {
+        let rt = current_thread_runtime()?;
+        rt.block_on(crate::broker::state::connect_store(&state))
+            .with_context(|| format!("connecting to state store {}", redact(&state)))
+            .map_err(CliError::Usage)?;
+    }
     let report_dir = match args.http {
         Some(_) => Some(make_report_dir()?),
         None => None,
