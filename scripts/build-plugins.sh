@@ -37,7 +37,8 @@ echo "built $(ls "$out"/*.wasm | wc -l) components into $out"
 py_out="$(dirname "$out")/python-plugins"
 componentize=${TASKHOST_COMPONENTIZE_PY:-.venv/bin/componentize-py}
 if [ -x "$componentize" ] || command -v "$componentize" >/dev/null 2>&1; then
-    cargo build --quiet -p taskhost
+    # With the SDK: the same dependency features as `make test`'s test build (one wasmtime build).
+    cargo build --quiet -p taskhost -p taskhost-sdk
     mkdir -p "$py_out"
     for module in examples/python/*.py; do
         name=$(basename "$module" .py)
