@@ -157,9 +157,10 @@ fn a_crash_soak_of_100k_tasks_through_kill_9_and_sigstop_stores_every_result() {
         runs.values().sum::<usize>()
     );
     assert!(runs.len() >= TASKS, "runs logged for only {} tasks", runs.len());
-    // Each kill loses at most what that process held (its prefetch: 16 × 4), the stop
-    // the same again; every other task ran once.
-    assert!(twice <= 6 * 64, "{twice} tasks ran more than once");
+    // Each kill loses at most what that process held (its prefetch, 16 × 4, and as many
+    // run and waiting for their result write), the stop the same again; every other task
+    // ran once.
+    assert!(twice <= 6 * 2 * 64, "{twice} tasks ran more than once");
     assert!(restored >= 1, "nothing was restored after the SIGSTOP: the test did not test it");
 }
 

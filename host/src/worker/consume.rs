@@ -27,7 +27,11 @@ impl Worker {
                 // a broker round trip per task. An idle worker (nothing held) fetches at once.
                 let low_water = (self.prefetch_limit() / 2).max(1);
                 let idle = self.in_progress.get() == 0;
-                let mut wanted = room > 0 && (room >= low_water || idle);
+                // Messages waiting only for their result write do not hold back the next
+                // fetch, up to a prefetch's worth of them: what is held stays within twice
+                // the prefetch.
+                let settled_enough = self.settling.get() < self.prefetch_limit();
+                let mut wanted = room > 0 && (room >= low_water || idle) && settled_enough;
                 // Under fair dispatch, no more than a little work waits here: what waits
                 // here was handed out in the order of its turn, and a tenant arriving now
                 // would queue behind all of it.

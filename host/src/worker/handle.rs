@@ -212,6 +212,6 @@ impl Worker {
             return;
         }
         in_progress.waiting(false);
-        self.execute(&delivery, &decoded, &task, &limits, grants, ignore_result, permit).await;
+        self.execute(&delivery, &decoded, &task, &limits, grants, ignore_result, permit, &mut in_progress).await;
     }
 }

@@ -144,6 +144,9 @@ pub struct Worker {
     result_queued: Notify,
     ack_queued: Notify,
     in_progress: Cell<usize>,
+    /// Messages whose sandbox is done, waiting for their outcome's write and ack: held
+    /// (unacked) too, so bounded, but apart from the prefetch.
+    settling: Cell<usize>,
     /// Messages waiting for a rate-limit turn without holding a prefetch slot.
     turn_waiters: Cell<usize>,
     slot_freed: Notify,
@@ -274,13 +277,15 @@ impl RunningTask {
     }
 }
 
-/// Counts a message in `in_progress` (against prefetch) from its fetch until its
-/// handling ends, however it ends; and what fair dispatch charged for it in
-/// `waiting_charge_ns` while it waits to start (not while it waits for its turn).
+/// Counts a message in `in_progress` (against prefetch) from its fetch until its sandbox
+/// is done, then in `settling` (a bound of its own) until its handling ends, however it
+/// ends; and what fair dispatch charged for it in `waiting_charge_ns` while it waits to
+/// start (not while it waits for its turn).
 struct InProgress {
     worker: Rc<Worker>,
     charge_ns: u64,
     waiting: bool,
+    settling: bool,
 }
 
 impl InProgress {
@@ -288,7 +293,19 @@ impl InProgress {
         worker.in_progress.set(worker.in_progress.get() + 1);
         let charge_ns = charge.map_or(0, |c| (c.max(0.0) * 1e9) as u64);
         worker.waiting_charge_ns.set(worker.waiting_charge_ns.get() + charge_ns);
-        InProgress { worker: worker.clone(), charge_ns, waiting: true }
+        InProgress { worker: worker.clone(), charge_ns, waiting: true, settling: false }
+    }
+
+    /// Its sandbox is done; only its outcome's write and ack remain. It stops counting
+    /// against the prefetch (the next fetch need not wait for result writes) and counts
+    /// against `settling` instead, which has a bound of its own.
+    fn settling(&mut self) {
+        if !self.settling {
+            self.settling = true;
+            self.worker.in_progress.set(self.worker.in_progress.get() - 1);
+            self.worker.settling.set(self.worker.settling.get() + 1);
+            self.worker.slot_freed.notify_one();
+        }
     }
 
     /// Counts its charge as work waiting for a sandbox, or stops counting it.
@@ -304,7 +321,11 @@ impl InProgress {
 impl Drop for InProgress {
     fn drop(&mut self) {
         self.waiting(false);
-        self.worker.in_progress.set(self.worker.in_progress.get() - 1);
+        if self.settling {
+            self.worker.settling.set(self.worker.settling.get() - 1);
+        } else {
+            self.worker.in_progress.set(self.worker.in_progress.get() - 1);
+        }
         self.worker.slot_freed.notify_one();
     }
 }
@@ -377,6 +398,7 @@ impl Worker {
             result_queued: Notify::new(),
             ack_queued: Notify::new(),
             in_progress: Cell::new(0),
+            settling: Cell::new(0),
             turn_waiters: Cell::new(0),
             slot_freed: Notify::new(),
             waiting_charge_ns: Cell::new(0),
