@@ -86,6 +86,34 @@ pub trait ResultBackend: Send + Sync {
     async fn chord_done(&self, group_id: &str, token: &str) -> Result<(), BackendError>;
 }
 
+/// [`ResultBackend::wait`] for backends with nothing to subscribe to: reads the record
+/// until it is ready, pausing `first`, then `grow` times longer each time, up to `most`.
+pub(crate) async fn poll_until_ready<B: ResultBackend + ?Sized>(
+    backend: &B,
+    task_id: &str,
+    timeout: Option<Duration>,
+    first: Duration,
+    grow: f64,
+    most: Duration,
+) -> Result<ResultRecord, BackendError> {
+    let started = std::time::Instant::now();
+    let mut pause = first;
+    loop {
+        if let Some(record) = backend.get(task_id).await? {
+            if record.status.is_ready() {
+                return Ok(record);
+            }
+        }
+        if let Some(t) = timeout {
+            if started.elapsed() >= t {
+                return Err(BackendError::Timeout { task_id: task_id.into(), timeout: t });
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = pause.mul_f64(grow).min(most);
+    }
+}
+
 /// Seconds chord bookkeeping lives (Celery's default result expiry).
 pub const CHORD_EXPIRES: u64 = 86_400;
 

@@ -96,12 +96,16 @@ fn audited(sql: &str) -> sqlx::AssertSqlSafe<&str> {
     sqlx::AssertSqlSafe(sql)
 }
 
+/// Whether an error is the connection's (worth retrying elsewhere), not the statement's.
+pub(crate) fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_))
+}
+
 fn db_err(e: sqlx::Error) -> BackendError {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => {
-            BackendError::Connection(e.to_string())
-        }
-        other => BackendError::Command(other.to_string()),
+    if is_connection_error(&e) {
+        BackendError::Connection(e.to_string())
+    } else {
+        BackendError::Command(e.to_string())
     }
 }
 
@@ -159,8 +163,8 @@ impl Row {
 
 /// One connection first: a refused connection or login is told as the server told it
 /// (a pool would retry until its timeout and say only that it timed out).
-async fn probe<C: sqlx::Connection>(opts: &C::Options) -> Result<(), BackendError> {
-    let conn = C::connect_with(opts).await.map_err(|e| BackendError::Connection(e.to_string()))?;
+pub(crate) async fn probe<C: sqlx::Connection>(opts: &C::Options) -> Result<(), sqlx::Error> {
+    let conn = C::connect_with(opts).await?;
     let _ = conn.close().await;
     Ok(())
 }
@@ -182,7 +186,7 @@ impl SqlBackend {
         let pool = match dialect {
             Dialect::Postgres => {
                 let opts = sqlx::postgres::PgConnectOptions::from_str(&sqlx_url).map_err(|e| BackendError::Connection(e.to_string()))?;
-                probe::<sqlx::PgConnection>(&opts).await?;
+                probe::<sqlx::PgConnection>(&opts).await.map_err(|e| BackendError::Connection(e.to_string()))?;
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(pool_size)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -193,7 +197,7 @@ impl SqlBackend {
             }
             Dialect::MySql => {
                 let opts = sqlx::mysql::MySqlConnectOptions::from_str(&sqlx_url).map_err(|e| BackendError::Connection(e.to_string()))?;
-                probe::<sqlx::MySqlConnection>(&opts).await?;
+                probe::<sqlx::MySqlConnection>(&opts).await.map_err(|e| BackendError::Connection(e.to_string()))?;
                 let pool = sqlx::mysql::MySqlPoolOptions::new()
                     .max_connections(pool_size)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -215,15 +219,6 @@ impl SqlBackend {
         let written = Written { children: has("children"), extended: extended && EXTENDED_COLUMNS.iter().all(|c| has(c)) };
         let statements = statements(dialect, layout.id_from_sequence, written);
         Ok(SqlBackend { pool, dialect, expires, layout: written, statements, last_cleanup: Mutex::new(None) })
-    }
-
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
-    /// Whether rows carry Celery's extended fields (the table has their columns).
-    pub fn is_extended(&self) -> bool {
-        self.layout.extended
     }
 
     /// Deletes task and group rows older than the result expiry, as `celery.backend_cleanup`.
@@ -571,22 +566,7 @@ impl ResultBackend for SqlBackend {
 
     /// Polls, as Celery's database backend does (there is no notification to wait on).
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(5);
-        loop {
-            if let Some(record) = self.get(task_id).await? {
-                if record.status.is_ready() {
-                    return Ok(record);
-                }
-            }
-            if let Some(t) = timeout {
-                if started.elapsed() >= t {
-                    return Err(BackendError::Timeout { task_id: task_id.into(), timeout: t });
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 3 / 2).min(Duration::from_millis(100));
-        }
+        super::poll_until_ready(self, task_id, timeout, Duration::from_millis(5), 1.5, Duration::from_millis(100)).await
     }
 
     fn native_join(&self) -> bool {

@@ -7,7 +7,7 @@ use crate::canvas::ChordEntry;
 use crate::protocol::ResultRecord;
 use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Expired results are purged on one store in this many.
 const PURGE_EVERY: u64 = 1000;
@@ -114,22 +114,7 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
-        loop {
-            if let Some(record) = self.get(task_id).await? {
-                if record.status.is_ready() {
-                    return Ok(record);
-                }
-            }
-            if let Some(t) = timeout {
-                if started.elapsed() >= t {
-                    return Err(BackendError::Timeout { task_id: task_id.into(), timeout: t });
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
-        }
+        super::poll_until_ready(self, task_id, timeout, Duration::from_millis(1), 2.0, Duration::from_millis(20)).await
     }
 
     async fn chord_init(&self, group_id: &str, size: u64) -> Result<(), BackendError> {

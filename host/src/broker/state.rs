@@ -215,11 +215,10 @@ const SCHEMA: &[&str] = &[
 ];
 
 fn err(e: sqlx::Error) -> BrokerError {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => {
-            BrokerError::Connection(format!("state store: {e}"))
-        }
-        other => BrokerError::Command(format!("state store: {other}")),
+    if crate::backend::sql::is_connection_error(&e) {
+        BrokerError::Connection(format!("state store: {e}"))
+    } else {
+        BrokerError::Command(format!("state store: {e}"))
     }
 }
 
@@ -231,9 +230,7 @@ impl PgState {
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
         let (_, sqlx_url) = crate::backend::sql::Dialect::of_url(url).ok_or_else(|| BrokerError::UnsupportedUrl(url.to_string()))?;
         let opts = sqlx::postgres::PgConnectOptions::from_str(&sqlx_url).map_err(|e| BrokerError::Connection(e.to_string()))?;
-        // One connection first, so a refusal is told as the server told it.
-        let probe = <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
-        let _ = sqlx::Connection::close(probe).await;
+        crate::backend::sql::probe::<sqlx::PgConnection>(&opts).await.map_err(|e| BrokerError::Connection(e.to_string()))?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))

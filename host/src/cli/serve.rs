@@ -656,16 +656,15 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         banner(args, &tasks, &node_name(args));
     }
     precompile(&exe, &args.plugins, &args.ceilings);
+    let rt = current_thread_runtime()?;
     if crate::backend::sql::is_sql_url(&args.result_backend) {
         // Fails here, once and clearly, if the database is unreachable or refuses us, and
         // creates Celery's tables before the workers race to.
-        let rt = current_thread_runtime()?;
         let expires = (!args.result_expires.is_zero()).then_some(args.result_expires);
         let sizing = crate::backend::Sizing { pool_size: 1, extended: args.result_extended };
         rt.block_on(super::connect_backend_sized(&args.result_backend, expires, sizing))?;
     }
     if let Some(state) = std::env::var(crate::broker::state::STATE_ENV).ok().filter(|s| !s.is_empty()) {
-        let rt = current_thread_runtime()?;
         rt.block_on(crate::broker::state::connect_store(&state))
             .with_context(|| format!("connecting to state store {}", redact(&state)))
             .map_err(CliError::Usage)?;
@@ -674,7 +673,6 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         Some(_) => Some(make_report_dir()?),
         None => None,
     };
-    let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let _http = match (args.http, &report_dir) {
