@@ -52,7 +52,8 @@ test-deps:
 
 ## taskhost against Celery, side by side (release build; BENCH_SCALE=0.1 for a quick run;
 ## BENCH_ARGS=--only-io for the http.fetch scenario alone, --only-tenants for the tenant ones, --only-events for what Celery events cost,
-## --only-soak for the memory soak: 10 million no-op tasks and 100,000 thumbnails, --only-sql for results in PostgreSQL).
+## --only-soak for the memory soak: 10 million no-op tasks and 100,000 thumbnails, --only-sql for results in PostgreSQL,
+## --only-amqp for the drain with RabbitMQ as the broker).
 BENCH_SCALE ?= 1
 bench: test-deps plugins
 	.venv/bin/pip install --quiet --disable-pip-version-check pillow

@@ -31,6 +31,7 @@ from events_bench import report_events, run_events
 from python_bench import report_python, run_python
 from soak_bench import report_soak, run_soak
 from sql_bench import report_sql, run_sql
+from amqp_bench import report_amqp, run_amqp
 from tenants_bench import report_tenants, run_tenants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,6 +272,8 @@ def main():
                     help="run only the memory soak (10 million no-op tasks, then 100,000 thumbnails; RSS sampled)")
     ap.add_argument("--only-sql", action="store_true",
                     help="run only the SQL-backend scenario (results in PostgreSQL, taskhost against Celery)")
+    ap.add_argument("--only-amqp", action="store_true",
+                    help="run only the RabbitMQ scenario (the no-op drain with RabbitMQ as the broker, taskhost against Celery)")
     ap.add_argument("--only-tenants", action="store_true",
                     help="run only the tenant scenarios (a flood and a late tenant; the drain with fairness on and off)")
     args = ap.parse_args()
@@ -293,6 +296,7 @@ def main():
         (args.only_events, "events", lambda p: run_events(h, args.taskhost, args.plugins, args.scale, p), 1, report_events),
         (args.only_soak, "soak", lambda p: run_soak(h, args.taskhost, args.plugins, args.scale, p), 2, report_soak),
         (args.only_sql, "sql", lambda p: run_sql(h, args.taskhost, args.plugins, args.scale, p), 2, report_sql),
+        (args.only_amqp, "amqp", lambda p: run_amqp(h, args.taskhost, args.plugins, args.scale, p), 2, report_amqp),
     ]
     for asked, key, run, steps, report_one in alone:
         if asked:
@@ -324,7 +328,7 @@ def main():
     ]
 
     # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
-    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2 + 1 + 2)
+    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2 + 1 + 2 + 2)
 
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
@@ -398,6 +402,8 @@ def main():
     results["events"] = run_events(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
     # Results in PostgreSQL (Celery's database backend) against Celery on the same database.
     results["sql"] = run_sql(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
+    # RabbitMQ as the broker, against Celery on the same server.
+    results["amqp"] = run_amqp(sys.modules[__name__], args.taskhost, args.plugins, args.scale, progress)
 
     report(results)
     report_io(results["io"])
@@ -406,6 +412,7 @@ def main():
     report_publish(results["publish"])
     report_events(results["events"])
     report_sql(results["sql"])
+    report_amqp(results["amqp"])
     save(results, args)
 
 

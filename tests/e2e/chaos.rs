@@ -164,6 +164,48 @@ fn a_crash_soak_of_100k_tasks_through_kill_9_and_sigstop_stores_every_result() {
     assert!(restored >= 1, "nothing was restored after the SIGSTOP: the test did not test it");
 }
 
+/// A worker killed in the middle of a visibility sweep leaves the sweep's lock behind.
+/// kombu's lock lasts 300 s whatever the visibility timeout, and no worker swept for
+/// that long (a crash soak run found 262 messages held past 240 s); here the lock lapses
+/// with the visibility timeout and the next worker restores everything.
+#[test]
+fn a_worker_killed_mid_sweep_holds_up_the_next_sweep_no_longer_than_the_visibility_timeout() {
+    const HELD: usize = 20_000;
+    const VISIBILITY: u64 = 2;
+    let redis = RedisServer::start();
+    let mut conn = redis.client().get_connection().unwrap();
+    // Messages a dead worker held, an hour past their last refresh: the first sweep of a
+    // new worker restores them one by one, which takes long enough to be killed in.
+    let long_ago = taskhost::protocol::unix_now() - 3600.0;
+    let mut pipe = redis::pipe();
+    for _ in 0..HELD {
+        let message = celery_message("tasks.noop", &uuid::Uuid::new_v4().to_string(), &serde_json::json!([]));
+        let envelope: serde_json::Value = serde_json::from_slice(&message).unwrap();
+        let tag = envelope["properties"]["delivery_tag"].as_str().unwrap().to_string();
+        let entry = format!(r#"[{}, "", "celery"]"#, String::from_utf8(message).unwrap());
+        pipe.hset("unacked", &tag, entry).ignore().zadd("unacked_index", &tag, long_ago).ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    let visibility = VISIBILITY.to_string();
+    let worker = WorkerProcess::start_with_env(&redis.url(), &plugins_dir(), &["-c", "8", "--visibility-timeout", &visibility], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !redis.query::<bool>(redis::cmd("EXISTS").arg("unacked_mutex")) {
+        assert!(Instant::now() < deadline, "no sweep started:\n{}", worker.log_text());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    kill(worker.pid(), libc::SIGKILL);
+    let lock_ms: i64 = redis.query(redis::cmd("PTTL").arg("unacked_mutex"));
+    let left: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+    assert!(lock_ms > 0 && left > 1000, "the kill did not land mid-sweep (lock {lock_ms} ms, {left} held): the test did not test it");
+    assert!(lock_ms <= (VISIBILITY * 1000) as i64, "the dead sweeper's lock lasts {lock_ms} ms, past the {VISIBILITY} s visibility timeout");
+    drop(worker);
+    let next = WorkerProcess::start_with_env(&redis.url(), &plugins_dir(), &["-c", "8", "--visibility-timeout", &visibility], &[]);
+    wait_stored(&mut conn, HELD, Duration::from_secs(90), &next);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(stored(&mut conn), (HELD, HELD), "(results, SUCCESS)");
+    assert_drained(&mut conn);
+}
+
 /// `sqlite3` through the test Python: one query's rows as JSON.
 fn sqlite_query(path: &std::path::Path, sql: &str) -> serde_json::Value {
     let script = "import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(json.dumps(c.execute(sys.argv[2]).fetchall()))";

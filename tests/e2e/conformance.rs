@@ -357,8 +357,9 @@ async fn usage_sums_and_keeps_the_high_water(url: String) {
     assert!(b.usage(hour + 1).await.unwrap().is_empty());
 }
 
-/// The coordination-state cases on every broker and on Redis beside a PostgreSQL state
-/// store (`--state`; skipped, saying why, where PostgreSQL is absent).
+/// The coordination-state cases on every broker, and on Redis beside a state store of its
+/// own (`--state`): another Redis database (the store RabbitMQ gets from a Redis result
+/// backend), and PostgreSQL (skipped, saying why, where PostgreSQL is absent).
 macro_rules! state_conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite_state {
@@ -366,6 +367,13 @@ macro_rules! state_conformance {
         }
         mod redis_state {
             $(#[test] fn $case() { let t = super::redis(); crate::support::block_on(super::$case(t.url())); })*
+        }
+        mod redis_with_redis_state {
+            $(#[test] fn $case() {
+                let t = super::redis();
+                let store = format!("{}1", t.url().trim_end_matches(char::is_numeric));
+                crate::support::block_on(super::$case(format!("split:{}|{store}", t.url())));
+            })*
         }
         mod redis_with_postgresql_state {
             $(#[test] fn $case() {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod amqp;
 mod beat;
 mod canvas;
 mod capabilities;

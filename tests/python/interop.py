@@ -44,6 +44,11 @@ def send(task, args, queue, priority):
     print(r.id)
 
 
+def later(task, args, countdown):
+    """Publishes with a countdown (seconds) and prints the id without waiting."""
+    print(app.send_task(task, json.loads(args), countdown=float(countdown)).id)
+
+
 def wait(task_id, timeout):
     print(json.dumps(AsyncResult(task_id, app=app).get(timeout=float(timeout))))
 
@@ -311,7 +316,7 @@ def celery_tables(url, extended):
     print("created")
 
 
-SCENARIOS = {f.__name__: f for f in [canvas, canvas_errors, add, kwargs, send, wait, state, fail, time_limit, states, many, countdown, expires,
+SCENARIOS = {f.__name__: f for f in [canvas, canvas_errors, add, kwargs, send, later, wait, state, fail, time_limit, states, many, countdown, expires,
                                      revoke_terminate, revoke_queued, inspect, python_tasks, tally, sql_results, celery_tables]}
 
 if __name__ == "__main__":

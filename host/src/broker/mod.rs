@@ -1,6 +1,7 @@
 //! `trait Broker`: the few verbs every transport offers — fetch, ack, restore, publish,
 //! schedule, dead-letter — and the URL that picks a transport (and, optionally, a state store).
 
+pub mod amqp;
 mod redis;
 mod redis_conn;
 pub mod releases;
@@ -69,7 +70,7 @@ pub enum BrokerError {
     Connection(String),
     #[error("broker command failed: {0}")]
     Command(String),
-    #[error("unsupported broker URL {0:?} (expected sqlite://PATH, redis://, rediss://)")]
+    #[error("unsupported broker URL {0:?} (expected sqlite://PATH, redis://, rediss://, amqp://, amqps://)")]
     UnsupportedUrl(String),
 }
 
@@ -246,12 +247,47 @@ pub fn is_sqlite_url(url: &str) -> bool {
 }
 
 /// Opens the transport a URL names; with `TASKHOST_STATE` set (`--state`), beside the store
-/// it names, which then holds the coordination state instead of the transport.
+/// it names, which then holds the coordination state instead of the transport. RabbitMQ
+/// has no place for that state: beside it the store is `--state`, or else the result
+/// backend (`TASKHOST_RESULT_BACKEND`, which `serve` and the CLI set from their flags).
+///
+/// A RabbitMQ transport without either is returned alone: publishing works (`send`), and
+/// whatever needs state says so; `serve` refuses to start that way ([`state_store_for`]).
 pub async fn connect(url: &str) -> Result<Box<dyn Broker>, BrokerError> {
     let transport = connect_transport(url).await?;
-    match std::env::var(state::STATE_ENV).ok().filter(|s| !s.is_empty()) {
-        Some(state_url) => Ok(Box::new(state::SplitBroker { transport, store: state::connect_store(&state_url).await? })),
-        None => Ok(transport),
+    match state_store_for(url) {
+        Ok(Some(state_url)) => Ok(Box::new(state::SplitBroker { transport, store: state::connect_store(&state_url).await? })),
+        _ => Ok(transport),
+    }
+}
+
+/// The state store a broker URL is paired with: `--state`, or beside RabbitMQ the result
+/// backend; `None` where the transport keeps its own. An error for RabbitMQ with neither.
+pub fn state_store_for(url: &str) -> Result<Option<String>, BrokerError> {
+    if let Some(state_url) = std::env::var(state::STATE_ENV).ok().filter(|s| !s.is_empty()) {
+        return Ok(Some(state_url));
+    }
+    if !amqp::is_amqp_url(url) {
+        return Ok(None);
+    }
+    match std::env::var(state::RESULT_BACKEND_ENV).ok().filter(|s| state::is_state_url(s)) {
+        Some(backend) => Ok(Some(backend)),
+        None => Err(BrokerError::UnsupportedUrl(format!(
+            "{} needs a state store for ETA parking, dead letters, leases and revokes: --state redis://… or \
+             postgresql://…, or a Redis or PostgreSQL result backend",
+            redact_url(url)
+        ))),
+    }
+}
+
+/// A URL with its password hidden, for messages.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -261,6 +297,8 @@ pub async fn connect_transport(url: &str) -> Result<Box<dyn Broker>, BrokerError
         Ok(Box::new(RedisBroker::connect(url).await?))
     } else if is_sqlite_url(url) {
         Ok(Box::new(SqliteBroker::open(url)?))
+    } else if amqp::is_amqp_url(url) {
+        Ok(Box::new(amqp::AmqpBroker::connect(url).await?))
     } else {
         Err(BrokerError::UnsupportedUrl(url.to_string()))
     }

@@ -7,6 +7,8 @@
 //! records the one message it wakes with in a second round trip — the same small window
 //! kombu always has, open only on an idle-to-busy edge.
 
+mod state;
+
 use super::{Broker, BrokerError, DeadLetter, Delivery};
 use crate::protocol::{list_for_priority, mark_redelivered, priority_from, Envelope, BAND_SEP, PRIORITY_BANDS};
 use async_trait::async_trait;
@@ -19,8 +21,18 @@ use std::time::Duration;
 const UNACKED: &str = "unacked";
 const UNACKED_INDEX: &str = "unacked_index";
 const UNACKED_MUTEX: &str = "unacked_mutex";
-/// kombu holds the sweep lock this long (ms) at most.
-const UNACKED_MUTEX_TTL_MS: u64 = 300_000;
+/// kombu holds the sweep lock this long at most (`unacked_mutex_expire`).
+const UNACKED_MUTEX_MAX_TTL: Duration = Duration::from_secs(300);
+
+/// How long a sweep's lock outlives a sweeper killed mid-sweep: kombu's 300 s, or the
+/// visibility timeout when that is shorter. With kombu's fixed 300 s, one worker killed
+/// while sweeping stops every sweep for five minutes, and the messages of anything else
+/// killed meanwhile wait that long, whatever the visibility timeout says. A sweep that
+/// outlasts its lock is safe among taskhost workers: each restore is one script that
+/// moves a message only while it is still in `unacked`.
+fn sweep_lock_ttl(visibility: Duration) -> Duration {
+    visibility.clamp(Duration::from_secs(1), UNACKED_MUTEX_MAX_TTL)
+}
 const SCHEDULED: &str = "taskhost.scheduled";
 const DEAD_LETTERS: &str = "taskhost.dlq";
 /// Parked messages moved per `move_due` call: bounds one script's run time.
@@ -783,7 +795,7 @@ impl Broker for RedisBroker {
             .arg(&token)
             .arg("NX")
             .arg("PX")
-            .arg(UNACKED_MUTEX_TTL_MS)
+            .arg(sweep_lock_ttl(visibility).as_millis() as u64)
             .query_async(&mut conn)
             .await
             .map_err(cmd_err)?;
@@ -1189,5 +1201,13 @@ mod tests {
         assert_eq!(super::db_of("redis://127.0.0.1:6379/3"), 3);
         assert_eq!(super::db_of("redis://user:pw@host:6379"), 0);
         assert_eq!(super::db_of("rediss://host:6380/12#insecure"), 12);
+    }
+
+    #[test]
+    fn a_sweep_lock_lasts_the_visibility_timeout_within_kombus_300_s() {
+        use std::time::Duration;
+        assert_eq!(super::sweep_lock_ttl(Duration::from_secs(5)), Duration::from_secs(5));
+        assert_eq!(super::sweep_lock_ttl(Duration::from_secs(3600)), Duration::from_secs(300));
+        assert_eq!(super::sweep_lock_ttl(Duration::ZERO), Duration::from_secs(1));
     }
 }

@@ -50,16 +50,22 @@ pub trait StateStore: Send + Sync {
     async fn usage(&self, since_hour: i64) -> Result<Vec<UsageRow>, BrokerError>;
 }
 
+/// The result backend's URL, where a transport without state of its own (RabbitMQ) keeps
+/// it when no `--state` is given.
+pub const RESULT_BACKEND_ENV: &str = "TASKHOST_RESULT_BACKEND";
+
 /// Whether a URL names a store [`connect_store`] opens.
 pub fn is_state_url(url: &str) -> bool {
-    crate::backend::sql::Dialect::of_url(url).is_some_and(|(d, _)| d == crate::backend::sql::Dialect::Postgres)
+    super::is_redis_url(url) || crate::backend::sql::Dialect::of_url(url).is_some_and(|(d, _)| d == crate::backend::sql::Dialect::Postgres)
 }
 
 pub async fn connect_store(url: &str) -> Result<Box<dyn StateStore>, BrokerError> {
-    if is_state_url(url) {
+    if super::is_redis_url(url) {
+        Ok(Box::new(super::RedisBroker::connect(url).await?))
+    } else if is_state_url(url) {
         Ok(Box::new(PgState::connect(url).await?))
     } else {
-        Err(BrokerError::UnsupportedUrl(format!("{url} (the state store takes postgresql://)")))
+        Err(BrokerError::UnsupportedUrl(format!("{url} (the state store takes redis:// or postgresql://)")))
     }
 }
 

@@ -18,14 +18,16 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
     /// Broker URL: sqlite://PATH (embedded, the default: sqlite://./taskhost.db),
-    /// redis://[user:pass@]host:port/db or rediss:// (TLS).
+    /// redis://[user:pass@]host:port/db or rediss:// (TLS), amqp://user:pass@host:5672/vhost
+    /// or amqps:// (RabbitMQ; `?max_priority=N`, `?quorum=queue,…` for queues it creates).
     #[arg(long, env = "TASKHOST_BROKER")]
     pub broker: Option<String>,
     /// Result backend URL (default: the broker's).
     #[arg(long, env = "TASKHOST_RESULT_BACKEND")]
     pub result_backend: Option<String>,
     /// Where leases, beat ticks, rate slots, revokes, ETA-parked messages and dead letters
-    /// live instead of the broker: postgresql://… [default: on the broker].
+    /// live instead of the broker: redis://… or postgresql://… [default: on the broker;
+    /// beside RabbitMQ, the result backend].
     #[arg(long, env = "TASKHOST_STATE")]
     pub state: Option<String>,
 }
@@ -43,6 +45,14 @@ impl BrokerArgs {
         }
         let broker = file.broker(self.broker.as_deref());
         let backend = file.result_backend(self.result_backend.as_deref(), &broker);
+        // Beside RabbitMQ, which keeps no state, the state goes to the result backend
+        // unless --state says otherwise: `broker::connect` reads it from here.
+        if crate::broker::amqp::is_amqp_url(&broker)
+            && std::env::var(crate::broker::state::RESULT_BACKEND_ENV).ok().as_deref() != Some(backend.as_str())
+        {
+            // As above: start-up, before any thread.
+            unsafe { std::env::set_var(crate::broker::state::RESULT_BACKEND_ENV, &backend) };
+        }
         (broker, backend)
     }
 }
@@ -177,6 +187,7 @@ struct Settings {
 impl Settings {
     fn resolve(args: ServeArgs, file: &FileConfig) -> Result<Settings, CliError> {
         let (broker, result_backend) = args.broker.urls(file);
+        crate::broker::state_store_for(&broker).map_err(|e| CliError::usage(anyhow!("{e}")))?;
         let plugins = file.plugins(args.plugins.as_deref());
         // No -Q: `celery` and every queue a manifest names, so a component whose manifest
         // routes it to `media_heavy` is served out of the box.

@@ -1,6 +1,7 @@
 //! Celery's wire formats, pure encode/decode with no I/O: task messages (protocol v2
-//! inside kombu's Redis envelope) and result-backend records.
+//! inside kombu's Redis envelope, and its AMQP parts) and result-backend records.
 
+pub mod amqp;
 mod control;
 pub mod events;
 mod message;
