@@ -6,10 +6,12 @@
 //! cli ──► worker ──► runtime      wasmtime engine, sandbox, limits (the only wasmtime user)
 //!   │        ├─────► registry     components on disk, versions, hot swap, signed releases,
 //!   │        │                    rollout state, the follower of the broker's release store
-//!   │        ├─────► broker       trait Broker + transports; ReleaseStore (releases on Redis/SQLite);
-//!   │        │                    StateStore (coordination state on PostgreSQL beside a transport)
+//!   │        ├─────► broker       trait Broker + transports (Redis, SQLite, RabbitMQ); ReleaseStore
+//!   │        │                    (releases on Redis/SQLite); StateStore (coordination state on
+//!   │        │                    Redis or PostgreSQL beside a transport: always beside RabbitMQ)
 //!   │        └─────► backend      Celery-format results (Redis, SQLite, PostgreSQL/MySQL tables)
-//!   └──────────────► protocol     Celery message protocol v2, pure encode/decode
+//!   └──────────────► protocol     Celery message protocol v2 (kombu's envelope, its AMQP parts),
+//!                                 pure encode/decode
 //! worker ──► canvas               chain / group / chord bookkeeping (pure)
 //! cli ──► beat ──► broker          periodic tasks: lease, persisted ticks
 //! worker ──► tenant               tenant identity, policy (tenants.toml), metering

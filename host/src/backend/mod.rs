@@ -2,6 +2,7 @@
 //! way Celery clients do (subscribe, read once, wait for the ready-state notification).
 
 mod redis;
+pub mod rpc;
 pub mod sql;
 mod sqlite;
 
@@ -27,7 +28,7 @@ pub enum BackendError {
     Timeout { task_id: String, timeout: Duration },
     #[error("stored result for task {task_id} is not a Celery record: {reason}")]
     Corrupt { task_id: String, reason: String },
-    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH, redis://, rediss://, postgresql://, mysql://)")]
+    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH, redis://, rediss://, postgresql://, mysql://, rpc://)")]
     UnsupportedUrl(String),
 }
 
@@ -154,6 +155,8 @@ pub async fn connect_sized(url: &str, expires: Option<Duration>, sizing: Sizing)
         Ok(Box::new(RedisBackend::connect(url, expires).await?))
     } else if crate::broker::is_sqlite_url(url) {
         Ok(Box::new(SqliteBackend::open(url, expires)?))
+    } else if rpc::is_rpc_url(url) {
+        Ok(Box::new(rpc::RpcBackend::connect(url).await?))
     } else {
         Err(BackendError::UnsupportedUrl(url.to_string()))
     }

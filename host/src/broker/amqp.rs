@@ -358,6 +358,7 @@ impl AmqpBroker {
     async fn forget(&self, failed: &Arc<Session>) {
         let mut slot = self.session.lock().await;
         if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, failed)) {
+            tracing::warn!("RabbitMQ connection lost; reconnecting (unacked messages go back to their queues)");
             *slot = None;
             let _ = failed.connection.close(200, "OK".into()).await;
         }
@@ -481,6 +482,22 @@ impl AmqpBroker {
         }
         s.declared.lock().expect("declared set").insert(key);
         Ok(())
+    }
+
+    /// Sends a result record to a client's reply queue as Celery's `rpc://` backend does:
+    /// default exchange, routing key = the queue, `correlation_id` = the task id,
+    /// non-persistent, an empty headers table, and nothing declared.
+    pub async fn send_reply(&self, reply_to: &str, correlation_id: &str, json: Vec<u8>) -> Result<(), BrokerError> {
+        let parts = AmqpParts {
+            body: json,
+            content_type: Some("application/json".into()),
+            content_encoding: Some("utf-8".into()),
+            delivery_mode: Some(1),
+            priority: Some(0),
+            correlation_id: Some(correlation_id.to_string()),
+            ..Default::default()
+        };
+        self.publish_parts("", reply_to, &parts).await
     }
 
     fn no_state(what: &str) -> BrokerError {

@@ -44,7 +44,12 @@ impl BrokerArgs {
             }
         }
         let broker = file.broker(self.broker.as_deref());
-        let backend = file.result_backend(self.result_backend.as_deref(), &broker);
+        let mut backend = file.result_backend(self.result_backend.as_deref(), &broker);
+        // rpc:// replies over the broker: it is named by it from here on (worker processes
+        // get the same URL).
+        if backend == "rpc://" || backend == "rpc:" {
+            backend = format!("{}{broker}", crate::backend::rpc::SCHEME);
+        }
         // Beside RabbitMQ, which keeps no state, the state goes to the result backend
         // unless --state says otherwise: `broker::connect` reads it from here.
         if crate::broker::amqp::is_amqp_url(&broker)

@@ -204,6 +204,8 @@ pub struct Decoded {
     /// The queue it was taken from (Celery's `delivery_info.routing_key`), where the
     /// consumer records it (for extended results); not part of the message.
     pub queue: Option<String>,
+    /// `properties.reply_to`: the client's queue, where the `rpc://` backend sends results.
+    pub reply_to: Option<String>,
 }
 
 impl Decoded {
@@ -395,6 +397,8 @@ struct WireProperties<'a> {
     body_encoding: Raw<'a>,
     #[serde(borrow)]
     priority: Raw<'a>,
+    #[serde(borrow)]
+    reply_to: Raw<'a>,
 }
 
 impl TaskHeaders {
@@ -478,7 +482,8 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
     let headers = TaskHeaders::from_wire(&envelope.headers)?;
     let (args_json, kwargs_json, embed) = decode_body(&body)?;
     let priority = priority_from(lenient::<Value>(envelope.properties.priority).as_ref());
-    Ok(Decoded { priority, headers, args_json, kwargs_json, embed, queue: None })
+    let reply_to = lenient::<String>(envelope.properties.reply_to).filter(|r| !r.is_empty());
+    Ok(Decoded { priority, headers, args_json, kwargs_json, embed, queue: None, reply_to })
 }
 
 /// A task to publish: what `send_task`/`apply_async` would put on the wire.

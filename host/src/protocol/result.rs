@@ -89,6 +89,10 @@ pub struct ResultRecord {
     /// `result_backend_transport_options={"global_keyprefix": ...}`). Not part of the record.
     #[serde(skip)]
     pub key_prefix: Option<String>,
+    /// The client queue the `rpc://` backend sends the record to (the task message's
+    /// `reply_to`). Not part of the record.
+    #[serde(skip)]
+    pub reply_to: Option<String>,
 }
 
 fn now_iso() -> String {
@@ -108,6 +112,7 @@ impl ResultRecord {
             parent_id: None,
             extended: Map::new(),
             key_prefix: None,
+            reply_to: None,
         }
     }
 

@@ -551,6 +551,7 @@ impl Worker {
     fn link_fields(&self, record: &mut ResultRecord, decoded: &Decoded) {
         record.group_id = decoded.headers.group.clone();
         record.parent_id = decoded.headers.parent_id.clone();
+        record.reply_to = decoded.reply_to.clone();
         if self.cfg.result_extended {
             let h = &decoded.headers;
             let ext = &mut record.extended;
