@@ -594,11 +594,12 @@ impl Broker for AmqpBroker {
     /// Acks for deliveries of a connection since lost are dropped: RabbitMQ requeued those.
     async fn ack(&self, tags: &[String]) -> Result<(), BrokerError> {
         let Some(s) = self.live_session().await else { return Ok(()) };
-        for n in tags.iter().filter_map(|t| s.own(t)) {
-            if let Err(e) = s.consume.basic_ack(n, BasicAckOptions::default()).await {
-                self.forget(&s).await;
-                return Err(conn_err(e));
-            }
+        // Sent together (each is one frame to the connection's I/O thread), not one by one.
+        let acks = tags.iter().filter_map(|t| s.own(t)).map(|n| s.consume.basic_ack(n, BasicAckOptions::default()));
+        let failed = futures::future::join_all(acks).await.into_iter().find_map(Result::err);
+        if let Some(e) = failed {
+            self.forget(&s).await;
+            return Err(conn_err(e));
         }
         Ok(())
     }
