@@ -220,20 +220,23 @@ fn bad_envelope(e: impl std::fmt::Display) -> BrokerError {
 }
 
 /// A task queue's declarations, as kombu's `Queue(name, Exchange(name), routing_key=name)`:
-/// a durable direct exchange, the queue (unless it exists, however it was declared), and
-/// the binding. Declaring a queue that exists with other arguments would close the channel
-/// with 406 PRECONDITION_FAILED, so a passive declare (on a channel of its own, which a
-/// 404 closes) looks first.
+/// a durable direct exchange, the queue, and the binding. A queue that exists with other
+/// arguments (declared by someone else, say with `x-max-priority`) answers 406
+/// PRECONDITION_FAILED, which closes the channel it came on: so the queue is declared on a
+/// channel of its own, and on a 406 the existing queue is used as it was declared.
 async fn declare_task_queue(connection: &Connection, channel: &Channel, queue: &str, options: &QueueOptions) -> Result<(), BrokerError> {
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     channel.exchange_declare(queue.into(), ExchangeKind::Direct, durable, FieldTable::default()).await.map_err(conn_err)?;
-    let probe = connection.create_channel().await.map_err(conn_err)?;
-    let exists = probe.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.is_ok();
-    if exists {
-        let _ = probe.close(200, "OK".into()).await;
-    } else {
-        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(queue.into(), durable, options.arguments(queue)).await.map_err(conn_err)?;
+    let own = connection.create_channel().await.map_err(conn_err)?;
+    let declare = QueueDeclareOptions { durable: true, ..Default::default() };
+    match own.queue_declare(queue.into(), declare, options.arguments(queue)).await {
+        Ok(_) => {
+            let _ = own.close(200, "OK".into()).await;
+        }
+        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+            tracing::info!(queue, "queue exists with other arguments; using it as it was declared");
+        }
+        Err(e) => return Err(conn_err(e)),
     }
     channel.queue_bind(queue.into(), queue.into(), queue.into(), QueueBindOptions::default(), FieldTable::default()).await.map_err(conn_err)?;
     Ok(())
