@@ -14,6 +14,8 @@ import uuid
 
 import amqp
 
+from side_by_side import report_side_by_side
+
 
 def rabbitmqctl(*args):
     return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True).stdout
@@ -90,10 +92,5 @@ def report_amqp(a):
     if "skipped" in a:
         print(f"\nRabbitMQ broker: skipped ({a['skipped']})")
         return
-    systems = a["systems"]
-    print(f"\nRabbitMQ broker (RabbitMQ {a['rabbitmq']}): no-op drain, results ignored, 5%-95% of the queue")
-    base = next(iter(systems.values()))["drain_per_s"]
-    for label, f in systems.items():
-        print(f"  {label:28}{f['drain_per_s']:>9.0f}/s  ({f['count']} tasks)  {f['drain_per_s'] / base:>6.1f}x")
-    th = [f for k, f in systems.items() if k.startswith("taskhost")][0]["drain_per_s"]
-    print(f"  taskhost / Celery: {th / base:.1f}x (target >= 30x)")
+    report_side_by_side(f"\nRabbitMQ broker (RabbitMQ {a['rabbitmq']}): no-op drain, results ignored, 5%-95% of the queue",
+                        a["systems"], "drain_per_s", 30)

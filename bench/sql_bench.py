@@ -8,6 +8,8 @@ import subprocess
 import time
 import uuid
 
+from side_by_side import report_side_by_side
+
 PG = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-tA"]
 
 
@@ -81,10 +83,5 @@ def report_sql(s):
     if "skipped" in s:
         print(f"\nSQL result backend: skipped ({s['skipped']})")
         return
-    systems = s["systems"]
-    print(f"\nSQL result backend ({s['database']}): no-op drain with every result a celery_taskmeta row")
-    base = next(iter(systems.values()))["drain_results_per_s"]
-    for label, f in systems.items():
-        print(f"  {label:28}{f['drain_results_per_s']:>9.0f}/s  ({f['count']} tasks)  {f['drain_results_per_s'] / base:>6.1f}x")
-    th = [f for k, f in systems.items() if k.startswith("taskhost")][0]["drain_results_per_s"]
-    print(f"  taskhost / Celery: {th / base:.1f}x (target >= 20x)")
+    report_side_by_side(f"\nSQL result backend ({s['database']}): no-op drain with every result a celery_taskmeta row",
+                        s["systems"], "drain_results_per_s", 20)

@@ -328,7 +328,7 @@ fn a_three_hour_eta_holds_no_unacked_message_and_runs_once() {
         &vhost.url(),
         &plugins_dir(),
         &["-c", "4", "--result-backend", &redis.url()],
-        &[("RUST_LOG", "info,taskhost::worker::finish=debug")],
+        &[("RUST_LOG", crate::chaos::RUN_LOG)],
     );
     let id = interop_amqp(&vhost, &redis.url(), &["later", "tasks.add", "[40, 2]", &(3 * 3600).to_string()]);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -352,7 +352,7 @@ fn a_three_hour_eta_holds_no_unacked_message_and_runs_once() {
     let _: () = redis.query(redis::cmd("ZADD").arg("taskhost.parked").arg(0).arg(&due_now));
     assert_eq!(interop_amqp(&vhost, &redis.url(), &["wait", &id, "20"]), "42");
     std::thread::sleep(Duration::from_millis(500));
-    let runs = worker.log_text().lines().filter(|l| l.contains("succeeded in") && l.contains(&id)).count();
+    let runs = crate::chaos::runs_per_task(&worker.log_text()).get(&id).copied().unwrap_or(0);
     assert_eq!(runs, 1, "ran once");
     assert_eq!(vhost.counts("celery"), (0, 0));
 }
@@ -370,7 +370,7 @@ fn cutting_the_workers_connections_mid_drain_loses_nothing() {
         &vhost.url(),
         &plugins_dir(),
         &["-c", "8", "--result-backend", &redis.url()],
-        &[("RUST_LOG", "info,taskhost::worker::finish=debug")],
+        &[("RUST_LOG", crate::chaos::RUN_LOG)],
     );
     let sent = send(&vhost.url(), &["tasks.sleep", "--args", "[5]", "--count", &TASKS.to_string()]);
     assert!(sent.status.success(), "{}", stderr(&sent));
@@ -393,14 +393,7 @@ fn cutting_the_workers_connections_mid_drain_loses_nothing() {
     assert_eq!(vhost.counts("celery"), (0, 0), "(ready, unacked) once drained");
     let log = worker.log_text();
     assert!(log.contains("RabbitMQ connection lost; reconnecting"), "no reconnect was logged:\n{log}");
-    let mut runs = std::collections::HashMap::new();
-    for line in log.lines().filter(|l| l.contains("succeeded in")) {
-        if let Some((_, rest)) = line.split_once(" id=") {
-            let id: String = rest.trim_start_matches('"').chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-            *runs.entry(id).or_insert(0usize) += 1;
-        }
-    }
-    let twice = runs.values().filter(|n| **n > 1).count();
+    let (twice, _) = crate::chaos::duplicates(&crate::chaos::runs_per_task(&log));
     eprintln!("connections cut twice under {TASKS} tasks: {twice} ran twice");
     // Each cut requeues at most what the worker held: its prefetch (8 × 4) and as many settling.
     assert!(twice <= 2 * 2 * 32, "{twice} tasks ran more than once");

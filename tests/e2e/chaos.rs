@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Logs each completed run (the worker's debug "succeeded" line) so runs can be counted.
-const RUN_LOG: &str = "info,taskhost::worker::finish=debug";
+pub const RUN_LOG: &str = "info,taskhost::worker::finish=debug";
 
 /// Completed runs per task id, from a worker log written under [`RUN_LOG`].
-fn runs_per_task(log: &str) -> HashMap<String, usize> {
+pub fn runs_per_task(log: &str) -> HashMap<String, usize> {
     let mut runs = HashMap::new();
     for line in log.lines().filter(|l| l.contains("succeeded in")) {
         let Some((_, rest)) = line.split_once(" id=") else { continue };
@@ -24,7 +24,7 @@ fn runs_per_task(log: &str) -> HashMap<String, usize> {
 }
 
 /// Tasks run more than once, and the extra runs they took.
-fn duplicates(runs: &HashMap<String, usize>) -> (usize, usize) {
+pub fn duplicates(runs: &HashMap<String, usize>) -> (usize, usize) {
     let twice: Vec<usize> = runs.values().filter(|n| **n > 1).copied().collect();
     (twice.len(), twice.iter().map(|n| n - 1).sum())
 }

@@ -13,7 +13,17 @@ pub const SCHEME: &str = "rpc+";
 
 /// Whether a result backend URL is `rpc://` (as given) or its internal `rpc+amqp://…` form.
 pub fn is_rpc_url(url: &str) -> bool {
-    url == "rpc://" || url.starts_with("rpc://") || url.starts_with(SCHEME)
+    url == "rpc:" || url.starts_with("rpc://") || url.starts_with(SCHEME)
+}
+
+/// The internal form of a result backend URL: `rpc://` (as Celery spells it) becomes
+/// `rpc+<broker>`, since it replies over the broker; any other URL is kept.
+pub fn over_broker(backend: String, broker: &str) -> String {
+    if is_rpc_url(&backend) && !backend.starts_with(SCHEME) {
+        format!("{SCHEME}{broker}")
+    } else {
+        backend
+    }
 }
 
 pub struct RpcBackend {
@@ -89,5 +99,14 @@ mod tests {
         assert!(super::is_rpc_url("rpc://"));
         assert!(super::is_rpc_url("rpc+amqp://guest:guest@h/v"));
         assert!(!super::is_rpc_url("redis://h/0"));
+    }
+
+    #[test]
+    fn rpc_names_the_broker_it_replies_over() {
+        let broker = "amqp://g:g@h/v";
+        assert_eq!(super::over_broker("rpc://".into(), broker), "rpc+amqp://g:g@h/v");
+        assert_eq!(super::over_broker("rpc://localhost".into(), broker), "rpc+amqp://g:g@h/v");
+        assert_eq!(super::over_broker("rpc+amqp://g:g@h/v".into(), "amqp://other"), "rpc+amqp://g:g@h/v");
+        assert_eq!(super::over_broker("redis://h/0".into(), broker), "redis://h/0");
     }
 }

@@ -123,7 +123,7 @@ pub fn to_amqp_value(v: &Value) -> AMQPValue {
                 Ok(small) => AMQPValue::LongInt(small),
                 Err(_) => AMQPValue::LongLongInt(i),
             },
-            (None, Some(f)) if n.is_u64() => AMQPValue::Double(f),
+            // Past i64 (a u64) or a float: AMQP's tables have no unsigned 64-bit type py-amqp reads.
             (None, Some(f)) => AMQPValue::Double(f),
             (None, None) => AMQPValue::Void,
         },
@@ -242,6 +242,12 @@ async fn declare_task_queue(connection: &Connection, channel: &Channel, queue: &
     Ok(())
 }
 
+/// Closes a connection that failed, waiting at most a second: a close-ok that never comes
+/// on a dead socket must not hold the session lock (and every fetch and ack) behind it.
+async fn close_briefly(connection: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(200, "OK".into())).await;
+}
+
 /// A delivery, or why the consumer it came from ended.
 type Incoming = Result<(String, lapin::message::Delivery), String>;
 
@@ -322,7 +328,7 @@ impl AmqpBroker {
         }
         if let Some(old) = slot.take() {
             tracing::warn!("RabbitMQ connection lost; reconnecting (unacked messages go back to their queues)");
-            let _ = old.connection.close(200, "OK".into()).await;
+            close_briefly(&old.connection).await;
         }
         let connection = self.open_connection().await?;
         let consume = connection.create_channel().await.map_err(conn_err)?;
@@ -363,7 +369,7 @@ impl AmqpBroker {
         if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, failed)) {
             tracing::warn!("RabbitMQ connection lost; reconnecting (unacked messages go back to their queues)");
             *slot = None;
-            let _ = failed.connection.close(200, "OK".into()).await;
+            close_briefly(&failed.connection).await;
         }
     }
 
@@ -442,11 +448,11 @@ impl AmqpBroker {
     /// Publishes and waits for RabbitMQ's confirm: a message counts as sent once the broker
     /// has taken responsibility for it.
     async fn publish_parts(&self, exchange: &str, routing_key: &str, parts: &AmqpParts) -> Result<(), BrokerError> {
-        self.publish_all(exchange, routing_key, std::slice::from_ref(parts)).await
+        let s = self.session().await?;
+        self.publish_all(&s, exchange, routing_key, std::slice::from_ref(parts)).await
     }
 
-    async fn publish_all(&self, exchange: &str, routing_key: &str, all: &[AmqpParts]) -> Result<(), BrokerError> {
-        let s = self.session().await?;
+    async fn publish_all(&self, s: &Arc<Session>, exchange: &str, routing_key: &str, all: &[AmqpParts]) -> Result<(), BrokerError> {
         let result = async {
             let mut confirms = Vec::with_capacity(all.len());
             for parts in all {
@@ -467,24 +473,31 @@ impl AmqpBroker {
         }
         .await;
         if matches!(result, Err(BrokerError::Connection(_))) {
-            self.forget(&s).await;
+            self.forget(s).await;
         }
         result
     }
 
-    async fn declare_exchange(&self, name: &str, kind: ExchangeKind, durable: bool) -> Result<(), BrokerError> {
-        let s = self.session().await?;
+    /// Declares an exchange once per connection.
+    async fn declare_exchange(&self, s: &Arc<Session>, name: &str, kind: ExchangeKind, durable: bool) -> Result<(), BrokerError> {
         let key = format!("exchange:{name}");
         if s.declared.lock().expect("declared set").contains(&key) {
             return Ok(());
         }
         let options = ExchangeDeclareOptions { durable, ..Default::default() };
         if let Err(e) = s.publish.exchange_declare(name.into(), kind, options, FieldTable::default()).await {
-            self.forget(&s).await;
+            self.forget(s).await;
             return Err(conn_err(e));
         }
         s.declared.lock().expect("declared set").insert(key);
         Ok(())
+    }
+
+    /// Publishes on an exchange of pidbox or events, declared first as Celery declares it.
+    async fn publish_on(&self, exchange: &str, kind: ExchangeKind, durable: bool, routing_key: &str, parts: &AmqpParts) -> Result<(), BrokerError> {
+        let s = self.session().await?;
+        self.declare_exchange(&s, exchange, kind, durable).await?;
+        self.publish_all(&s, exchange, routing_key, std::slice::from_ref(parts)).await
     }
 
     /// Sends a result record to a client's reply queue as Celery's `rpc://` backend does:
@@ -647,7 +660,7 @@ impl Broker for AmqpBroker {
             self.forget(&s).await;
             return Err(e);
         }
-        self.publish_all("", queue, &all).await
+        self.publish_all(&s, "", queue, &all).await
     }
 
     async fn schedule(&self, _queue: &str, _priority: u8, _raw: &[u8], _due: DateTime<Utc>) -> Result<(), BrokerError> {
@@ -673,8 +686,7 @@ impl Broker for AmqpBroker {
     /// kombu's pidbox: a request on the `celery.pidbox` fanout exchange reaches every worker.
     async fn broadcast(&self, raw: &[u8]) -> Result<(), BrokerError> {
         let parts = AmqpParts::from_envelope(raw).map_err(bad_envelope)?;
-        self.declare_exchange(PIDBOX_EXCHANGE, ExchangeKind::Fanout, false).await?;
-        self.publish_parts(PIDBOX_EXCHANGE, "", &parts).await
+        self.publish_on(PIDBOX_EXCHANGE, ExchangeKind::Fanout, false, "", &parts).await
     }
 
     async fn control_stream(&self) -> Result<mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
@@ -686,15 +698,13 @@ impl Broker for AmqpBroker {
         let mut parts = AmqpParts::from_envelope(raw).map_err(bad_envelope)?;
         parts.delivery_mode = Some(1);
         let exchange = if exchange.is_empty() { REPLY_EXCHANGE } else { exchange };
-        self.declare_exchange(exchange, ExchangeKind::Direct, false).await?;
-        self.publish_parts(exchange, routing_key, &parts).await
+        self.publish_on(exchange, ExchangeKind::Direct, false, routing_key, &parts).await
     }
 
     async fn publish_event(&self, routing_key: &str, raw: &[u8]) -> Result<(), BrokerError> {
         let mut parts = AmqpParts::from_envelope(raw).map_err(bad_envelope)?;
         parts.delivery_mode = Some(1);
-        self.declare_exchange(EVENT_EXCHANGE, ExchangeKind::Topic, true).await?;
-        self.publish_parts(EVENT_EXCHANGE, routing_key, &parts).await
+        self.publish_on(EVENT_EXCHANGE, ExchangeKind::Topic, true, routing_key, &parts).await
     }
 
     async fn event_stream(&self) -> Result<mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
@@ -703,8 +713,8 @@ impl Broker for AmqpBroker {
     }
 
     async fn declare_reply_queue(&self, routing_key: &str) -> Result<(), BrokerError> {
-        self.declare_exchange(REPLY_EXCHANGE, ExchangeKind::Direct, false).await?;
         let s = self.session().await?;
+        self.declare_exchange(&s, REPLY_EXCHANGE, ExchangeKind::Direct, false).await?;
         let queue = reply_queue_name(routing_key);
         let result = async {
             let q = QueueDeclareOptions { auto_delete: true, ..Default::default() };

@@ -44,12 +44,9 @@ impl BrokerArgs {
             }
         }
         let broker = file.broker(self.broker.as_deref());
-        let mut backend = file.result_backend(self.result_backend.as_deref(), &broker);
         // rpc:// replies over the broker: it is named by it from here on (worker processes
         // get the same URL).
-        if backend == "rpc://" || backend == "rpc:" {
-            backend = format!("{}{broker}", crate::backend::rpc::SCHEME);
-        }
+        let backend = crate::backend::rpc::over_broker(file.result_backend(self.result_backend.as_deref(), &broker), &broker);
         // Beside RabbitMQ, which keeps no state, the state goes to the result backend
         // unless --state says otherwise: `broker::connect` reads it from here.
         if crate::broker::amqp::is_amqp_url(&broker)
@@ -383,19 +380,7 @@ fn banner(args: &Settings, tasks: &[String], node: &str) {
     print!("{text}");
 }
 
-/// Hides a password in a URL for display.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
+pub use crate::broker::redact_url as redact;
 
 /// A worker process's engine, sized for `concurrency` sandboxes, and its plugins.
 /// Components are compiled in child processes held to the compile ceilings.

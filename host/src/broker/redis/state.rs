@@ -21,11 +21,15 @@ const MOVE_BATCH: usize = 500;
 
 /// Claims due parked messages: pushes their score past the claim window and returns them.
 /// KEYS[1] = parked; ARGV: now (ms), claimed until (ms), batch.
-const CLAIM_DUE: &str = r#"
+static CLAIM_DUE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], m) end
 return due
-"#;
+"#,
+    )
+});
 
 /// (queue, priority, envelope) of a parked member.
 fn split_member(member: &[u8]) -> Option<(String, u8, Vec<u8>)> {
@@ -51,7 +55,7 @@ impl StateStore for RedisBroker {
         let mut moved = 0;
         loop {
             let now = Utc::now().timestamp_millis();
-            let claimed: Vec<Vec<u8>> = redis::Script::new(CLAIM_DUE)
+            let claimed: Vec<Vec<u8>> = CLAIM_DUE
                 .key(PARKED)
                 .arg(now)
                 .arg(now + CLAIM_MS)
@@ -63,29 +67,37 @@ impl StateStore for RedisBroker {
                 return Ok(moved);
             }
             let n = claimed.len();
+            // Each member read once: (member, queue, priority), and the envelopes beside them.
+            let mut heads = Vec::with_capacity(n);
+            let mut raws = Vec::with_capacity(n);
+            for member in claimed {
+                match split_member(&member) {
+                    Some((queue, priority, raw)) => {
+                        heads.push((member, queue, priority));
+                        raws.push(raw);
+                    }
+                    None => {
+                        tracing::warn!("a parked entry is not queue/priority/envelope; dropped");
+                        self.conn().zrem::<_, _, ()>(PARKED, &member).await.map_err(cmd_err)?;
+                    }
+                }
+            }
             let mut start = 0;
-            while start < n {
-                let Some((queue, priority, _)) = split_member(&claimed[start]) else {
-                    tracing::warn!("a parked entry is not queue/priority/envelope; dropped");
-                    self.conn().zrem::<_, _, ()>(PARKED, &claimed[start]).await.map_err(cmd_err)?;
-                    start += 1;
-                    continue;
-                };
+            while start < heads.len() {
                 // Runs of one queue and priority go out together, in due order.
-                let end = (start..n)
-                    .find(|&i| split_member(&claimed[i]).is_none_or(|(q, p, _)| q != queue || p != priority))
-                    .unwrap_or(n);
-                let raws: Vec<Vec<u8>> = claimed[start..end].iter().filter_map(|m| split_member(m)).map(|(_, _, raw)| raw).collect();
-                if let Err(e) = transport.publish_many(&queue, priority, &raws).await {
+                let (queue, priority) = (&heads[start].1, heads[start].2);
+                let end = heads[start..].iter().position(|(_, q, p)| q != queue || *p != priority).map_or(heads.len(), |i| start + i);
+                if let Err(e) = transport.publish_many(queue, priority, &raws[start..end]).await {
                     // Due again at once for the next pass, not after the claim window.
                     let mut back = redis::pipe();
-                    for m in &claimed[start..] {
-                        back.zadd(PARKED, m, now).ignore();
+                    for (member, _, _) in &heads[start..] {
+                        back.zadd(PARKED, member, now).ignore();
                     }
                     let _ = back.query_async::<()>(&mut self.conn()).await;
                     return Err(e);
                 }
-                self.conn().zrem::<_, _, ()>(PARKED, &claimed[start..end]).await.map_err(cmd_err)?;
+                let sent: Vec<&Vec<u8>> = heads[start..end].iter().map(|(member, _, _)| member).collect();
+                self.conn().zrem::<_, _, ()>(PARKED, sent).await.map_err(cmd_err)?;
                 moved += end - start;
                 start = end;
             }
