@@ -30,7 +30,7 @@ pub fn duplicates(runs: &HashMap<String, usize>) -> (usize, usize) {
 }
 
 /// (results stored, of which SUCCESS) on a Redis backend.
-fn stored(conn: &mut redis::Connection) -> (usize, usize) {
+pub fn stored(conn: &mut redis::Connection) -> (usize, usize) {
     let script = redis::Script::new(
         r#"local keys = redis.call('KEYS', 'celery-task-meta-*')
            local ok = 0
@@ -45,7 +45,7 @@ fn stored(conn: &mut redis::Connection) -> (usize, usize) {
 }
 
 /// Waits until `want` results are stored, or panics with what is missing.
-fn wait_stored(conn: &mut redis::Connection, want: usize, within: Duration, worker: &WorkerProcess) -> Duration {
+pub fn wait_stored(conn: &mut redis::Connection, want: usize, within: Duration, worker: &WorkerProcess) -> Duration {
     let started = Instant::now();
     loop {
         let (all, _) = stored(conn);
@@ -64,7 +64,7 @@ fn wait_stored(conn: &mut redis::Connection, want: usize, within: Duration, work
 }
 
 /// After a run: nothing left queued, held or dead-lettered.
-fn assert_drained(conn: &mut redis::Connection) {
+pub fn assert_drained(conn: &mut redis::Connection) {
     let queued: usize = redis::cmd("LLEN").arg("celery").query(conn).unwrap();
     let unacked: usize = redis::cmd("HLEN").arg("unacked").query(conn).unwrap();
     let index: usize = redis::cmd("ZCARD").arg("unacked_index").query(conn).unwrap();

@@ -22,5 +22,6 @@ mod reliability;
 mod releases;
 mod runtime;
 mod semantics;
+mod sentinel;
 mod sql_backends;
 mod tenants;

@@ -116,6 +116,27 @@ impl RedisServer {
         Self::ready(RedisServer { port, child, _dir: tempfile::tempdir().unwrap() })
     }
 
+    /// A server replicating `primary` (on loopback), as a Sentinel-watched replica is run.
+    pub fn start_replica_of(primary: u16) -> RedisServer {
+        let (port, dir) = (free_port(), tempfile::tempdir().unwrap());
+        let child = Self::spawn(
+            port,
+            dir.path(),
+            &[
+                "--appendonly",
+                "no",
+                "--replicaof",
+                "127.0.0.1",
+                &primary.to_string(),
+            ],
+        );
+        Self::ready(RedisServer {
+            port,
+            child,
+            _dir: dir,
+        })
+    }
+
     fn spawn(port: u16, dir: &std::path::Path, persistence: &[&str]) -> std::process::Child {
         std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])

@@ -16,6 +16,10 @@ app = Celery("interop", broker=broker, backend=os.environ.get("RESULT_BACKEND", 
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
 if os.environ.get("RESULT_EXTENDED"):
     app.conf.result_extended = True
+if os.environ.get("SENTINEL_MASTER"):
+    # sentinel:// URLs: kombu and Celery's backend take the master's name as an option.
+    app.conf.broker_transport_options = {"master_name": os.environ["SENTINEL_MASTER"]}
+    app.conf.result_backend_transport_options = {"master_name": os.environ["SENTINEL_MASTER"]}
 
 
 def check(cond, message):

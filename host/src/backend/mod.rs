@@ -28,7 +28,7 @@ pub enum BackendError {
     Timeout { task_id: String, timeout: Duration },
     #[error("stored result for task {task_id} is not a Celery record: {reason}")]
     Corrupt { task_id: String, reason: String },
-    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH, redis://, rediss://, postgresql://, mysql://, rpc://)")]
+    #[error("unsupported result backend URL {0:?} (expected sqlite://PATH, redis://, rediss://, sentinel://, postgresql://, mysql://, rpc://)")]
     UnsupportedUrl(String),
 }
 

@@ -91,7 +91,7 @@ fn err(e: redis::RedisError) -> BackendError {
 }
 
 pub struct RedisBackend {
-    client: redis::Client,
+    endpoint: crate::broker::RedisEndpoint,
     conn: RedisConn,
     store: Script,
     chord_join: Script,
@@ -103,10 +103,10 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     pub async fn connect(url: &str, expires: Option<Duration>) -> Result<Self, BackendError> {
-        let client = crate::broker::redis_client(url).map_err(err)?;
+        let endpoint = crate::broker::RedisEndpoint::for_url(url).map_err(err)?;
         let conn = crate::broker::redis_manager(url, Some(crate::broker::REDIS_RESPONSE_TIMEOUT)).await.map_err(err)?;
         Ok(RedisBackend {
-            client,
+            endpoint,
             conn,
             store: Script::new(STORE),
             chord_join: Script::new(CHORD_JOIN),
@@ -166,7 +166,14 @@ impl ResultBackend for RedisBackend {
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError> {
         let key = format!("{}{KEY_PREFIX}{task_id}", self.key_prefix);
         // Subscribe before reading, as Celery does, so no notification falls in between.
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(err)?;
+        let mut pubsub = self
+            .endpoint
+            .client()
+            .await
+            .map_err(err)?
+            .get_async_pubsub()
+            .await
+            .map_err(err)?;
         pubsub.subscribe(&key).await.map_err(err)?;
         if let Some(record) = self.get(task_id).await? {
             if record.status.is_ready() {

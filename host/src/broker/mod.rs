@@ -9,7 +9,10 @@ pub mod sqlite;
 pub mod state;
 
 pub use self::redis::RedisBroker;
-pub use self::redis_conn::{client as redis_client, manager as redis_manager, RedisConn, RESPONSE_TIMEOUT as REDIS_RESPONSE_TIMEOUT, TLS_CA_ENV};
+pub use self::redis_conn::{
+    is_sentinel_url, manager as redis_manager, Endpoint as RedisEndpoint, RedisConn, RESPONSE_TIMEOUT as REDIS_RESPONSE_TIMEOUT,
+    SENTINEL_MASTER_ENV, TLS_CA_ENV,
+};
 pub use self::sqlite::SqliteBroker;
 
 use async_trait::async_trait;
@@ -70,7 +73,7 @@ pub enum BrokerError {
     Connection(String),
     #[error("broker command failed: {0}")]
     Command(String),
-    #[error("unsupported broker URL {0:?} (expected sqlite://PATH, redis://, rediss://, amqp://, amqps://)")]
+    #[error("unsupported broker URL {0:?} (expected sqlite://PATH, redis://, rediss://, sentinel://, amqp://, amqps://)")]
     UnsupportedUrl(String),
 }
 
@@ -236,9 +239,13 @@ pub async fn replay(broker: &dyn Broker, letter: &DeadLetter) -> Result<(), Brok
     Ok(())
 }
 
-/// Whether a URL names a Redis server (`redis://`, `rediss://`, `redis+unix://`).
+/// Whether a URL names a Redis server (`redis://`, `rediss://`, `redis+unix://`), or the
+/// master of a Sentinel-watched group (`sentinel://`).
 pub fn is_redis_url(url: &str) -> bool {
-    url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")
+    url.starts_with("redis://")
+        || url.starts_with("rediss://")
+        || url.starts_with("redis+unix://")
+        || is_sentinel_url(url)
 }
 
 /// Whether a URL names the embedded broker's file (`sqlite://`).

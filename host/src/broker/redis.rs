@@ -13,7 +13,7 @@ use super::{Broker, BrokerError, DeadLetter, Delivery};
 use crate::protocol::{list_for_priority, mark_redelivered, priority_from, Envelope, BAND_SEP, PRIORITY_BANDS};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use super::redis_conn::{client, manager, RedisConn, RESPONSE_TIMEOUT};
+use super::redis_conn::{manager, Endpoint, RedisConn, RESPONSE_TIMEOUT};
 use redis::{AsyncCommands, Script};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -506,9 +506,10 @@ pub struct RedisBroker {
     fairness: std::sync::RwLock<Option<HashMap<String, String>>>,
 }
 
-/// The database number in a redis URL (`redis://host:6379/3` → 3).
+/// The database number in a redis URL (`redis://host:6379/3` → 3; of a sentinel URL, the
+/// first address's).
 fn db_of(url: &str) -> i64 {
-    let without_fragment = url.split(['#', '?']).next().unwrap_or(url);
+    let without_fragment = url.split(['#', '?', ';']).next().unwrap_or(url);
     let after_scheme = without_fragment.split_once("://").map_or(without_fragment, |(_, r)| r);
     after_scheme.split_once('/').and_then(|(_, path)| path.trim_matches('/').parse().ok()).unwrap_or(0)
 }
@@ -540,8 +541,15 @@ impl RedisBroker {
     /// after the connection drops, until the receiver is dropped.
     async fn subscribe(&self, pattern: String) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let client = client(&self.url).map_err(|e| BrokerError::Connection(e.to_string()))?;
-        let mut pubsub = client.get_async_pubsub().await.map_err(cmd_err)?;
+        let endpoint =
+            Endpoint::for_url(&self.url).map_err(|e| BrokerError::Connection(e.to_string()))?;
+        let mut pubsub = endpoint
+            .client()
+            .await
+            .map_err(cmd_err)?
+            .get_async_pubsub()
+            .await
+            .map_err(cmd_err)?;
         pubsub.psubscribe(&pattern).await.map_err(cmd_err)?;
         tokio::spawn(async move {
             use futures::StreamExt;
@@ -562,7 +570,12 @@ impl RedisBroker {
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    match client.get_async_pubsub().await {
+                    // Through Sentinel, the master may have moved meanwhile.
+                    let fresh = match endpoint.client().await {
+                        Ok(client) => client.get_async_pubsub().await,
+                        Err(e) => Err(e),
+                    };
+                    match fresh {
                         Ok(mut fresh) => {
                             if fresh.psubscribe(&pattern).await.is_ok() {
                                 pubsub = fresh;
@@ -1201,6 +1214,11 @@ mod tests {
         assert_eq!(super::db_of("redis://127.0.0.1:6379/3"), 3);
         assert_eq!(super::db_of("redis://user:pw@host:6379"), 0);
         assert_eq!(super::db_of("rediss://host:6380/12#insecure"), 12);
+        assert_eq!(
+            super::db_of("sentinel://:pw@h1:26379/4;sentinel://h2:26379/9?master_name=m"),
+            4
+        );
+        assert_eq!(super::db_of("sentinel://h1;sentinel://h2"), 0);
     }
 
     #[test]

@@ -18,8 +18,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
     /// Broker URL: sqlite://PATH (embedded, the default: sqlite://./taskhost.db),
-    /// redis://[user:pass@]host:port/db or rediss:// (TLS), amqp://user:pass@host:5672/vhost
-    /// or amqps:// (RabbitMQ; `?max_priority=N`, `?quorum=queue,…` for queues it creates).
+    /// redis://[user:pass@]host:port/db or rediss:// (TLS), sentinel://h1:26379;sentinel://h2:26379
+    /// (Redis Sentinel's master; `?master_name=NAME`), amqp://user:pass@host:5672/vhost or
+    /// amqps:// (RabbitMQ; `?max_priority=N`, `?quorum=queue,…` for queues it creates).
     #[arg(long, env = "TASKHOST_BROKER")]
     pub broker: Option<String>,
     /// Result backend URL (default: the broker's).
@@ -373,7 +374,7 @@ fn banner(args: &Settings, tasks: &[String], node: &str) {
         text.push_str(&format!("    . {task}\n"));
     }
     let program = std::env::args().next().unwrap_or_else(|| "taskhost".into());
-    let broker_flag = if args.broker == super::config::DEFAULT_BROKER { String::new() } else { format!(" --broker {}", redact(&args.broker)) };
+    let broker_flag = if args.broker == super::config::DEFAULT_BROKER { String::new() } else { format!(" --broker {}", shell_word(&redact(&args.broker))) };
     text.push_str(&format!(
         "  try, from another terminal in this directory:\n    {program} send tasks.add --args '[2, 3]' --wait{broker_flag}\n"
     ));
@@ -381,6 +382,17 @@ fn banner(args: &Settings, tasks: &[String], node: &str) {
 }
 
 pub use crate::broker::redact_url as redact;
+
+/// `word` as a shell reads it back: single-quoted when it holds anything a shell would
+/// act on (a Sentinel URL's `;` and `?`, a redacted password's `*`).
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:@%+=,-".contains(c);
+    if word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
 
 /// A worker process's engine, sized for `concurrency` sandboxes, and its plugins.
 /// Components are compiled in child processes held to the compile ceilings.
@@ -798,5 +810,16 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_banners_broker_is_quoted_where_a_shell_would_split_or_glob_it() {
+        assert_eq!(super::shell_word("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(super::shell_word("sentinel://h:1;sentinel://h:2?master_name=m"), "'sentinel://h:1;sentinel://h:2?master_name=m'");
+        assert_eq!(super::shell_word("redis://u:***@h/0"), "'redis://u:***@h/0'");
+        assert_eq!(super::shell_word("it's"), r"'it'\''s'");
     }
 }

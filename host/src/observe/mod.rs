@@ -14,7 +14,9 @@ pub mod report;
 
 use std::io::Write;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -33,6 +35,8 @@ pub fn init_tracing(format: LogFormat, default_level: &str) {
             .with_writer(OneLinePerEvent { keep_escape: ansi })
             .with_ansi(ansi)
             .with_target(false)
+            .finish()
+            .with(ExpectedAmqpRefusals)
             .try_init(),
         LogFormat::Json => {
             tracing_subscriber::fmt()
@@ -43,9 +47,41 @@ pub fn init_tracing(format: LogFormat, default_level: &str) {
             // A task's line carries its span: id, task, version, queue, tenant.
             .with_current_span(true)
             .with_span_list(false)
+                .finish()
+                .with(ExpectedAmqpRefusals)
             .try_init()
         }
     };
+}
+
+/// Drops lapin's ERROR line for RabbitMQ's 406 to a queue declare whose arguments differ
+/// from the existing queue's: taskhost declares on a channel of its own expecting that
+/// answer, and then uses the queue as it was declared (as kombu's users see it).
+struct ExpectedAmqpRefusals;
+
+impl<S: tracing::Subscriber> Layer<S> for ExpectedAmqpRefusals {
+    fn event_enabled(&self, event: &tracing::Event<'_>, _: Context<'_, S>) -> bool {
+        if !event.metadata().target().starts_with("lapin") {
+            return true;
+        }
+        let mut text = FieldText(String::new());
+        event.record(&mut text);
+        !is_expected_amqp_refusal(&text.0)
+    }
+}
+
+fn is_expected_amqp_refusal(fields: &str) -> bool {
+    fields.contains("PRECONDITION_FAILED") && fields.contains("inequivalent arg") && fields.contains("for queue")
+}
+
+/// An event's fields written out, to match on.
+struct FieldText(String);
+
+impl tracing::field::Visit for FieldText {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, " {}={value:?}", field.name());
+    }
 }
 
 /// Stderr, with each formatted event's control characters escaped except the newline
@@ -116,6 +152,29 @@ fn needs_escape(b: u8, keep_escape: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::escape_event;
+
+    #[test]
+    fn lapins_error_for_an_expected_406_is_dropped_and_other_errors_are_kept() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+            fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let seen = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(super::ExpectedAmqpRefusals).with(Count(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let inequivalent = "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'media' in vhost '/': received none but current is the value '10' of type 'signedint'";
+            tracing::error!(target: "lapin::channel", channel = 2, error = ?inequivalent, "Channel closed");
+            assert_eq!(seen.load(Ordering::Relaxed), 0, "the expected refusal is dropped");
+            tracing::error!(target: "lapin::channel", error = ?"ACCESS_REFUSED - access to queue 'media' refused", "Channel closed");
+            tracing::error!(target: "taskhost::worker", error = ?inequivalent, "our own line");
+            assert_eq!(seen.load(Ordering::Relaxed), 2, "other lapin errors and taskhost's own lines stay");
+        });
+    }
 
     #[test]
     fn an_event_stays_one_line_whatever_its_text() {
