@@ -276,16 +276,7 @@ fn serving_on_rabbitmq_without_a_state_store_says_what_is_missing() {
 }
 
 fn interop_amqp(vhost: &Vhost, results: &str, args: &[&str]) -> String {
-    let out = run_bounded(
-        std::process::Command::new(python())
-            .arg(python_dir().join("interop.py"))
-            .args(args)
-            .env("BROKER", vhost.url())
-            .env("RESULT_BACKEND", results),
-        Duration::from_secs(120),
-    );
-    assert!(out.status.success(), "interop.py {args:?} on RabbitMQ failed:\n{}\n{}", stdout(&out), stderr(&out));
-    stdout(&out).trim().to_string()
+    interop_with(&[("BROKER", &vhost.url()), ("RESULT_BACKEND", results)], args)
 }
 
 /// The interop: unmodified Celery clients publish to RabbitMQ (declaring the

@@ -96,17 +96,7 @@ impl Drop for Sentinels {
 
 /// `interop.py` through the sentinels, as a Celery app configured for Sentinel is.
 fn celery_through(sentinels: &Sentinels, args: &[&str]) -> String {
-    let out = run_bounded(
-        std::process::Command::new(python())
-            .arg(python_dir().join("interop.py"))
-            .args(args)
-            .env("BROKER", sentinels.celery_url())
-            .env("SENTINEL_MASTER", MASTER),
-        Duration::from_secs(120),
-    );
-    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "interop.py {args:?} through Sentinel failed:\n{so}\n{se}");
-    so.trim().to_string()
+    interop_with(&[("BROKER", &sentinels.celery_url()), ("SENTINEL_MASTER", MASTER)], args)
 }
 
 fn wait_replicated(replica: &RedisServer) {

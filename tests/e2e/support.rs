@@ -328,12 +328,19 @@ pub fn python_dir() -> PathBuf {
 
 /// Runs `tests/python/interop.py <args>` against `broker`; fails the test on a non-zero exit.
 pub fn interop(broker: &str, args: &[&str]) -> String {
+    interop_with(&[("BROKER", broker)], args)
+}
+
+/// Runs `tests/python/interop.py <args>` with `env` (`BROKER`, and `RESULT_BACKEND`,
+/// `SENTINEL_MASTER`, … as interop.py reads them); its stdout, trimmed. Fails the test on
+/// a non-zero exit.
+pub fn interop_with(env: &[(&str, &str)], args: &[&str]) -> String {
     let out = run_bounded(
-        std::process::Command::new(python()).arg(python_dir().join("interop.py")).args(args).env("BROKER", broker),
+        std::process::Command::new(python()).arg(python_dir().join("interop.py")).args(args).envs(env.iter().copied()),
         std::time::Duration::from_secs(120),
     );
     let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    assert!(out.status.success(), "interop.py {args:?} failed:\n{so}\n{se}");
+    assert!(out.status.success(), "interop.py {args:?} with {env:?} failed:\n{so}\n{se}");
     so.trim().to_string()
 }
 

@@ -166,14 +166,7 @@ impl ResultBackend for RedisBackend {
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError> {
         let key = format!("{}{KEY_PREFIX}{task_id}", self.key_prefix);
         // Subscribe before reading, as Celery does, so no notification falls in between.
-        let mut pubsub = self
-            .endpoint
-            .client()
-            .await
-            .map_err(err)?
-            .get_async_pubsub()
-            .await
-            .map_err(err)?;
+        let mut pubsub = self.endpoint.pubsub().await.map_err(err)?;
         pubsub.subscribe(&key).await.map_err(err)?;
         if let Some(record) = self.get(task_id).await? {
             if record.status.is_ready() {

@@ -541,15 +541,8 @@ impl RedisBroker {
     /// after the connection drops, until the receiver is dropped.
     async fn subscribe(&self, pattern: String) -> Result<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, BrokerError> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let endpoint =
-            Endpoint::for_url(&self.url).map_err(|e| BrokerError::Connection(e.to_string()))?;
-        let mut pubsub = endpoint
-            .client()
-            .await
-            .map_err(cmd_err)?
-            .get_async_pubsub()
-            .await
-            .map_err(cmd_err)?;
+        let endpoint = Endpoint::for_url(&self.url).map_err(|e| BrokerError::Connection(e.to_string()))?;
+        let mut pubsub = endpoint.pubsub().await.map_err(cmd_err)?;
         pubsub.psubscribe(&pattern).await.map_err(cmd_err)?;
         tokio::spawn(async move {
             use futures::StreamExt;
@@ -571,11 +564,7 @@ impl RedisBroker {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     // Through Sentinel, the master may have moved meanwhile.
-                    let fresh = match endpoint.client().await {
-                        Ok(client) => client.get_async_pubsub().await,
-                        Err(e) => Err(e),
-                    };
-                    match fresh {
+                    match endpoint.pubsub().await {
                         Ok(mut fresh) => {
                             if fresh.psubscribe(&pattern).await.is_ok() {
                                 pubsub = fresh;

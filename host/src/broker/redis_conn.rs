@@ -148,6 +148,11 @@ impl Endpoint {
             Endpoint::Sentinel(master) => master.lookup().await,
         }
     }
+
+    /// A pub/sub connection to the server to use now.
+    pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+        self.client().await?.get_async_pubsub().await
+    }
 }
 
 impl SentinelMaster {
