@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::collections::HashMap;
+use crate::worker::HashMap;
 use std::fmt::Write as _;
 
 /// celery-exporter's `--buckets` default (prometheus_client's), seconds.
@@ -123,7 +123,7 @@ impl TaskMetrics {
         let known = self.queues.get(queue).is_some_and(|names| names.contains_key(task));
         let (queue, task) = if known || self.count < MAX_SERIES { (queue, task) } else { (OVERFLOW_NAME, OVERFLOW_NAME) };
         if !self.queues.contains_key(queue) {
-            self.queues.insert(queue.to_string(), HashMap::new());
+            self.queues.insert(queue.to_string(), HashMap::default());
         }
         let names = self.queues.get_mut(queue).expect("inserted above");
         if !names.contains_key(task) {

@@ -298,8 +298,31 @@ fn nesting_depth(json: &str) -> usize {
 
 type Raw<'a> = Option<&'a RawValue>;
 
+/// A raw value that is `null` or a string without escapes, read without a parser (most
+/// headers are: ids, names, times). The envelope's parse has checked it is JSON, and such
+/// a literal's content is the text between its quotes. `None` for anything else.
+fn plain_str(raw: &str) -> Option<Option<&str>> {
+    if raw == "null" {
+        return Some(None);
+    }
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then_some(Some(inner))
+}
+
+/// A string header acted on only when it is one (as [`lenient`]), fast for plain ones.
+fn lenient_str<'a>(v: Raw<'a>) -> Option<Cow<'a, str>> {
+    let v = v?;
+    match plain_str(v.get()) {
+        Some(plain) => plain.map(Cow::Borrowed),
+        None => serde_json::from_str::<Option<Cow<str>>>(v.get()).ok().flatten(),
+    }
+}
+
 fn header_str(v: Raw, name: &'static str) -> Result<Option<String>, ProtocolError> {
     let Some(v) = v else { return Ok(None) };
+    if let Some(plain) = plain_str(v.get()) {
+        return Ok(plain.map(str::to_owned));
+    }
     match serde_json::from_str::<Option<Cow<str>>>(v.get()) {
         Ok(s) => Ok(s.map(Cow::into_owned)),
         Err(_) => Err(ProtocolError::BadHeader { name, reason: format!("expected a string, got {}", v.get()) }),
@@ -407,11 +430,16 @@ impl TaskHeaders {
         let id = header_str(h.id, "id")?.ok_or(ProtocolError::MissingHeader("id"))?;
         let retries = match h.retries {
             None => 0,
+            Some(v) if !v.get().is_empty() && v.get().len() < 20 && v.get().bytes().all(|b| b.is_ascii_digit()) => {
+                v.get().parse::<u64>().map_or(u32::MAX, |r| r.min(u32::MAX as u64) as u32)
+            }
             Some(v) => serde_json::from_str::<Option<u64>>(v.get())
                 .map(|r| r.unwrap_or(0).min(u32::MAX as u64) as u32)
                 .map_err(|_| ProtocolError::BadHeader { name: "retries", reason: format!("expected a count, got {}", v.get()) })?,
         };
-        let time_limit = match lenient::<Vec<Value>>(h.timelimit) {
+        // Celery sends `[null, null]` unless a limit is set: no values built for that.
+        let unset = h.timelimit.is_none_or(|t| matches!(t.get(), "[null,null]" | "[null, null]" | "null"));
+        let time_limit = match lenient::<Vec<Value>>(h.timelimit.filter(|_| !unset)) {
             Some(pair) => (header_limit(pair.first()), header_limit(pair.get(1))),
             None => (None, None),
         };
@@ -432,9 +460,9 @@ impl TaskHeaders {
             shadow: header_str(h.shadow, "shadow")?,
             redelivered: lenient(h.redelivered).unwrap_or(false),
             // Only for tracing: a malformed one is ignored, never a reason to refuse the task.
-            traceparent: lenient(h.traceparent),
-            argsrepr: lenient(h.argsrepr),
-            kwargsrepr: lenient(h.kwargsrepr),
+            traceparent: lenient_str(h.traceparent).map(Cow::into_owned),
+            argsrepr: lenient_str(h.argsrepr).map(Cow::into_owned),
+            kwargsrepr: lenient_str(h.kwargsrepr).map(Cow::into_owned),
         })
     }
 }
@@ -456,12 +484,12 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
     if content_type != "application/json" {
         return Err(ProtocolError::ContentType(content_type.to_string()));
     }
-    let body_encoding: Cow<str> = lenient(envelope.properties.body_encoding).unwrap_or(Cow::Borrowed("base64"));
+    let body_encoding: Cow<str> = lenient_str(envelope.properties.body_encoding).unwrap_or(Cow::Borrowed("base64"));
     let mut body = match &*body_encoding {
         "base64" => BASE64.decode(envelope.body.as_bytes()).map_err(|e| ProtocolError::Base64(e.to_string()))?,
         other => return Err(ProtocolError::BodyEncoding(other.to_string())),
     };
-    match lenient::<Cow<str>>(envelope.headers.compression).as_deref() {
+    match lenient_str(envelope.headers.compression).as_deref() {
         None => {}
         // kombu labels zlib data "application/x-gzip"; both names mean zlib here.
         Some("application/x-gzip" | "zlib") => {
@@ -481,8 +509,13 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
     // Headers first: a protocol v1 message (no task header, a dict body) says so.
     let headers = TaskHeaders::from_wire(&envelope.headers)?;
     let (args_json, kwargs_json, embed) = decode_body(&body)?;
-    let priority = priority_from(lenient::<Value>(envelope.properties.priority).as_ref());
-    let reply_to = lenient::<String>(envelope.properties.reply_to).filter(|r| !r.is_empty());
+    let priority = match envelope.properties.priority.map(|p| p.get()) {
+        Some(p) if !p.is_empty() && p.len() < 20 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u64>().map_or(0, |p| p.min(255) as u8)
+        }
+        _ => priority_from(lenient::<Value>(envelope.properties.priority).as_ref()),
+    };
+    let reply_to = lenient_str(envelope.properties.reply_to).filter(|r| !r.is_empty()).map(Cow::into_owned);
     Ok(Decoded { priority, headers, args_json, kwargs_json, embed, queue: None, reply_to })
 }
 
@@ -738,6 +771,23 @@ mod tests {
         let d = decode(lax.as_bytes()).unwrap();
         assert_eq!((d.headers.retries, d.headers.group_index, d.priority), (0, None, 0));
         assert_eq!((d.headers.time_limit, d.headers.ignore_result, d.headers.redelivered), ((None, None), None, false));
+    }
+
+    #[test]
+    fn headers_with_escapes_or_odd_numbers_read_as_a_parser_reads_them() {
+        let m = format!(
+            r#"{{"body": "{}", "content-type": "application/json", "properties": {{"priority": 300, "reply_to": "r\u00e9"}},
+                "headers": {{"task": "t\"q", "id": "i\\d", "retries": 3, "argsrepr": "(\"x\",)", "root_id": null,
+                             "timelimit": [null, 2.5]}}}}"#,
+            BASE64.encode(r#"[[], {}, {}]"#)
+        );
+        let d = decode(m.as_bytes()).unwrap();
+        assert_eq!((d.headers.task.as_str(), d.headers.id.as_str()), ("t\"q", "i\\d"));
+        assert_eq!((d.headers.retries, d.priority, d.reply_to.as_deref()), (3, 255, Some("ré")));
+        assert_eq!((d.headers.argsrepr.as_deref(), d.headers.root_id.as_deref()), (Some("(\"x\",)"), None));
+        assert_eq!(d.headers.time_limit, (None, Some(2.5)));
+        assert_eq!(plain_str(r#""plain""#), Some(Some("plain")));
+        assert_eq!((plain_str("null"), plain_str(r#""a\"b""#), plain_str("7")), (Some(None), None, None));
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct TaskVersion {
     pub load_time: Duration,
     limits: TaskLimits,
     grants: Arc<Grants>,
+    /// `name@version`, made once: outcomes are counted under it for every task run.
+    key: String,
 }
 
 impl TaskVersion {
@@ -58,7 +60,7 @@ impl TaskVersion {
 
     /// `task@version`, as releases are named.
     pub fn key(&self) -> String {
-        format!("{}@{}", self.name, self.version)
+        self.key.clone()
     }
 }
 
@@ -629,6 +631,7 @@ impl Registry {
             }
         }
         Ok(TaskVersion {
+            key: format!("{name}@{version}"),
             name,
             version,
             manifest,
@@ -734,7 +737,11 @@ impl Registry {
     /// Counts a finished run of `task` for the rollout's failure-rate gate.
     pub fn record_outcome(&self, task: &TaskVersion, succeeded: bool) {
         let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
-        let e = outcomes.entry(task.key()).or_default();
+        // Looked up before a key is made: this runs for every task.
+        let e = match outcomes.get_mut(task.key.as_str()) {
+            Some(e) => e,
+            None => outcomes.entry(task.key()).or_default(),
+        };
         if succeeded {
             e.0 += 1
         } else {
@@ -782,7 +789,8 @@ impl Registry {
         let Some(versions) = state.tasks.get(name) else {
             return Err(yanked_error().unwrap_or_else(|| RegistryError::UnknownTask { name: name.to_string() }));
         };
-        let yank_of = |v: &Version| yanked.get(&format!("{name}@{v}"));
+        // Without a yank (the usual case) no key is formatted for every task resolved.
+        let yank_of = |v: &Version| if yanked.is_empty() { None } else { yanked.get(&format!("{name}@{v}")) };
         let mut live = versions.iter().rev().filter(|(v, _)| yank_of(v).is_none());
         let found = match req {
             None => match self.rollouts.read().unwrap_or_else(|p| p.into_inner()).get(name) {

@@ -40,10 +40,16 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
 
 /// 1 ms: a hard limit fires at most one tick late, a run's first slice on the worker's
-/// own thread lasts at most this long (see [`Runtime::run`]), and a CPU-bound guest
-/// yields to its siblings this often. At 10 ms, a no-op's round-trip p99 beside four
+/// own thread lasts at most this long (plus [`FIRST_SLICE_GRACE`], see [`Runtime::run`]),
+/// and a CPU-bound guest yields to its siblings this often. At 10 ms, a no-op's round-trip p99 beside four
 /// hostile guests was 23–25 ms, against 7–10 ms at 1 ms.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// A run that meets its first epoch tick this soon after it started goes on to the next
+/// tick instead of yielding: a yield sends the run to the guest thread (see
+/// [`Runtime::run`]), a hop that cost a no-op which happened to start just before a tick
+/// more than the no-op itself. A CPU-bound guest holds the worker's thread at most one
+/// tick plus this before it moves.
+const FIRST_SLICE_GRACE: Duration = Duration::from_micros(250);
 /// The hard limit of a task for which neither the message nor the manifest sets one:
 /// no task may hold a sandbox forever.
 pub const DEFAULT_HARD_LIMIT: Duration = Duration::from_secs(300);
@@ -684,8 +690,13 @@ impl Runtime {
         let (runtime, component, version, limits) = (self.clone(), component.clone(), version.to_string(), *limits);
         let mut run: Pin<Box<dyn Future<Output = TaskRun> + Send>> =
             Box::pin(async move { runtime.run_here(&component, &version, input, &limits, control).await });
-        // The first slice runs here: most tasks end within it, and pay nothing more.
-        if let Poll::Ready(done) = futures::poll!(run.as_mut()) {
+        // The first slice runs here: most tasks end within it, and pay nothing more. Outside
+        // tokio's cooperative budget: the worker polls its handlings from one tokio task,
+        // whose budget (128 operations) the pool's semaphores used up every ~30 runs, so
+        // one no-op in 25 came back pending and paid the hop to the guest thread
+        // (`Runtime::run` 31k/s against the bare loop's 68k/s per process). The slice is
+        // bounded by the epoch tick, so it cannot starve the worker's other futures.
+        if let Poll::Ready(done) = futures::poll!(tokio::task::unconstrained(run.as_mut())) {
             return done;
         }
         // One still running (computing past an epoch tick, or waiting on I/O or for room
@@ -767,13 +778,17 @@ impl Runtime {
         store.limiter(|s| &mut s.limiter);
         store.set_hostcall_fuel(hostcall_budget(self.config.max_result_bytes));
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
+        store.epoch_deadline_callback(move |ctx| {
             let state = ctx.data();
             if state.control.is_terminated() {
                 return Err(wasmtime::Error::new(Interrupt::Revoked));
             }
-            if Instant::now() >= state.deadlines.hard {
+            let now = Instant::now();
+            if now >= state.deadlines.hard {
                 return Err(wasmtime::Error::new(Interrupt::TimeLimit));
+            }
+            if now.saturating_duration_since(started) < FIRST_SLICE_GRACE {
+                return Ok(UpdateDeadline::Continue(1));
             }
             Ok(UpdateDeadline::Yield(1))
         });

@@ -112,8 +112,10 @@ impl Worker {
             tenant = tracing::field::Empty,
         );
         let caught = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(self.handle(delivery.clone(), counted), span)).catch_unwind();
-        Box::pin(async move {
-            if let Err(payload) = caught.await {
+        // Chained, not awaited in an async block: `.await` moves the captured future into
+        // the block's state at its first poll, a copy of the whole handling (KBs) a message.
+        Box::pin(caught.then(move |outcome| async move {
+            if let Err(payload) = outcome {
                 let what = payload
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
@@ -121,7 +123,7 @@ impl Worker {
                     .unwrap_or_else(|| "unknown panic".into());
                 worker.after_panic(&delivery, &what).await;
             }
-        })
+        }))
     }
 
     /// What a panicked handling leaves: no running entry, a dead letter with the reason,

@@ -5,7 +5,7 @@ use super::{monitor, Worker};
 use crate::protocol::{decode_control, encode_reply, ControlRequest, ResultRecord, State};
 use chrono::Utc;
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use super::HashSet;
 use std::rc::Rc;
 use std::time::Duration;
 

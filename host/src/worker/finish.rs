@@ -113,7 +113,21 @@ impl Worker {
         self.fail(delivery, decoded, &exc, traceback, ignore_result, acks_late).await;
     }
 
-    pub(super) async fn fail(
+    /// Boxed, as [`Worker::skip_unrun`] is: inline, it made `finish` (boxed for every
+    /// message) twice as large.
+    pub(super) fn fail<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        decoded: &'a Decoded,
+        exc: &'a ExceptionInfo,
+        traceback: String,
+        ignore_result: bool,
+        acks_late: bool,
+    ) -> futures::future::LocalBoxFuture<'a, ()> {
+        Box::pin(self.fail_inline(delivery, decoded, exc, traceback, ignore_result, acks_late))
+    }
+
+    async fn fail_inline(
         &self,
         delivery: &Delivery,
         decoded: &Decoded,
@@ -159,7 +173,27 @@ impl Worker {
 
     /// Publishes the next chain step and link callbacks after a success; their ids as
     /// `children` tuples.
-    pub(super) async fn hand_on(&self, decoded: &Decoded, value: &serde_json::Value) -> Vec<serde_json::Value> {
+    /// A plain task has none: its future then holds nothing (the publishing one, ~2 KB,
+    /// is made and boxed only where a chain or link is there to publish).
+    pub(super) fn hand_on<'a>(
+        &'a self,
+        decoded: &'a Decoded,
+        value: &'a serde_json::Value,
+    ) -> impl Future<Output = Vec<serde_json::Value>> + 'a {
+        let embed = &decoded.embed;
+        let any = embed.chain.as_ref().is_some_and(|c| !c.is_empty()) || embed.callbacks.as_ref().is_some_and(|c| !c.is_empty());
+        let publishing = any.then(|| -> futures::future::LocalBoxFuture<'a, Vec<serde_json::Value>> {
+            Box::pin(self.publish_followers(decoded, value))
+        });
+        async move {
+            match publishing {
+                Some(p) => p.await,
+                None => Vec::new(),
+            }
+        }
+    }
+
+    async fn publish_followers(&self, decoded: &Decoded, value: &serde_json::Value) -> Vec<serde_json::Value> {
         let lineage = canvas::Lineage { headers: &decoded.headers, origin: &self.cfg.node_name };
         let mut children = Vec::new();
         let next = canvas::next_chain_step(&decoded.embed, value, &lineage, DEFAULT_QUEUE);
@@ -172,7 +206,23 @@ impl Worker {
 
     /// A chord member's outcome joins its chord; the member that completes it publishes
     /// the callback with every result in order, or fails it with ChordError.
-    pub(super) async fn chord_member_done(&self, decoded: &Decoded, state: &str, result: serde_json::Value) {
+    /// As [`Worker::hand_on`]: the joining future is made and boxed only for a chord member.
+    pub(super) fn chord_member_done<'a>(
+        &'a self,
+        decoded: &'a Decoded,
+        state: &'a str,
+        result: serde_json::Value,
+    ) -> impl Future<Output = ()> + 'a {
+        let member = decoded.headers.group.is_some() && decoded.embed.chord.is_some();
+        let joining = member.then(|| -> futures::future::LocalBoxFuture<'a, ()> { Box::pin(self.join_chord(decoded, state, result)) });
+        async move {
+            if let Some(j) = joining {
+                j.await
+            }
+        }
+    }
+
+    async fn join_chord(&self, decoded: &Decoded, state: &str, result: serde_json::Value) {
         let h = &decoded.headers;
         let (Some(group), Some(callback)) = (&h.group, &decoded.embed.chord) else { return };
         if !self.backend.native_join() {
@@ -232,8 +282,23 @@ impl Worker {
         published
     }
 
+    /// Boxed, as [`Worker::fail`] is.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn retry(
+    pub(super) fn retry<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        decoded: &'a Decoded,
+        task: &'a TaskVersion,
+        reason: &'a str,
+        countdown: Option<f64>,
+        ignore_result: bool,
+        acks_late: bool,
+    ) -> futures::future::LocalBoxFuture<'a, ()> {
+        Box::pin(self.retry_inline(delivery, decoded, task, reason, countdown, ignore_result, acks_late))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn retry_inline(
         &self,
         delivery: &Delivery,
         decoded: &Decoded,
@@ -304,33 +369,46 @@ impl Worker {
 
     /// REVOKED (`revoked` or `expired`) for a message that will not run; a chord it
     /// belongs to counts it as failed, as Celery does.
-    pub(super) async fn skip_unrun(&self, delivery: &Delivery, decoded: &Decoded, reason: &str, ignore_result: bool) {
-        self.stats.borrow_mut().processed += 1;
-        self.on_revoked(&delivery.queue, decoded, false, reason == "expired");
-        let mut record = ResultRecord::revoked(&decoded.headers.id, reason);
-        self.link_fields(&mut record, decoded);
-        let stored = ignore_result || self.store(&record, None).await;
-        self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
-        self.settle(delivery, stored, true).await;
+    /// Boxed, as the other paths `handle` takes rarely: inline, their state (~2 KB each)
+    /// made every message's handling future larger, and it is copied as it is boxed.
+    pub(super) fn skip_unrun<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        decoded: &'a Decoded,
+        reason: &'a str,
+        ignore_result: bool,
+    ) -> futures::future::LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.stats.borrow_mut().processed += 1;
+            self.on_revoked(&delivery.queue, decoded, false, reason == "expired");
+            let mut record = ResultRecord::revoked(&decoded.headers.id, reason);
+            self.link_fields(&mut record, decoded);
+            let stored = ignore_result || self.store(&record, None).await;
+            self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
+            self.settle(delivery, stored, true).await;
+        })
     }
 
     /// FAILURE plus a dead letter for a message that cannot run here at all.
-    pub(super) async fn fail_unrunnable(
-        &self,
-        delivery: &Delivery,
-        decoded: &Decoded,
-        module: &str,
-        exc_type: &str,
+    /// Boxed, as [`Worker::skip_unrun`] is.
+    pub(super) fn fail_unrunnable<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        decoded: &'a Decoded,
+        module: &'a str,
+        exc_type: &'a str,
         reason: String,
         ignore_result: bool,
-    ) {
-        self.stats.borrow_mut().processed += 1;
-        if !self.dead_letter(delivery, Some(decoded), reason.clone()).await {
-            self.restore(delivery).await;
-            return;
-        }
-        let exc = ExceptionInfo::new(module, exc_type, reason.as_str());
-        self.fail(delivery, decoded, &exc, format!("taskhost: {reason}"), ignore_result, true).await;
+    ) -> futures::future::LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.stats.borrow_mut().processed += 1;
+            if !self.dead_letter(delivery, Some(decoded), reason.clone()).await {
+                self.restore(delivery).await;
+                return;
+            }
+            let exc = ExceptionInfo::new(module, exc_type, reason.as_str());
+            self.fail(delivery, decoded, &exc, format!("taskhost: {reason}"), ignore_result, true).await;
+        })
     }
 
     pub(super) async fn store_progress(&self, p: Progress, ignore_result: bool) {

@@ -154,7 +154,12 @@ impl Worker {
         let mut metrics = self.metrics.borrow_mut();
         let series = metrics.series(queue, task);
         match series.runs.get_mut(version) {
-            Some(outcomes) => *outcomes.entry(outcome.to_string()).or_default() += 1,
+            Some(outcomes) => match outcomes.get_mut(outcome) {
+                Some(count) => *count += 1,
+                None => {
+                    outcomes.insert(outcome.to_string(), 1);
+                }
+            },
             None => {
                 series.runs.insert(version.to_string(), [(outcome.to_string(), 1)].into_iter().collect());
             }

@@ -9,7 +9,7 @@ use crate::registry::RateLimitScope;
 use crate::tenant::TenantSpec;
 use chrono::{TimeZone, Utc};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use super::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,7 +169,7 @@ impl Worker {
         if stale {
             match self.broker.usage(hour).await {
                 Ok(rows) => {
-                    let mut cpu: HashMap<String, f64> = HashMap::new();
+                    let mut cpu: HashMap<String, f64> = HashMap::default();
                     for row in rows.iter().filter(|r| r.hour == hour) {
                         *cpu.entry(row.tenant.clone()).or_default() += row.counts.cpu_seconds;
                     }
