@@ -93,6 +93,12 @@ pub fn next_chain_step(embed: &Embed, result: &Value, parent: &Lineage<'_>, defa
     Some(msg)
 }
 
+/// Whether a success publishes anything: a chain step or a link callback
+/// ([`next_chain_step`], [`callbacks`]).
+pub fn has_followers(embed: &Embed) -> bool {
+    embed.chain.as_ref().is_some_and(|c| !c.is_empty()) || embed.callbacks.as_ref().is_some_and(|c| !c.is_empty())
+}
+
 /// Link callbacks after a success, each with the result prepended.
 pub fn callbacks(embed: &Embed, result: &Value, parent: &Lineage<'_>, default_queue: &str) -> Vec<OutgoingTask> {
     embed.callbacks.iter().flatten().map(|sig| message_for(sig, Some(result.clone()), parent, default_queue)).collect()

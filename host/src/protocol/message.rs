@@ -309,23 +309,33 @@ fn plain_str(raw: &str) -> Option<Option<&str>> {
     (!inner.contains('\\')).then_some(Some(inner))
 }
 
-/// A string header acted on only when it is one (as [`lenient`]), fast for plain ones.
-fn lenient_str<'a>(v: Raw<'a>) -> Option<Cow<'a, str>> {
-    let v = v?;
-    match plain_str(v.get()) {
-        Some(plain) => plain.map(Cow::Borrowed),
-        None => serde_json::from_str::<Option<Cow<str>>>(v.get()).ok().flatten(),
+/// A raw value read as a string or null, by [`plain_str`] where it can be, else by a
+/// parser; `None` if it is neither.
+fn read_str(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
+    match plain_str(raw.get()) {
+        Some(plain) => Some(plain.map(Cow::Borrowed)),
+        None => serde_json::from_str::<Option<Cow<str>>>(raw.get()).ok(),
     }
+}
+
+/// A string header acted on only when it is one (as [`lenient`]).
+fn lenient_str<'a>(v: Raw<'a>) -> Option<Cow<'a, str>> {
+    read_str(v?).flatten()
+}
+
+/// A count written as plain digits (as Celery writes `retries` and `priority`), read
+/// without a parser; `None` for anything else, which the caller parses as before.
+fn plain_count(v: Raw) -> Option<u64> {
+    let text = v?.get();
+    let plain = !text.is_empty() && text.len() < 20 && text.bytes().all(|b| b.is_ascii_digit());
+    plain.then(|| text.parse().ok()).flatten()
 }
 
 fn header_str(v: Raw, name: &'static str) -> Result<Option<String>, ProtocolError> {
     let Some(v) = v else { return Ok(None) };
-    if let Some(plain) = plain_str(v.get()) {
-        return Ok(plain.map(str::to_owned));
-    }
-    match serde_json::from_str::<Option<Cow<str>>>(v.get()) {
-        Ok(s) => Ok(s.map(Cow::into_owned)),
-        Err(_) => Err(ProtocolError::BadHeader { name, reason: format!("expected a string, got {}", v.get()) }),
+    match read_str(v) {
+        Some(s) => Ok(s.map(Cow::into_owned)),
+        None => Err(ProtocolError::BadHeader { name, reason: format!("expected a string, got {}", v.get()) }),
     }
 }
 
@@ -428,12 +438,10 @@ impl TaskHeaders {
     fn from_wire(h: &WireHeaders) -> Result<TaskHeaders, ProtocolError> {
         let task = header_str(h.task, "task")?.ok_or(ProtocolError::MissingHeader("task"))?;
         let id = header_str(h.id, "id")?.ok_or(ProtocolError::MissingHeader("id"))?;
-        let retries = match h.retries {
-            None => 0,
-            Some(v) if !v.get().is_empty() && v.get().len() < 20 && v.get().bytes().all(|b| b.is_ascii_digit()) => {
-                v.get().parse::<u64>().map_or(u32::MAX, |r| r.min(u32::MAX as u64) as u32)
-            }
-            Some(v) => serde_json::from_str::<Option<u64>>(v.get())
+        let retries = match (h.retries, plain_count(h.retries)) {
+            (None, _) => 0,
+            (Some(_), Some(r)) => r.min(u32::MAX as u64) as u32,
+            (Some(v), None) => serde_json::from_str::<Option<u64>>(v.get())
                 .map(|r| r.unwrap_or(0).min(u32::MAX as u64) as u32)
                 .map_err(|_| ProtocolError::BadHeader { name: "retries", reason: format!("expected a count, got {}", v.get()) })?,
         };
@@ -509,11 +517,9 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
     // Headers first: a protocol v1 message (no task header, a dict body) says so.
     let headers = TaskHeaders::from_wire(&envelope.headers)?;
     let (args_json, kwargs_json, embed) = decode_body(&body)?;
-    let priority = match envelope.properties.priority.map(|p| p.get()) {
-        Some(p) if !p.is_empty() && p.len() < 20 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            p.parse::<u64>().map_or(0, |p| p.min(255) as u8)
-        }
-        _ => priority_from(lenient::<Value>(envelope.properties.priority).as_ref()),
+    let priority = match plain_count(envelope.properties.priority) {
+        Some(p) => p.min(255) as u8,
+        None => priority_from(lenient::<Value>(envelope.properties.priority).as_ref()),
     };
     let reply_to = lenient_str(envelope.properties.reply_to).filter(|r| !r.is_empty()).map(Cow::into_owned);
     Ok(Decoded { priority, headers, args_json, kwargs_json, embed, queue: None, reply_to })

@@ -41,8 +41,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 /// 1 ms: a hard limit fires at most one tick late, a run's first slice on the worker's
 /// own thread lasts at most this long (plus [`FIRST_SLICE_GRACE`], see [`Runtime::run`]),
-/// and a CPU-bound guest yields to its siblings this often. At 10 ms, a no-op's round-trip p99 beside four
-/// hostile guests was 23–25 ms, against 7–10 ms at 1 ms.
+/// and a CPU-bound guest yields to its siblings this often. At 10 ms, a no-op's round-trip
+/// p99 beside four hostile guests was 23–25 ms, against 7–10 ms at 1 ms.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// A run that meets its first epoch tick this soon after it started goes on to the next
 /// tick instead of yielding: a yield sends the run to the guest thread (see

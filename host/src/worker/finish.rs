@@ -180,9 +180,7 @@ impl Worker {
         decoded: &'a Decoded,
         value: &'a serde_json::Value,
     ) -> impl Future<Output = Vec<serde_json::Value>> + 'a {
-        let embed = &decoded.embed;
-        let any = embed.chain.as_ref().is_some_and(|c| !c.is_empty()) || embed.callbacks.as_ref().is_some_and(|c| !c.is_empty());
-        let publishing = any.then(|| -> futures::future::LocalBoxFuture<'a, Vec<serde_json::Value>> {
+        let publishing = canvas::has_followers(&decoded.embed).then(|| -> futures::future::LocalBoxFuture<'a, Vec<serde_json::Value>> {
             Box::pin(self.publish_followers(decoded, value))
         });
         async move {
