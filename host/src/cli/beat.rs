@@ -37,10 +37,11 @@ pub fn run(args: BeatArgs, file: &super::config::FileConfig) -> Result<(), CliEr
     let rt = current_thread_runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
+        let stop = shutdown_signal();
         let b = super::connect_broker(&url).await?;
         let holder = holder_name();
         tracing::info!(holder = %holder, entries = entries.len(), "beat: started");
-        beat::run(entries, b.as_ref(), &holder, &holder, shutdown_signal()).await;
+        beat::run(entries, b.as_ref(), &holder, &holder, stop).await;
         tracing::info!("beat: stopped");
         Ok(())
     })

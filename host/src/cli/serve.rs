@@ -514,6 +514,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             }
             _ => None,
         };
+        let stop = shutdown_signal();
         tracing::info!(node = %node, queues = %args.queues.join(","), "worker ready");
         let worker = Worker::with_tenants(cfg, registry.clone(), runtime.clone(), broker, backend, tenants);
         let shutdown = {
@@ -521,7 +522,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
             let supervised = args.worker_index.is_some();
             async move {
                 tokio::select! {
-                    _ = shutdown_signal() => {}
+                    _ = stop => {}
                     _ = orphaned(), if supervised => {
                         tracing::warn!("the supervisor is gone: returning held messages and exiting");
                         worker.hurry();
@@ -567,13 +568,22 @@ async fn orphaned() {
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once (cold shutdown:
-/// held messages come back after the visibility timeout).
-pub async fn shutdown_signal() {
+/// held messages come back after the visibility timeout). The handlers are installed when
+/// this is called, not when it is first polled: a SIGTERM that arrives after a process
+/// said it was ready but before it awaited this would otherwise kill it outright.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(term), Ok(int)) = handlers else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        stop_on(term, int).await
+    }
+}
+
+async fn stop_on(mut term: tokio::signal::unix::Signal, mut int: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -688,6 +698,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
+        let stop = shutdown_signal();
         let _http = match (args.http, &report_dir) {
             (Some(addr), Some(dir)) => Some(start_http(args, addr, dir.path()).await?),
             _ => None,
@@ -762,7 +773,6 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
         for i in 0..total {
             children.push(Some(spawn(i).context("starting a worker process").map_err(CliError::Failed)?));
         }
-        let stop = shutdown_signal();
         tokio::pin!(stop);
         let mut stopping = false;
         loop {
