@@ -213,14 +213,37 @@ pub struct RunControl {
     /// Set by revoke with terminate (or a shutdown past its grace): the host stops it.
     terminated: AtomicBool,
     wake: tokio::sync::Notify,
-    progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+    /// Whether the task's progress updates are kept for the worker (else dropped).
+    keeps_progress: bool,
+    /// Updates not yet taken, oldest first. A queue here rather than a channel: a channel
+    /// allocated per task (~2.5 KB) though most tasks never report progress.
+    progress: std::sync::Mutex<Vec<Progress>>,
+    progress_arrived: tokio::sync::Notify,
     sent: Option<tokio::sync::mpsc::UnboundedSender<SentTask>>,
     grants: Arc<Grants>,
 }
 
 impl RunControl {
-    pub fn with_progress(sink: tokio::sync::mpsc::UnboundedSender<Progress>) -> Self {
-        RunControl { progress: Some(sink), ..Default::default() }
+    /// A control that keeps the task's progress updates, for [`RunControl::take_progress`].
+    pub fn keeping_progress() -> Self {
+        RunControl { keeps_progress: true, ..Default::default() }
+    }
+
+    pub(crate) fn report_progress(&self, update: Progress) {
+        if self.keeps_progress {
+            self.progress.lock().unwrap_or_else(|p| p.into_inner()).push(update);
+            self.progress_arrived.notify_one();
+        }
+    }
+
+    /// The progress updates reported since the last call, oldest first.
+    pub fn take_progress(&self) -> Vec<Progress> {
+        std::mem::take(&mut *self.progress.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Resolves once an update has been reported since the last time it resolved.
+    pub async fn progress_reported(&self) {
+        self.progress_arrived.notified().await
     }
 
     /// Where the follow-ups the task sends go; without a sink `send-task` is refused.

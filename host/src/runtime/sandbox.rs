@@ -195,9 +195,7 @@ impl Host for TaskState {
         }
         self.progress_sent += 1;
         let state = cap_text(state, MAX_PROGRESS_STATE_BYTES);
-        if let Some(sink) = &self.control.progress {
-            let _ = sink.send(Progress { task_id: self.task_id.clone(), state, meta });
-        }
+        self.control.report_progress(Progress { task_id: self.task_id.clone(), state, meta });
         Ok(())
     }
 

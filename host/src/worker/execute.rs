@@ -33,8 +33,7 @@ impl Worker {
             self.link_fields(&mut started, decoded);
             self.store(&started, None).await;
         }
-        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-        let mut control = RunControl::with_progress(progress_tx);
+        let mut control = RunControl::keeping_progress();
         // A channel for follow-ups only where some are granted: most tasks send none,
         // and a channel per task cost the no-op drain ~3% (68.4k → 70.5k/s without it, 5
         // alternating pairs of 200k drains).
@@ -79,12 +78,16 @@ impl Worker {
         let run = {
             // Boxed: wasmtime's instantiate/call futures are large, and inline they would
             // make every spawned `handle` future large too (memcpy'd on spawn and poll).
-            let mut running = Box::pin(self.runtime.run(&task.component, &version, input, limits, control));
+            let mut running = Box::pin(self.runtime.run(&task.component, &version, input, limits, control.clone()));
             loop {
                 tokio::select! {
                     biased;
                     run = &mut running => break run,
-                    Some(p) = progress_rx.recv() => self.store_progress(p, ignore_result).await,
+                    () = control.progress_reported() => {
+                        for p in control.take_progress() {
+                            self.store_progress(p, ignore_result).await;
+                        }
+                    }
                     // Published as soon as asked, as Celery's apply_async inside a task is.
                     Some(t) = async { sent_rx.as_mut()?.recv().await }, if sent_rx.is_some() => {
                         if let Some(p) = publishing.as_mut() {
@@ -96,7 +99,7 @@ impl Worker {
                 }
             }
         };
-        while let Ok(p) = progress_rx.try_recv() {
+        for p in control.take_progress() {
             self.store_progress(p, ignore_result).await;
         }
         if let (Some(rx), Some(p)) = (sent_rx.as_mut(), publishing.as_mut()) {

@@ -5,7 +5,9 @@ use super::*;
 
 impl Worker {
     pub(super) async fn handle(self: Rc<Self>, delivery: Rc<Delivery>, mut in_progress: InProgress) {
-        let decoded = protocol::decode(&delivery.raw);
+        // Boxed: moved from the decode into this future's state and on through it, the
+        // 700 bytes of it were copied at each move.
+        let decoded = protocol::decode(&delivery.raw).map(Box::new);
         if let (None, Ok(d)) = (&delivery.tag, &decoded) {
             // Not recorded as unacked by the broker: running it would break at-least-once.
             tracing::warn!(queue = %delivery.queue, "message without a delivery_tag dead-lettered");
@@ -44,14 +46,7 @@ impl Worker {
         let decoded = decoded;
         let h = &decoded.headers;
         let _reserved = self.on_received(&delivery, &decoded);
-        let span = tracing::Span::current();
-        if !span.is_disabled() {
-            span.record("id", h.id.as_str());
-            span.record("task", h.task.as_str());
-            if let Some(t) = &h.tenant {
-                span.record("tenant", t.as_str());
-            }
-        }
+        name_span(&tracing::Span::current(), h);
         if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
         }
@@ -214,4 +209,19 @@ impl Worker {
         in_progress.waiting(false);
         self.execute(&delivery, &decoded, &task, &limits, grants, ignore_result, permit, &mut in_progress).await;
     }
+}
+
+/// Fills in the task span's id, task and tenant in one record: one lookup of the log
+/// layer's formatted fields for the span rather than one per field.
+fn name_span(span: &tracing::Span, h: &protocol::TaskHeaders) {
+    let Some(fields) = span.metadata().map(|m| m.fields()) else { return };
+    let (Some(id), Some(task), Some(tenant)) = (fields.field("id"), fields.field("task"), fields.field("tenant")) else {
+        return;
+    };
+    let tenant_name = h.tenant.as_deref();
+    span.record_all(&fields.value_set(&[
+        (&id, Some(&h.id.as_str() as &dyn tracing::Value)),
+        (&task, Some(&h.task.as_str() as &dyn tracing::Value)),
+        (&tenant, tenant_name.as_ref().map(|t| t as &dyn tracing::Value)),
+    ]));
 }
