@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use taskhost::ceilings::Ceilings;
 use taskhost::registry::Registry;
 use taskhost::runtime::{
-    Progress, RunControl, Runtime, RuntimeConfig, TaskError, TaskInput, TaskLimits, MAX_GUEST_TEXT,
+    RunControl, Runtime, RuntimeConfig, TaskError, TaskInput, TaskLimits, MAX_GUEST_TEXT,
     MAX_PROGRESS_STATE_BYTES,
 };
 
@@ -66,10 +66,11 @@ fn huge_failure_reject_retry_and_progress_texts_are_cut_with_a_marker() {
         }
         assert!(rss_bytes().saturating_sub(rss_before) < 200 << 20, "the host copied the 50 MB message");
 
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-        let run = run_hostile(&rt, "progress", 200_000, limits, Arc::new(RunControl::with_progress(tx))).await;
+        let control = Arc::new(RunControl::keeping_progress());
+        let run = run_hostile(&rt, "progress", 200_000, limits, control.clone()).await;
         assert!(run.result.is_ok(), "{:?}", run.result);
-        let progress = rx.recv().await.expect("one progress update");
+        let updates = control.take_progress();
+        let progress = updates.first().expect("one progress update");
         truncated(&progress.state, MAX_PROGRESS_STATE_BYTES);
     });
 }
