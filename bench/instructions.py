@@ -17,38 +17,22 @@ compare binaries with this, not against the timed figures.
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-import redis
+from run import Redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def total_instructions(binary, count, plugins, results):
     """Callgrind's instruction total for one serve -p 1 that drains `count` no-ops."""
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL)
+    rds = Redis()
     out = tempfile.NamedTemporaryFile(prefix="callgrind.", delete=False).name
     try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        url = f"redis://127.0.0.1:{port}/0"
+        r, url = rds.r, rds.url
         send = [binary, "send", "tasks.noop", "--count", str(count), "-Q", "bench", "--broker", url]
         subprocess.run(send + ([] if results else ["--ignore-result"]), check=True, stdout=subprocess.DEVNULL)
         serve = [binary, "serve", "--plugins", plugins, "-p", "1", "-c", "2", "--max-task-memory", "64MiB",
@@ -70,8 +54,7 @@ def total_instructions(binary, count, plugins, results):
                     return int(line.split()[1])
         sys.exit(f"{binary}: callgrind wrote no totals")
     finally:
-        server.terminate()
-        server.wait()
+        rds.stop()
         if os.path.exists(out):
             os.unlink(out)
 

@@ -46,7 +46,14 @@ impl Worker {
         let decoded = decoded;
         let h = &decoded.headers;
         let _reserved = self.on_received(&delivery, &decoded);
-        name_span(&tracing::Span::current(), h);
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("id", h.id.as_str());
+            span.record("task", h.task.as_str());
+            if let Some(t) = &h.tenant {
+                span.record("tenant", t.as_str());
+            }
+        }
         if self.failpoint_panic.as_deref() == Some(h.task.as_str()) {
             panic!("failpoint TASKHOST_FAILPOINT_PANIC_TASK={}", h.task);
         }
@@ -209,19 +216,4 @@ impl Worker {
         in_progress.waiting(false);
         self.execute(&delivery, &decoded, &task, &limits, grants, ignore_result, permit, &mut in_progress).await;
     }
-}
-
-/// Fills in the task span's id, task and tenant in one record: one lookup of the log
-/// layer's formatted fields for the span rather than one per field.
-fn name_span(span: &tracing::Span, h: &protocol::TaskHeaders) {
-    let Some(fields) = span.metadata().map(|m| m.fields()) else { return };
-    let (Some(id), Some(task), Some(tenant)) = (fields.field("id"), fields.field("task"), fields.field("tenant")) else {
-        return;
-    };
-    let tenant_name = h.tenant.as_deref();
-    span.record_all(&fields.value_set(&[
-        (&id, Some(&h.id.as_str() as &dyn tracing::Value)),
-        (&task, Some(&h.task.as_str() as &dyn tracing::Value)),
-        (&tenant, tenant_name.as_ref().map(|t| t as &dyn tracing::Value)),
-    ]));
 }
