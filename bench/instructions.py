@@ -13,9 +13,14 @@ and valgrind has no PAGEMAP_SCAN, so copies are undercounted and slot resets ove
 compare binaries with this, not against the timed figures.
 
     python3 bench/instructions.py target/release/taskhost /tmp/taskhost-before [--small 500 --large 3000]
+
+Redis runs under callgrind too and is counted from the worker's start: a change to a script
+or to how the worker batches its commands must be counted on both sides. `--results`
+stores results (else the messages say ignore_result).
 """
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +29,26 @@ import time
 
 from run import Redis
 
+KEEP = False
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def callgrind_total(path):
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+    sys.exit(f"callgrind wrote no totals in {path}")
+
+
 def total_instructions(binary, count, plugins, results):
-    """Callgrind's instruction total for one serve -p 1 that drains `count` no-ops."""
-    rds = Redis()
-    out = tempfile.NamedTemporaryFile(prefix="callgrind.", delete=False).name
+    """Callgrind's instruction totals (worker, redis-server) for one serve -p 1 that drains
+    `count` no-ops. Both run under callgrind, so that they keep their native pace against
+    each other (a Redis slowed alone changed how the worker fetches, and what Redis did per
+    message); Redis's count starts after the sends."""
+    outs = [tempfile.NamedTemporaryFile(prefix=f"callgrind.{who}.", delete=False).name for who in ("worker", "redis")]
+    callgrind = lambda out: ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--log-file=/dev/null"]
+    rds = Redis(wrapper=callgrind(outs[1]))
     try:
         r, url = rds.r, rds.url
         send = [binary, "send", "tasks.noop", "--count", str(count), "-Q", "bench", "--broker", url]
@@ -39,24 +57,26 @@ def total_instructions(binary, count, plugins, results):
                  "-Q", "bench", "--without-heartbeat", "--track-started", "false", "--broker", url]
         if results:
             serve += ["--result-backend", url]
-        worker = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *serve],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["callgrind_control", "-z", str(rds.proc.pid)], check=True, stdout=subprocess.DEVNULL)
+        worker = subprocess.Popen([*callgrind(outs[0]), *serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 900
         while r.llen("bench") or r.hlen("unacked") or (results and r.dbsize() < count):
             if worker.poll() is not None or time.time() > deadline:
-                sys.exit(f"{binary}: the worker under valgrind stopped or stalled before draining {count}")
+                sys.exit(f"{binary}: the worker stopped or stalled before draining {count}")
             time.sleep(0.2)
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=300)
-        with open(out) as f:
-            for line in f:
-                if line.startswith(("totals:", "summary:")):
-                    return int(line.split()[1])
-        sys.exit(f"{binary}: callgrind wrote no totals")
+        if r.exists("taskhost.dlq"):
+            sys.exit(f"{binary}: the no-ops were dead-lettered, not run: {r.lindex('taskhost.dlq', 0)!r:.300}")
+        rds.stop()
+        return callgrind_total(outs[0]), callgrind_total(outs[1])
     finally:
         rds.stop()
-        if os.path.exists(out):
-            os.unlink(out)
+        for out in outs:
+            if KEEP:
+                print(f"kept {out} ({count} tasks)", file=sys.stderr)
+            elif os.path.exists(out):
+                os.unlink(out)
 
 
 def main():
@@ -66,11 +86,25 @@ def main():
     ap.add_argument("--large", type=int, default=3000)
     ap.add_argument("--plugins", default=os.path.join(ROOT, "dist", "plugins"))
     ap.add_argument("--results", action="store_true", help="store results (else ignore_result)")
+    ap.add_argument("--keep", action="store_true", help="keep callgrind's files (for callgrind_annotate)")
     args = ap.parse_args()
+    global KEEP
+    KEEP = args.keep
+    # The no-op alone, compiled under valgrind first: the compile cache is keyed by the CPU's
+    # features, which valgrind reports differently, so a natively filled cache does not serve it.
+    plugins = tempfile.mkdtemp(prefix="noop-plugins.")
+    for name in os.listdir(args.plugins):
+        if name.startswith("tasks.noop@"):
+            shutil.copy(os.path.join(args.plugins, name), plugins)
+    for binary in args.binaries:
+        subprocess.run(["valgrind", "--tool=none", "--trace-children=yes", "--log-file=/dev/null", binary,
+                        "plugins", "compile", "--plugins", plugins], check=True, stdout=subprocess.DEVNULL)
+    args.plugins = plugins
     for binary in args.binaries:
         small = total_instructions(binary, args.small, args.plugins, args.results)
         large = total_instructions(binary, args.large, args.plugins, args.results)
-        print(f"{binary}: {(large - small) / (args.large - args.small):,.0f} instructions per no-op task")
+        worker, redis = ((b - a) / (args.large - args.small) for a, b in zip(small, large))
+        print(f"{binary}: {worker:,.0f} instructions of the worker and {redis:,.0f} of redis-server per no-op task")
 
 
 if __name__ == "__main__":

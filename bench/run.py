@@ -45,17 +45,18 @@ def free_port():
 
 
 class Redis:
-    def __init__(self):
+    def __init__(self, wrapper=()):
+        """`wrapper`: a command the server runs under (valgrind, say)."""
         import redis  # here, like celery and PIL, so that --chart-only needs none of them
 
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [*wrapper, "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.r = redis.Redis(port=self.port)
-        for _ in range(200):
+        for _ in range(200 if not wrapper else 2000):
             try:
                 self.r.ping()
                 return
