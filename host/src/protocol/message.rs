@@ -6,7 +6,6 @@ use base64::Engine as _;
 use chrono::{DateTime, FixedOffset, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use super::scan::Skim;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::io::Read;
@@ -297,25 +296,7 @@ fn nesting_depth(json: &str) -> usize {
     deepest
 }
 
-/// A value's JSON text exactly as on the wire, checked as JSON by whichever reader took
-/// the envelope (serde_json, or [`scan_envelope`] for a plain one).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct RawJson<'a>(&'a str);
-
-impl<'a> RawJson<'a> {
-    fn get(self) -> &'a str {
-        self.0
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for RawJson<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        <&'de RawValue>::deserialize(d).map(|raw| RawJson(raw.get()))
-    }
-}
-
-/// A header as read: `None` when absent or `null` (serde reads `null` into `Option` so).
-type Raw<'a> = Option<RawJson<'a>>;
+type Raw<'a> = Option<&'a RawValue>;
 
 /// A raw value that is `null` or a string without escapes, read without a parser (most
 /// headers are: ids, names, times). The envelope's parse has checked it is JSON, and such
@@ -330,7 +311,7 @@ fn plain_str(raw: &str) -> Option<Option<&str>> {
 
 /// A raw value read as a string or null, by [`plain_str`] where it can be, else by a
 /// parser; `None` if it is neither.
-fn read_str(raw: RawJson<'_>) -> Option<Option<Cow<'_, str>>> {
+fn read_str(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
     match plain_str(raw.get()) {
         Some(plain) => Some(plain.map(Cow::Borrowed)),
         None => serde_json::from_str::<Option<Cow<str>>>(raw.get()).ok(),
@@ -389,7 +370,7 @@ fn header_limit(v: Option<&Value>) -> Option<f64> {
 /// The envelope as the worker reads it: borrowed from the message, headers it does not
 /// act on skipped unparsed (building every header as a JSON map was a sixth of a worker's
 /// time per no-op task).
-#[derive(Deserialize, Debug, PartialEq)]
+#[derive(Deserialize)]
 struct WireEnvelope<'a> {
     #[serde(borrow)]
     body: Cow<'a, str>,
@@ -401,7 +382,7 @@ struct WireEnvelope<'a> {
     properties: WireProperties<'a>,
 }
 
-#[derive(Deserialize, Default, Debug, PartialEq)]
+#[derive(Deserialize, Default)]
 struct WireHeaders<'a> {
     #[serde(borrow)]
     task: Raw<'a>,
@@ -443,7 +424,7 @@ struct WireHeaders<'a> {
     kwargsrepr: Raw<'a>,
 }
 
-#[derive(Deserialize, Default, Debug, PartialEq)]
+#[derive(Deserialize, Default)]
 struct WireProperties<'a> {
     #[serde(borrow)]
     body_encoding: Raw<'a>,
@@ -451,116 +432,6 @@ struct WireProperties<'a> {
     priority: Raw<'a>,
     #[serde(borrow)]
     reply_to: Raw<'a>,
-}
-
-impl<'a> WireHeaders<'a> {
-    /// The field a key names (as serde names it) and its bit in a set of those seen.
-    fn field(&mut self, key: &str) -> Option<(u32, &mut Raw<'a>)> {
-        Some(match key {
-            "task" => (0, &mut self.task),
-            "id" => (1, &mut self.id),
-            "root_id" => (2, &mut self.root_id),
-            "parent_id" => (3, &mut self.parent_id),
-            "group" => (4, &mut self.group),
-            "group_index" => (5, &mut self.group_index),
-            "retries" => (6, &mut self.retries),
-            "eta" => (7, &mut self.eta),
-            "expires" => (8, &mut self.expires),
-            "timelimit" => (9, &mut self.timelimit),
-            "ignore_result" => (10, &mut self.ignore_result),
-            "taskhost_version" => (11, &mut self.taskhost_version),
-            "taskhost_tenant" => (12, &mut self.taskhost_tenant),
-            "shadow" => (13, &mut self.shadow),
-            "redelivered" => (14, &mut self.redelivered),
-            "compression" => (15, &mut self.compression),
-            "traceparent" => (16, &mut self.traceparent),
-            "argsrepr" => (17, &mut self.argsrepr),
-            "kwargsrepr" => (18, &mut self.kwargsrepr),
-            _ => return None,
-        })
-    }
-}
-
-impl<'a> WireProperties<'a> {
-    fn field(&mut self, key: &str) -> Option<(u32, &mut Raw<'a>)> {
-        Some(match key {
-            "body_encoding" => (0, &mut self.body_encoding),
-            "priority" => (1, &mut self.priority),
-            "reply_to" => (2, &mut self.reply_to),
-            _ => return None,
-        })
-    }
-}
-
-/// The envelope read in one pass when it is plain JSON, as Celery's clients write it: no
-/// escapes in its strings, each field once. `None` for anything else, which serde_json
-/// then reads (or rejects) as before; where both read it, they read the same (tested
-/// here, and by the `messages` fuzz target).
-fn scan_envelope(text: &str) -> Option<WireEnvelope<'_>> {
-    /// Reads an object's fields into `slot_of`'s slots, giving up on a field seen twice
-    /// (serde_json rejects that) and taking `null` as unset (serde reads it so).
-    fn fields<'a, T>(skim: &mut Skim<'a>, into: &mut T, slot_of: for<'h> fn(&'h mut T, &str) -> Option<(u32, &'h mut Raw<'a>)>) -> Option<()> {
-        let mut seen = 0u32;
-        skim.object(|key, skim| {
-            let raw = skim.value()?;
-            if let Some((bit, slot)) = slot_of(into, key) {
-                if seen & (1 << bit) != 0 {
-                    return None;
-                }
-                seen |= 1 << bit;
-                *slot = (raw != "null").then_some(RawJson(raw));
-            }
-            Some(())
-        })
-    }
-    let mut skim = Skim::new(text);
-    let (mut body, mut content_type, mut headers, mut properties) = (None, None, None, None);
-    skim.object(|key, skim| {
-        match key {
-            "body" if body.is_none() => body = Some(skim.string_after_whitespace()?),
-            "content-type" if content_type.is_none() => {
-                content_type = Some(match skim.value()? {
-                    "null" => None,
-                    quoted => Some(quoted.strip_prefix('"')?.strip_suffix('"')?),
-                })
-            }
-            "headers" if headers.is_none() => {
-                let mut h = WireHeaders::default();
-                fields(skim, &mut h, WireHeaders::field)?;
-                headers = Some(h);
-            }
-            "properties" if properties.is_none() => {
-                let mut p = WireProperties::default();
-                fields(skim, &mut p, WireProperties::field)?;
-                properties = Some(p);
-            }
-            "body" | "content-type" | "headers" | "properties" => return None,
-            _ => {
-                skim.value()?;
-            }
-        }
-        Some(())
-    })?;
-    skim.end()?;
-    Some(WireEnvelope {
-        body: Cow::Borrowed(body?),
-        content_type: content_type.flatten().map(Cow::Borrowed),
-        headers: headers.unwrap_or_default(),
-        properties: properties.unwrap_or_default(),
-    })
-}
-
-/// For the `messages` fuzz target (and its corpus, run by `make test`): panics if the
-/// one-pass scan takes an envelope serde_json rejects, or reads it differently.
-#[doc(hidden)]
-pub fn assert_envelope_scan_agrees(raw: &[u8]) {
-    let Ok(text) = std::str::from_utf8(raw) else { return };
-    if let Some(scanned) = scan_envelope(text) {
-        match serde_json::from_str::<WireEnvelope>(text) {
-            Ok(parsed) => assert_eq!(scanned, parsed, "the scan and serde_json read this envelope differently"),
-            Err(e) => panic!("the scan took an envelope serde_json rejects: {e}"),
-        }
-    }
 }
 
 impl TaskHeaders {
@@ -616,10 +487,7 @@ pub fn decode(raw: &[u8]) -> Result<Decoded, ProtocolError> {
     // One UTF-8 check of the whole message, then a `str` parse: `from_slice` re-checks
     // every borrowed string and raw header, which made the envelope parse 25% slower.
     let text = std::str::from_utf8(raw).map_err(|e| ProtocolError::Envelope(e.to_string()))?;
-    let envelope = match scan_envelope(text) {
-        Some(envelope) => envelope,
-        None => serde_json::from_str(text).map_err(|e| ProtocolError::Envelope(e.to_string()))?,
-    };
+    let envelope: WireEnvelope = serde_json::from_str(text).map_err(|e| ProtocolError::Envelope(e.to_string()))?;
     let content_type = envelope.content_type.as_deref().unwrap_or("");
     if content_type != "application/json" {
         return Err(ProtocolError::ContentType(content_type.to_string()));
@@ -806,105 +674,6 @@ mod tests {
         assert_eq!(envelope.delivery_tag(), Some("83745a5f-0000"));
         assert_eq!(envelope.routing_key(), Some("celery"));
         assert_eq!(envelope.headers["stamps"], serde_json::json!({}), "unknown headers are kept");
-    }
-
-    /// Both readings of an envelope, for the tests below: the one-pass scan's (if it takes
-    /// it) must be exactly serde_json's.
-    fn readings(text: &str) -> (Option<WireEnvelope<'_>>, Result<WireEnvelope<'_>, serde_json::Error>) {
-        (scan_envelope(text), serde_json::from_str(text))
-    }
-
-    #[test]
-    fn a_plain_envelope_is_scanned_in_one_pass_as_serde_json_reads_it() {
-        let ours = String::from_utf8(encode_task(&OutgoingTask { task: "tasks.noop".into(), id: "i1".into(), queue: "q".into(), ..Default::default() })).unwrap();
-        for text in [CAPTURED, ours.as_str()] {
-            let (scanned, parsed) = readings(text);
-            assert_eq!(scanned.expect("a client's envelope is plain"), parsed.unwrap());
-        }
-    }
-
-    #[test]
-    fn every_field_serde_reads_is_scanned() {
-        const HEADERS: [&str; 19] = [
-            "task", "id", "root_id", "parent_id", "group", "group_index", "retries", "eta", "expires", "timelimit",
-            "ignore_result", "taskhost_version", "taskhost_tenant", "shadow", "redelivered", "compression",
-            "traceparent", "argsrepr", "kwargsrepr",
-        ];
-        const PROPERTIES: [&str; 3] = ["body_encoding", "priority", "reply_to"];
-        let object = |names: &[&str]| {
-            let fields: Vec<String> = names.iter().enumerate().map(|(i, n)| format!(r#""{n}": ["v{i}", {i}]"#)).collect();
-            format!("{{{}}}", fields.join(", "))
-        };
-        let text = format!(
-            r#"{{"body": "b", "content-type": "t", "headers": {}, "properties": {}}}"#,
-            object(&HEADERS),
-            object(&PROPERTIES)
-        );
-        let (scanned, parsed) = readings(&text);
-        let parsed = parsed.unwrap();
-        assert!(!format!("{parsed:?}").contains("None"), "the name lists above miss a field: {parsed:?}");
-        assert_eq!(scanned.unwrap(), parsed);
-    }
-
-    #[test]
-    fn what_the_scan_leaves_to_serde_json() {
-        for text in [
-            r#"{"body": "a", "body": "b"}"#,
-            r#"{"body": "a", "headers": {"id": "x", "id": null}}"#,
-            r#"{"body": "a", "headers": {"id": null, "id": "x"}}"#,
-            r#"{"body": "a", "properties": {"priority": 1, "priority": 2}}"#,
-            r#"{"body": "a", "headers": null}"#,
-            r#"{"body": null}"#,
-            r#"{"body": "a", "content-type": 5}"#,
-            r#"{"content-type": "application/json"}"#,
-            r#"["a", null, {}, {}]"#,
-            r#"{"body": "a\u0062"}"#,
-            r#"{"body": "a", "headers": {"t\u0061sk": "x"}}"#,
-            r#"{"body": "a"} {}"#,
-        ] {
-            assert!(scan_envelope(text).is_none(), "{text}");
-        }
-        // Repeats of a field serde skips are fine for both.
-        let (scanned, parsed) = readings(r#"{"body": "a", "lang": 1, "lang": 2, "headers": {"stamps": {}, "stamps": []}}"#);
-        assert_eq!(scanned.unwrap(), parsed.unwrap());
-    }
-
-    /// Envelopes broken a byte at a time, as a hostile producer might: wherever the scan
-    /// takes one, serde_json takes it too and reads the same fields. (The `messages` fuzz
-    /// target checks the same on whatever it finds.)
-    #[test]
-    fn the_scan_never_takes_an_envelope_serde_json_would_not() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
-        let ours = String::from_utf8(encode_task(&OutgoingTask { task: "tasks.noop".into(), id: "i1".into(), queue: "q".into(), ..Default::default() })).unwrap();
-        let seeds = [CAPTURED.as_bytes(), ours.as_bytes(), br#"{"body": "a", "headers": {"retries": -1.5e3, "eta": [true, false, {}]}}"#];
-        const PIECES: &[&[u8]] = &[b"\\", b"\"", b"{", b"}", b"[", b"]", b",", b":", b" ", b"\t", b"\x01", b"0", b"-", b"e", b".", b"null", b"\"id\": 1,", b"\"body\": \"x\","];
-        let (mut scanned, mut tried) = (0, 0);
-        for _ in 0..40_000 {
-            let mut bytes = seeds[rng.random_range(0..seeds.len())].to_vec();
-            for _ in 0..rng.random_range(1..4) {
-                let at = rng.random_range(0..bytes.len());
-                match rng.random_range(0..3) {
-                    0 => drop(bytes.remove(at)),
-                    1 => bytes[at] = rng.random(),
-                    _ => {
-                        let piece = PIECES[rng.random_range(0..PIECES.len())];
-                        bytes.splice(at..at, piece.iter().copied());
-                    }
-                }
-            }
-            let Ok(text) = std::str::from_utf8(&bytes) else { continue };
-            tried += 1;
-            let (scan, parsed) = readings(text);
-            if let Some(scan) = scan {
-                scanned += 1;
-                match parsed {
-                    Ok(parsed) => assert_eq!(scan, parsed, "{text}"),
-                    Err(e) => panic!("scanned what serde_json rejects ({e}): {text}"),
-                }
-            }
-        }
-        assert!(scanned > tried / 10, "too few mutants were plain enough to test the scan: {scanned} of {tried}");
     }
 
     #[test]

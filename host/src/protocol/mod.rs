@@ -6,10 +6,9 @@ mod control;
 pub mod events;
 mod message;
 mod result;
-mod scan;
 
 pub use message::{
-    args_repr, assert_envelope_scan_agrees, band_for_priority, python_repr, decode, encode_task, kwargs_repr, list_for_priority, mark_redelivered, parse_time, priority_from, Decoded, Embed, Envelope, OutgoingTask, ProtocolError,
+    args_repr, band_for_priority, python_repr, decode, encode_task, kwargs_repr, list_for_priority, mark_redelivered, parse_time, priority_from, Decoded, Embed, Envelope, OutgoingTask, ProtocolError,
     Signature, TaskHeaders, BAND_SEP, MAX_MESSAGE_BYTES, PRIORITY_BANDS,
 };
 pub use control::{decode_control, encode_control, encode_reply, ControlRequest, ReplyTo, PIDBOX_EXCHANGE, REPLY_EXCHANGE};
