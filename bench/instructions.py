@@ -30,6 +30,7 @@ import time
 from run import Redis
 
 KEEP = False
+LOG_LEVEL = "warn"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,7 +59,9 @@ def total_instructions(binary, count, plugins, results):
         if results:
             serve += ["--result-backend", url]
         subprocess.run(["callgrind_control", "-z", str(rds.proc.pid)], check=True, stdout=subprocess.DEVNULL)
-        worker = subprocess.Popen([*callgrind(outs[0]), *serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # At `warn`, as `make bench` runs its workers: the task's log span is then off.
+        worker = subprocess.Popen([*callgrind(outs[0]), *serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**os.environ, "RUST_LOG": LOG_LEVEL})
         deadline = time.time() + 900
         while r.llen("bench") or r.hlen("unacked") or (results and r.dbsize() < count):
             if worker.poll() is not None or time.time() > deadline:
@@ -87,9 +90,11 @@ def main():
     ap.add_argument("--plugins", default=os.path.join(ROOT, "dist", "plugins"))
     ap.add_argument("--results", action="store_true", help="store results (else ignore_result)")
     ap.add_argument("--keep", action="store_true", help="keep callgrind's files (for callgrind_annotate)")
+    ap.add_argument("--log-level", default="warn", help="the worker's RUST_LOG (make bench's is warn; at info the "
+                    "task's log span costs ~13,000 instructions a task)")
     args = ap.parse_args()
-    global KEEP
-    KEEP = args.keep
+    global KEEP, LOG_LEVEL
+    KEEP, LOG_LEVEL = args.keep, args.log_level
     # The no-op alone, compiled under valgrind first: the compile cache is keyed by the CPU's
     # features, which valgrind reports differently, so a natively filled cache does not serve it.
     plugins = tempfile.mkdtemp(prefix="noop-plugins.")
