@@ -29,8 +29,6 @@ import time
 
 from run import Redis
 
-KEEP = False
-LOG_LEVEL = "warn"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,7 +40,7 @@ def callgrind_total(path):
     sys.exit(f"callgrind wrote no totals in {path}")
 
 
-def total_instructions(binary, count, plugins, results):
+def total_instructions(binary, count, plugins, results, log_level, keep):
     """Callgrind's instruction totals (worker, redis-server) for one serve -p 1 that drains
     `count` no-ops. Both run under callgrind, so that they keep their native pace against
     each other (a Redis slowed alone changed how the worker fetches, and what Redis did per
@@ -61,7 +59,7 @@ def total_instructions(binary, count, plugins, results):
         subprocess.run(["callgrind_control", "-z", str(rds.proc.pid)], check=True, stdout=subprocess.DEVNULL)
         # At `warn`, as `make bench` runs its workers: the task's log span is then off.
         worker = subprocess.Popen([*callgrind(outs[0]), *serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env={**os.environ, "RUST_LOG": LOG_LEVEL})
+                                  env={**os.environ, "RUST_LOG": log_level})
         deadline = time.time() + 900
         while r.llen("bench") or r.hlen("unacked") or (results and r.dbsize() < count):
             if worker.poll() is not None or time.time() > deadline:
@@ -76,7 +74,7 @@ def total_instructions(binary, count, plugins, results):
     finally:
         rds.stop()
         for out in outs:
-            if KEEP:
+            if keep:
                 print(f"kept {out} ({count} tasks)", file=sys.stderr)
             elif os.path.exists(out):
                 os.unlink(out)
@@ -91,25 +89,22 @@ def main():
     ap.add_argument("--results", action="store_true", help="store results (else ignore_result)")
     ap.add_argument("--keep", action="store_true", help="keep callgrind's files (for callgrind_annotate)")
     ap.add_argument("--log-level", default="warn", help="the worker's RUST_LOG (make bench's is warn; at info the "
-                    "task's log span costs ~13,000 instructions a task)")
+                    "task's log span costs ~9,000 instructions a task)")
     args = ap.parse_args()
-    global KEEP, LOG_LEVEL
-    KEEP, LOG_LEVEL = args.keep, args.log_level
     # The no-op alone, compiled under valgrind first: the compile cache is keyed by the CPU's
     # features, which valgrind reports differently, so a natively filled cache does not serve it.
-    plugins = tempfile.mkdtemp(prefix="noop-plugins.")
-    for name in os.listdir(args.plugins):
-        if name.startswith("tasks.noop@"):
-            shutil.copy(os.path.join(args.plugins, name), plugins)
-    for binary in args.binaries:
-        subprocess.run(["valgrind", "--tool=none", "--trace-children=yes", "--log-file=/dev/null", binary,
-                        "plugins", "compile", "--plugins", plugins], check=True, stdout=subprocess.DEVNULL)
-    args.plugins = plugins
-    for binary in args.binaries:
-        small = total_instructions(binary, args.small, args.plugins, args.results)
-        large = total_instructions(binary, args.large, args.plugins, args.results)
-        worker, redis = ((b - a) / (args.large - args.small) for a, b in zip(small, large))
-        print(f"{binary}: {worker:,.0f} instructions of the worker and {redis:,.0f} of redis-server per no-op task")
+    with tempfile.TemporaryDirectory(prefix="noop-plugins.") as plugins:
+        for name in os.listdir(args.plugins):
+            if name.startswith("tasks.noop@"):
+                shutil.copy(os.path.join(args.plugins, name), plugins)
+        for binary in args.binaries:
+            subprocess.run(["valgrind", "--tool=none", "--trace-children=yes", "--log-file=/dev/null", binary,
+                            "plugins", "compile", "--plugins", plugins], check=True, stdout=subprocess.DEVNULL)
+        for binary in args.binaries:
+            small, large = (total_instructions(binary, n, plugins, args.results, args.log_level, args.keep)
+                            for n in (args.small, args.large))
+            worker, redis = ((b - a) / (args.large - args.small) for a, b in zip(small, large))
+            print(f"{binary}: {worker:,.0f} instructions of the worker and {redis:,.0f} of redis-server per no-op task")
 
 
 if __name__ == "__main__":
