@@ -605,3 +605,52 @@ fn consumer_probe() {
         }
     });
 }
+
+/// Redis publishes each record it writes on the key's channel, in the batch's order. A
+/// record refused over a SUCCESS publishes that SUCCESS again (a redelivery may follow a
+/// run that stored it and died before publishing), never the refused one. The batch mixes
+/// keys it creates with keys that exist (the two take different paths in `write`).
+#[test]
+fn redis_results_are_published_in_order_and_a_refused_one_never() {
+    let server = RedisServer::start();
+    block_on(async {
+        let r = backend::connect(&server.url(), None).await.unwrap();
+        let exc = taskhost::protocol::ExceptionInfo::new("builtins", "ValueError", "late");
+        r.store(&ResultRecord::started("old", 1, "w@h"), None).await.unwrap();
+        r.store(&ResultRecord::success("done", serde_json::json!(0)), None).await.unwrap();
+
+        let mut pubsub = server.client().get_async_pubsub().await.unwrap();
+        for id in ["new", "old", "done"] {
+            pubsub.subscribe(format!("celery-task-meta-{id}")).await.unwrap();
+        }
+        let batch = vec![
+            (ResultRecord::started("new", 1, "w@h"), None),
+            (ResultRecord::success("old", serde_json::json!(1)), None),
+            (ResultRecord::failure("done", &exc, None), None),
+            (ResultRecord::success("new", serde_json::json!(2)), None),
+            (ResultRecord::failure("new", &exc, None), None),
+        ];
+        assert_eq!(r.store_many(&batch).await.unwrap(), vec![true, true, false, true, false]);
+
+        let mut seen: Vec<(String, String)> = Vec::new();
+        let mut messages = pubsub.on_message();
+        while seen.len() < 5 {
+            let msg = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut messages))
+                .await
+                .unwrap_or_else(|_| panic!("five notices, got {seen:?}"))
+                .unwrap();
+            let payload: String = msg.get_payload().unwrap();
+            let record: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            let id = msg.get_channel_name().trim_start_matches("celery-task-meta-").to_string();
+            seen.push((id, format!("{} {}", record["status"].as_str().unwrap(), record["result"])));
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut messages)).await;
+        assert!(extra.is_err(), "five notices only, then {:?}", extra.map(|m| m.map(|m| m.get_channel_name().to_string())));
+        let of = |id: &str| seen.iter().filter(|(k, _)| k == id).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+        assert_eq!(of("new"), [r#"STARTED {"hostname":"w@h","pid":1}"#, "SUCCESS 2", "SUCCESS 2"], "{seen:?}");
+        assert_eq!(of("old"), ["SUCCESS 1"], "{seen:?}");
+        assert_eq!(of("done"), ["SUCCESS 0"], "the stored SUCCESS again, not the FAILURE: {seen:?}");
+        assert_eq!(r.get("done").await.unwrap().unwrap().status, State::Success);
+        assert_eq!(r.get("new").await.unwrap().unwrap().result, 2);
+    });
+}
