@@ -129,7 +129,8 @@ impl RedisBackend {
 
     /// Writes `records` in order: one pipeline of SET NX creates the keys that do not
     /// exist yet (each one atomically, so nothing can be overwritten), a second publishes
-    /// those and hands the rest to STORE, which checks for a SUCCESS under the same lock.
+    /// those and hands the rest to STORE, which checks for a SUCCESS and writes in one
+    /// atomic step.
     async fn write<'a>(
         &self,
         records: impl Iterator<Item = (&'a ResultRecord, Option<&'a str>)>,
