@@ -83,6 +83,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1
 return 0
 "#;
 
+/// `<tenant prefix>celery-task-meta-<id>`, the key a result is kept under and the channel
+/// it is published on.
+fn result_key(prefix: &str, task_id: &str) -> String {
+    format!("{prefix}{KEY_PREFIX}{task_id}")
+}
+
 fn chord_key(group_id: &str, suffix: &str) -> String {
     format!("celery-taskset-meta-{group_id}{suffix}")
 }
@@ -139,7 +145,7 @@ impl RedisBackend {
         let entries: Vec<(String, String)> = records
             .map(|(record, custom_state)| {
                 let prefix = record.key_prefix.as_deref().unwrap_or(&self.key_prefix);
-                (format!("{prefix}{KEY_PREFIX}{}", record.task_id), record.to_json(custom_state))
+                (result_key(prefix, &record.task_id), record.to_json(custom_state))
             })
             .collect();
         if entries.is_empty() {
@@ -201,12 +207,12 @@ impl ResultBackend for RedisBackend {
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError> {
-        let raw: Option<String> = self.conn.clone().get(format!("{}{KEY_PREFIX}{task_id}", self.key_prefix)).await.map_err(err)?;
+        let raw: Option<String> = self.conn.clone().get(result_key(&self.key_prefix, task_id)).await.map_err(err)?;
         raw.map(|r| Self::parse(task_id, &r)).transpose()
     }
 
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultRecord, BackendError> {
-        let key = format!("{}{KEY_PREFIX}{task_id}", self.key_prefix);
+        let key = result_key(&self.key_prefix, task_id);
         // Subscribe before reading, as Celery does, so no notification falls in between.
         let mut pubsub = self.endpoint.pubsub().await.map_err(err)?;
         pubsub.subscribe(&key).await.map_err(err)?;
