@@ -224,6 +224,23 @@ def drain(rds, worker_queue, fill_queue, count, results, worker_pid=None):
                           "idle_share": idle}
 
 
+def worker_floor(taskhost, plugins, rds, count, rounds=2):
+    """The worker's CPU per no-op with its sandboxes and without any (`bench drain
+    --without-sandbox`: fetch, decode, checks and ack, no guest), alternating, on the same
+    Redis: what the worker costs around the sandbox, and what the sandbox costs inside it."""
+    runs = {"with_sandbox": [], "without_sandbox": []}
+    for _ in range(rounds):
+        for key, flag in (("with_sandbox", []), ("without_sandbox", ["--without-sandbox"])):
+            rds.r.flushdb()
+            got = json.loads(subprocess.run([taskhost, "bench", "drain", "--plugins", plugins, "--broker", rds.url,
+                                             "--count", str(count), "--json", *flag],
+                                            check=True, capture_output=True, text=True).stdout)
+            runs[key].append(got)
+    rds.r.flushdb()
+    return {key: {"tasks_per_sec": [r["tasks_per_sec"] for r in rs],
+                  "worker_cpu_us_per_task": [r["worker_cpu_us_per_task"] for r in rs]} for key, rs in runs.items()}
+
+
 def machine_idle():
     """(idle + iowait ticks, all ticks) of the whole machine so far, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -341,7 +358,7 @@ def main():
     ]
 
     # Two enqueue rates and the ceiling; per system, its start and five measures; taskhost's sustained drain.
-    progress = Progress(3 + 6 * len(systems) + 1 + 7 + 4 + 6 + 2 + 1 + 2 + 2)
+    progress = Progress(3 + 6 * len(systems) + 1 + 1 + 7 + 4 + 6 + 2 + 1 + 2 + 2)
 
     # Enqueue rate from one producer: the Python client, and taskhost's CLI producer.
     count = n(5000)
@@ -402,6 +419,8 @@ def main():
         fig.update(memory_figures(worker.proc.pid, "after"))
         worker.stop()
         results["systems"][label] = fig
+    with progress.step("the worker's own cost: bench drain with and without a sandbox"):
+        results["worker_floor"] = worker_floor(args.taskhost, args.plugins, rds, n(100_000))
     rds.stop()
     # I/O-bound tasks: a Redis of its own, the same machine, right after.
     results["io"] = run_io(sys.modules[__name__], args.taskhost, args.plugins, args.slow_server, args.scale, progress)
@@ -502,6 +521,14 @@ def report(res):
               f"cores idle {100 * stored['idle_share']:.1f}% (target ≤ 5%; ignored drain "
               f"{100 * ign.get('idle_share', 0):.1f}%); CPU per task worker {stored['worker_cpu_us_per_task']:.1f} + "
               f"redis {stored['redis_cpu_us_per_task']:.1f} µs")
+    if "worker_floor" in res:
+        f = res["worker_floor"]
+        mean = lambda xs: sum(xs) / len(xs)
+        with_us, without_us = (mean(f[k]["worker_cpu_us_per_task"]) for k in ("with_sandbox", "without_sandbox"))
+        print(f"bench drain, alternating: worker CPU per no-op {with_us:.1f} µs with the sandbox, {without_us:.1f} µs "
+              f"with none ({mean(f['without_sandbox']['tasks_per_sec']):,.0f}/s): the worker's own cost with no sandbox "
+              f"at all is {without_us:.1f} µs (overhead target ≤ 5), and the sandbox costs {with_us - without_us:.1f} µs "
+              f"inside the worker against {bare_us:.1f} µs in the bare loop")
     if "sustained_per_s" in t:
         print(f"sustained: {t['sustained_count']} tasks at {t['sustained_per_s']:.0f}/s "
               f"({t['sustained_per_s'] * 60 / 1e6:.2f}M/min); RSS {t['rss_before_1m_mb']:.1f} MB → {t['after_rss_mb']:.1f} MB")

@@ -241,8 +241,15 @@ const EXAMPLES: &[Example] = &[
         ],
     },
     Example {
-        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results]",
-        runs: &[Run::Ok("taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results", "/s")],
+        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results] [--without-sandbox]",
+        runs: &[
+            Run::Ok("taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results", "/s"),
+            // Every task still fetched, stored and acked (the command fails on a shortfall).
+            Run::Ok(
+                "taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results --without-sandbox",
+                "without a sandbox",
+            ),
+        ],
     },
     Example {
         readme: "taskhost bench roundtrip --broker URL [--count N]",

@@ -61,6 +61,10 @@ pub struct DrainBench {
     /// Send Celery task events (as `serve -E`), to measure what they cost.
     #[arg(short = 'E', long)]
     pub events: bool,
+    /// Run no sandbox: each task succeeds at once with `null`, so the drain measures what
+    /// the worker itself costs per message (fetch, decode, checks, result, ack).
+    #[arg(long)]
+    pub without_sandbox: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +80,10 @@ pub struct DrainFigures {
     /// Unix seconds of the first and last task this process finished.
     pub first: f64,
     pub last: f64,
+    /// CPU seconds (all its threads) the process spent from its first finished task to its
+    /// last, and the tasks it finished in that time: its cost per task without start-up.
+    pub cpu_seconds: f64,
+    pub cpu_tasks: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -328,6 +336,9 @@ mod drain {
                 if args.events {
                     cmd.arg("--events");
                 }
+                if args.without_sandbox {
+                    cmd.arg("--without-sandbox");
+                }
                 cmd
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                     .arg("--plugins")
@@ -350,18 +361,24 @@ mod drain {
         let last = reports.iter().map(|r| r.last).fold(0.0, f64::max);
         let seconds = (last - first).max(1e-9);
         let rate = processed as f64 / seconds;
+        let cpu_tasks: u64 = reports.iter().map(|r| r.cpu_tasks).sum();
+        let cpu_us_per_task = reports.iter().map(|r| r.cpu_seconds).sum::<f64>() * 1e6 / cpu_tasks.max(1) as f64;
         let _ = std::fs::remove_dir_all(&tmp);
         if processed != args.count {
             return Err(CliError::failed(anyhow!("drained {processed} of {} tasks", args.count)));
         }
         if args.json {
             let out = serde_json::json!({"broker": url, "count": processed, "processes": processes,
-                "concurrency": args.concurrency, "results": args.results, "events": args.events, "seconds": seconds, "tasks_per_sec": rate});
+                "concurrency": args.concurrency, "results": args.results, "events": args.events,
+                "without_sandbox": args.without_sandbox, "seconds": seconds, "tasks_per_sec": rate,
+                "worker_cpu_us_per_task": cpu_us_per_task});
             println!("{out}");
         } else {
             println!(
-                "bench drain: {processed} no-op tasks ({}), {processes} process(es) × {} sandboxes on {}: {seconds:.2} s, {rate:.0} tasks/s",
+                "bench drain: {processed} no-op tasks ({}{}), {processes} process(es) × {} sandboxes on {}: {seconds:.2} s, {rate:.0} tasks/s, \
+                 worker CPU {cpu_us_per_task:.1} µs a task",
                 if args.results { "results stored" } else { "results ignored" },
+                if args.without_sandbox { ", without a sandbox" } else { "" },
                 args.concurrency,
                 super::super::serve::redact(&url),
             );
@@ -384,6 +401,7 @@ mod drain {
             None,
             args.tenants.is_some(),
             crate::registry::TrustPolicy::default(),
+            args.without_sandbox,
         )?;
         let rt = current_thread_runtime()?;
         let local = tokio::task::LocalSet::new();
@@ -412,8 +430,12 @@ mod drain {
             let worker = Worker::with_tenants(cfg, registry, runtime, b, r, tenants);
             let first = Rc::new(Cell::new(0.0f64));
             let last = Rc::new(Cell::new(0.0f64));
+            // (tasks, CPU seconds) when the first task was seen finished, and at the last.
+            let cpu_from = Rc::new(Cell::new((0u64, 0.0f64)));
+            let cpu_to = Rc::new(Cell::new((0u64, 0.0f64)));
             let watcher = {
                 let (worker, first, last) = (worker.clone(), first.clone(), last.clone());
+                let (cpu_from, cpu_to) = (cpu_from.clone(), cpu_to.clone());
                 async move {
                     let mut seen = 0;
                     let mut idle_since = Instant::now();
@@ -423,9 +445,11 @@ mod drain {
                         if n != seen {
                             if seen == 0 {
                                 first.set(unix_now());
+                                cpu_from.set((n, process_cpu_seconds()));
                             }
                             seen = n;
                             last.set(unix_now());
+                            cpu_to.set((n, process_cpu_seconds()));
                             idle_since = Instant::now();
                         } else if idle_since.elapsed() > IDLE && (seen > 0 || idle_since.elapsed() > IDLE * 10) {
                             return;
@@ -434,11 +458,30 @@ mod drain {
                 }
             };
             let stats = worker.run(watcher).await;
-            Ok::<_, CliError>(DrainFigures { processed: stats.processed, first: first.get(), last: last.get() })
+            let ((from_tasks, from_cpu), (to_tasks, to_cpu)) = (cpu_from.get(), cpu_to.get());
+            Ok::<_, CliError>(DrainFigures {
+                processed: stats.processed,
+                first: first.get(),
+                last: last.get(),
+                cpu_seconds: to_cpu - from_cpu,
+                cpu_tasks: to_tasks - from_tasks,
+            })
         })?;
         println!("{}", serde_json::to_string(&figures).map_err(CliError::failed)?);
         Ok(())
     }
+}
+
+/// User and system CPU this process (all its threads) has used so far, in seconds.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain integers, valid all zero; getrusage writes the struct passed
+    // and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Publishes `tasks.noop` and waits for its result, one at a time, as a client would.

@@ -396,6 +396,7 @@ fn shell_word(word: &str) -> String {
 
 /// A worker process's engine, sized for `concurrency` sandboxes, and its plugins.
 /// Components are compiled in child processes held to the compile ceilings.
+/// `without_guests` only for `bench drain --without-sandbox` (see `RuntimeConfig`).
 pub(crate) fn worker_sandboxes(
     plugins: &std::path::Path,
     concurrency: usize,
@@ -403,6 +404,7 @@ pub(crate) fn worker_sandboxes(
     secrets: Option<&std::path::Path>,
     meter_cpu: bool,
     trust: crate::registry::TrustPolicy,
+    without_guests: bool,
 ) -> Result<(Arc<Runtime>, Arc<Registry>), CliError> {
     // A few spare slots: a task's instance is torn down just after its slot is freed.
     let runtime = Arc::new(
@@ -413,6 +415,7 @@ pub(crate) fn worker_sandboxes(
             compiler: std::env::current_exe().ok(),
             secrets: Arc::new(super::secrets::load(secrets)?),
             meter_cpu,
+            without_guests,
             ..Default::default()
         })
         .map_err(CliError::usage)?,
@@ -445,7 +448,7 @@ fn serve_here(args: Settings) -> Result<(), CliError> {
         None => crate::tenant::PolicyHandle::none(),
     };
     let (runtime, registry) =
-        worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref(), args.tenants.is_some(), args.trust.clone())?;
+        worker_sandboxes(&args.plugins, args.concurrency, &args.ceilings, args.secrets.as_deref(), args.tenants.is_some(), args.trust.clone(), false)?;
     let default_tasks = args.ceilings.max_process_memory / crate::runtime::DEFAULT_MEMORY_LIMIT;
     if (args.concurrency as u64) > default_tasks && args.worker_index.unwrap_or(0) == 0 {
         tracing::warn!(

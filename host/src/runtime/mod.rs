@@ -114,6 +114,10 @@ pub struct RuntimeConfig {
     /// per core already, and compiling on the loading thread lets it hand the compiler's
     /// memory back afterwards (idle workers stayed at 75–130 MB after a cold start).
     pub parallel_compilation: bool,
+    /// Instantiate nothing: every run succeeds at once with `null`. Only for `bench drain
+    /// --without-sandbox`, which measures what the worker costs around its sandboxes;
+    /// `serve` never sets it.
+    pub without_guests: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -128,6 +132,7 @@ impl Default for RuntimeConfig {
             output_cap: DEFAULT_OUTPUT_CAP,
             meter_cpu: false,
             parallel_compilation: true,
+            without_guests: false,
         }
     }
 }
@@ -359,6 +364,11 @@ pub struct TaskRun {
 }
 
 impl TaskRun {
+    /// The outcome of a run with no guest (`RuntimeConfig::without_guests`).
+    fn without_guest() -> TaskRun {
+        TaskRun { result: Ok("null".into()), ..TaskRun::host_failure(String::new(), Instant::now()) }
+    }
+
     /// A run the host could not carry out (no thread for it, say).
     fn host_failure(message: String, started: Instant) -> TaskRun {
         TaskRun {
@@ -706,6 +716,9 @@ impl Runtime {
         limits: &TaskLimits,
         control: Arc<RunControl>,
     ) -> TaskRun {
+        if self.config.without_guests {
+            return TaskRun::without_guest();
+        }
         if self.memory_cap(limits) > self.config.ceilings.isolate_memory_above {
             return self.run_on_own_thread(component, version, input, limits, control).await;
         }
