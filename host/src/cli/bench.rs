@@ -428,14 +428,11 @@ mod drain {
                 None => crate::tenant::PolicyHandle::none(),
             };
             let worker = Worker::with_tenants(cfg, registry, runtime, b, r, tenants);
-            let first = Rc::new(Cell::new(0.0f64));
-            let last = Rc::new(Cell::new(0.0f64));
-            // (tasks, CPU seconds) when the first task was seen finished, and at the last.
-            let cpu_from = Rc::new(Cell::new((0u64, 0.0f64)));
-            let cpu_to = Rc::new(Cell::new((0u64, 0.0f64)));
+            // When the first finished task was seen, and the last.
+            let first = Rc::new(Cell::new(Mark::default()));
+            let last = Rc::new(Cell::new(Mark::default()));
             let watcher = {
                 let (worker, first, last) = (worker.clone(), first.clone(), last.clone());
-                let (cpu_from, cpu_to) = (cpu_from.clone(), cpu_to.clone());
                 async move {
                     let mut seen = 0;
                     let mut idle_since = Instant::now();
@@ -443,13 +440,12 @@ mod drain {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                         let n = worker.stats().processed;
                         if n != seen {
+                            let mark = Mark::now(n);
                             if seen == 0 {
-                                first.set(unix_now());
-                                cpu_from.set((n, process_cpu_seconds()));
+                                first.set(mark);
                             }
                             seen = n;
-                            last.set(unix_now());
-                            cpu_to.set((n, process_cpu_seconds()));
+                            last.set(mark);
                             idle_since = Instant::now();
                         } else if idle_since.elapsed() > IDLE && (seen > 0 || idle_since.elapsed() > IDLE * 10) {
                             return;
@@ -458,30 +454,32 @@ mod drain {
                 }
             };
             let stats = worker.run(watcher).await;
-            let ((from_tasks, from_cpu), (to_tasks, to_cpu)) = (cpu_from.get(), cpu_to.get());
+            let (first, last) = (first.get(), last.get());
             Ok::<_, CliError>(DrainFigures {
                 processed: stats.processed,
-                first: first.get(),
-                last: last.get(),
-                cpu_seconds: to_cpu - from_cpu,
-                cpu_tasks: to_tasks - from_tasks,
+                first: first.unix,
+                last: last.unix,
+                cpu_seconds: last.cpu - first.cpu,
+                cpu_tasks: last.tasks - first.tasks,
             })
         })?;
         println!("{}", serde_json::to_string(&figures).map_err(CliError::failed)?);
         Ok(())
     }
-}
 
-/// User and system CPU this process (all its threads) has used so far, in seconds.
-fn process_cpu_seconds() -> f64 {
-    // SAFETY: rusage is plain integers, valid all zero; getrusage writes the struct passed
-    // and nothing else.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return 0.0;
+    /// A moment of a drain process: the time, the tasks finished so far and its CPU so far.
+    #[derive(Clone, Copy, Default)]
+    struct Mark {
+        unix: f64,
+        tasks: u64,
+        cpu: f64,
     }
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+
+    impl Mark {
+        fn now(tasks: u64) -> Mark {
+            Mark { unix: unix_now(), tasks, cpu: crate::worker::own_cpu_seconds() }
+        }
+    }
 }
 
 /// Publishes `tasks.noop` and waits for its result, one at a time, as a client would.

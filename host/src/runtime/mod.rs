@@ -366,14 +366,19 @@ pub struct TaskRun {
 impl TaskRun {
     /// The outcome of a run with no guest (`RuntimeConfig::without_guests`).
     fn without_guest() -> TaskRun {
-        TaskRun { result: Ok("null".into()), ..TaskRun::host_failure(String::new(), Instant::now()) }
+        TaskRun::without_instance(Ok("null".into()), Duration::ZERO)
     }
 
     /// A run the host could not carry out (no thread for it, say).
     fn host_failure(message: String, started: Instant) -> TaskRun {
+        TaskRun::without_instance(Err(TaskError::Trap { message, guest_stderr: String::new() }), started.elapsed())
+    }
+
+    /// A run that never had an instance: nothing printed, metered or held.
+    fn without_instance(result: Result<String, TaskError>, elapsed: Duration) -> TaskRun {
         TaskRun {
-            result: Err(TaskError::Trap { message, guest_stderr: String::new() }),
-            elapsed: started.elapsed(),
+            result,
+            elapsed,
             instantiate: None,
             stdout: Captured::default(),
             stderr: Captured::default(),

@@ -400,14 +400,27 @@ impl Worker {
     }
 }
 
-/// `getrusage(RUSAGE_SELF)` as Celery's `stats` reports it.
-fn rusage() -> Value {
+/// `getrusage(RUSAGE_SELF)`: this process, all its threads; `None` if the call fails.
+fn own_rusage() -> Option<libc::rusage> {
     // SAFETY: getrusage writes into the zeroed struct passed.
     let mut r: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) } != 0 {
+    (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) } == 0).then_some(r)
+}
+
+fn secs(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// User and system CPU this process (all its threads) has used so far, in seconds.
+pub fn own_cpu_seconds() -> f64 {
+    own_rusage().map_or(0.0, |r| secs(r.ru_utime) + secs(r.ru_stime))
+}
+
+/// `getrusage(RUSAGE_SELF)` as Celery's `stats` reports it.
+fn rusage() -> Value {
+    let Some(r) = own_rusage() else {
         return Value::from("N/A");
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    };
     json!({"utime": secs(r.ru_utime), "stime": secs(r.ru_stime), "maxrss": r.ru_maxrss, "ixrss": r.ru_ixrss,
            "idrss": r.ru_idrss, "isrss": r.ru_isrss, "minflt": r.ru_minflt, "majflt": r.ru_majflt, "nswap": r.ru_nswap,
            "inblock": r.ru_inblock, "oublock": r.ru_oublock, "msgsnd": r.ru_msgsnd, "msgrcv": r.ru_msgrcv,

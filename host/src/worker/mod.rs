@@ -19,7 +19,7 @@ pub mod retry;
 mod tenancy;
 mod writes;
 
-pub use control::{revoke_everywhere, REVOKE_LIFETIME};
+pub use control::{own_cpu_seconds, revoke_everywhere, REVOKE_LIFETIME};
 
 use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{Broker, BrokerError, DeadLetter, Delivery};
