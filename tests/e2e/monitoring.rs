@@ -305,8 +305,13 @@ fn taskhost_inspect_and_events_answer_for_taskhost_and_celery_workers_alike() {
     for r in active.iter().chain(&reserved) {
         assert!(ids.contains(&r["id"].as_str().unwrap().to_string()));
         assert_eq!(r["name"], "tasks.sleep");
+        assert_eq!(r["args"], serde_json::json!([1500]));
         assert_eq!(r["delivery_info"]["routing_key"], "celery");
     }
+    // Running: since when and acked late, as Celery's Request.info() says it.
+    assert!(active[0]["time_start"].as_f64().is_some_and(|t| t > 1.7e9), "{active:?}");
+    assert_eq!(active[0]["acknowledged"], false, "{active:?}");
+    assert!(reserved.iter().all(|r| r["time_start"].is_null()), "{reserved:?}");
 
     // Both workers' heartbeats in `taskhost events`.
     let events = cli(&redis.url(), &["events", "--json", "--duration", "5"]);

@@ -110,7 +110,7 @@ pub const MAX_SERIES: usize = 2_000;
 pub const OVERFLOW_NAME: &str = "_other";
 
 /// One process's counts: queue → task name → series. Looked up by `&str` on the hot
-/// path, so a task already seen costs two hash lookups and no allocation.
+/// path, so a task already seen costs four hash lookups and no allocation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TaskMetrics {
     pub queues: HashMap<String, HashMap<String, TaskSeries>>,
@@ -121,16 +121,20 @@ pub struct TaskMetrics {
 impl TaskMetrics {
     pub fn series(&mut self, queue: &str, task: &str) -> &mut TaskSeries {
         let known = self.queues.get(queue).is_some_and(|names| names.contains_key(task));
-        let (queue, task) = if known || self.count < MAX_SERIES { (queue, task) } else { (OVERFLOW_NAME, OVERFLOW_NAME) };
-        if !self.queues.contains_key(queue) {
-            self.queues.insert(queue.to_string(), HashMap::default());
-        }
-        let names = self.queues.get_mut(queue).expect("inserted above");
+        let (queue, task) = if known { (queue, task) } else { self.add(queue, task) };
+        self.queues.get_mut(queue).and_then(|names| names.get_mut(task)).expect("present or added")
+    }
+
+    /// Adds the series of a task not seen before (or, past [`MAX_SERIES`], the overflow
+    /// series) and says which it was.
+    fn add<'a>(&mut self, queue: &'a str, task: &'a str) -> (&'a str, &'a str) {
+        let (queue, task) = if self.count < MAX_SERIES { (queue, task) } else { (OVERFLOW_NAME, OVERFLOW_NAME) };
+        let names = self.queues.entry(queue.to_string()).or_default();
         if !names.contains_key(task) {
             names.insert(task.to_string(), TaskSeries::default());
             self.count += 1;
         }
-        names.get_mut(task).expect("inserted above")
+        (queue, task)
     }
 }
 

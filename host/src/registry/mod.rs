@@ -181,7 +181,7 @@ pub struct Registry {
     /// Yanked releases (`task@version`) and why.
     yanked: RwLock<HashMap<String, String>>,
     /// (succeeded, failed) per `task@version` since the follower last took them.
-    outcomes: Mutex<HashMap<String, (u64, u64)>>,
+    outcomes: Mutex<crate::worker::HashMap<String, (u64, u64)>>,
 }
 
 /// Splits `tasks.add@1.2.0.wasm` into `("tasks.add", "1.2.0")`.

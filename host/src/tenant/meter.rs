@@ -3,7 +3,7 @@
 //! and flushed to the broker, where `taskhost usage` reads every worker's sums.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use crate::worker::HashMap;
 
 /// Usage of one tenant's runs of one task within one hour (UTC, as unix seconds / 3600).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -107,7 +107,7 @@ impl Meter {
     fn usage(&mut self, hour: i64, tenant: &str, task: &str) -> &mut Usage {
         let tenants = self.pending.entry(hour).or_default();
         if !tenants.contains_key(tenant) {
-            tenants.insert(tenant.to_string(), HashMap::new());
+            tenants.insert(tenant.to_string(), HashMap::default());
         }
         let tasks = tenants.get_mut(tenant).expect("inserted above");
         if !tasks.contains_key(task) {

@@ -83,7 +83,9 @@ impl Worker {
                         tokio::task::yield_now().await;
                     }
                 }
-                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                // In a block: select! makes every branch's future each turn, and a sleep
+                // made here read the clock once a handled message.
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                     retry_at = None;
                 }
                 // A handling waiting for its rate-limit turn frees its slot without ending.

@@ -115,7 +115,7 @@ impl Worker {
                     .collect::<Vec<_>>(),
             ),
             "active" => Value::from(
-                self.running.borrow().iter().map(|(id, r)| r.info(id, &self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
+                self.running.borrow().values().map(|r| r.info(&self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
             ),
             "reserved" => Value::from(
                 self.reserved.borrow().values().map(|r| monitor::held_info(&r.delivery, &self.cfg.node_name, self.pid)).collect::<Vec<_>>(),
@@ -245,7 +245,7 @@ impl Worker {
         let mut out = serde_json::Map::new();
         for id in ids {
             if let Some(r) = self.running.borrow().get(&id) {
-                out.insert(id.clone(), json!(["active", r.info(&id, &self.cfg.node_name, self.pid)]));
+                out.insert(id.clone(), json!(["active", r.info(&self.cfg.node_name, self.pid)]));
             } else if let Some(r) = self.reserved.borrow().get(&id) {
                 out.insert(id.clone(), json!(["reserved", monitor::held_info(&r.delivery, &self.cfg.node_name, self.pid)]));
             } else if let Some((_, delivery)) = self.scheduled.borrow().get(&id).filter(|(due, _)| *due > Utc::now()) {

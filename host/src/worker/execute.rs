@@ -11,7 +11,7 @@ impl Worker {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn execute(
         &self,
-        delivery: &Delivery,
+        delivery: &Rc<Delivery>,
         decoded: &Decoded,
         task: &Arc<TaskVersion>,
         limits: &TaskLimits,
@@ -65,13 +65,8 @@ impl Worker {
             h.id.clone(),
             RunningTask {
                 control: control.clone(),
-                name: h.task.clone(),
-                queue: delivery.queue.clone(),
-                priority: decoded.priority,
-                redelivered: h.redelivered,
+                delivery: delivery.clone(),
                 acknowledged: !acks_late,
-                args: input.args.clone(),
-                kwargs: input.kwargs.clone(),
                 started_unix: crate::protocol::unix_now(),
             },
         );

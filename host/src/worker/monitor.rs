@@ -29,6 +29,11 @@ pub(super) struct Reserved {
 
 /// Celery's `Request.info()` of a message held here and not running.
 pub(super) fn held_info(delivery: &Delivery, node: &str, pid: u32) -> serde_json::Value {
+    message_info(delivery, false, None, node, pid)
+}
+
+/// Celery's `Request.info()` of a message held here, running (`started_unix`) or not.
+pub(super) fn message_info(delivery: &Delivery, acknowledged: bool, started_unix: Option<f64>, node: &str, pid: u32) -> serde_json::Value {
     match protocol::decode(&delivery.raw) {
         Ok(d) => RunningTask::request_info(
             &d.headers.id,
@@ -38,8 +43,8 @@ pub(super) fn held_info(delivery: &Delivery, node: &str, pid: u32) -> serde_json
             &delivery.queue,
             d.priority,
             d.headers.redelivered,
-            false,
-            None,
+            acknowledged,
+            started_unix,
             node,
             pid,
         ),
