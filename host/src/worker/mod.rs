@@ -226,8 +226,8 @@ pub struct Worker {
 }
 
 /// A task running here: its control handle and what `inspect active` shows. The message
-/// is shared, not copied (five copies a task were ~2% of a no-op's worker instructions);
-/// it is decoded again if someone asks.
+/// is shared, not copied (its name, queue and arguments were copied for every task, for
+/// a listing that is rarely asked for); it is decoded again if someone asks.
 struct RunningTask {
     control: Arc<RunControl>,
     delivery: Rc<Delivery>,
