@@ -17,8 +17,14 @@ compare binaries with this, not against the timed figures.
 Redis runs under callgrind too and is counted from the worker's start: a change to a script
 or to how the worker batches its commands must be counted on both sides. `--results`
 stores results (else the messages say ignore_result).
+
+`--floor` also counts the worker through `bench drain`'s worker process (`-c 2`, the same
+64 MiB pool), with its sandboxes and with none (`--without-sandbox`: every run succeeds at
+once, no guest instantiated): the difference is what a sandbox executes inside the worker,
+to set beside `Runtime::run`'s count in `bench runtime`'s loop.
 """
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -80,6 +86,30 @@ def total_instructions(binary, count, plugins, results, log_level, keep):
                 os.unlink(out)
 
 
+def drain_instructions(binary, count, plugins, without_sandbox):
+    """Callgrind's instruction total for one `bench drain` worker process (what `bench drain`
+    starts per core) that drains `count` no-ops from a private Redis, and exits once idle."""
+    out = tempfile.NamedTemporaryFile(prefix="callgrind.drain.", delete=False).name
+    rds = Redis()
+    try:
+        r, url = rds.r, rds.url
+        subprocess.run([binary, "send", "tasks.noop", "--count", str(count), "-Q", "bench.drain", "--ignore-result",
+                        "--broker", url], check=True, stdout=subprocess.DEVNULL)
+        child = [binary, "bench", "drain", "--child", "--broker", url, "-c", "2", "--max-task-memory", "64MiB",
+                 "--plugins", plugins] + (["--without-sandbox"] if without_sandbox else [])
+        done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--log-file=/dev/null",
+                               *child], capture_output=True, text=True, timeout=900, env={**os.environ, "RUST_LOG": "warn"})
+        if done.returncode != 0:
+            sys.exit(f"{binary}: bench drain's worker failed: {done.stderr[-500:]}")
+        processed = json.loads(done.stdout)["processed"]
+        if processed != count or r.exists("taskhost.dlq"):
+            sys.exit(f"{binary}: bench drain's worker finished {processed} of {count} no-ops (dead letters: {r.llen('taskhost.dlq')})")
+        return callgrind_total(out)
+    finally:
+        rds.stop()
+        os.unlink(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("binaries", nargs="+")
@@ -88,6 +118,8 @@ def main():
     ap.add_argument("--plugins", default=os.path.join(ROOT, "dist", "plugins"))
     ap.add_argument("--results", action="store_true", help="store results (else ignore_result)")
     ap.add_argument("--keep", action="store_true", help="keep callgrind's files (for callgrind_annotate)")
+    ap.add_argument("--floor", action="store_true", help="also count bench drain's worker with its sandboxes and "
+                    "without any (--without-sandbox)")
     ap.add_argument("--log-level", default="warn", help="the worker's RUST_LOG (make bench's is warn; at info the "
                     "task's log span costs ~9,000 instructions a task)")
     args = ap.parse_args()
@@ -105,6 +137,13 @@ def main():
                             for n in (args.small, args.large))
             worker, redis = ((b - a) / (args.large - args.small) for a, b in zip(small, large))
             print(f"{binary}: {worker:,.0f} instructions of the worker and {redis:,.0f} of redis-server per no-op task")
+            if args.floor:
+                with_sandbox, without = (
+                    (drain_instructions(binary, args.large, plugins, bare) - drain_instructions(binary, args.small, plugins, bare))
+                    / (args.large - args.small)
+                    for bare in (False, True))
+                print(f"{binary}: bench drain's worker, {with_sandbox:,.0f} instructions per no-op with its sandboxes and "
+                      f"{without:,.0f} without any: {with_sandbox - without:,.0f} for a sandbox inside the worker")
 
 
 if __name__ == "__main__":

@@ -241,9 +241,11 @@ const EXAMPLES: &[Example] = &[
         ],
     },
     Example {
-        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results] [--without-sandbox]",
+        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results] [--without-sandbox] [--max-task-memory SIZE]",
         runs: &[
             Run::Ok("taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results", "/s"),
+            // A small pool: what bench/instructions.py --floor runs under valgrind.
+            Run::Ok("taskhost bench drain --plugins dist/plugins --count 500 --max-task-memory 64MiB", "/s"),
             // Every task still fetched, stored and acked (the command fails on a shortfall).
             Run::Ok(
                 "taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results --without-sandbox",

@@ -65,6 +65,10 @@ pub struct DrainBench {
     /// the worker itself costs per message (fetch, decode, checks, result, ack).
     #[arg(long)]
     pub without_sandbox: bool,
+    /// Largest memory a task may have, which sizes the sandbox pool each process reserves
+    /// [default: 4GiB]; a small one lets the drain run under valgrind.
+    #[arg(long, value_name = "SIZE")]
+    pub max_task_memory: Option<crate::registry::ByteSize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -296,6 +300,7 @@ mod drain {
         if args.child {
             return child(&args);
         }
+        ceilings(&args)?;
         let tmp = tempfile_dir()?;
         let url = args.broker.clone().unwrap_or_else(|| format!("sqlite://{}", tmp.join("bench.db").display()));
         let processes = args.processes.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -338,6 +343,9 @@ mod drain {
                 }
                 if args.without_sandbox {
                     cmd.arg("--without-sandbox");
+                }
+                if let Some(memory) = args.max_task_memory {
+                    cmd.arg(format!("--max-task-memory={memory}"));
                 }
                 cmd
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -386,6 +394,18 @@ mod drain {
         Ok(())
     }
 
+    /// The default ceilings, but for `--max-task-memory`.
+    fn ceilings(args: &DrainBench) -> Result<crate::ceilings::Ceilings, CliError> {
+        let mut ceilings = crate::ceilings::Ceilings::default();
+        if let Some(memory) = args.max_task_memory {
+            if !(1 << 20..=4 << 30).contains(&memory.0) {
+                return Err(CliError::usage(anyhow!("--max-task-memory must be between 1MiB and 4GiB, got {memory}")));
+            }
+            ceilings.max_task_memory = memory.0;
+        }
+        Ok(ceilings)
+    }
+
     fn tempfile_dir() -> Result<PathBuf, CliError> {
         let dir = std::env::temp_dir().join(format!("taskhost-bench-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).map_err(CliError::failed)?;
@@ -397,7 +417,7 @@ mod drain {
         let (runtime, registry) = super::super::serve::worker_sandboxes(
             &args.plugins,
             args.concurrency,
-            &crate::ceilings::Ceilings::default(),
+            &ceilings(&args)?,
             None,
             args.tenants.is_some(),
             crate::registry::TrustPolicy::default(),
