@@ -256,6 +256,68 @@ fn killing_worker_processes_on_the_embedded_broker_corrupts_nothing_and_loses_no
     assert!(twice <= 5 * 64, "{twice} tasks ran more than once");
 }
 
+/// The nice value of every thread of `pid` (field 19 of each thread's stat).
+fn thread_nices(pid: i32) -> Vec<i32> {
+    let mut nices = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The fields after the command name's closing parenthesis start at field 3, state.
+        if let Some(nice) = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(16)) {
+            nices.push(nice.parse().unwrap());
+        }
+    }
+    assert!(!nices.is_empty(), "no threads read for {pid}");
+    nices
+}
+
+/// Worker processes run 10 nice levels below their supervisor by default, in every thread
+/// (the sandboxes' epoch ticker too), and so does one that replaces a killed one; with
+/// `--worker-nice 0` they stay level; a single-process `serve` lowers itself; a value the
+/// kernel cannot take is refused.
+#[test]
+fn worker_processes_run_below_the_supervisors_priority_restarted_ones_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = format!("sqlite://{}", dir.path().join("broker.db").display());
+    let own = thread_nices(std::process::id() as i32)[0];
+    let lowered = (own + 10).min(19);
+    let worker = WorkerProcess::start_processes(2, &broker, &plugins_dir(), &["-c", "4"], &[], Duration::from_secs(30));
+    let pids = children_up(&worker, 2);
+    assert_eq!(thread_nices(worker.pid()), vec![own; thread_nices(worker.pid()).len()], "the supervisor keeps its priority");
+    for pid in &pids {
+        let nices = thread_nices(*pid);
+        assert!(nices.len() >= 2, "a worker has its epoch thread: {nices:?}");
+        assert!(nices.iter().all(|n| *n == lowered), "worker {pid}: {nices:?}, expected {lowered}");
+    }
+    kill(pids[0], libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let replacement = loop {
+        let now = worker.children();
+        if let Some(new) = now.iter().find(|p| !pids.contains(p)) {
+            break *new;
+        }
+        assert!(Instant::now() < deadline, "no worker replaced {}:
+{}", pids[0], worker.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(thread_nices(replacement).iter().all(|n| *n == lowered), "the replacement: {:?}", thread_nices(replacement));
+    drop(worker);
+
+    let level = WorkerProcess::start_processes(2, &broker, &plugins_dir(), &["-c", "4", "--worker-nice", "0"], &[], Duration::from_secs(30));
+    for pid in children_up(&level, 2) {
+        assert!(thread_nices(pid).iter().all(|n| *n == own), "--worker-nice 0: {:?}", thread_nices(pid));
+    }
+    drop(level);
+
+    let single = WorkerProcess::start_processes(1, &broker, &plugins_dir(), &["-c", "4", "--worker-nice", "3"], &[], Duration::from_secs(30));
+    let nices = thread_nices(single.pid());
+    assert!(nices.iter().all(|n| *n == (own + 3).min(19)), "-p 1 --worker-nice 3: {nices:?}");
+    drop(single);
+
+    let refused = taskhost(&["serve", "--broker", &broker, "--worker-nice", "20"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--worker-nice"), "{}", stderr(&refused));
+}
+
 /// Redis killed (SIGKILL) mid-drain and started again on its append-only file: the
 /// worker is consuming again within 2 s of Redis accepting connections, and every task
 /// Redis had acknowledged ends with its result, run once.

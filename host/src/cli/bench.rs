@@ -69,6 +69,10 @@ pub struct DrainBench {
     /// [default: 4GiB]; a small one lets the drain run under valgrind.
     #[arg(long, value_name = "SIZE")]
     pub max_task_memory: Option<crate::registry::ByteSize>,
+    /// How much lower the worker processes' CPU priority is than this command's, as
+    /// `serve --worker-nice` (0-19).
+    #[arg(long, value_name = "N", default_value_t = super::serve::DEFAULT_WORKER_NICE, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub worker_nice: u8,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -347,6 +351,11 @@ mod drain {
                 if let Some(memory) = args.max_task_memory {
                     cmd.arg(format!("--max-task-memory={memory}"));
                 }
+                let nice = args.worker_nice;
+                // SAFETY: lower_own_priority is async-signal-safe, as pre_exec requires.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || super::super::serve::lower_own_priority(nice));
+                }
                 cmd
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                     .arg("--plugins")
@@ -378,7 +387,7 @@ mod drain {
         if args.json {
             let out = serde_json::json!({"broker": url, "count": processed, "processes": processes,
                 "concurrency": args.concurrency, "results": args.results, "events": args.events,
-                "without_sandbox": args.without_sandbox, "seconds": seconds, "tasks_per_sec": rate,
+                "without_sandbox": args.without_sandbox, "worker_nice": args.worker_nice, "seconds": seconds, "tasks_per_sec": rate,
                 "worker_cpu_us_per_task": cpu_us_per_task});
             println!("{out}");
         } else {

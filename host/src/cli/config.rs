@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub concurrency: Option<usize>,
     pub processes: Option<usize>,
     pub prefetch_multiplier: Option<usize>,
+    /// See `taskhost serve --worker-nice`.
+    pub worker_nice: Option<u8>,
     pub visibility_timeout: Option<f64>,
     pub shutdown_grace: Option<f64>,
     pub result_expires: Option<f64>,

@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// Messages held per sandbox slot, Celery's worker_prefetch_multiplier [default: 4].
     #[arg(long)]
     pub prefetch_multiplier: Option<usize>,
+    /// How much lower than this command's own the worker processes' CPU priority is (nice
+    /// increment, 0-19): a broker, the supervisor or a web app on the same machine then
+    /// gets a core as soon as it wakes, instead of waiting behind task code [default: 10].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub worker_nice: Option<u8>,
     /// Seconds a taken message may stay unacked before any consumer restores it [default: 3600].
     #[arg(long)]
     pub visibility_timeout: Option<f64>,
@@ -162,6 +167,7 @@ struct Settings {
     concurrency: usize,
     processes: usize,
     prefetch_multiplier: usize,
+    worker_nice: u8,
     visibility_timeout: Duration,
     shutdown_grace: Duration,
     result_expires: Duration,
@@ -263,6 +269,10 @@ impl Settings {
             concurrency,
             processes,
             prefetch_multiplier: args.prefetch_multiplier.or(file.prefetch_multiplier).unwrap_or(DEFAULT_PREFETCH_MULTIPLIER),
+            worker_nice: match args.worker_nice.or(file.worker_nice).unwrap_or(DEFAULT_WORKER_NICE) {
+                n @ 0..=19 => n,
+                n => return Err(CliError::usage(anyhow!("worker_nice = {n}: expected 0 to 19"))),
+            },
             visibility_timeout: super::seconds(
                 args.visibility_timeout.or(file.visibility_timeout).unwrap_or(DEFAULT_VISIBILITY_TIMEOUT.as_secs_f64()),
                 "--visibility-timeout",
@@ -354,6 +364,11 @@ pub fn run(args: ServeArgs, file: &FileConfig) -> Result<(), CliError> {
     }
     if settings.worker_index.is_none() && settings.processes > 1 {
         return supervise(&settings);
+    }
+    if settings.worker_index.is_none() {
+        // One process, no supervisor: it is the worker. Before any thread starts, as
+        // threads take their priority from the thread that makes them.
+        lower_own_priority(settings.worker_nice).context("lowering the worker's CPU priority").map_err(CliError::Failed)?;
     }
     serve_here(settings)
 }
@@ -646,6 +661,29 @@ fn die_with_supervisor(cmd: &mut tokio::process::Command, signal: i32) {
     }
 }
 
+/// How much lower than `serve`'s own the worker processes' CPU priority is by default.
+/// Measured with Redis on the same two cores (100k no-op drains, alternating): +14% with
+/// results ignored and +20% with them stored, the cores' idle 12% -> 2% and 23% -> 10%,
+/// because the broker no longer waits for a core behind task code between requests.
+pub const DEFAULT_WORKER_NICE: u8 = 10;
+
+/// Adds `by` to the calling thread's nice value (threads and processes started from it
+/// inherit it). Async-signal-safe, so a `pre_exec` hook may call it between fork and exec.
+pub(super) fn lower_own_priority(by: u8) -> std::io::Result<()> {
+    if by == 0 {
+        return Ok(());
+    }
+    // SAFETY: nice(2) and errno are async-signal-safe; -1 is also a valid new nice value,
+    // so errno tells an error apart.
+    unsafe {
+        *libc::__errno_location() = 0;
+        if libc::nice(by as libc::c_int) == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// "exited with status 2", "was killed by signal 9 (Killed)".
 fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -758,6 +796,11 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             // The supervisor listens; its workers only report.
             cmd.env_remove("TASKHOST_HTTP").env_remove("TASKHOST_HTTP_TOKEN");
             die_with_supervisor(&mut cmd, ORPHAN_SIGNAL);
+            let nice = args.worker_nice;
+            // SAFETY: lower_own_priority is async-signal-safe, as pre_exec requires.
+            unsafe {
+                cmd.pre_exec(move || lower_own_priority(nice));
+            }
             // Own process group: a terminal Ctrl-C reaches only the supervisor, which forwards one SIGTERM.
             cmd.process_group(0).kill_on_drop(false).spawn()
         };
