@@ -241,11 +241,13 @@ const EXAMPLES: &[Example] = &[
         ],
     },
     Example {
-        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results] [--without-sandbox] [--max-task-memory SIZE]",
+        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results] [--without-sandbox] [--max-task-memory SIZE] [--worker-nice N]",
         runs: &[
             Run::Ok("taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results", "/s"),
             // A small pool: what bench/instructions.py --floor runs under valgrind.
             Run::Ok("taskhost bench drain --plugins dist/plugins --count 500 --max-task-memory 64MiB", "/s"),
+            // Workers level with the command (the default is 10 below it).
+            Run::Ok("taskhost bench drain --plugins dist/plugins --count 500 --worker-nice 0", "/s"),
             // Every task still fetched, stored and acked (the command fails on a shortfall).
             Run::Ok(
                 "taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results --without-sandbox",
