@@ -662,9 +662,9 @@ fn die_with_supervisor(cmd: &mut tokio::process::Command, signal: i32) {
 }
 
 /// How much lower than `serve`'s own the worker processes' CPU priority is by default.
-/// Measured with Redis on the same two cores (100k no-op drains, alternating): +14% with
-/// results ignored and +20% with them stored, the cores' idle 12% -> 2% and 23% -> 10%,
-/// because the broker no longer waits for a core behind task code between requests.
+/// Measured with Redis on the same two cores (100k no-op drains, alternating): +12% with
+/// results ignored and +18% with them stored, the cores' idle 13.6% -> 1.7% and 27.6% ->
+/// 11.1%, because the broker no longer waits for a core behind task code between requests.
 pub const DEFAULT_WORKER_NICE: u8 = 10;
 
 /// Adds `by` to the calling thread's nice value (threads and processes started from it
