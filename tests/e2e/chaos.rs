@@ -272,8 +272,9 @@ fn thread_nices(pid: i32) -> Vec<i32> {
 
 /// Worker processes run 10 nice levels below their supervisor by default, in every thread
 /// (the sandboxes' epoch ticker too), and so does one that replaces a killed one; with
-/// `--worker-nice 0` they stay level; a single-process `serve` lowers itself; a value the
-/// kernel cannot take is refused.
+/// `--worker-nice 0` they stay level; a single-process `serve` lowers itself (here by
+/// taskhost.toml's `worker_nice`); a value the kernel cannot take is refused, as a flag
+/// and in the file.
 #[test]
 fn worker_processes_run_below_the_supervisors_priority_restarted_ones_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,7 +283,8 @@ fn worker_processes_run_below_the_supervisors_priority_restarted_ones_too() {
     let lowered = (own + 10).min(19);
     let worker = WorkerProcess::start_processes(2, &broker, &plugins_dir(), &["-c", "4"], &[], Duration::from_secs(30));
     let pids = children_up(&worker, 2);
-    assert_eq!(thread_nices(worker.pid()), vec![own; thread_nices(worker.pid()).len()], "the supervisor keeps its priority");
+    let supervisor = thread_nices(worker.pid());
+    assert!(supervisor.iter().all(|n| *n == own), "the supervisor keeps its priority: {supervisor:?}");
     for pid in &pids {
         let nices = thread_nices(*pid);
         assert!(nices.len() >= 2, "a worker has its epoch thread: {nices:?}");
@@ -308,14 +310,22 @@ fn worker_processes_run_below_the_supervisors_priority_restarted_ones_too() {
     }
     drop(level);
 
-    let single = WorkerProcess::start_processes(1, &broker, &plugins_dir(), &["-c", "4", "--worker-nice", "3"], &[], Duration::from_secs(30));
+    // From taskhost.toml this time.
+    let config = dir.path().join("taskhost.toml");
+    std::fs::write(&config, "worker_nice = 3\n").unwrap();
+    let config_flag = config.to_str().unwrap();
+    let single = WorkerProcess::start_processes(1, &broker, &plugins_dir(), &["-c", "4", "--config", config_flag], &[], Duration::from_secs(30));
     let nices = thread_nices(single.pid());
-    assert!(nices.iter().all(|n| *n == (own + 3).min(19)), "-p 1 --worker-nice 3: {nices:?}");
+    assert!(nices.iter().all(|n| *n == (own + 3).min(19)), "-p 1, worker_nice = 3: {nices:?}");
     drop(single);
 
     let refused = taskhost(&["serve", "--broker", &broker, "--worker-nice", "20"]);
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("--worker-nice"), "{}", stderr(&refused));
+    std::fs::write(&config, "worker_nice = 20\n").unwrap();
+    let refused = taskhost(&["serve", "--broker", &broker, "--config", config_flag]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("worker_nice = 20"), "{}", stderr(&refused));
 }
 
 /// Redis killed (SIGKILL) mid-drain and started again on its append-only file: the

@@ -351,11 +351,7 @@ mod drain {
                 if let Some(memory) = args.max_task_memory {
                     cmd.arg(format!("--max-task-memory={memory}"));
                 }
-                let nice = args.worker_nice;
-                // SAFETY: lower_own_priority is async-signal-safe, as pre_exec requires.
-                unsafe {
-                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || super::super::serve::lower_own_priority(nice));
-                }
+                super::super::serve::start_lowered(&mut cmd, args.worker_nice);
                 cmd
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
                     .arg("--plugins")

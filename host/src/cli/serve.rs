@@ -684,6 +684,15 @@ pub(super) fn lower_own_priority(by: u8) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Has the started process run `by` nice levels below this one (see [`lower_own_priority`]).
+pub(super) fn start_lowered(cmd: &mut std::process::Command, by: u8) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: lower_own_priority is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(move || lower_own_priority(by));
+    }
+}
+
 /// "exited with status 2", "was killed by signal 9 (Killed)".
 fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -796,11 +805,7 @@ fn supervise(args: &Settings) -> Result<(), CliError> {
             // The supervisor listens; its workers only report.
             cmd.env_remove("TASKHOST_HTTP").env_remove("TASKHOST_HTTP_TOKEN");
             die_with_supervisor(&mut cmd, ORPHAN_SIGNAL);
-            let nice = args.worker_nice;
-            // SAFETY: lower_own_priority is async-signal-safe, as pre_exec requires.
-            unsafe {
-                cmd.pre_exec(move || lower_own_priority(nice));
-            }
+            start_lowered(cmd.as_std_mut(), args.worker_nice);
             // Own process group: a terminal Ctrl-C reaches only the supervisor, which forwards one SIGTERM.
             cmd.process_group(0).kill_on_drop(false).spawn()
         };
