@@ -133,8 +133,18 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
     let (last, rest) = waits.split_last().unwrap();
     assert!(rest.iter().all(|w| *w < Duration::from_secs(2)), "{waits:?}");
     assert!(*last < Duration::from_secs(20), "{waits:?}");
-    let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
-    assert_eq!(unacked, 0, "every poison message was settled");
+    // A poison's ack follows its dead letter through the ack flusher, a turn or more
+    // later: on a loaded machine (the worker runs below the test's priority) the letter
+    // can be seen before the ack has reached Redis.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+        if unacked == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "every poison message was settled: {unacked} still unacked after 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Still up, still serving.
     let ok = send(&redis.url(), &["tasks.add", "--args", "[3, 4]", "--wait", "--timeout", "10"]);
     assert_eq!(stdout(&ok), "7");
