@@ -241,13 +241,18 @@ const EXAMPLES: &[Example] = &[
         ],
     },
     Example {
-        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results] [--without-sandbox] [--max-task-memory SIZE] [--worker-nice N]",
+        readme: "taskhost bench drain --plugins dist/plugins [--broker URL] [--count N] [--results] [--without-sandbox] [--max-task-memory SIZE] [--worker-nice N] [--prefetch-multiplier N]",
         runs: &[
             Run::Ok("taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results", "/s"),
             // A small pool: what bench/instructions.py --floor runs under valgrind.
             Run::Ok("taskhost bench drain --plugins dist/plugins --count 500 --max-task-memory 64MiB", "/s"),
             // Workers level with the command (the default is 10 below it).
             Run::Ok("taskhost bench drain --plugins dist/plugins --count 500 --worker-nice 0", "/s"),
+            // The workers hold one message per sandbox; the report says so.
+            Run::Ok(
+                "taskhost bench drain --plugins dist/plugins --count 500 --prefetch-multiplier 1 --json",
+                "\"prefetch_multiplier\":1",
+            ),
             // Every task still fetched, stored and acked (the command fails on a shortfall).
             Run::Ok(
                 "taskhost bench drain --plugins dist/plugins --broker <redis> --count 2000 --results --without-sandbox",

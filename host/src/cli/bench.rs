@@ -49,6 +49,9 @@ pub struct DrainBench {
     /// Sandboxes per worker process.
     #[arg(short, long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Messages held per sandbox slot, as `serve --prefetch-multiplier`.
+    #[arg(long, default_value_t = crate::worker::DEFAULT_PREFETCH_MULTIPLIER)]
+    pub prefetch_multiplier: usize,
     /// Store results (default: tasks ignore results).
     #[arg(long)]
     pub results: bool,
@@ -339,6 +342,7 @@ mod drain {
             .map(|_| {
                 let mut cmd = std::process::Command::new(&exe);
                 cmd.args(["bench", "drain", "--child", "--broker", &url, "-c", &args.concurrency.to_string()]);
+                cmd.args(["--prefetch-multiplier", &args.prefetch_multiplier.to_string()]);
                 if let Some(policy) = &args.tenants {
                     cmd.arg("--tenants").arg(policy);
                 }
@@ -382,7 +386,7 @@ mod drain {
         }
         if args.json {
             let out = serde_json::json!({"broker": url, "count": processed, "processes": processes,
-                "concurrency": args.concurrency, "results": args.results, "events": args.events,
+                "concurrency": args.concurrency, "prefetch_multiplier": args.prefetch_multiplier, "results": args.results, "events": args.events,
                 "without_sandbox": args.without_sandbox, "worker_nice": args.worker_nice, "seconds": seconds, "tasks_per_sec": rate,
                 "worker_cpu_us_per_task": cpu_us_per_task});
             println!("{out}");
@@ -437,7 +441,7 @@ mod drain {
                 node_name: format!("bench-{}@localhost", std::process::id()),
                 queues: vec![QUEUE.into()],
                 concurrency: args.concurrency,
-                prefetch_multiplier: 4,
+                prefetch_multiplier: args.prefetch_multiplier.max(1),
                 visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
                 shutdown_grace: Duration::from_secs(30),
                 track_started: false,
