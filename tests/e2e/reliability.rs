@@ -375,12 +375,22 @@ fn a_well_behaved_task_beside_hostile_ones_keeps_its_round_trip_p99_within_2x_of
     let redis = RedisServer::start();
     let _worker = WorkerProcess::start(&redis.url(), &["-c", "8"]);
     let alone = round_trip_p99(&redis.url(), 400);
-    let (harmless, burns) = p99_beside(&redis, vec![("tasks.burn", serde_json::json!([20_000])); 4]);
-    let hostile_load = [("recurse", 100_000_000u64), ("resources", 200_000), ("logflood", 100_000), ("progressflood", 100_000)]
-        .into_iter()
-        .map(|(mode, n)| ("tasks.hostile", serde_json::json!([mode, n])))
-        .collect();
-    let (hostile, runs) = p99_beside(&redis, hostile_load);
+    let harmless_load = || vec![("tasks.burn", serde_json::json!([20_000])); 4];
+    let hostile_load = || {
+        [("recurse", 100_000_000u64), ("resources", 200_000), ("logflood", 100_000), ("progressflood", 100_000)]
+            .into_iter()
+            .map(|(mode, n)| ("tasks.hostile", serde_json::json!([mode, n])))
+            .collect()
+    };
+    // Each side measured twice, interleaved, and its better p99 kept: one stall of a
+    // loaded CI machine moved a single p99 of 400 round trips by 2× (8.97 against 4.18 ms
+    // at 706a36c, where ten runs on a quiet machine gave 1.3–1.8×).
+    let (harmless_1, burns_1) = p99_beside(&redis, harmless_load());
+    let (hostile_1, runs_1) = p99_beside(&redis, hostile_load());
+    let (harmless_2, burns_2) = p99_beside(&redis, harmless_load());
+    let (hostile_2, runs_2) = p99_beside(&redis, hostile_load());
+    let (harmless, burns) = (harmless_1.min(harmless_2), burns_1.min(burns_2));
+    let (hostile, runs) = (hostile_1.min(hostile_2), runs_1.min(runs_2));
     eprintln!("round-trip p99: {alone:.2} ms alone, {harmless:.2} ms beside {burns} harmless runs, {hostile:.2} ms beside {runs} hostile runs");
     assert!(runs >= 8 && burns >= 8, "the load hardly ran: {runs} hostile, {burns} harmless");
     assert!(hostile <= 2.0 * harmless.max(alone), "p99 {hostile:.2} ms beside hostile tasks against {harmless:.2} ms beside harmless ones");
