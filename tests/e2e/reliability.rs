@@ -351,20 +351,46 @@ fn keep_running(redis: &RedisServer, load: Vec<(&'static str, serde_json::Value)
         .collect()
 }
 
-/// A no-op's round-trip p99 (and the runs the load completed) while `load` keeps running.
-fn p99_beside(redis: &RedisServer, load: Vec<(&'static str, serde_json::Value)>) -> (f64, usize) {
+/// Round trips a p99 is taken over: its 10th slowest, where of 400 it was the 4th and one
+/// stall of the machine moved it by 2×.
+const ROUND_TRIPS: usize = 1000;
+
+/// One load's effect on a no-op's round trip.
+#[derive(Clone, Copy)]
+struct Beside {
+    p99_ms: f64,
+    /// Runs of the load completed meanwhile.
+    runs: usize,
+    /// Share of the machine's CPU time busy meanwhile (all processes), in percent.
+    busy: f64,
+}
+
+/// Busy and total CPU time of the machine so far, in ticks, from `/proc/stat`.
+fn machine_cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let ticks: Vec<u64> = stat.lines().next().unwrap().split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let total: u64 = ticks.iter().sum();
+    // Fields 4 and 5 are idle and iowait.
+    (total - ticks[3] - ticks[4], total)
+}
+
+/// A no-op's round-trip p99 while `load` keeps running.
+fn p99_beside(redis: &RedisServer, load: Vec<(&'static str, serde_json::Value)>) -> Beside {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let threads = keep_running(redis, load, stop.clone());
     std::thread::sleep(Duration::from_millis(500));
-    let p99 = round_trip_p99(&redis.url(), 400);
+    let before = machine_cpu_ticks();
+    let p99_ms = round_trip_p99(&redis.url(), ROUND_TRIPS);
+    let after = machine_cpu_ticks();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    (p99, threads.into_iter().map(|t| t.join().unwrap()).sum())
+    let busy = 100.0 * (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+    Beside { p99_ms, runs: threads.into_iter().map(|t| t.join().unwrap()).sum(), busy }
 }
 
 /// The reliability issue's latency test: a no-op's round trip beside four hostile guests
 /// (deep recursion, a resource flood, log and progress floods), one of each always
 /// running. Beside them its p99 stays within 2× of its p99 beside the same number of
-/// harmless guests that compute (`tasks.burn`, ~20 ms each): the attacks cost their
+/// harmless guests that compute (`tasks.burn`, ~5 ms each): the attacks cost their
 /// neighbours no more than computing does. Against the no-op alone the issue asked 2×;
 /// on two cores plain computation beside it already costs ~3× (README, Reliability), so
 /// that bound is held at 10×.
@@ -374,27 +400,34 @@ fn p99_beside(redis: &RedisServer, load: Vec<(&'static str, serde_json::Value)>)
 fn a_well_behaved_task_beside_hostile_ones_keeps_its_round_trip_p99_within_2x_of_beside_harmless_ones() {
     let redis = RedisServer::start();
     let _worker = WorkerProcess::start(&redis.url(), &["-c", "8"]);
-    let alone = round_trip_p99(&redis.url(), 400);
-    let harmless_load = || vec![("tasks.burn", serde_json::json!([20_000])); 4];
+    let alone = round_trip_p99(&redis.url(), ROUND_TRIPS);
+    // Runs of ~5 ms keep the machine about as busy as the attacks do (94–95% against
+    // 98–100%); four of ~20 ms left it 89–91% busy, a lighter load, and put the ratio at
+    // 1.4–1.5× on a quiet machine from that alone.
+    let harmless_load = || vec![("tasks.burn", serde_json::json!([5_000])); 4];
     let hostile_load = || {
         [("recurse", 100_000_000u64), ("resources", 200_000), ("logflood", 100_000), ("progressflood", 100_000)]
             .into_iter()
             .map(|(mode, n)| ("tasks.hostile", serde_json::json!([mode, n])))
             .collect()
     };
-    // Each side measured twice, interleaved, and its better p99 kept: one stall of a
-    // loaded CI machine moved a single p99 of 400 round trips by 2× (8.97 against 4.18 ms
-    // at 706a36c, where ten runs on a quiet machine gave 1.3–1.8×).
-    let (harmless_1, burns_1) = p99_beside(&redis, harmless_load());
-    let (hostile_1, runs_1) = p99_beside(&redis, hostile_load());
-    let (harmless_2, burns_2) = p99_beside(&redis, harmless_load());
-    let (hostile_2, runs_2) = p99_beside(&redis, hostile_load());
-    let (harmless, burns) = (harmless_1.min(harmless_2), burns_1.min(burns_2));
-    let (hostile, runs) = (hostile_1.min(hostile_2), runs_1.min(runs_2));
-    eprintln!("round-trip p99: {alone:.2} ms alone, {harmless:.2} ms beside {burns} harmless runs, {hostile:.2} ms beside {runs} hostile runs");
+    // Each side measured three times, interleaved, and its best p99 kept: the slowest of a
+    // loaded CI machine's moments fall on either side alike, and a single p99 was moved by
+    // 2× (8.97 against 4.18 ms at 706a36c; 6.80 against 3.25 ms, the better of two over
+    // 400 round trips, at 694521c), where quiet runs gave 1.2–1.8×.
+    let (mut harmless, mut hostile) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        harmless.push(p99_beside(&redis, harmless_load()));
+        hostile.push(p99_beside(&redis, hostile_load()));
+    }
+    let shown = |side: &[Beside]| side.iter().map(|b| format!("{:.2} ({:.0}% busy)", b.p99_ms, b.busy)).collect::<Vec<_>>().join(", ");
+    eprintln!("round-trip p99: alone {alone:.2} ms; beside harmless {}; beside hostile {}", shown(&harmless), shown(&hostile));
+    let best = |side: &[Beside]| side.iter().fold((f64::MAX, usize::MAX), |(p, n), b| (p.min(b.p99_ms), n.min(b.runs)));
+    let ((harmless, burns), (hostile, runs)) = (best(&harmless), best(&hostile));
     assert!(runs >= 8 && burns >= 8, "the load hardly ran: {runs} hostile, {burns} harmless");
     assert!(hostile <= 2.0 * harmless.max(alone), "p99 {hostile:.2} ms beside hostile tasks against {harmless:.2} ms beside harmless ones");
     // And computing beside it is contained too: when guests ran on the worker's own
     // thread, either load put p99 at 60–100× alone (110–130 ms); now ~3×.
     assert!(hostile <= 10.0 * alone, "p99 {hostile:.2} ms beside hostile tasks against {alone:.2} ms alone");
 }
+
