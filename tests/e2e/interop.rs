@@ -385,15 +385,9 @@ fn every_ack_reaches_the_broker_when_batches_fill_while_a_flush_is_in_flight() {
     let _worker = WorkerProcess::start(&url, &["-c", "64"]);
     let sent = send(&url, &["tasks.noop", "--count", "20000", "--ignore-result"]);
     assert!(sent.status.success(), "{}", stderr(&sent));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (mut queued, mut unacked) = (usize::MAX, usize::MAX);
-    while Instant::now() < deadline {
-        queued = redis.query(redis::cmd("LLEN").arg("celery"));
-        unacked = redis.query(redis::cmd("HLEN").arg("unacked"));
-        if queued == 0 && unacked == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!((queued, unacked), (0, 0), "every message run and acked");
+    poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        let queued: usize = redis.query(redis::cmd("LLEN").arg("celery"));
+        let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
+        if (queued, unacked) == (0, 0) { Ok(()) } else { Err(format!("not every message run and acked: {queued} queued, {unacked} unacked")) }
+    });
 }

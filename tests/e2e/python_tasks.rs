@@ -15,11 +15,11 @@ fn python_tasks_return_results_and_fail_as_python_exceptions() {
     let redis = RedisServer::start();
     let url = redis.url();
     // Each component compiles once (~15 s by the debug build) into the test compile cache.
-    let _worker =
+    let worker =
         WorkerProcess::start_within(&url, &python_plugins(), &["-c", "8"], &[], std::time::Duration::from_secs(300));
     let out = run_bounded(
         std::process::Command::new(python()).arg(python_dir().join("interop.py")).arg("python_tasks").env("BROKER", &url),
         std::time::Duration::from_secs(400),
     );
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{}\n{}\nworker log:\n{}", stdout(&out), stderr(&out), worker.log_text());
 }

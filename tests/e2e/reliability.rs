@@ -103,16 +103,14 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
         let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "20"]);
         waits.push(t0.elapsed());
         assert_eq!(stdout(&ok), "4", "after {name}: {}\n{}", stderr(&ok), worker.log_text());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let letter: serde_json::Value = loop {
+        let letter: serde_json::Value = poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
             let n: usize = redis.query(redis::cmd("LLEN").arg("taskhost.dlq"));
-            if n > before {
-                let last: String = redis.query(redis::cmd("LINDEX").arg("taskhost.dlq").arg(-1));
-                break serde_json::from_str(&last).unwrap();
+            if n <= before {
+                return Err(format!("{name} was never dead-lettered:\n{}", worker.log_text()));
             }
-            assert!(Instant::now() < deadline, "{name} was never dead-lettered:\n{}", worker.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        };
+            let last: String = redis.query(redis::cmd("LINDEX").arg("taskhost.dlq").arg(-1));
+            Ok(serde_json::from_str(&last).unwrap())
+        });
         let got = letter["reason"].as_str().unwrap();
         assert!(got.contains(reason.as_str()), "{name}: reason {got:?} does not say {reason:?}");
         let (peak, _) = memory_mib(worker.pid());
@@ -136,15 +134,10 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
     // A poison's ack follows its dead letter through the ack flusher, a turn or more
     // later: on a loaded machine (the worker runs below the test's priority) the letter
     // can be seen before the ack has reached Redis.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let unacked: usize = redis.query(redis::cmd("HLEN").arg("unacked"));
-        if unacked == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "every poison message was settled: {unacked} still unacked after 10 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(Duration::from_secs(10), Duration::from_millis(20), || match redis.query::<usize>(redis::cmd("HLEN").arg("unacked")) {
+        0 => Ok(()),
+        unacked => Err(format!("not every poison message was settled: {unacked} still unacked")),
+    });
     // Still up, still serving.
     let ok = send(&redis.url(), &["tasks.add", "--args", "[3, 4]", "--wait", "--timeout", "10"]);
     assert_eq!(stdout(&ok), "7");

@@ -344,16 +344,11 @@ fn results_wait_in_held_messages_while_the_database_is_locked() {
     let held: u64 = redis.query(redis::cmd("HLEN").arg("unacked"));
     assert!(held > 0, "messages whose results could not be written were acked");
     locker.wait().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
         let n: u64 = db.query(&format!("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS' AND task_id IN ('{}')", ids.join("','"))).parse().unwrap();
         let held: u64 = redis.query(redis::cmd("HLEN").arg("unacked"));
-        if n == 50 && held == 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{n} of 50 stored, {held} held after the lock");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        if n == 50 && held == 0 { Ok(()) } else { Err(format!("{n} of 50 stored, {held} held after the lock")) }
+    });
 }
 
 /// Redis carries the messages; PostgreSQL (`--state`) holds beat's lease and ticks, the
@@ -376,11 +371,10 @@ fn with_state_on_postgresql_beat_eta_and_dead_letters_live_in_the_database() {
     // A countdown parks the message in PostgreSQL, not on Redis, until it is due.
     let out = send(&redis.url(), &["tasks.add", "--args", "[1, 2]", "--countdown", "3", "--state", &state, "--result-backend", &state]);
     let id = stdout(&out);
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while db.query("SELECT count(*) FROM taskhost_parked") != "1" {
-        assert!(std::time::Instant::now() < deadline, "the countdown message was never parked in PostgreSQL");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(Duration::from_secs(3), Duration::from_millis(50), || match db.query("SELECT count(*) FROM taskhost_parked") {
+        one if one == "1" => Ok(()),
+        n => Err(format!("the countdown message was never parked in PostgreSQL: {n} parked")),
+    });
     let on_redis: bool = redis.query(redis::cmd("EXISTS").arg("taskhost.scheduled"));
     assert!(!on_redis, "parked on Redis too");
     let r = taskhost(&["result", &id, "--wait", "--timeout", "15", "--broker", &redis.url(), "--result-backend", &state]);
@@ -389,11 +383,10 @@ fn with_state_on_postgresql_beat_eta_and_dead_letters_live_in_the_database() {
     // An unknown task is dead-lettered into PostgreSQL; `dlq` reads and replays it there.
     let out = send(&redis.url(), &["tasks.nope", "--state", &state, "--result-backend", &state]);
     let lost = stdout(&out);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while db.query("SELECT count(*) FROM taskhost_dead_letters") != "1" {
-        assert!(std::time::Instant::now() < deadline, "no dead letter in PostgreSQL");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(Duration::from_secs(10), Duration::from_millis(50), || match db.query("SELECT count(*) FROM taskhost_dead_letters") {
+        one if one == "1" => Ok(()),
+        n => Err(format!("{n} dead letters in PostgreSQL, not 1")),
+    });
     let listed = taskhost(&["dlq", "list", "--broker", &redis.url(), "--state", &state]);
     assert!(stdout(&listed).contains(&lost), "{}\n{}", stdout(&listed), stderr(&listed));
     let without = taskhost(&["dlq", "list", "--broker", &redis.url()]);

@@ -156,11 +156,9 @@ impl RedisServer {
 
     fn ready(server: RedisServer) -> RedisServer {
         let port = server.port;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start on {port}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        poll_until(std::time::Duration::from_secs(10), std::time::Duration::from_millis(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("redis-server did not start on {port}: {e}"))
+        });
         server
     }
 
@@ -258,11 +256,10 @@ impl WorkerProcess {
     }
 
     pub fn wait_for_log(&self, needle: &str, within: std::time::Duration) {
-        let deadline = std::time::Instant::now() + within;
-        while !self.log_text().contains(needle) {
-            assert!(std::time::Instant::now() < deadline, "worker log never showed {needle:?}:\n{}", self.log_text());
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        poll_until(within, std::time::Duration::from_millis(20), || match self.log_text() {
+            log if log.contains(needle) => Ok(()),
+            log => Err(format!("worker log never showed {needle:?}:\n{log}")),
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -293,14 +290,11 @@ impl WorkerProcess {
 
     /// Waits for the process to exit; its exit status.
     pub fn wait(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(std::time::Instant::now() < deadline, "worker did not exit:\n{}", self.log_text());
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let log = self.log.clone();
+        poll_until(within, std::time::Duration::from_millis(20), || {
+            let exited = self.child.try_wait().unwrap();
+            exited.ok_or_else(|| format!("worker did not exit:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
+        })
     }
 }
 
@@ -342,6 +336,19 @@ pub fn interop_with(env: &[(&str, &str)], args: &[&str]) -> String {
     let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
     assert!(out.status.success(), "interop.py {args:?} with {env:?} failed:\n{so}\n{se}");
     so.trim().to_string()
+}
+
+/// Calls `attempt` every `every` until it gives `Ok`, and returns that; after `within`
+/// it panics with the last `Err`, which says what was still missing.
+pub fn poll_until<T>(within: std::time::Duration, every: std::time::Duration, mut attempt: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match attempt() {
+            Ok(done) => return done,
+            Err(why) if std::time::Instant::now() >= deadline => panic!("after {within:?}: {why}"),
+            Err(_) => std::thread::sleep(every),
+        }
+    }
 }
 
 /// Runs a command, killing it past `limit`.
@@ -387,15 +394,10 @@ pub fn record(broker: &str, id: &str) -> serde_json::Value {
 
 /// Polls until the task's record has `status`.
 pub fn wait_status(broker: &str, id: &str, status: &str, within: std::time::Duration) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let r = record(broker, id);
-        if r["status"] == status {
-            return r;
-        }
-        assert!(std::time::Instant::now() < deadline, "task {id} never reached {status}: {r}");
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
+    poll_until(within, std::time::Duration::from_millis(25), || match record(broker, id) {
+        r if r["status"] == status => Ok(r),
+        r => Err(format!("task {id} never reached {status}: {r}")),
+    })
 }
 
 /// WAT for a hand-written module's `cabi_realloc`: a bump allocator from 64 KiB up, never
