@@ -103,14 +103,15 @@ fn every_poison_message_is_dead_lettered_with_its_reason_and_the_next_task_runs_
         let ok = send(&redis.url(), &["tasks.add", "--args", "[2, 2]", "--wait", "--timeout", "20"]);
         waits.push(t0.elapsed());
         assert_eq!(stdout(&ok), "4", "after {name}: {}\n{}", stderr(&ok), worker.log_text());
-        let letter: serde_json::Value = poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        let letter: serde_json::Value = try_poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
             let n: usize = redis.query(redis::cmd("LLEN").arg("taskhost.dlq"));
             if n <= before {
-                return Err(format!("{name} was never dead-lettered:\n{}", worker.log_text()));
+                return Err(());
             }
             let last: String = redis.query(redis::cmd("LINDEX").arg("taskhost.dlq").arg(-1));
             Ok(serde_json::from_str(&last).unwrap())
-        });
+        })
+        .unwrap_or_else(|()| panic!("{name} was never dead-lettered within 20 s:\n{}", worker.log_text()));
         let got = letter["reason"].as_str().unwrap();
         assert!(got.contains(reason.as_str()), "{name}: reason {got:?} does not say {reason:?}");
         let (peak, _) = memory_mib(worker.pid());
@@ -349,7 +350,6 @@ fn keep_running(redis: &RedisServer, load: Vec<(&'static str, serde_json::Value)
 const ROUND_TRIPS: usize = 1000;
 
 /// One load's effect on a no-op's round trip.
-#[derive(Clone, Copy)]
 struct Beside {
     p99_ms: f64,
     /// Runs of the load completed meanwhile.
@@ -423,4 +423,3 @@ fn a_well_behaved_task_beside_hostile_ones_keeps_its_round_trip_p99_within_2x_of
     // thread, either load put p99 at 60–100× alone (110–130 ms); now ~3×.
     assert!(hostile <= 10.0 * alone, "p99 {hostile:.2} ms beside hostile tasks against {alone:.2} ms alone");
 }
-

@@ -290,11 +290,8 @@ impl WorkerProcess {
 
     /// Waits for the process to exit; its exit status.
     pub fn wait(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
-        let log = self.log.clone();
-        poll_until(within, std::time::Duration::from_millis(20), || {
-            let exited = self.child.try_wait().unwrap();
-            exited.ok_or_else(|| format!("worker did not exit:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
-        })
+        try_poll_until(within, std::time::Duration::from_millis(20), || self.child.try_wait().unwrap().ok_or(()))
+            .unwrap_or_else(|()| panic!("worker did not exit within {within:?}:\n{}", self.log_text()))
     }
 }
 
@@ -340,12 +337,18 @@ pub fn interop_with(env: &[(&str, &str)], args: &[&str]) -> String {
 
 /// Calls `attempt` every `every` until it gives `Ok`, and returns that; after `within`
 /// it panics with the last `Err`, which says what was still missing.
-pub fn poll_until<T>(within: std::time::Duration, every: std::time::Duration, mut attempt: impl FnMut() -> Result<T, String>) -> T {
+pub fn poll_until<T>(within: std::time::Duration, every: std::time::Duration, attempt: impl FnMut() -> Result<T, String>) -> T {
+    try_poll_until(within, every, attempt).unwrap_or_else(|why| panic!("after {within:?}: {why}"))
+}
+
+/// As [`poll_until`], but the last `Err` is returned: for a failure message too costly to
+/// build at every attempt (a worker's whole log).
+pub fn try_poll_until<T, E>(within: std::time::Duration, every: std::time::Duration, mut attempt: impl FnMut() -> Result<T, E>) -> Result<T, E> {
     let deadline = std::time::Instant::now() + within;
     loop {
         match attempt() {
-            Ok(done) => return done,
-            Err(why) if std::time::Instant::now() >= deadline => panic!("after {within:?}: {why}"),
+            Ok(done) => return Ok(done),
+            Err(why) if std::time::Instant::now() >= deadline => return Err(why),
             Err(_) => std::thread::sleep(every),
         }
     }
