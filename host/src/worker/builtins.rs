@@ -181,7 +181,7 @@ impl Worker {
         let mut record = ResultRecord::failure(&id, exc, Some(format!("taskhost: {}", exc.message())));
         record.group_id = Some(unlock.group_id.clone());
         if self.may_write_result_for(decoded, &id).await {
-            self.store(&record, None).await;
+            self.store(record, None).await;
         }
     }
 }

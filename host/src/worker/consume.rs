@@ -151,7 +151,7 @@ impl Worker {
                 let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "WorkerPanic", reason.as_str());
                 let mut record = ResultRecord::failure(&d.headers.id, &exc, Some(format!("taskhost: {reason}")));
                 self.link_fields(&mut record, d);
-                self.store(&record, None).await;
+                self.store(record, None).await;
             }
         }
         {

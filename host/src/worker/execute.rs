@@ -31,7 +31,7 @@ impl Worker {
         if self.cfg.track_started && !ignore_result {
             let mut started = ResultRecord::started(&h.id, self.pid, &self.cfg.node_name);
             self.link_fields(&mut started, decoded);
-            self.store(&started, None).await;
+            self.store(started, None).await;
         }
         let mut control = RunControl::keeping_progress();
         // A channel for follow-ups only where some are granted: most tasks send none,
@@ -128,7 +128,7 @@ impl Worker {
                 // Acked before it ran (at most once): nothing to requeue; say what happened.
                 let mut record = ResultRecord::revoked(&h.id, "terminated");
                 self.link_fields(&mut record, decoded);
-                self.store(&record, None).await;
+                self.store(record, None).await;
             }
             return;
         }

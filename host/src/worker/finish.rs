@@ -46,7 +46,7 @@ impl Worker {
                     let mut record = ResultRecord::success(&h.id, value.clone());
                     record.children = children;
                     self.link_fields(&mut record, decoded);
-                    self.store(&record, None).await
+                    self.store(record, None).await
                 };
                 self.chord_member_done(decoded, "SUCCESS", value).await;
                 self.settle(delivery, stored, acks_late).await;
@@ -96,8 +96,9 @@ impl Worker {
             self.on_revoked(&delivery.queue, decoded, true, false);
             let mut record = ResultRecord::revoked(&h.id, "terminated");
             self.link_fields(&mut record, decoded);
-            let stored = ignore_result || self.store(&record, None).await;
-            self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
+            let revoked = record.result.clone();
+            let stored = ignore_result || self.store(record, None).await;
+            self.chord_member_done(decoded, "REVOKED", revoked).await;
             self.settle(delivery, stored, acks_late).await;
             return;
         }
@@ -146,11 +147,11 @@ impl Worker {
             }
             let mut step = ResultRecord::failure(&id, exc, Some(traceback.clone()));
             step.parent_id = Some(decoded.headers.id.clone());
-            self.store(&step, None).await;
+            self.store(step, None).await;
         }
         let mut record = ResultRecord::failure(&decoded.headers.id, exc, Some(traceback.clone()));
         self.link_fields(&mut record, decoded);
-        let stored = ignore_result || self.store(&record, None).await;
+        let stored = ignore_result || self.store(record, None).await;
         let lineage = canvas::Lineage { headers: &decoded.headers, origin: &self.cfg.node_name };
         for errback in canvas::errbacks(&decoded.embed, &lineage, DEFAULT_QUEUE) {
             self.publish_task(&errback).await;
@@ -257,7 +258,7 @@ impl Worker {
                 record.group_id = Some(group.clone());
                 record.key_prefix = self.result_prefixes.borrow().get(&h.id).map(|(p, _)| p.clone()).filter(|p| !p.is_empty());
                 if self.may_write_result_for(decoded, &id).await {
-                    self.store(&record, None).await;
+                    self.store(record, None).await;
                 }
             }
         }
@@ -359,7 +360,7 @@ impl Worker {
             let exc = ExceptionInfo::new(outcome::TASKHOST_MODULE, "RetryRequested", reason);
             let mut record = ResultRecord::retry(&h.id, Some(&exc), Some(format!("retry {} requested: {reason}", h.retries + 1)));
             self.link_fields(&mut record, decoded);
-            self.store(&record, None).await;
+            self.store(record, None).await;
         }
         // The retry is queued: this delivery is done whether or not RETRY was stored.
         self.settle(delivery, true, acks_late).await;
@@ -381,8 +382,9 @@ impl Worker {
             self.on_revoked(&delivery.queue, decoded, false, reason == "expired");
             let mut record = ResultRecord::revoked(&decoded.headers.id, reason);
             self.link_fields(&mut record, decoded);
-            let stored = ignore_result || self.store(&record, None).await;
-            self.chord_member_done(decoded, "REVOKED", record.result.clone()).await;
+            let revoked = record.result.clone();
+            let stored = ignore_result || self.store(record, None).await;
+            self.chord_member_done(decoded, "REVOKED", revoked).await;
             self.settle(delivery, stored, true).await;
         })
     }
@@ -414,6 +416,6 @@ impl Worker {
             return;
         }
         let meta: serde_json::Value = serde_json::from_str(&p.meta).unwrap_or(serde_json::Value::Null);
-        self.store(&ResultRecord::custom(&p.task_id, meta), Some(&p.state)).await;
+        self.store(ResultRecord::custom(&p.task_id, meta), Some(&p.state)).await;
     }
 }

@@ -322,7 +322,8 @@ impl Drop for InProgress {
 struct QueuedResult {
     record: ResultRecord,
     custom_state: Option<String>,
-    done: tokio::sync::oneshot::Sender<Result<bool, BackendError>>,
+    /// Whether it was written, or the error with the record, for the writer to retry.
+    done: tokio::sync::oneshot::Sender<Result<bool, (BackendError, ResultRecord)>>,
 }
 
 /// Acks taken off the queue by one flush; handed back unless the broker took them.

@@ -5,43 +5,62 @@ use super::*;
 
 impl Worker {
     /// Stores a record, retrying through broker outages; false if it never got through.
-    pub(super) async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> bool {
+    /// The record moves into the flusher's batch and comes back only with an error, so a
+    /// write that goes through copies nothing.
+    pub(super) async fn store(&self, record: ResultRecord, custom_state: Option<&str>) -> bool {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
+        let mut record = self.with_result_prefix(record);
         loop {
             match self.store_batched(record, custom_state).await {
                 Ok(_) => return true,
-                Err(e @ (BackendError::Connection(_) | BackendError::Command(_))) if started.elapsed() < STORE_GIVE_UP => {
-                    tracing::warn!(id = %record.task_id, "storing result failed, retrying in {backoff:?}: {e}");
+                Err((e @ (BackendError::Connection(_) | BackendError::Command(_)), back))
+                    if started.elapsed() < STORE_GIVE_UP =>
+                {
+                    tracing::warn!(id = %back.task_id, "storing result failed, retrying in {backoff:?}: {e}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
+                    record = back;
                 }
-                Err(e) => {
-                    tracing::error!(id = %record.task_id, "giving up storing result; message stays unacked: {e}");
+                Err((e, back)) => {
+                    tracing::error!(id = %back.task_id, "giving up storing result; message stays unacked: {e}");
                     return false;
                 }
             }
         }
     }
 
-    /// Queues a record for the result flusher, which writes every record queued in one
-    /// turn with one backend call, and waits for this one's outcome.
-    pub(super) async fn store_batched(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        let mut record = record.clone();
+    /// The record with its tenant's key prefix: the task's own, or (a chain's remaining
+    /// steps) its parent's.
+    fn with_result_prefix(&self, mut record: ResultRecord) -> ResultRecord {
         if record.key_prefix.is_none() {
-            // Its tenant's prefix: the task's own, or (a chain's remaining steps) its parent's.
             let prefixes = self.result_prefixes.borrow();
             let prefix = prefixes.get(&record.task_id).or_else(|| record.parent_id.as_ref().and_then(|p| prefixes.get(p)));
             record.key_prefix = prefix.map(|(p, _)| p.clone()).filter(|p| !p.is_empty());
         }
+        record
+    }
+
+    /// Queues a record for the result flusher, which writes every record queued in one
+    /// turn with one backend call, and waits for this one's outcome. An error hands the
+    /// record back; a flusher that went away (only at shutdown, after every handling has
+    /// ended) counts as a write that did not go through.
+    async fn store_batched(&self, record: ResultRecord, custom_state: Option<&str>) -> Result<bool, (BackendError, ResultRecord)> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let task_id = record.task_id.clone();
         self.queued_results.borrow_mut().push(QueuedResult {
             record,
             custom_state: custom_state.map(str::to_string),
             done,
         });
         self.result_queued.notify_one();
-        outcome.await.unwrap_or_else(|_| Err(BackendError::Connection("the result write was abandoned".into())))
+        match outcome.await {
+            Ok(written) => written,
+            Err(_) => {
+                tracing::error!(id = %task_id, "the result write was abandoned; message stays unacked");
+                Ok(false)
+            }
+        }
     }
 
     pub(super) async fn result_flusher(self: Rc<Self>) {
@@ -67,8 +86,8 @@ impl Worker {
                         }
                     }
                     Err(e) => {
-                        for done in waiting {
-                            let _ = done.send(Err(e.shared()));
+                        for (done, (record, _)) in waiting.into_iter().zip(records) {
+                            let _ = done.send(Err((e.shared(), record)));
                         }
                     }
                 }
