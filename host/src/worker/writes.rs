@@ -5,16 +5,24 @@ use super::*;
 
 impl Worker {
     /// Stores a record, retrying through broker outages; false if it never got through.
-    /// The record moves into the flusher's batch and comes back only with an error, so a
-    /// write that goes through copies nothing.
+    /// The record moves into the result flusher's batch and comes back only with an error,
+    /// so a write that goes through copies nothing. The flusher writes every record queued
+    /// in one turn with one backend call.
     pub(super) async fn store(&self, record: ResultRecord, custom_state: Option<&str>) -> bool {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
         let mut record = self.with_result_prefix(record);
         loop {
-            match self.store_batched(record, custom_state).await {
-                Ok(_) => return true,
-                Err((e @ (BackendError::Connection(_) | BackendError::Command(_)), back))
+            let (done, outcome) = tokio::sync::oneshot::channel();
+            self.queued_results.borrow_mut().push(QueuedResult {
+                record,
+                custom_state: custom_state.map(str::to_string),
+                done,
+            });
+            self.result_queued.notify_one();
+            match outcome.await {
+                Ok(Ok(_)) => return true,
+                Ok(Err((e @ (BackendError::Connection(_) | BackendError::Command(_)), back)))
                     if started.elapsed() < STORE_GIVE_UP =>
                 {
                     tracing::warn!(id = %back.task_id, "storing result failed, retrying in {backoff:?}: {e}");
@@ -22,8 +30,14 @@ impl Worker {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     record = back;
                 }
-                Err((e, back)) => {
+                Ok(Err((e, back))) => {
                     tracing::error!(id = %back.task_id, "giving up storing result; message stays unacked: {e}");
+                    return false;
+                }
+                // The flusher went away with the record: only at shutdown, after every
+                // handling has ended, so this is not expected to happen.
+                Err(_) => {
+                    tracing::error!("a result write was abandoned; its message stays unacked");
                     return false;
                 }
             }
@@ -39,28 +53,6 @@ impl Worker {
             record.key_prefix = prefix.map(|(p, _)| p.clone()).filter(|p| !p.is_empty());
         }
         record
-    }
-
-    /// Queues a record for the result flusher, which writes every record queued in one
-    /// turn with one backend call, and waits for this one's outcome. An error hands the
-    /// record back; a flusher that went away (only at shutdown, after every handling has
-    /// ended) counts as a write that did not go through.
-    async fn store_batched(&self, record: ResultRecord, custom_state: Option<&str>) -> Result<bool, (BackendError, ResultRecord)> {
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        let task_id = record.task_id.clone();
-        self.queued_results.borrow_mut().push(QueuedResult {
-            record,
-            custom_state: custom_state.map(str::to_string),
-            done,
-        });
-        self.result_queued.notify_one();
-        match outcome.await {
-            Ok(written) => written,
-            Err(_) => {
-                tracing::error!(id = %task_id, "the result write was abandoned; message stays unacked");
-                Ok(false)
-            }
-        }
     }
 
     pub(super) async fn result_flusher(self: Rc<Self>) {
