@@ -528,7 +528,60 @@ conformance!(
     results_expire,
     two_consumer_processes_never_take_one_delivery_twice,
     a_large_fetch_takes_and_holds_every_message,
+    a_sweep_puts_back_every_expired_message_once,
 );
+
+/// A sweep over more held messages than it reads at a time (the Redis one reads 200 a
+/// round trip): each one not acked goes back once, marked redelivered; acked ones never.
+async fn a_sweep_puts_back_every_expired_message_once(url: String) {
+    const HELD: usize = 1000;
+    let b = connect(&url).await;
+    let raws: Vec<Vec<u8>> = (0..HELD).map(|i| message(&format!("m{i}"), 0)).collect();
+    b.publish_many("q", 0, &raws).await.unwrap();
+    let got = gather(b.as_ref(), "q", HELD).await;
+    assert_eq!(got.len(), HELD);
+    let (acked, held): (Vec<_>, Vec<_>) = got.iter().enumerate().partition(|(i, _)| i % 4 == 0);
+    let acked_tags: Vec<String> = acked.iter().map(|(_, d)| d.tag.clone().unwrap()).collect();
+    b.ack(&acked_tags).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), held.len());
+    assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 0, "each goes back once");
+    let back = gather(b.as_ref(), "q", HELD).await;
+    let names: HashSet<String> = back.iter().map(|d| task_of(&d.raw)).collect();
+    let want: HashSet<String> = held.iter().map(|(_, d)| task_of(&d.raw)).collect();
+    assert_eq!((back.len(), &names), (held.len(), &want), "(put back, which)");
+    assert!(back.iter().all(|d| decode(&d.raw).unwrap().headers.redelivered), "marked redelivered");
+}
+
+/// What else a Redis sweep meets in kombu's tables: a message held through a named
+/// exchange goes back to the queue that exchange binds, an index entry whose message is
+/// gone is dropped, and an entry that is not `[envelope, exchange, routing_key]` is left.
+#[test]
+fn a_redis_sweep_routes_named_exchanges_drops_dangling_tags_and_leaves_malformed_entries() {
+    let server = RedisServer::start();
+    let long_ago = taskhost::protocol::unix_now() - 3600.0;
+    let via_exchange = message("routed", 0);
+    server.query::<()>(redis::cmd("SADD").arg("_kombu.binding.jobs").arg("jobs\x06\x16\x06\x16routed_q"));
+    server.query::<()>(redis::cmd("HSET").arg("unacked").arg("t-routed").arg(format!(
+        r#"[{}, "jobs", "jobs"]"#,
+        String::from_utf8(via_exchange).unwrap()
+    )));
+    server.query::<()>(redis::cmd("HSET").arg("unacked").arg("t-bad").arg("not an entry"));
+    for tag in ["t-routed", "t-bad", "t-gone"] {
+        server.query::<()>(redis::cmd("ZADD").arg("unacked_index").arg(long_ago).arg(tag));
+    }
+    block_on(async {
+        let b = connect(&server.url()).await;
+        assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 1);
+        let got = b.fetch(&["routed_q".into()], 2, WAIT).await.unwrap();
+        assert_eq!(got.iter().map(|d| task_of(&d.raw)).collect::<Vec<_>>(), ["routed"]);
+    });
+    let index: Vec<String> = server.query(redis::cmd("ZRANGE").arg("unacked_index").arg(0).arg(-1));
+    assert!(!index.contains(&"t-gone".to_string()), "a dangling tag is dropped: {index:?}");
+    assert!(index.contains(&"t-bad".to_string()), "a malformed entry stays: {index:?}");
+    let bad: Option<String> = server.query(redis::cmd("HGET").arg("unacked").arg("t-bad"));
+    assert_eq!(bad.as_deref(), Some("not an entry"));
+}
 
 /// A prefetch of thousands (`-c 2000` × multiplier 4): every message taken is handed out
 /// and held, none lost (the Redis fetch script once failed past ~4000 after popping them).

@@ -312,15 +312,26 @@ return tag
 "#
 );
 
-/// Puts a held message back if it is still held. KEYS[1] = target list;
-/// ARGV: tag, envelope, 'RPUSH' (front) or 'LPUSH' (back).
+/// Puts held messages back, each only if it is still held. KEYS[i] = message i's list;
+/// ARGV: 'RPUSH' (front) or 'LPUSH' (back), then each message's tag and envelope.
+/// Returns how many went back.
 const RESTORE: &str = r#"
-if redis.call('HEXISTS', 'unacked', ARGV[1]) == 0 then return 0 end
-redis.call(ARGV[3], KEYS[1], ARGV[2])
-redis.call('HDEL', 'unacked', ARGV[1])
-redis.call('ZREM', 'unacked_index', ARGV[1])
-return 1
+local moved = 0
+for i, list in ipairs(KEYS) do
+  local tag = ARGV[2 * i]
+  if redis.call('HEXISTS', 'unacked', tag) == 1 then
+    redis.call(ARGV[1], list, ARGV[2 * i + 1])
+    redis.call('HDEL', 'unacked', tag)
+    redis.call('ZREM', 'unacked_index', tag)
+    moved = moved + 1
+  end
+end
+return moved
 "#;
+
+/// Held messages a visibility sweep reads and puts back per round trip. One message a
+/// round trip restored ~85 a second on a loaded machine (20,000 held took minutes).
+const RESTORE_BATCH: usize = 200;
 
 /// Moves due parked messages (member = list SEP envelope) to the front of their list.
 /// ARGV: now (ms), batch size.
@@ -668,17 +679,21 @@ impl RedisBroker {
         Ok(out)
     }
 
-    /// The list a message held as `[envelope, exchange, routing_key]` goes back to.
-    async fn restore_target(&self, entry: &str) -> Option<(String, Vec<u8>)> {
+    /// The list a message held as `[envelope, exchange, routing_key]` goes back to;
+    /// `bindings`: the binding tables of named exchanges read so far in this sweep.
+    async fn restore_target(&self, entry: &str, bindings: &mut HashMap<String, Vec<String>>) -> Option<(String, Vec<u8>)> {
         let (envelope, exchange, routing_key): (serde_json::Value, String, String) = serde_json::from_str(entry).ok()?;
         let raw = serde_json::to_vec(&envelope).ok()?;
         let queue = if exchange.is_empty() {
             routing_key
         } else {
             // A named exchange routes through kombu's binding table.
-            let members: Vec<String> =
-                self.conn().smembers(format!("_kombu.binding.{exchange}")).await.unwrap_or_default();
-            members
+            if !bindings.contains_key(&exchange) {
+                let members: Vec<String> =
+                    self.conn().smembers(format!("_kombu.binding.{exchange}")).await.unwrap_or_default();
+                bindings.insert(exchange.clone(), members);
+            }
+            bindings[&exchange]
                 .iter()
                 .filter_map(|m| {
                     let mut parts = m.split(BAND_SEP);
@@ -697,13 +712,44 @@ impl RedisBroker {
         let moved: i64 = self
             .restore
             .key(list)
+            .arg(push)
             .arg(tag)
             .arg(marked)
-            .arg(push)
             .invoke_async(&mut self.conn())
             .await
             .map_err(cmd_err)?;
         Ok(moved == 1)
+    }
+
+    /// Puts back to the front of their lists whichever of `tags` are still held, in one
+    /// read and one write; an index entry whose message is gone is dropped.
+    async fn restore_held(&self, tags: &[String], bindings: &mut HashMap<String, Vec<String>>) -> Result<usize, BrokerError> {
+        let mut conn = self.conn();
+        let entries: Vec<Option<String>> = redis::cmd("HMGET").arg(UNACKED).arg(tags).query_async(&mut conn).await.map_err(cmd_err)?;
+        let mut gone = Vec::new();
+        let mut restore = self.restore.prepare_invoke();
+        restore.arg("RPUSH");
+        let mut held = 0;
+        for (tag, entry) in tags.iter().zip(entries) {
+            let Some(entry) = entry else {
+                gone.push(tag);
+                continue;
+            };
+            match self.restore_target(&entry, bindings).await {
+                Some((list, raw)) => {
+                    restore.key(list).arg(tag).arg(mark_redelivered(&raw).unwrap_or(raw));
+                    held += 1;
+                }
+                None => tracing::warn!(tag = %tag, "unacked entry is not [envelope, exchange, routing_key]; left alone"),
+            }
+        }
+        if !gone.is_empty() {
+            let _: () = conn.zrem(UNACKED_INDEX, gone).await.map_err(cmd_err)?;
+        }
+        if held == 0 {
+            return Ok(0);
+        }
+        restore.invoke_async(&mut conn).await.map_err(cmd_err)
     }
 }
 
@@ -807,21 +853,10 @@ impl Broker for RedisBroker {
         let ceiling = crate::protocol::unix_now() - visibility.as_secs_f64();
         let result = async {
             let tags: Vec<String> = conn.zrangebyscore(UNACKED_INDEX, "-inf", ceiling).await.map_err(cmd_err)?;
+            let mut bindings = HashMap::new();
             let mut restored = 0;
-            for tag in tags {
-                let entry: Option<String> = conn.hget(UNACKED, &tag).await.map_err(cmd_err)?;
-                let Some(entry) = entry else {
-                    let _: () = conn.zrem(UNACKED_INDEX, &tag).await.map_err(cmd_err)?;
-                    continue;
-                };
-                match self.restore_target(&entry).await {
-                    Some((list, raw)) => {
-                        if self.restore_tag(&tag, &list, &raw, "RPUSH").await? {
-                            restored += 1;
-                        }
-                    }
-                    None => tracing::warn!(tag = %tag, "unacked entry is not [envelope, exchange, routing_key]; left alone"),
-                }
+            for batch in tags.chunks(RESTORE_BATCH) {
+                restored += self.restore_held(batch, &mut bindings).await?;
             }
             Ok::<_, BrokerError>(restored)
         }
