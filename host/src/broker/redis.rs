@@ -312,15 +312,15 @@ return tag
 "#
 );
 
-/// Puts held messages back, each only if it is still held. KEYS[i] = message i's list;
-/// ARGV: 'RPUSH' (front) or 'LPUSH' (back), then each message's tag and envelope.
-/// Returns how many went back.
+/// Puts held messages back to the front of their lists, each only if it is still held.
+/// KEYS[i] = message i's list; ARGV: each message's tag and envelope. Returns how many
+/// went back.
 const RESTORE: &str = r#"
 local moved = 0
 for i, list in ipairs(KEYS) do
-  local tag = ARGV[2 * i]
+  local tag = ARGV[2 * i - 1]
   if redis.call('HEXISTS', 'unacked', tag) == 1 then
-    redis.call(ARGV[1], list, ARGV[2 * i + 1])
+    redis.call('RPUSH', list, ARGV[2 * i])
     redis.call('HDEL', 'unacked', tag)
     redis.call('ZREM', 'unacked_index', tag)
     moved = moved + 1
@@ -707,49 +707,42 @@ impl RedisBroker {
         Some((list_for_priority(&queue, priority), raw))
     }
 
-    async fn restore_tag(&self, tag: &str, list: &str, raw: &[u8], push: &str) -> Result<bool, BrokerError> {
-        let marked = mark_redelivered(raw).unwrap_or_else(|| raw.to_vec());
-        let moved: i64 = self
-            .restore
-            .key(list)
-            .arg(push)
-            .arg(tag)
-            .arg(marked)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(cmd_err)?;
-        Ok(moved == 1)
+    /// Puts each `(tag, list, envelope)` still held back to the front of its list, marked
+    /// redelivered, in one atomic step; how many went back.
+    async fn put_back<'a>(&self, held: impl IntoIterator<Item = (&'a str, &'a str, &'a [u8])>) -> Result<usize, BrokerError> {
+        let mut restore = self.restore.prepare_invoke();
+        let mut any = false;
+        for (tag, list, raw) in held {
+            restore.key(list).arg(tag).arg(mark_redelivered(raw).unwrap_or_else(|| raw.to_vec()));
+            any = true;
+        }
+        if !any {
+            return Ok(0);
+        }
+        restore.invoke_async(&mut self.conn()).await.map_err(cmd_err)
     }
 
-    /// Puts back to the front of their lists whichever of `tags` are still held, in one
-    /// read and one write; an index entry whose message is gone is dropped.
+    /// Puts back whichever of `tags` are still held, in one read and one write; an index
+    /// entry whose message is gone is dropped.
     async fn restore_held(&self, tags: &[String], bindings: &mut HashMap<String, Vec<String>>) -> Result<usize, BrokerError> {
         let mut conn = self.conn();
         let entries: Vec<Option<String>> = redis::cmd("HMGET").arg(UNACKED).arg(tags).query_async(&mut conn).await.map_err(cmd_err)?;
         let mut gone = Vec::new();
-        let mut restore = self.restore.prepare_invoke();
-        restore.arg("RPUSH");
-        let mut held = 0;
+        let mut held = Vec::with_capacity(tags.len());
         for (tag, entry) in tags.iter().zip(entries) {
             let Some(entry) = entry else {
                 gone.push(tag);
                 continue;
             };
             match self.restore_target(&entry, bindings).await {
-                Some((list, raw)) => {
-                    restore.key(list).arg(tag).arg(mark_redelivered(&raw).unwrap_or(raw));
-                    held += 1;
-                }
+                Some((list, raw)) => held.push((tag, list, raw)),
                 None => tracing::warn!(tag = %tag, "unacked entry is not [envelope, exchange, routing_key]; left alone"),
             }
         }
         if !gone.is_empty() {
             let _: () = conn.zrem(UNACKED_INDEX, gone).await.map_err(cmd_err)?;
         }
-        if held == 0 {
-            return Ok(0);
-        }
-        restore.invoke_async(&mut conn).await.map_err(cmd_err)
+        self.put_back(held.iter().map(|(tag, list, raw)| (tag.as_str(), list.as_str(), raw.as_slice()))).await
     }
 }
 
@@ -818,7 +811,7 @@ impl Broker for RedisBroker {
     async fn restore(&self, delivery: &Delivery) -> Result<(), BrokerError> {
         let Some(tag) = &delivery.tag else { return Ok(()) };
         let priority = Envelope::parse(&delivery.raw).map_or(0, |e| e.priority());
-        self.restore_tag(tag, &list_for_priority(&delivery.queue, priority), &delivery.raw, "RPUSH").await?;
+        self.put_back([(tag.as_str(), list_for_priority(&delivery.queue, priority).as_str(), delivery.raw.as_slice())]).await?;
         Ok(())
     }
 
