@@ -45,13 +45,14 @@ def free_port():
 
 
 class Redis:
-    def __init__(self, wrapper=()):
-        """`wrapper`: a command the server runs under (valgrind, say)."""
+    def __init__(self, wrapper=(), options=()):
+        """`wrapper`: a command the server runs under (valgrind, say); `options`: more of
+        redis-server's arguments."""
         import redis  # here, like celery and PIL, so that --chart-only needs none of them
 
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [*wrapper, "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [*wrapper, "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],
             stdout=subprocess.DEVNULL,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"

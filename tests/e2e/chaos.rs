@@ -208,6 +208,56 @@ fn a_worker_killed_mid_sweep_holds_up_the_next_sweep_no_longer_than_the_visibili
     assert_drained(&mut conn);
 }
 
+/// A dead worker held 64 messages of ~3.5 MiB (224 MiB in all): the next worker's sweep
+/// puts every one back, once, without holding them all at once (it reads them a few MiB
+/// at a time; read 200 at a time, its peak memory was several times their total).
+#[test]
+fn a_sweep_over_large_held_messages_stays_within_a_few_mib_of_them_at_a_time() {
+    const HELD: usize = 64;
+    let redis = RedisServer::start();
+    let mut conn = redis.client().get_connection().unwrap();
+    let long_ago = taskhost::protocol::unix_now() - 3600.0;
+    // In the body (base64) and in argsrepr: ~3.5 MiB a message.
+    let payload = "x".repeat(3 << 19);
+    let mut total = 0;
+    for _ in 0..HELD {
+        let message = celery_message("tasks.noop", &uuid::Uuid::new_v4().to_string(), &serde_json::json!([payload]));
+        let envelope: serde_json::Value = serde_json::from_slice(&message).unwrap();
+        let tag = envelope["properties"]["delivery_tag"].as_str().unwrap().to_string();
+        // Held from a queue this worker does not consume, so what goes back stays there.
+        let entry = format!(r#"[{}, "", "elsewhere"]"#, String::from_utf8(message).unwrap());
+        total += entry.len();
+        redis::pipe().hset("unacked", &tag, entry).ignore().zadd("unacked_index", &tag, long_ago).ignore().query::<()>(&mut conn).unwrap();
+    }
+    let total_mib = (total >> 20) as u64;
+    assert!(total_mib >= 200, "held {total_mib} MiB in all");
+    // The same worker with nothing to sweep, for its own peak.
+    let idle_redis = RedisServer::start();
+    let idle = WorkerProcess::start(&idle_redis.url(), &["-c", "2", "-Q", "celery"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let (idle_peak, _) = memory_mib(idle.pid());
+    drop(idle);
+    let worker = WorkerProcess::start(&redis.url(), &["-c", "2", "-Q", "celery"]);
+    poll_until(Duration::from_secs(120), Duration::from_millis(50), || {
+        let (back, held): (usize, usize) =
+            (redis.query(redis::cmd("LLEN").arg("elsewhere")), redis.query(redis::cmd("HLEN").arg("unacked")));
+        if back == HELD && held == 0 { Ok(()) } else { Err(format!("{back} put back, {held} held:\n{}", worker.log_text())) }
+    });
+    let (peak, now) = memory_mib(worker.pid());
+    eprintln!("worker memory across a sweep of {total_mib} MiB held: peak {peak} MiB, now {now} MiB; {idle_peak} MiB with none");
+    // Read 4 MiB at a time, about ten copies of it at once (reading all 200 a round trip
+    // took it from 62 to 1,289 MiB).
+    assert!(peak < idle_peak + 64, "the sweep's worker peaked at {peak} MiB ({idle_peak} MiB with nothing held) over {total_mib} MiB held");
+    let back: Vec<Vec<u8>> = (0..HELD).map(|_| redis.query(redis::cmd("RPOP").arg("elsewhere"))).collect();
+    let ids: std::collections::HashSet<String> = back
+        .iter()
+        .map(|raw| taskhost::protocol::decode(raw).unwrap())
+        .inspect(|d| assert!(d.headers.redelivered, "put back marked redelivered"))
+        .map(|d| d.headers.id)
+        .collect();
+    assert_eq!(ids.len(), HELD, "each held message put back once");
+}
+
 /// `sqlite3` through the test Python: one query's rows as JSON.
 fn sqlite_query(path: &std::path::Path, sql: &str) -> serde_json::Value {
     let script = "import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(json.dumps(c.execute(sys.argv[2]).fetchall()))";

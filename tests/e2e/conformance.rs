@@ -167,7 +167,8 @@ async fn redelivery_after_visibility_timeout(url: String) {
     b.publish("q", 0, &message("second", 0)).await.unwrap();
     let d = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
     assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 0, "not yet past the timeout");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Redis records when a message was held in whole seconds, rounded up: 1 s may take 2.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 1);
     let again = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
     assert_eq!(task_of(&again.raw), "first", "restored messages are served next");
@@ -176,14 +177,16 @@ async fn redelivery_after_visibility_timeout(url: String) {
     assert_eq!(headers.headers.id, decode(&d.raw).unwrap().headers.id);
 }
 
+/// Held 3 s with a 2 s visibility timeout, refreshed at 1.5 s: not restored. Unrefreshed
+/// it would be, its hold time (whole seconds on Redis, rounded up) at most 1 s late.
 async fn touch_keeps_running_messages(url: String) {
     let b = connect(&url).await;
     b.publish("q", 0, &message("long", 0)).await.unwrap();
     let d = b.fetch(&["q".into()], 1, WAIT).await.unwrap().pop().unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     b.touch(&[d.tag.clone().unwrap()]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(b.restore_expired(Duration::from_secs(2)).await.unwrap(), 0);
 }
 
 async fn restore_puts_back_in_front(url: String) {
@@ -543,7 +546,7 @@ async fn a_sweep_puts_back_every_expired_message_once(url: String) {
     let (acked, held): (Vec<_>, Vec<_>) = got.iter().enumerate().partition(|(i, _)| i % 4 == 0);
     let acked_tags: Vec<String> = acked.iter().map(|(_, d)| d.tag.clone().unwrap()).collect();
     b.ack(&acked_tags).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), held.len());
     assert_eq!(b.restore_expired(Duration::from_secs(1)).await.unwrap(), 0, "each goes back once");
     let back = gather(b.as_ref(), "q", HELD).await;
@@ -581,6 +584,30 @@ fn a_redis_sweep_routes_named_exchanges_drops_dangling_tags_and_leaves_malformed
     assert!(index.contains(&"t-bad".to_string()), "a malformed entry stays: {index:?}");
     let bad: Option<String> = server.query(redis::cmd("HGET").arg("unacked").arg("t-bad"));
     assert_eq!(bad.as_deref(), Some("not an entry"));
+}
+
+/// A Redis hold is recorded in `unacked_index` in whole seconds, rounded up: kept as an
+/// integer in a small index (no `strtod` per entry at every insert), and never early.
+#[test]
+fn a_redis_hold_is_recorded_in_whole_seconds_never_early() {
+    let server = RedisServer::start();
+    let before = taskhost::protocol::unix_now();
+    let tags = block_on(async {
+        let b = connect(&server.url()).await;
+        b.publish_many("q", 0, &(0..3).map(|i| message(&format!("m{i}"), 0)).collect::<Vec<_>>()).await.unwrap();
+        let got = gather(b.as_ref(), "q", 3).await;
+        b.touch(&[got[2].tag.clone().unwrap()]).await.unwrap();
+        got.into_iter().map(|d| d.tag.unwrap()).collect::<Vec<_>>()
+    });
+    let after = taskhost::protocol::unix_now();
+    let scores: Vec<(String, String)> = server.query(redis::cmd("ZRANGE").arg("unacked_index").arg(0).arg(-1).arg("WITHSCORES"));
+    assert_eq!(scores.len(), tags.len());
+    for (tag, score) in &scores {
+        let whole: i64 = score.parse().unwrap_or_else(|_| panic!("{tag}: score {score:?} is not a whole number"));
+        assert!(whole as f64 >= before && (whole as f64) < after + 1.0, "{tag}: held at {whole}, between {before} and {after}");
+    }
+    let encoding: String = server.query(redis::cmd("OBJECT").arg("ENCODING").arg("unacked_index"));
+    assert_eq!(encoding, "listpack", "a small index, where the integer scores matter");
 }
 
 /// A prefetch of thousands (`-c 2000` × multiplier 4): every message taken is handed out

@@ -5,16 +5,6 @@
 use crate::support::*;
 use std::time::{Duration, Instant};
 
-/// Peak and current resident memory of a process, in MiB (VmHWM, VmRSS).
-fn memory_mib(pid: i32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap()
-            / 1024
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
 /// A Celery message whose body is `body` (already the wire text: base64, compressed or not).
 fn message(task: &str, id: &str, body: &str, compression: Option<&str>) -> String {
     let mut headers = serde_json::json!({"lang": "py", "task": task, "id": id, "root_id": id, "retries": 0,
