@@ -19,9 +19,10 @@ or to how the worker batches its commands must be counted on both sides. `--resu
 stores results (else the messages say ignore_result). Redis keeps `unacked_index` as a
 skiplist here (`zset-max-listpack-entries 0`), as it does in `make bench`'s drains, which
 hold hundreds: at `-c 2` the index stays under 128 entries, a listpack, and every insert
-walked it parsing each score with `strtod`: Redis counted 91,503 → 83,524 instructions a
-task with results ignored and 109,602 → 96,065 with them stored (which hold more), cost
-the timed drains never pay.
+walked it parsing each score with `strtod` (fractional scores, as before 2026-12-05): the
+same binary's Redis counted 91,503 instructions a task with a listpack and 83,524 with a
+skiplist, results ignored, and 109,602 against 96,065 with them stored (which hold more),
+cost the timed drains never pay. Redis counts from before that date are not comparable.
 
 `--floor` also counts the worker through `bench drain`'s worker process (`-c 2`, the same
 64 MiB pool), with its sandboxes and with none (`--without-sandbox`: every run succeeds at

@@ -87,7 +87,8 @@ fn kill_dash_9_loses_nothing(url: &str) {
     assert!(started > 0, "tasks should be running when the worker is killed");
     worker.signal(libc::SIGKILL);
     worker.wait(Duration::from_secs(5));
-    // Past the visibility timeout the next worker's startup sweep restores them.
+    // Past the visibility timeout the next worker's sweeps restore them (its first, or,
+    // as holds are recorded in whole seconds rounded up, the one after).
     std::thread::sleep(Duration::from_millis(1200));
     let _next = WorkerProcess::start(url, &["-c", "8", "--visibility-timeout", "1"]);
     for id in &ids {

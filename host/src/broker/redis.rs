@@ -24,12 +24,6 @@ const UNACKED_MUTEX: &str = "unacked_mutex";
 /// kombu holds the sweep lock this long at most (`unacked_mutex_expire`).
 const UNACKED_MUTEX_MAX_TTL: Duration = Duration::from_secs(300);
 
-/// How long a sweep's lock outlives a sweeper killed mid-sweep: kombu's 300 s, or the
-/// visibility timeout when that is shorter. With kombu's fixed 300 s, one worker killed
-/// while sweeping stops every sweep for five minutes, and the messages of anything else
-/// killed meanwhile wait that long, whatever the visibility timeout says. A sweep that
-/// outlasts its lock is safe among taskhost workers: each restore is one script that
-/// moves a message only while it is still in `unacked`.
 /// A held message's `unacked_index` score: now in unix seconds, rounded up to a whole one,
 /// so a message goes back up to 1 s after its visibility timeout, never before. Redis keeps
 /// an index of up to 128 entries as a listpack, where a fractional score is kept as text and
@@ -39,6 +33,12 @@ fn held_score() -> i64 {
     crate::protocol::unix_now().ceil() as i64
 }
 
+/// How long a sweep's lock outlives a sweeper killed mid-sweep: kombu's 300 s, or the
+/// visibility timeout when that is shorter. With kombu's fixed 300 s, one worker killed
+/// while sweeping stops every sweep for five minutes, and the messages of anything else
+/// killed meanwhile wait that long, whatever the visibility timeout says. A sweep that
+/// outlasts its lock is safe among taskhost workers: each restore is one script that
+/// moves a message only while it is still in `unacked`.
 fn sweep_lock_ttl(visibility: Duration) -> Duration {
     visibility.clamp(Duration::from_secs(1), UNACKED_MUTEX_MAX_TTL)
 }
@@ -338,8 +338,9 @@ end
 return moved
 "#;
 
-/// Held messages a visibility sweep reads and puts back per round trip. One message a
-/// round trip restored ~85 a second on a loaded machine (20,000 held took minutes).
+/// Held messages a visibility sweep sizes per round trip, and reads and puts back per round
+/// trip where [`RESTORE_BATCH_BYTES`] allows. One message a round trip restored ~85 a
+/// second on a loaded machine (20,000 held took minutes).
 const RESTORE_BATCH: usize = 200;
 
 /// Bytes of held entries a sweep reads and puts back per round trip. At its peak a sweep
