@@ -259,6 +259,102 @@ fn a_sweep_over_large_held_messages_stays_within_a_few_mib_of_them_at_a_time() {
 }
 
 /// `sqlite3` through the test Python: one query's rows as JSON.
+/// `n` no-op messages on `celery` whose delivery tags are `tag-<id>`, so MONITOR's acks
+/// name their tasks; their ids.
+fn push_tagged(conn: &mut redis::Connection, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        let mut message: serde_json::Value = serde_json::from_slice(&celery_message("tasks.noop", id, &serde_json::json!([]))).unwrap();
+        message["properties"]["delivery_tag"] = format!("tag-{id}").into();
+        pipe.cmd("LPUSH").arg("celery").arg(message.to_string()).ignore();
+    }
+    pipe.query::<()>(conn).unwrap();
+    ids
+}
+
+/// A message is acked only after its record's notice went out: a batch's notices ride
+/// ahead of the next batch's writes, and the acks wait for them, through a drain and
+/// through a SIGTERM with notices owed. A worker dying between the two would leave a
+/// subscribed client waiting for a notice no redelivery sends. The results go through a
+/// proxy adding 20 ms each way, so an ack not held back would reach Redis first. Read
+/// off MONITOR: for every task, its PUBLISH comes before the HDEL that acks it. (Without
+/// STARTED records: a SUCCESS over one goes through STORE, which publishes as it writes.)
+#[test]
+fn a_message_is_acked_only_after_its_results_notice_went_out() {
+    const TASKS: usize = 2000;
+    let redis = RedisServer::start();
+    let slow = FaultProxy::start(redis.port);
+    slow.set(Fault::Latency(Duration::from_millis(20)));
+    let results = format!("redis://127.0.0.1:{}/0", slow.port);
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("monitor.log");
+    let mut monitor = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "monitor"])
+        .stdout(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("redis-cli (installed with redis-server)");
+    poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.starts_with("OK") { Ok(()) } else { Err(format!("MONITOR not attached: {text:?}")) }
+    });
+    let mut conn = redis.client().get_connection().unwrap();
+    let mut ids = push_tagged(&mut conn, TASKS);
+    let mut worker = WorkerProcess::start(&redis.url(), &["-c", "8", "-Q", "celery", "--track-started", "false", "--result-backend", &results]);
+    let left = |conn: &mut redis::Connection| -> (usize, usize) {
+        (redis::cmd("LLEN").arg("celery").query(conn).unwrap(), redis::cmd("HLEN").arg("unacked").query(conn).unwrap())
+    };
+    poll_until(Duration::from_secs(120), Duration::from_millis(50), || match left(&mut conn) {
+        (0, 0) => Ok(()),
+        other => Err(format!("(queued, unacked) {other:?}")),
+    });
+    // Stopped mid-burst: what it owes then goes out before the acks held back for it.
+    ids.extend(push_tagged(&mut conn, TASKS));
+    poll_until(Duration::from_secs(60), Duration::from_millis(2), || match left(&mut conn).0 {
+        n if n < TASKS * 3 / 4 => Ok(()),
+        n => Err(format!("{n} still queued")),
+    });
+    worker.signal(libc::SIGTERM);
+    assert!(worker.wait(Duration::from_secs(30)).success(), "{}", worker.log_text());
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let (mut published, mut acked) = (HashMap::new(), HashMap::new());
+    for (at, line) in text.lines().enumerate() {
+        // The SUCCESS notice, what a waiting client waits for (STARTED ones come first).
+        if let Some((_, rest)) = line.split_once("\"PUBLISH\" \"celery-task-meta-").filter(|_| line.contains("SUCCESS")) {
+            let id = rest.split('"').next().unwrap().to_string();
+            published.entry(id).or_insert(at);
+        } else if let Some((_, tags)) = line.split_once("\"HDEL\" \"unacked\" ") {
+            for tag in tags.split(' ') {
+                let id = tag.trim_matches('"').trim_start_matches("tag-").to_string();
+                acked.entry(id).or_insert(at);
+            }
+        }
+    }
+    let (mut checked, mut not_run, mut unacked) = (0, 0, 0);
+    for id in &ids {
+        let stored: Option<String> = redis::cmd("GET").arg(format!("celery-task-meta-{id}")).query(&mut conn).unwrap();
+        match (stored, published.get(id), acked.get(id)) {
+            (Some(_), Some(p), Some(a)) => {
+                assert!(p < a, "task {id} was acked (MONITOR line {a}) before its notice (line {p})");
+                checked += 1;
+            }
+            // Never run: still queued, or handed back at the stop.
+            (None, None, _) => not_run += 1,
+            // Run and stored, then left unacked: redelivered, and the rerun publishes.
+            (Some(_), _, None) => unacked += 1,
+            other => panic!("task {id}: (record, PUBLISH line, ack line) {other:?}"),
+        }
+    }
+    let (queued, held) = left(&mut conn);
+    eprintln!("acks after notices: {checked} checked; {not_run} not run, {unacked} left unacked; {queued} queued, {held} held");
+    assert_eq!(queued + held, not_run + unacked, "every message not acked is still queued or held");
+    assert!(checked > TASKS, "none of the second burst ran and was acked: {checked}");
+}
+
 fn sqlite_query(path: &std::path::Path, sql: &str) -> serde_json::Value {
     let script = "import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(json.dumps(c.execute(sys.argv[2]).fetchall()))";
     let out = run_bounded(std::process::Command::new(python()).args(["-c", script]).arg(path).arg(sql), Duration::from_secs(60));

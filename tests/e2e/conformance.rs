@@ -745,3 +745,57 @@ fn redis_results_are_published_in_order_and_a_refused_one_never() {
         assert_eq!(r.get("new").await.unwrap().unwrap().result, 2);
     });
 }
+
+/// Notices the next call sends: a batch that created every key it wrote hands its notices
+/// back unsent, and the next call sends them ahead of its own writes, so a key's notices
+/// keep the order of its records. A batch that meets an existing key sends its own at
+/// once (STORE publishes there, and must follow the creation's notice).
+#[test]
+fn redis_notices_handed_back_lead_the_next_write_in_order() {
+    let server = RedisServer::start();
+    block_on(async {
+        let r = backend::connect(&server.url(), None).await.unwrap();
+        let mut pubsub = server.client().get_async_pubsub().await.unwrap();
+        for id in ["a", "b", "c"] {
+            pubsub.subscribe(format!("celery-task-meta-{id}")).await.unwrap();
+        }
+        let mut messages = pubsub.on_message();
+        let mut next_notice = async || {
+            let msg = tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut messages)).await.ok()??;
+            let record: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+            let id = msg.get_channel_name().trim_start_matches("celery-task-meta-").to_string();
+            Some(format!("{id} {}", record["status"].as_str().unwrap()))
+        };
+
+        let first = vec![(ResultRecord::started("a", 1, "w@h"), None), (ResultRecord::started("b", 1, "w@h"), None)];
+        let (written, owed) = r.store_many_notifying_later(&Default::default(), &first).await.unwrap();
+        assert_eq!((written, owed.len()), (vec![true, true], 2));
+        assert_eq!(r.get("a").await.unwrap().unwrap().status, State::Started, "written at once");
+        assert_eq!(next_notice().await, None, "the notices wait for the next call");
+
+        let second = vec![(ResultRecord::success("a", serde_json::json!(1)), None), (ResultRecord::started("c", 1, "w@h"), None)];
+        let (written, owed_after) = r.store_many_notifying_later(&owed, &second).await.unwrap();
+        assert_eq!((written, owed_after.len()), (vec![true, true], 0), "an existing key: this batch's go at once");
+        let mut seen = Vec::new();
+        while let Some(n) = next_notice().await {
+            seen.push(n);
+        }
+        let of = |id: &str| seen.iter().filter(|n| n.starts_with(id)).cloned().collect::<Vec<_>>();
+        assert_eq!(of("a"), ["a STARTED", "a SUCCESS"], "{seen:?}");
+        assert_eq!((of("b"), of("c")), (vec!["b STARTED".to_string()], vec!["c STARTED".to_string()]), "{seen:?}");
+
+        // Notices owed and nothing new to write: they go alone.
+        let (_, owed) = r.store_many_notifying_later(&Default::default(), &[(ResultRecord::success("c", serde_json::json!(3)), None)]).await.unwrap();
+        assert_eq!(owed.len(), 0, "c exists: published by STORE");
+        assert_eq!(next_notice().await.as_deref(), Some("c SUCCESS"));
+        let mut alone = server.client().get_async_pubsub().await.unwrap();
+        alone.subscribe("celery-task-meta-d").await.unwrap();
+        let (_, owed) =
+            r.store_many_notifying_later(&Default::default(), &[(ResultRecord::success("d", serde_json::json!(4)), None)]).await.unwrap();
+        assert_eq!(owed.len(), 1);
+        let (written, owed) = r.store_many_notifying_later(&owed, &[]).await.unwrap();
+        assert!(written.is_empty() && owed.is_empty());
+        let msg = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut alone.on_message())).await.unwrap().unwrap();
+        assert!(msg.get_payload::<String>().unwrap().contains("SUCCESS"));
+    });
+}

@@ -42,6 +42,21 @@ impl BackendError {
     }
 }
 
+/// Notices (channel and payload) of records already written whose waiters have not been
+/// told yet: what [`ResultBackend::store_many_notifying_later`] hands back.
+#[derive(Debug, Default)]
+pub struct LateNotices(Vec<(String, String)>);
+
+impl LateNotices {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 #[async_trait]
 pub trait ResultBackend: Send + Sync {
     /// Writes a record and notifies waiters. Returns false (and writes nothing) when the
@@ -52,6 +67,21 @@ pub trait ResultBackend: Send + Sync {
     /// Writes several records in order, as [`ResultBackend::store`] would one by one,
     /// in as few round trips or transactions as the backend allows. One flag per record.
     async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError>;
+
+    /// As [`ResultBackend::store_many`], except that the notices of the records it creates
+    /// may be left unsent and handed back, for the next call to send ahead of its own
+    /// writes in the same round trip: `earlier` goes out first, before anything this call
+    /// writes. On an error `earlier` may or may not have been sent; the caller sends it
+    /// again (a notice sent twice says the same thing twice). Backends without notices to
+    /// defer write as `store_many` does and hand back none.
+    async fn store_many_notifying_later(
+        &self,
+        earlier: &LateNotices,
+        records: &[(ResultRecord, Option<String>)],
+    ) -> Result<(Vec<bool>, LateNotices), BackendError> {
+        debug_assert!(earlier.is_empty(), "only a backend that defers notices hands them back");
+        Ok((self.store_many(records).await?, LateNotices::default()))
+    }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError>;
 

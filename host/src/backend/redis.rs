@@ -1,7 +1,7 @@
 //! Redis result backend: `celery-task-meta-<id>` written with SET EX + PUBLISH on the
 //! channel of the same name, never over a stored SUCCESS.
 
-use super::{BackendError, ResultBackend, CHORD_EXPIRES};
+use super::{BackendError, LateNotices, ResultBackend, CHORD_EXPIRES};
 use crate::canvas::ChordEntry;
 use crate::protocol::ResultRecord;
 use async_trait::async_trait;
@@ -93,6 +93,13 @@ fn result_key(prefix: &str, task_id: &str) -> String {
     key
 }
 
+/// `PUBLISH <key> <record>`, sized up front.
+fn publish_command(key: &str, json: &str) -> redis::Cmd {
+    let mut notice = redis::Cmd::with_capacity(3, 7 + key.len() + json.len());
+    notice.arg("PUBLISH").arg(key).arg(json);
+    notice
+}
+
 fn chord_key(group_id: &str, suffix: &str) -> String {
     format!("celery-taskset-meta-{group_id}{suffix}")
 }
@@ -140,11 +147,15 @@ impl RedisBackend {
     /// Writes `records` in order: one pipeline of SET NX creates the keys that do not
     /// exist yet (each one atomically, so nothing can be overwritten), a second publishes
     /// those and hands the rest to STORE, which checks for a SUCCESS and writes in one
-    /// atomic step.
+    /// atomic step. `earlier` notices lead the first pipeline. With `notify_later`, a batch
+    /// that created every key it wrote skips the second round trip and hands its notices
+    /// back instead, for the next call to lead with.
     async fn write<'a>(
         &self,
+        earlier: &LateNotices,
         records: impl Iterator<Item = (&'a ResultRecord, Option<&'a str>)>,
-    ) -> Result<Vec<bool>, BackendError> {
+        notify_later: bool,
+    ) -> Result<(Vec<bool>, LateNotices), BackendError> {
         let ttl = self.expires.map_or(0, |d| d.as_secs().max(1));
         let entries: Vec<(String, String)> = records
             .map(|(record, custom_state)| {
@@ -152,13 +163,18 @@ impl RedisBackend {
                 (result_key(prefix, &record.task_id), record.to_json(custom_state))
             })
             .collect();
-        if entries.is_empty() {
-            return Ok(Vec::new());
+        if entries.is_empty() && earlier.is_empty() {
+            return Ok((Vec::new(), LateNotices::default()));
         }
         // Each command sized up front and the expiry formatted once: a batch is ~100 records,
         // and growing six argument lists a record showed in the worker's profile.
         let ttl_text = (ttl > 0).then(|| ttl.to_string());
-        let mut create = redis::Pipeline::with_capacity(entries.len());
+        let mut create = redis::Pipeline::with_capacity(earlier.len() + entries.len());
+        // The earlier batch's notices first: a record here for a key it created must follow
+        // that creation's notice, as it follows it in the key.
+        for (key, json) in &earlier.0 {
+            create.add_command(publish_command(key, json)).ignore();
+        }
         for (key, json) in &entries {
             let mut set = redis::Cmd::with_capacity(6, 3 + key.len() + json.len() + 4 + ttl_text.as_ref().map_or(0, String::len));
             set.arg("SET").arg(key.as_str()).arg(json.as_str());
@@ -173,6 +189,9 @@ impl RedisBackend {
             return Err(BackendError::Command(format!("SET NX: {} replies to {} commands", created.len(), entries.len())));
         }
         let mut written: Vec<bool> = created.iter().map(|reply| !matches!(reply, redis::Value::Nil)).collect();
+        if notify_later && written.iter().all(|w| *w) {
+            return Ok((written, LateNotices(entries)));
+        }
 
         let mut publish = redis::Pipeline::with_capacity(entries.len());
         let mut existing = self.store.prepare_invoke();
@@ -180,9 +199,7 @@ impl RedisBackend {
         let mut existing_at = Vec::new();
         for (i, (key, json)) in entries.iter().enumerate() {
             if written[i] {
-                let mut notice = redis::Cmd::with_capacity(3, 7 + key.len() + json.len());
-                notice.arg("PUBLISH").arg(key.as_str()).arg(json.as_str());
-                publish.add_command(notice).ignore();
+                publish.add_command(publish_command(key, json)).ignore();
             } else {
                 existing.key(key).arg(json);
                 existing_at.push(i);
@@ -199,7 +216,7 @@ impl RedisBackend {
                 written[i] = w == 1;
             }
         }
-        Ok(written)
+        Ok((written, LateNotices::default()))
     }
 
     fn parse(task_id: &str, raw: &str) -> Result<ResultRecord, BackendError> {
@@ -210,11 +227,21 @@ impl RedisBackend {
 #[async_trait]
 impl ResultBackend for RedisBackend {
     async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
-        Ok(self.write(std::iter::once((record, custom_state))).await?.first() == Some(&true))
+        let (written, _) = self.write(&LateNotices::default(), std::iter::once((record, custom_state)), false).await?;
+        Ok(written.first() == Some(&true))
     }
 
     async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
-        self.write(records.iter().map(|(record, state)| (record, state.as_deref()))).await
+        let records = records.iter().map(|(record, state)| (record, state.as_deref()));
+        Ok(self.write(&LateNotices::default(), records, false).await?.0)
+    }
+
+    async fn store_many_notifying_later(
+        &self,
+        earlier: &LateNotices,
+        records: &[(ResultRecord, Option<String>)],
+    ) -> Result<(Vec<bool>, LateNotices), BackendError> {
+        self.write(earlier, records.iter().map(|(record, state)| (record, state.as_deref())), true).await
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultRecord>, BackendError> {

@@ -21,7 +21,7 @@ mod writes;
 
 pub use control::{own_cpu_seconds, revoke_everywhere, REVOKE_LIFETIME};
 
-use crate::backend::{BackendError, ResultBackend};
+use crate::backend::{BackendError, LateNotices, ResultBackend};
 use crate::broker::{Broker, BrokerError, DeadLetter, Delivery};
 use crate::canvas;
 use crate::ceilings::Ceilings;
@@ -143,6 +143,15 @@ pub struct Worker {
     /// Tags of messages fetched and not yet acked or restored.
     held: RefCell<HashSet<String>>,
     pending_acks: RefCell<Vec<String>>,
+    /// Acks held back until the result notices the result flusher owes have gone out:
+    /// a message is acked only after its record's notice, so a worker dying in between
+    /// never leaves a subscribed client waiting for a notice that no redelivery will send.
+    acks_after_notices: RefCell<Vec<String>>,
+    /// The result flusher holds notices of written records not sent yet (it sends them
+    /// ahead of its next write, or alone if none comes).
+    notices_owed: Cell<bool>,
+    /// Told when the flusher owes no notices any more.
+    notices_sent: Notify,
     /// Records waiting for the result flusher.
     queued_results: RefCell<Vec<QueuedResult>>,
     result_queued: Notify,
@@ -383,6 +392,9 @@ impl Worker {
             backend,
             held: RefCell::default(),
             pending_acks: RefCell::default(),
+            acks_after_notices: RefCell::default(),
+            notices_owed: Cell::new(false),
+            notices_sent: Notify::new(),
             queued_results: RefCell::default(),
             result_queued: Notify::new(),
             ack_queued: Notify::new(),
@@ -494,7 +506,9 @@ impl Worker {
             self.clone().consume(stop_rx)
         );
         self.drain(tasks).await;
-        // Every handling has ended, so no record is waiting for the result flusher.
+        // Every handling has ended, so no record is waiting for the result flusher; the
+        // notices it still owes go out before the acks held back for them.
+        self.wait_for_notices().await;
         results.abort();
         claims.abort();
         acks.abort();

@@ -55,35 +55,76 @@ impl Worker {
         record
     }
 
+    /// Writes queued records, a batch a backend call, one call at a time. Where the backend
+    /// hands notices back ([`ResultBackend::store_many_notifying_later`]), a batch's
+    /// handlings go on as soon as their records are written, and its notices lead the next
+    /// call: one round trip a batch instead of two. Acks wait for those notices.
     pub(super) async fn result_flusher(self: Rc<Self>) {
+        let mut owed = LateNotices::default();
+        let mut backoff = Duration::from_millis(50);
         loop {
-            self.result_queued.notified().await;
-            // Let the other handlings of this turn queue theirs: one call writes them all.
+            if owed.is_empty() && self.queued_results.borrow().is_empty() {
+                self.result_queued.notified().await;
+            }
+            // Let the other handlings of this turn queue theirs: one call writes them all
+            // (and carries the notices owed, which otherwise would go alone).
             tokio::task::yield_now().await;
-            loop {
-                let batch: Vec<QueuedResult> = {
-                    let mut queued = self.queued_results.borrow_mut();
-                    let n = queued.len().min(RESULT_BATCH);
-                    queued.drain(..n).collect()
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                let (records, waiting): (Vec<_>, Vec<_>) =
-                    batch.into_iter().map(|q| ((q.record, q.custom_state), q.done)).unzip();
-                match self.backend.store_many(&records).await {
-                    Ok(written) => {
-                        for (done, w) in waiting.into_iter().zip(written) {
-                            let _ = done.send(Ok(w));
-                        }
+            let batch: Vec<QueuedResult> = {
+                let mut queued = self.queued_results.borrow_mut();
+                let n = queued.len().min(RESULT_BATCH);
+                queued.drain(..n).collect()
+            };
+            if batch.is_empty() && owed.is_empty() {
+                continue;
+            }
+            let (records, waiting): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|q| ((q.record, q.custom_state), q.done)).unzip();
+            match self.backend.store_many_notifying_later(&owed, &records).await {
+                Ok((written, later)) => {
+                    backoff = Duration::from_millis(50);
+                    // Every ack held back so far was for a record whose notice was owed
+                    // before this call, and this call sent them all.
+                    let released = std::mem::take(&mut *self.acks_after_notices.borrow_mut());
+                    if !released.is_empty() {
+                        self.pending_acks.borrow_mut().extend(released);
+                        self.ack_queued.notify_one();
                     }
-                    Err(e) => {
-                        for (done, (record, _)) in waiting.into_iter().zip(records) {
-                            let _ = done.send(Err((e.shared(), record)));
-                        }
+                    owed = later;
+                    self.notices_owed.set(!owed.is_empty());
+                    if owed.is_empty() {
+                        self.notices_sent.notify_waiters();
+                    }
+                    for (done, w) in waiting.into_iter().zip(written) {
+                        let _ = done.send(Ok(w));
+                    }
+                }
+                Err(e) => {
+                    for (done, (record, _)) in waiting.into_iter().zip(records) {
+                        let _ = done.send(Err((e.shared(), record)));
+                    }
+                    if !owed.is_empty() {
+                        tracing::warn!(notices = owed.len(), "sending result notices failed, retrying in {backoff:?}: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 }
             }
+        }
+    }
+
+    /// At shutdown, once every handling has ended: waits (at most [`STORE_GIVE_UP`]) for
+    /// the result flusher to send the notices it owes. Acks still held back for them are
+    /// not sent: those messages stay unacked and are redelivered, and their redelivery
+    /// sends the notice.
+    pub(super) async fn wait_for_notices(&self) {
+        let waited = tokio::time::timeout(STORE_GIVE_UP, async {
+            while self.notices_owed.get() {
+                self.notices_sent.notified().await;
+            }
+        });
+        if waited.await.is_err() {
+            let held_back = self.acks_after_notices.borrow().len();
+            tracing::error!(held_back, "result notices never went out; their messages stay unacked and will be redelivered");
         }
     }
 
@@ -114,6 +155,10 @@ impl Worker {
     /// many messages instead of one each), right after the tasks that queued them yield.
     pub(super) async fn ack(&self, delivery: &Delivery) {
         let Some(tag) = &delivery.tag else { return };
+        if self.notices_owed.get() {
+            self.acks_after_notices.borrow_mut().push(tag.clone());
+            return;
+        }
         self.pending_acks.borrow_mut().push(tag.clone());
         if self.pending_acks.borrow().len() >= ACK_BATCH {
             self.flush_acks().await;
