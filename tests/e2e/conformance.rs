@@ -746,6 +746,34 @@ fn redis_results_are_published_in_order_and_a_refused_one_never() {
     });
 }
 
+/// A stored SUCCESS is found however its record is laid out: taskhost's own (status first,
+/// no spaces, read from the head alone), Celery's (status first after `": "`), and any other
+/// order (decoded whole); a STARTED in either layout is replaced.
+#[test]
+fn redis_never_overwrites_a_success_in_any_layout() {
+    let server = RedisServer::start();
+    let raw = [
+        ("ours", r#"{"status":"SUCCESS","result":1,"traceback":null,"children":[],"date_done":null,"task_id":"ours"}"#),
+        ("celery", r#"{"status": "SUCCESS", "result": 2, "traceback": null, "children": [], "date_done": null, "task_id": "celery"}"#),
+        ("reordered", r#"{"result": {"status": "STARTED"}, "task_id": "reordered", "status": "SUCCESS"}"#),
+        ("celery_started", r#"{"status": "STARTED", "result": {"pid": 1}, "task_id": "celery_started"}"#),
+        ("nested", r#"{"result": {"status": "SUCCESS"}, "task_id": "nested", "status": "STARTED"}"#),
+    ];
+    for (id, record) in raw {
+        server.query::<()>(redis::cmd("SET").arg(format!("celery-task-meta-{id}")).arg(record));
+    }
+    block_on(async {
+        let r = backend::connect(&server.url(), None).await.unwrap();
+        let exc = taskhost::protocol::ExceptionInfo::new("builtins", "ValueError", "late");
+        let batch: Vec<_> = raw.iter().map(|(id, _)| (ResultRecord::failure(id, &exc, None), None)).collect();
+        assert_eq!(r.store_many(&batch).await.unwrap(), vec![false, false, false, true, true]);
+        for (id, status) in [("ours", State::Success), ("celery", State::Success), ("reordered", State::Success),
+                             ("celery_started", State::Failure), ("nested", State::Failure)] {
+            assert_eq!(r.get(id).await.unwrap().unwrap().status, status, "{id}");
+        }
+    });
+}
+
 /// Notices the next call sends: a batch that created every key it wrote hands its notices
 /// back unsent, and the next call sends them ahead of its own writes, so a key's notices
 /// keep the order of its records. A batch that meets an existing key sends its own at
