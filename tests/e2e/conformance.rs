@@ -746,6 +746,79 @@ fn redis_results_are_published_in_order_and_a_refused_one_never() {
     });
 }
 
+/// Calls of one command so far, from `INFO commandstats` (a blocking connection: callable
+/// inside `block_on`).
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut server.client().get_connection().unwrap()).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// Records that replace their task's STARTED (`--track-started`) skip `SET NX` and go to
+/// STORE in the first round trip, behind the notices owed (their STARTED's among them): a
+/// key's notices stay in order, a key gone meanwhile is written all the same, a SUCCESS is
+/// never overwritten, a batch that also creates the key takes the long way, and a STORE
+/// flushed from Redis's script cache is loaded again.
+#[test]
+fn redis_records_replacing_a_started_skip_set_nx_and_keep_their_order() {
+    let server = RedisServer::start();
+    block_on(async {
+        // With an expiry: STORE then writes with SETEX, and `SET` counts only SET NX EX.
+        let r = backend::connect(&server.url(), Some(Duration::from_secs(3600))).await.unwrap();
+        let mut pubsub = server.client().get_async_pubsub().await.unwrap();
+        for id in ["a", "b", "gone", "c"] {
+            pubsub.subscribe(format!("celery-task-meta-{id}")).await.unwrap();
+        }
+        let mut messages = pubsub.on_message();
+        let mut notices = async |n: usize| {
+            let mut seen = Vec::new();
+            while seen.len() < n {
+                let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut messages)).await else { break };
+                let record: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+                seen.push(format!("{} {}", msg.get_channel_name().trim_start_matches("celery-task-meta-"), record["status"].as_str().unwrap()));
+            }
+            seen
+        };
+        let replacing = |mut record: ResultRecord| {
+            record.replaces_started = true;
+            (record, None)
+        };
+        let exc = taskhost::protocol::ExceptionInfo::new("builtins", "ValueError", "no");
+
+        let started = [(ResultRecord::started("a", 1, "w@h"), None), (ResultRecord::started("b", 1, "w@h"), None)];
+        let (_, mut owed) = r.store_many_notifying_later(&mut Default::default(), &started).await.unwrap();
+        assert_eq!(owed.len(), 2);
+        redis::cmd("SCRIPT").arg("FLUSH").query::<()>(&mut server.client().get_connection().unwrap()).unwrap();
+        let sets = command_calls(&server, "set");
+        let batch = [
+            replacing(ResultRecord::success("a", serde_json::json!(1))),
+            replacing(ResultRecord::failure("b", &exc, None)),
+            replacing(ResultRecord::success("gone", serde_json::json!(3))),
+        ];
+        let (written, later) = r.store_many_notifying_later(&mut owed, &batch).await.unwrap();
+        assert_eq!((written, later.len(), owed.len()), (vec![true, true, true], 0, 0));
+        assert_eq!(command_calls(&server, "set"), sets, "no SET NX tried");
+        let seen = notices(5).await;
+        let of = |id: &str| seen.iter().filter(|n| n.split(' ').next() == Some(id)).cloned().collect::<Vec<_>>();
+        assert_eq!(of("a"), ["a STARTED", "a SUCCESS"], "{seen:?}");
+        assert_eq!(of("b"), ["b STARTED", "b FAILURE"], "{seen:?}");
+        assert_eq!(of("gone"), ["gone SUCCESS"], "{seen:?}");
+        assert_eq!(r.get("gone").await.unwrap().unwrap().result, 3);
+
+        let (written, _) = r.store_many_notifying_later(&mut Default::default(), &[replacing(ResultRecord::failure("a", &exc, None))]).await.unwrap();
+        assert_eq!(written, [false], "never over a SUCCESS");
+        assert_eq!(r.get("a").await.unwrap().unwrap().status, State::Success);
+        assert_eq!(notices(1).await, ["a SUCCESS"], "the stored SUCCESS again");
+
+        // The same batch creates the key: its STARTED's notice still comes first.
+        let both = [(ResultRecord::started("c", 1, "w@h"), None), replacing(ResultRecord::success("c", serde_json::json!(4)))];
+        let (written, later) = r.store_many_notifying_later(&mut Default::default(), &both).await.unwrap();
+        assert_eq!((written, later.len()), (vec![true, true], 0));
+        assert_eq!(notices(2).await, ["c STARTED", "c SUCCESS"]);
+    });
+}
+
 /// A stored SUCCESS is found however its record is laid out: taskhost's own (status first,
 /// no spaces, read from the head alone), Celery's (status first after `": "`), and any other
 /// order (decoded whole); a STARTED in either layout is replaced.
@@ -757,6 +830,7 @@ fn redis_never_overwrites_a_success_in_any_layout() {
         ("celery", r#"{"status": "SUCCESS", "result": 2, "traceback": null, "children": [], "date_done": null, "task_id": "celery"}"#),
         ("reordered", r#"{"result": {"status": "STARTED"}, "task_id": "reordered", "status": "SUCCESS"}"#),
         ("celery_started", r#"{"status": "STARTED", "result": {"pid": 1}, "task_id": "celery_started"}"#),
+        ("progress", r#"{"status":"PROGRESS","result":{"done":1},"task_id":"progress"}"#),
         ("nested", r#"{"result": {"status": "SUCCESS"}, "task_id": "nested", "status": "STARTED"}"#),
     ];
     for (id, record) in raw {
@@ -766,9 +840,9 @@ fn redis_never_overwrites_a_success_in_any_layout() {
         let r = backend::connect(&server.url(), None).await.unwrap();
         let exc = taskhost::protocol::ExceptionInfo::new("builtins", "ValueError", "late");
         let batch: Vec<_> = raw.iter().map(|(id, _)| (ResultRecord::failure(id, &exc, None), None)).collect();
-        assert_eq!(r.store_many(&batch).await.unwrap(), vec![false, false, false, true, true]);
+        assert_eq!(r.store_many(&batch).await.unwrap(), vec![false, false, false, true, true, true]);
         for (id, status) in [("ours", State::Success), ("celery", State::Success), ("reordered", State::Success),
-                             ("celery_started", State::Failure), ("nested", State::Failure)] {
+                             ("celery_started", State::Failure), ("progress", State::Failure), ("nested", State::Failure)] {
             assert_eq!(r.get(id).await.unwrap().unwrap().status, status, "{id}");
         }
     });
@@ -788,41 +862,47 @@ fn redis_notices_handed_back_lead_the_next_write_in_order() {
             pubsub.subscribe(format!("celery-task-meta-{id}")).await.unwrap();
         }
         let mut messages = pubsub.on_message();
-        let mut next_notice = async || {
-            let msg = tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut messages)).await.ok()??;
-            let record: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
-            let id = msg.get_channel_name().trim_start_matches("celery-task-meta-").to_string();
-            Some(format!("{id} {}", record["status"].as_str().unwrap()))
+        // Up to `n` notices, each within `within` of the last.
+        let mut notices = async |n: usize, within: Duration| {
+            let mut seen = Vec::new();
+            while seen.len() < n {
+                let Ok(Some(msg)) = tokio::time::timeout(within, futures::StreamExt::next(&mut messages)).await else { break };
+                let record: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+                let id = msg.get_channel_name().trim_start_matches("celery-task-meta-").to_string();
+                seen.push(format!("{id} {}", record["status"].as_str().unwrap()));
+            }
+            seen
         };
+        let quiet = Duration::from_millis(300);
 
         let first = vec![(ResultRecord::started("a", 1, "w@h"), None), (ResultRecord::started("b", 1, "w@h"), None)];
-        let (written, owed) = r.store_many_notifying_later(&Default::default(), &first).await.unwrap();
+        let (written, mut owed) = r.store_many_notifying_later(&mut Default::default(), &first).await.unwrap();
         assert_eq!((written, owed.len()), (vec![true, true], 2));
         assert_eq!(r.get("a").await.unwrap().unwrap().status, State::Started, "written at once");
-        assert_eq!(next_notice().await, None, "the notices wait for the next call");
+        assert_eq!(notices(1, quiet).await, Vec::<String>::new(), "the notices wait for the next call");
 
         let second = vec![(ResultRecord::success("a", serde_json::json!(1)), None), (ResultRecord::started("c", 1, "w@h"), None)];
-        let (written, owed_after) = r.store_many_notifying_later(&owed, &second).await.unwrap();
+        let (written, owed_after) = r.store_many_notifying_later(&mut owed, &second).await.unwrap();
+        assert!(owed.is_empty(), "the notices carried are marked sent");
         assert_eq!((written, owed_after.len()), (vec![true, true], 0), "an existing key: this batch's go at once");
-        let mut seen = Vec::new();
-        while let Some(n) = next_notice().await {
-            seen.push(n);
-        }
+        let seen = notices(4, Duration::from_secs(5)).await;
+        assert_eq!(notices(1, quiet).await, Vec::<String>::new(), "four notices only, after {seen:?}");
         let of = |id: &str| seen.iter().filter(|n| n.starts_with(id)).cloned().collect::<Vec<_>>();
         assert_eq!(of("a"), ["a STARTED", "a SUCCESS"], "{seen:?}");
         assert_eq!((of("b"), of("c")), (vec!["b STARTED".to_string()], vec!["c STARTED".to_string()]), "{seen:?}");
 
         // Notices owed and nothing new to write: they go alone.
-        let (_, owed) = r.store_many_notifying_later(&Default::default(), &[(ResultRecord::success("c", serde_json::json!(3)), None)]).await.unwrap();
+        let (_, owed) =
+            r.store_many_notifying_later(&mut Default::default(), &[(ResultRecord::success("c", serde_json::json!(3)), None)]).await.unwrap();
         assert_eq!(owed.len(), 0, "c exists: published by STORE");
-        assert_eq!(next_notice().await.as_deref(), Some("c SUCCESS"));
+        assert_eq!(notices(1, Duration::from_secs(5)).await, ["c SUCCESS"]);
         let mut alone = server.client().get_async_pubsub().await.unwrap();
         alone.subscribe("celery-task-meta-d").await.unwrap();
-        let (_, owed) =
-            r.store_many_notifying_later(&Default::default(), &[(ResultRecord::success("d", serde_json::json!(4)), None)]).await.unwrap();
+        let (_, mut owed) =
+            r.store_many_notifying_later(&mut Default::default(), &[(ResultRecord::success("d", serde_json::json!(4)), None)]).await.unwrap();
         assert_eq!(owed.len(), 1);
-        let (written, owed) = r.store_many_notifying_later(&owed, &[]).await.unwrap();
-        assert!(written.is_empty() && owed.is_empty());
+        let (written, later) = r.store_many_notifying_later(&mut owed, &[]).await.unwrap();
+        assert!(written.is_empty() && later.is_empty() && owed.is_empty());
         let msg = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut alone.on_message())).await.unwrap().unwrap();
         assert!(msg.get_payload::<String>().unwrap().contains("SUCCESS"));
     });

@@ -71,12 +71,14 @@ pub trait ResultBackend: Send + Sync {
     /// As [`ResultBackend::store_many`], except that the notices of the records it creates
     /// may be left unsent and handed back, for the next call to send ahead of its own
     /// writes in the same round trip: `earlier` goes out first, before anything this call
-    /// writes. On an error `earlier` may or may not have been sent; the caller sends it
-    /// again (a notice sent twice says the same thing twice). Backends without notices to
-    /// defer write as `store_many` does and hand back none.
+    /// writes, and is emptied once the server has answered for it — on an error after that
+    /// too, so that it is never sent again behind a later notice of the same key. Left as
+    /// it was, it may or may not have gone out, and is sent again (the same notice twice,
+    /// nothing newer in between). Backends without notices to defer write as `store_many`
+    /// does and hand back none.
     async fn store_many_notifying_later(
         &self,
-        earlier: &LateNotices,
+        earlier: &mut LateNotices,
         records: &[(ResultRecord, Option<String>)],
     ) -> Result<(Vec<bool>, LateNotices), BackendError> {
         debug_assert!(earlier.is_empty(), "only a backend that defers notices hands them back");

@@ -156,56 +156,108 @@ impl RedisBackend {
     /// exist yet (each one atomically, so nothing can be overwritten), a second publishes
     /// those and hands the rest to STORE, which checks for a SUCCESS and writes in one
     /// atomic step. `earlier` notices lead the first pipeline. With `notify_later`, a batch
-    /// that created every key it wrote skips the second round trip and hands its notices
-    /// back instead, for the next call to lead with.
+    /// that created every key it tried to skips the second round trip and hands its
+    /// notices back instead, for the next call to lead with. Records that replace their
+    /// task's STARTED go to STORE in the first pipeline, after `earlier` (whose notices
+    /// include their STARTED's), unless this batch also creates their key.
     async fn write<'a>(
         &self,
-        earlier: &LateNotices,
+        earlier: &mut LateNotices,
         records: impl Iterator<Item = (&'a ResultRecord, Option<&'a str>)>,
         notify_later: bool,
     ) -> Result<(Vec<bool>, LateNotices), BackendError> {
         let ttl = self.expires.map_or(0, |d| d.as_secs().max(1));
-        let entries: Vec<(String, String)> = records
+        let (mut entries, mut replacing): (Vec<(String, String)>, Vec<bool>) = records
             .map(|(record, custom_state)| {
                 let prefix = record.key_prefix.as_deref().unwrap_or(&self.key_prefix);
-                (result_key(prefix, &record.task_id), record.to_json(custom_state))
+                ((result_key(prefix, &record.task_id), record.to_json(custom_state)), record.replaces_started)
             })
-            .collect();
+            .unzip();
         if entries.is_empty() && earlier.is_empty() {
             return Ok((Vec::new(), LateNotices::default()));
+        }
+        if replacing.contains(&true) && replacing.contains(&false) {
+            let creating: std::collections::HashSet<&str> =
+                entries.iter().zip(&replacing).filter(|(_, r)| !**r).map(|((key, _), _)| key.as_str()).collect();
+            for (r, (key, _)) in replacing.iter_mut().zip(&entries) {
+                *r &= !creating.contains(key.as_str());
+            }
         }
         // Each command sized up front and the expiry formatted once: a batch is ~100 records,
         // and growing six argument lists a record showed in the worker's profile.
         let ttl_text = (ttl > 0).then(|| ttl.to_string());
-        let mut create = redis::Pipeline::with_capacity(earlier.len() + entries.len());
+        let mut first = redis::Pipeline::with_capacity(earlier.len() + entries.len() + 1);
+        // Every reply read, errors too: a NOSCRIPT from STORE is answered by loading it.
+        first.ignore_errors();
         // The earlier batch's notices first: a record here for a key it created must follow
         // that creation's notice, as it follows it in the key.
         for (key, json) in &earlier.0 {
-            create.add_command(publish_command(key, json)).ignore();
+            first.add_command(publish_command(key, json));
         }
-        for (key, json) in &entries {
+        let mut store = self.store.prepare_invoke();
+        store.arg(ttl);
+        let (mut creating_at, mut replacing_at) = (Vec::new(), Vec::new());
+        for (i, (key, json)) in entries.iter().enumerate() {
+            if replacing[i] {
+                store.key(key).arg(json);
+                replacing_at.push(i);
+                continue;
+            }
             let mut set = redis::Cmd::with_capacity(6, 3 + key.len() + json.len() + 4 + ttl_text.as_ref().map_or(0, String::len));
             set.arg("SET").arg(key.as_str()).arg(json.as_str());
             if let Some(ttl) = &ttl_text {
                 set.arg("EX").arg(ttl.as_str());
             }
             set.arg("NX");
-            create.add_command(set);
+            first.add_command(set);
+            creating_at.push(i);
         }
-        let created: Vec<redis::Value> = create.query_async(&mut self.conn.clone()).await.map_err(err)?;
-        if created.len() != entries.len() {
-            return Err(BackendError::Command(format!("SET NX: {} replies to {} commands", created.len(), entries.len())));
+        if !replacing_at.is_empty() {
+            first.invoke_script(&store);
         }
-        let mut written: Vec<bool> = created.iter().map(|reply| !matches!(reply, redis::Value::Nil)).collect();
-        if notify_later && written.iter().all(|w| *w) {
-            return Ok((written, LateNotices(entries)));
+        let leading = earlier.len();
+        let mut replies: Vec<redis::Value> = first.query_async(&mut self.conn.clone()).await.map_err(err)?;
+        earlier.0.clear();
+        if replies.len() != leading + creating_at.len() + usize::from(!replacing_at.is_empty()) {
+            return Err(BackendError::Command(format!("{} replies to a pipeline of {} records", replies.len(), entries.len())));
+        }
+        let stored_reply = (!replacing_at.is_empty()).then(|| replies.pop().expect("counted"));
+        let created = &replies[leading..];
+        if let Some(e) = replies.iter().find_map(|r| match r {
+            redis::Value::ServerError(e) => Some(e),
+            _ => None,
+        }) {
+            return Err(BackendError::Command(format!("{}: {}", e.code(), e.details().unwrap_or(""))));
+        }
+        let mut written = vec![false; entries.len()];
+        for (&i, reply) in creating_at.iter().zip(created) {
+            written[i] = !matches!(reply, redis::Value::Nil);
+        }
+        if let Some(reply) = stored_reply {
+            let stored: Vec<i64> = match reply {
+                redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript) => {
+                    store.invoke_async(&mut self.conn.clone()).await.map_err(err)?
+                }
+                redis::Value::ServerError(e) => {
+                    return Err(BackendError::Command(format!("{}: {}", e.code(), e.details().unwrap_or(""))))
+                }
+                other => redis::from_redis_value(other).map_err(|e| BackendError::Command(e.to_string()))?,
+            };
+            for (&i, w) in replacing_at.iter().zip(stored) {
+                written[i] = w == 1;
+            }
+        }
+        if notify_later && creating_at.iter().all(|&i| written[i]) {
+            let created = creating_at.iter().map(|&i| std::mem::take(&mut entries[i])).collect();
+            return Ok((written, LateNotices(created)));
         }
 
-        let mut publish = redis::Pipeline::with_capacity(entries.len());
+        let mut publish = redis::Pipeline::with_capacity(creating_at.len());
         let mut existing = self.store.prepare_invoke();
         existing.arg(ttl);
         let mut existing_at = Vec::new();
-        for (i, (key, json)) in entries.iter().enumerate() {
+        for &i in &creating_at {
+            let (key, json) = &entries[i];
             if written[i] {
                 publish.add_command(publish_command(key, json)).ignore();
             } else {
@@ -215,7 +267,7 @@ impl RedisBackend {
         }
         // Publishes go first: a later record for a key this batch created must follow its
         // creation's notice, as it follows it in the key.
-        if existing_at.len() < entries.len() {
+        if existing_at.len() < creating_at.len() {
             publish.query_async::<()>(&mut self.conn.clone()).await.map_err(err)?;
         }
         if !existing_at.is_empty() {
@@ -235,18 +287,18 @@ impl RedisBackend {
 #[async_trait]
 impl ResultBackend for RedisBackend {
     async fn store(&self, record: &ResultRecord, custom_state: Option<&str>) -> Result<bool, BackendError> {
-        let (written, _) = self.write(&LateNotices::default(), std::iter::once((record, custom_state)), false).await?;
+        let (written, _) = self.write(&mut LateNotices::default(), std::iter::once((record, custom_state)), false).await?;
         Ok(written.first() == Some(&true))
     }
 
     async fn store_many(&self, records: &[(ResultRecord, Option<String>)]) -> Result<Vec<bool>, BackendError> {
         let records = records.iter().map(|(record, state)| (record, state.as_deref()));
-        Ok(self.write(&LateNotices::default(), records, false).await?.0)
+        Ok(self.write(&mut LateNotices::default(), records, false).await?.0)
     }
 
     async fn store_many_notifying_later(
         &self,
-        earlier: &LateNotices,
+        earlier: &mut LateNotices,
         records: &[(ResultRecord, Option<String>)],
     ) -> Result<(Vec<bool>, LateNotices), BackendError> {
         self.write(earlier, records.iter().map(|(record, state)| (record, state.as_deref())), true).await

@@ -93,6 +93,11 @@ pub struct ResultRecord {
     /// `reply_to`). Not part of the record.
     #[serde(skip)]
     pub reply_to: Option<String>,
+    /// Follows the STARTED the worker stored for its task (`--track-started`): the key
+    /// most likely exists, and a backend may skip trying to create it. A hint only: a key
+    /// that is gone is written all the same. Not part of the record.
+    #[serde(skip)]
+    pub replaces_started: bool,
 }
 
 fn now_iso() -> String {
@@ -113,6 +118,7 @@ impl ResultRecord {
             extended: Map::new(),
             key_prefix: None,
             reply_to: None,
+            replaces_started: false,
         }
     }
 

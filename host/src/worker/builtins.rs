@@ -153,7 +153,7 @@ impl Worker {
             again.extra_headers = crate::protocol::Envelope::parse(&delivery.raw).map(|e| e.headers).unwrap_or_default();
             tracing::debug!(group = %unlock.group_id, retries = again.retries, "chord not ready: {why}");
             if self.publish_task(&again).await {
-                self.ack(delivery).await;
+                self.ack_without_outcome(delivery).await;
             } else {
                 self.restore(delivery).await;
             }

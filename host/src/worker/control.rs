@@ -395,7 +395,8 @@ impl Worker {
     async fn mark_revoked_if_waiting(&self, id: &str) {
         let current = self.backend.get(id).await.ok().flatten();
         if not_started(current.as_ref()) {
-            let _ = self.backend.store(&ResultRecord::revoked(id, "revoked"), None).await;
+            // Through the result flusher: behind any notice it owes for this task.
+            self.store_detached(ResultRecord::revoked(id, "revoked"));
         }
     }
 }

@@ -23,7 +23,7 @@ impl Worker {
         let h = &decoded.headers;
         let acks_late = task.manifest.acks_late.unwrap_or(true);
         if !acks_late {
-            self.ack(delivery).await;
+            self.ack_without_outcome(delivery).await;
         }
         let version = task.version.to_string();
         tracing::Span::current().record("version", version.as_str());

@@ -96,7 +96,7 @@ impl Worker {
             match self.broker.schedule(&delivery.queue, decoded.priority, &delivery.raw, eta).await {
                 Ok(()) => {
                     self.on_parked(&decoded, eta);
-                    self.ack(&delivery).await
+                    self.ack_without_outcome(&delivery).await
                 }
                 Err(e) => {
                     tracing::warn!(id = %h.id, "parking ETA message failed, returning it: {e}");

@@ -552,6 +552,9 @@ impl Worker {
     /// The fields a record takes from its message: group and parent, and with
     /// `result_extended` Celery's name, args, kwargs, worker, retries and queue.
     fn link_fields(&self, record: &mut ResultRecord, decoded: &Decoded) {
+        // Wrong only for a task ended before it started (revoked, expired), whose key the
+        // backend then creates all the same.
+        record.replaces_started = self.cfg.track_started && record.status != protocol::State::Started;
         record.group_id = decoded.headers.group.clone();
         record.parent_id = decoded.headers.parent_id.clone();
         record.reply_to = decoded.reply_to.clone();

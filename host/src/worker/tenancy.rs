@@ -148,7 +148,7 @@ impl Worker {
         match self.broker.schedule(queue, decoded.priority, &delivery.raw, due).await {
             Ok(()) => {
                 self.meter.borrow_mut().hold(Utc::now().timestamp(), tenant, &h.task);
-                self.ack(delivery).await;
+                self.ack_without_outcome(delivery).await;
             }
             Err(e) => {
                 tracing::warn!(id = %h.id, "holding the message failed, returning it: {e}");

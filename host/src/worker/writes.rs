@@ -79,21 +79,22 @@ impl Worker {
             }
             let (records, waiting): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|q| ((q.record, q.custom_state), q.done)).unzip();
-            match self.backend.store_many_notifying_later(&owed, &records).await {
+            let outcome = self.backend.store_many_notifying_later(&mut owed, &records).await;
+            if owed.is_empty() {
+                // What was owed has gone out (the backend empties it once answered, even if
+                // the call failed after that). Every ack held back so far was for a record
+                // whose notice was owed before this call: this batch's handlings are still
+                // waiting for their outcome below.
+                let released = std::mem::take(&mut *self.acks_after_notices.borrow_mut());
+                if !released.is_empty() {
+                    self.pending_acks.borrow_mut().extend(released);
+                    self.ack_queued.notify_one();
+                }
+            }
+            match outcome {
                 Ok((written, later)) => {
                     backoff = Duration::from_millis(50);
-                    // Every ack held back so far was for a record whose notice was owed
-                    // before this call, and this call sent them all.
-                    let released = std::mem::take(&mut *self.acks_after_notices.borrow_mut());
-                    if !released.is_empty() {
-                        self.pending_acks.borrow_mut().extend(released);
-                        self.ack_queued.notify_one();
-                    }
                     owed = later;
-                    self.notices_owed.set(!owed.is_empty());
-                    if owed.is_empty() {
-                        self.notices_sent.notify_waiters();
-                    }
                     for (done, w) in waiting.into_iter().zip(written) {
                         let _ = done.send(Ok(w));
                     }
@@ -109,15 +110,30 @@ impl Worker {
                     }
                 }
             }
+            self.notices_owed.set(!owed.is_empty());
+            if owed.is_empty() {
+                self.notices_sent.notify_waiters();
+            }
         }
     }
 
-    /// At shutdown, once every handling has ended: waits (at most [`STORE_GIVE_UP`]) for
-    /// the result flusher to send the notices it owes. Acks still held back for them are
-    /// not sent: those messages stay unacked and are redelivered, and their redelivery
-    /// sends the notice.
+    /// Queues a record for the result flusher without waiting for it: written once, in its
+    /// turn behind the records queued before it (so its notice follows theirs), and not
+    /// retried. For writes made outside a message's handling.
+    pub(super) fn store_detached(&self, record: ResultRecord) {
+        let (done, _) = tokio::sync::oneshot::channel();
+        let record = self.with_result_prefix(record);
+        self.queued_results.borrow_mut().push(QueuedResult { record, custom_state: None, done });
+        self.result_queued.notify_one();
+    }
+
+    /// At shutdown, once every handling has ended: waits (at most [`STORE_GIVE_UP`], or a
+    /// second when hurried) for the result flusher to send the notices it owes. Acks still
+    /// held back for them are not sent: those messages stay unacked and are redelivered,
+    /// and their redelivery sends the notice.
     pub(super) async fn wait_for_notices(&self) {
-        let waited = tokio::time::timeout(STORE_GIVE_UP, async {
+        let limit = if self.hurried.get() { Duration::from_secs(1) } else { STORE_GIVE_UP };
+        let waited = tokio::time::timeout(limit, async {
             while self.notices_owed.get() {
                 self.notices_sent.notified().await;
             }
@@ -151,14 +167,25 @@ impl Worker {
         }
     }
 
-    /// Queues an ack; the ack flusher sends queued acks together (one transaction for
-    /// many messages instead of one each), right after the tasks that queued them yield.
+    /// Queues the ack of a message whose outcome was stored (or needed none); the ack
+    /// flusher sends queued acks together (one transaction for many messages instead of
+    /// one each), right after the tasks that queued them yield. While the result flusher
+    /// owes notices, the ack waits for them: its record's may be among them.
     pub(super) async fn ack(&self, delivery: &Delivery) {
         let Some(tag) = &delivery.tag else { return };
         if self.notices_owed.get() {
             self.acks_after_notices.borrow_mut().push(tag.clone());
             return;
         }
+        self.ack_without_outcome(delivery).await;
+    }
+
+    /// Queues the ack of a message that has no outcome stored by this handling: acked
+    /// before it runs (`acks_late = false`), or parked on the broker to run later. It never
+    /// waits for result notices: held unacked longer, it could run twice (the parked copy
+    /// and a redelivery, or an at-most-once task again after a crash).
+    pub(super) async fn ack_without_outcome(&self, delivery: &Delivery) {
+        let Some(tag) = &delivery.tag else { return };
         self.pending_acks.borrow_mut().push(tag.clone());
         if self.pending_acks.borrow().len() >= ACK_BATCH {
             self.flush_acks().await;
