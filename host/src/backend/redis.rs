@@ -217,17 +217,24 @@ impl RedisBackend {
         }
         let leading = earlier.len();
         let mut replies: Vec<redis::Value> = first.query_async(&mut self.conn.clone()).await.map_err(err)?;
-        earlier.0.clear();
         if replies.len() != leading + creating_at.len() + usize::from(!replacing_at.is_empty()) {
             return Err(BackendError::Command(format!("{} replies to a pipeline of {} records", replies.len(), entries.len())));
         }
+        let refused = |replies: &[redis::Value]| {
+            replies.iter().find_map(|r| match r {
+                redis::Value::ServerError(e) => Some(BackendError::Command(format!("{}: {}", e.code(), e.details().unwrap_or("")))),
+                _ => None,
+            })
+        };
+        // A notice Redis refused (BUSY behind a long script, say) is still owed.
+        if let Some(e) = refused(&replies[..leading]) {
+            return Err(e);
+        }
+        earlier.0.clear();
         let stored_reply = (!replacing_at.is_empty()).then(|| replies.pop().expect("counted"));
         let created = &replies[leading..];
-        if let Some(e) = replies.iter().find_map(|r| match r {
-            redis::Value::ServerError(e) => Some(e),
-            _ => None,
-        }) {
-            return Err(BackendError::Command(format!("{}: {}", e.code(), e.details().unwrap_or(""))));
+        if let Some(e) = refused(created) {
+            return Err(e);
         }
         let mut written = vec![false; entries.len()];
         for (&i, reply) in creating_at.iter().zip(created) {
