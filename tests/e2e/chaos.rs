@@ -168,6 +168,19 @@ fn a_crash_soak_of_100k_tasks_through_kill_9_and_sigstop_stores_every_result() {
 /// kombu's lock lasts 300 s whatever the visibility timeout, and no worker swept for
 /// that long (a crash soak run found 262 messages held past 240 s); here the lock lapses
 /// with the visibility timeout and the next worker restores everything.
+/// Adds to `pipe` a run of `task(*args)` that a dead worker held from `queue` an hour past
+/// its last refresh (kombu's `unacked` entry and its `unacked_index` score); the entry's
+/// length.
+fn held_by_a_dead_worker(pipe: &mut redis::Pipeline, task: &str, args: &serde_json::Value, queue: &str) -> usize {
+    let message = celery_message(task, &uuid::Uuid::new_v4().to_string(), args);
+    let envelope: serde_json::Value = serde_json::from_slice(&message).unwrap();
+    let tag = envelope["properties"]["delivery_tag"].as_str().unwrap().to_string();
+    let entry = format!(r#"[{}, "", "{queue}"]"#, String::from_utf8(message).unwrap());
+    let len = entry.len();
+    pipe.hset("unacked", &tag, entry).ignore().zadd("unacked_index", &tag, taskhost::protocol::unix_now() - 3600.0).ignore();
+    len
+}
+
 #[test]
 fn a_worker_killed_mid_sweep_holds_up_the_next_sweep_no_longer_than_the_visibility_timeout() {
     const HELD: usize = 20_000;
@@ -176,14 +189,9 @@ fn a_worker_killed_mid_sweep_holds_up_the_next_sweep_no_longer_than_the_visibili
     let mut conn = redis.client().get_connection().unwrap();
     // Messages a dead worker held, an hour past their last refresh: the first sweep of a
     // new worker restores them one by one, which takes long enough to be killed in.
-    let long_ago = taskhost::protocol::unix_now() - 3600.0;
     let mut pipe = redis::pipe();
     for _ in 0..HELD {
-        let message = celery_message("tasks.noop", &uuid::Uuid::new_v4().to_string(), &serde_json::json!([]));
-        let envelope: serde_json::Value = serde_json::from_slice(&message).unwrap();
-        let tag = envelope["properties"]["delivery_tag"].as_str().unwrap().to_string();
-        let entry = format!(r#"[{}, "", "celery"]"#, String::from_utf8(message).unwrap());
-        pipe.hset("unacked", &tag, entry).ignore().zadd("unacked_index", &tag, long_ago).ignore();
+        held_by_a_dead_worker(&mut pipe, "tasks.noop", &serde_json::json!([]), "celery");
     }
     pipe.query::<()>(&mut conn).unwrap();
     let visibility = VISIBILITY.to_string();
@@ -216,18 +224,14 @@ fn a_sweep_over_large_held_messages_stays_within_a_few_mib_of_them_at_a_time() {
     const HELD: usize = 64;
     let redis = RedisServer::start();
     let mut conn = redis.client().get_connection().unwrap();
-    let long_ago = taskhost::protocol::unix_now() - 3600.0;
     // In the body (base64) and in argsrepr: ~3.5 MiB a message.
-    let payload = "x".repeat(3 << 19);
+    let args = serde_json::json!(["x".repeat(3 << 19)]);
     let mut total = 0;
     for _ in 0..HELD {
-        let message = celery_message("tasks.noop", &uuid::Uuid::new_v4().to_string(), &serde_json::json!([payload]));
-        let envelope: serde_json::Value = serde_json::from_slice(&message).unwrap();
-        let tag = envelope["properties"]["delivery_tag"].as_str().unwrap().to_string();
         // Held from a queue this worker does not consume, so what goes back stays there.
-        let entry = format!(r#"[{}, "", "elsewhere"]"#, String::from_utf8(message).unwrap());
-        total += entry.len();
-        redis::pipe().hset("unacked", &tag, entry).ignore().zadd("unacked_index", &tag, long_ago).ignore().query::<()>(&mut conn).unwrap();
+        let mut pipe = redis::pipe();
+        total += held_by_a_dead_worker(&mut pipe, "tasks.noop", &args, "elsewhere");
+        pipe.query::<()>(&mut conn).unwrap();
     }
     let total_mib = (total >> 20) as u64;
     assert!(total_mib >= 200, "held {total_mib} MiB in all");

@@ -746,6 +746,18 @@ fn redis_results_are_published_in_order_and_a_refused_one_never() {
     });
 }
 
+/// Up to `n` result notices from `messages`, each within `within` of the last, as
+/// "<task id> <status>".
+async fn notices(messages: &mut (impl futures::Stream<Item = redis::Msg> + Unpin), n: usize, within: Duration) -> Vec<String> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let Ok(Some(msg)) = tokio::time::timeout(within, futures::StreamExt::next(messages)).await else { break };
+        let record: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+        seen.push(format!("{} {}", msg.get_channel_name().trim_start_matches("celery-task-meta-"), record["status"].as_str().unwrap()));
+    }
+    seen
+}
+
 /// Calls of one command so far, from `INFO commandstats` (a blocking connection: callable
 /// inside `block_on`).
 fn command_calls(server: &RedisServer, command: &str) -> u64 {
@@ -771,15 +783,7 @@ fn redis_records_replacing_a_started_skip_set_nx_and_keep_their_order() {
             pubsub.subscribe(format!("celery-task-meta-{id}")).await.unwrap();
         }
         let mut messages = pubsub.on_message();
-        let mut notices = async |n: usize| {
-            let mut seen = Vec::new();
-            while seen.len() < n {
-                let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut messages)).await else { break };
-                let record: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
-                seen.push(format!("{} {}", msg.get_channel_name().trim_start_matches("celery-task-meta-"), record["status"].as_str().unwrap()));
-            }
-            seen
-        };
+        let wait = Duration::from_secs(5);
         let replacing = |mut record: ResultRecord| {
             record.replaces_started = true;
             (record, None)
@@ -791,7 +795,7 @@ fn redis_records_replacing_a_started_skip_set_nx_and_keep_their_order() {
         redis::cmd("SCRIPT").arg("FLUSH").query::<()>(&mut server.client().get_connection().unwrap()).unwrap();
         let (written, _) = r.store_many_notifying_later(&mut Default::default(), &[replacing(ResultRecord::success("gone", serde_json::json!(3)))]).await.unwrap();
         assert_eq!(written, [true]);
-        assert_eq!(notices(1).await, ["gone SUCCESS"]);
+        assert_eq!(notices(&mut messages, 1, wait).await, ["gone SUCCESS"]);
         assert_eq!(r.get("gone").await.unwrap().unwrap().result, 3);
 
         // In the pipeline that carries the STARTEDs' notices, after them.
@@ -804,7 +808,7 @@ fn redis_records_replacing_a_started_skip_set_nx_and_keep_their_order() {
         assert_eq!((written, later.len(), owed.len()), (vec![true, true], 0, 0));
         assert_eq!(command_calls(&server, "set"), sets, "no SET NX tried");
         assert_eq!(command_calls(&server, "evalsha"), scripts + 1, "STORE once, loaded");
-        let seen = notices(4).await;
+        let seen = notices(&mut messages, 4, wait).await;
         let of = |id: &str| seen.iter().filter(|n| n.split(' ').next() == Some(id)).cloned().collect::<Vec<_>>();
         assert_eq!(of("a"), ["a STARTED", "a SUCCESS"], "{seen:?}");
         assert_eq!(of("b"), ["b STARTED", "b FAILURE"], "{seen:?}");
@@ -812,13 +816,13 @@ fn redis_records_replacing_a_started_skip_set_nx_and_keep_their_order() {
         let (written, _) = r.store_many_notifying_later(&mut Default::default(), &[replacing(ResultRecord::failure("a", &exc, None))]).await.unwrap();
         assert_eq!(written, [false], "never over a SUCCESS");
         assert_eq!(r.get("a").await.unwrap().unwrap().status, State::Success);
-        assert_eq!(notices(1).await, ["a SUCCESS"], "the stored SUCCESS again");
+        assert_eq!(notices(&mut messages, 1, wait).await, ["a SUCCESS"], "the stored SUCCESS again");
 
         // The same batch creates the key: its STARTED's notice still comes first.
         let both = [(ResultRecord::started("c", 1, "w@h"), None), replacing(ResultRecord::success("c", serde_json::json!(4)))];
         let (written, later) = r.store_many_notifying_later(&mut Default::default(), &both).await.unwrap();
         assert_eq!((written, later.len()), (vec![true, true], 0));
-        assert_eq!(notices(2).await, ["c STARTED", "c SUCCESS"]);
+        assert_eq!(notices(&mut messages, 2, wait).await, ["c STARTED", "c SUCCESS"]);
     });
 }
 
@@ -896,31 +900,20 @@ fn redis_notices_handed_back_lead_the_next_write_in_order() {
             pubsub.subscribe(format!("celery-task-meta-{id}")).await.unwrap();
         }
         let mut messages = pubsub.on_message();
-        // Up to `n` notices, each within `within` of the last.
-        let mut notices = async |n: usize, within: Duration| {
-            let mut seen = Vec::new();
-            while seen.len() < n {
-                let Ok(Some(msg)) = tokio::time::timeout(within, futures::StreamExt::next(&mut messages)).await else { break };
-                let record: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
-                let id = msg.get_channel_name().trim_start_matches("celery-task-meta-").to_string();
-                seen.push(format!("{id} {}", record["status"].as_str().unwrap()));
-            }
-            seen
-        };
         let quiet = Duration::from_millis(300);
 
         let first = vec![(ResultRecord::started("a", 1, "w@h"), None), (ResultRecord::started("b", 1, "w@h"), None)];
         let (written, mut owed) = r.store_many_notifying_later(&mut Default::default(), &first).await.unwrap();
         assert_eq!((written, owed.len()), (vec![true, true], 2));
         assert_eq!(r.get("a").await.unwrap().unwrap().status, State::Started, "written at once");
-        assert_eq!(notices(1, quiet).await, Vec::<String>::new(), "the notices wait for the next call");
+        assert_eq!(notices(&mut messages, 1, quiet).await, Vec::<String>::new(), "the notices wait for the next call");
 
         let second = vec![(ResultRecord::success("a", serde_json::json!(1)), None), (ResultRecord::started("c", 1, "w@h"), None)];
         let (written, owed_after) = r.store_many_notifying_later(&mut owed, &second).await.unwrap();
         assert!(owed.is_empty(), "the notices carried are marked sent");
         assert_eq!((written, owed_after.len()), (vec![true, true], 0), "an existing key: this batch's go at once");
-        let seen = notices(4, Duration::from_secs(5)).await;
-        assert_eq!(notices(1, quiet).await, Vec::<String>::new(), "four notices only, after {seen:?}");
+        let seen = notices(&mut messages, 4, Duration::from_secs(5)).await;
+        assert_eq!(notices(&mut messages, 1, quiet).await, Vec::<String>::new(), "four notices only, after {seen:?}");
         let of = |id: &str| seen.iter().filter(|n| n.starts_with(id)).cloned().collect::<Vec<_>>();
         assert_eq!(of("a"), ["a STARTED", "a SUCCESS"], "{seen:?}");
         assert_eq!((of("b"), of("c")), (vec!["b STARTED".to_string()], vec!["c STARTED".to_string()]), "{seen:?}");
@@ -929,7 +922,7 @@ fn redis_notices_handed_back_lead_the_next_write_in_order() {
         let (_, owed) =
             r.store_many_notifying_later(&mut Default::default(), &[(ResultRecord::success("c", serde_json::json!(3)), None)]).await.unwrap();
         assert_eq!(owed.len(), 0, "c exists: published by STORE");
-        assert_eq!(notices(1, Duration::from_secs(5)).await, ["c SUCCESS"]);
+        assert_eq!(notices(&mut messages, 1, Duration::from_secs(5)).await, ["c SUCCESS"]);
         let mut alone = server.client().get_async_pubsub().await.unwrap();
         alone.subscribe("celery-task-meta-d").await.unwrap();
         let (_, mut owed) =

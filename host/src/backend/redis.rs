@@ -27,18 +27,19 @@ for i, key in ipairs(KEYS) do
   -- Celery's: most records here replace a STARTED, and reading and decoding all of it
   -- cost more than the write. Any other layout is decoded whole.
   local head = redis.call('GETRANGE', key, 0, 31)
-  local done = false
+  local done, cur = false, nil
   if head ~= '' then
     local status = string.match(head, '^{"status": ?"(%u+)"')
     if status then
       done = status == 'SUCCESS'
     else
-      local ok, rec = pcall(cjson.decode, redis.call('GET', key))
+      cur = redis.call('GET', key)
+      local ok, rec = pcall(cjson.decode, cur)
       done = ok and type(rec) == 'table' and rec.status == 'SUCCESS'
     end
   end
   if done then
-    redis.call('PUBLISH', key, redis.call('GET', key))
+    redis.call('PUBLISH', key, cur or redis.call('GET', key))
     written[i] = 0
   else
     -- ARGV[1] as given: a Lua number would be formatted anew with snprintf on every call.
@@ -106,6 +107,11 @@ fn publish_command(key: &str, json: &str) -> redis::Cmd {
     let mut notice = redis::Cmd::with_capacity(3, 7 + key.len() + json.len());
     notice.arg("PUBLISH").arg(key).arg(json);
     notice
+}
+
+/// An error reply read from a pipeline whose replies are all read (`ignore_errors`).
+fn refusal(e: &redis::ServerError) -> BackendError {
+    BackendError::Command(format!("{}: {}", e.code(), e.details().unwrap_or("")))
 }
 
 fn chord_key(group_id: &str, suffix: &str) -> String {
@@ -222,7 +228,7 @@ impl RedisBackend {
         }
         let refused = |replies: &[redis::Value]| {
             replies.iter().find_map(|r| match r {
-                redis::Value::ServerError(e) => Some(BackendError::Command(format!("{}: {}", e.code(), e.details().unwrap_or("")))),
+                redis::Value::ServerError(e) => Some(refusal(e)),
                 _ => None,
             })
         };
@@ -245,9 +251,7 @@ impl RedisBackend {
                 redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript) => {
                     store.invoke_async(&mut self.conn.clone()).await.map_err(err)?
                 }
-                redis::Value::ServerError(e) => {
-                    return Err(BackendError::Command(format!("{}: {}", e.code(), e.details().unwrap_or(""))))
-                }
+                redis::Value::ServerError(e) => return Err(refusal(&e)),
                 other => redis::from_redis_value(other).map_err(|e| BackendError::Command(e.to_string()))?,
             };
             for (&i, w) in replacing_at.iter().zip(stored) {

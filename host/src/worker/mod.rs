@@ -331,9 +331,12 @@ impl Drop for InProgress {
 struct QueuedResult {
     record: ResultRecord,
     custom_state: Option<String>,
-    /// Whether it was written, or the error with the record, for the writer to retry.
-    done: tokio::sync::oneshot::Sender<Result<bool, (BackendError, ResultRecord)>>,
+    done: tokio::sync::oneshot::Sender<StoreOutcome>,
 }
+
+/// Whether a queued record was written, or the error with the record, for the writer to
+/// retry.
+type StoreOutcome = Result<bool, (BackendError, ResultRecord)>;
 
 /// Acks taken off the queue by one flush; handed back unless the broker took them.
 struct AcksInFlight<'a> {

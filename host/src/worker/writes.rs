@@ -13,14 +13,7 @@ impl Worker {
         let mut backoff = Duration::from_millis(50);
         let mut record = self.with_result_prefix(record);
         loop {
-            let (done, outcome) = tokio::sync::oneshot::channel();
-            self.queued_results.borrow_mut().push(QueuedResult {
-                record,
-                custom_state: custom_state.map(str::to_string),
-                done,
-            });
-            self.result_queued.notify_one();
-            match outcome.await {
+            match self.queue_result(record, custom_state.map(str::to_string)).await {
                 Ok(Ok(_)) => return true,
                 Ok(Err((e @ (BackendError::Connection(_) | BackendError::Command(_)), back)))
                     if started.elapsed() < STORE_GIVE_UP =>
@@ -121,10 +114,15 @@ impl Worker {
     /// turn behind the records queued before it (so its notice follows theirs), and not
     /// retried. For writes made outside a message's handling.
     pub(super) fn store_detached(&self, record: ResultRecord) {
-        let (done, _) = tokio::sync::oneshot::channel();
-        let record = self.with_result_prefix(record);
-        self.queued_results.borrow_mut().push(QueuedResult { record, custom_state: None, done });
+        drop(self.queue_result(self.with_result_prefix(record), None));
+    }
+
+    /// Queues a record for the result flusher; where its outcome comes.
+    fn queue_result(&self, record: ResultRecord, custom_state: Option<String>) -> tokio::sync::oneshot::Receiver<StoreOutcome> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.queued_results.borrow_mut().push(QueuedResult { record, custom_state, done });
         self.result_queued.notify_one();
+        outcome
     }
 
     /// At shutdown, once every handling has ended: waits (at most [`STORE_GIVE_UP`], or a
