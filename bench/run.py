@@ -527,7 +527,7 @@ def report(res):
         cpu = lambda d: d["worker_cpu_us_per_task"] + d["redis_cpu_us_per_task"]
         cap = cpu(ign) / cpu(stored) if cpu(stored) > 0 else float("nan")
         print(f"results stored: the CPU per task alone caps that at {cpu(ign):.1f} / {cpu(stored):.1f} µs = "
-              f"{100 * cap:.0f}%; at the idle measured, {100 * cap * (1 - stored['idle_share']) / (1 - ign.get('idle_share', 0)):.0f}%")
+              f"{100 * cap:.0f}%; at the idle measured, {100 * cap * (1 - stored['idle_share']) / max(1e-9, 1 - ign.get('idle_share', 0)):.0f}%")
     if "worker_floor" in res:
         f = res["worker_floor"]
         mean = lambda xs: sum(xs) / len(xs)
