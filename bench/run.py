@@ -116,7 +116,8 @@ class Worker:
         self.name, self.cmd, self.env, self.cwd = name, cmd, env, cwd
         self.proc = None
 
-    def start(self, ready):
+    def start(self, ready, settle=0.5):
+        """Starts the worker and waits until `ready()`, then `settle` seconds more."""
         self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env={**os.environ, **(self.env or {})},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
@@ -124,7 +125,7 @@ class Worker:
             if time.time() > deadline or self.proc.poll() is not None:
                 raise SystemExit(f"{self.name} did not become ready")
             time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(settle)
 
     def stop(self):
         self.proc.terminate()
