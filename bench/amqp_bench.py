@@ -85,8 +85,12 @@ def run_amqp(h, taskhost, plugins, scale, progress):
         for label, worker, count in systems:
             with progress.step(f"RabbitMQ: drain of {count} no-ops: {label}"):
                 h.fill(taskhost, url, "bench", count)
-                rate = timed_drain(vhost, "bench", count, lambda: worker.start(lambda: True, settle=0))
-                worker.stop()
+                try:
+                    rate = timed_drain(vhost, "bench", count, lambda: worker.start(lambda: True, settle=0))
+                finally:
+                    # A drain that failed leaves no worker behind on the machine.
+                    if worker.proc is not None:
+                        worker.stop()
             out["systems"][label] = {"count": count, "drain_per_s": rate}
     finally:
         rds.stop()
