@@ -164,10 +164,6 @@ fn a_crash_soak_of_100k_tasks_through_kill_9_and_sigstop_stores_every_result() {
     assert!(restored >= 1, "nothing was restored after the SIGSTOP: the test did not test it");
 }
 
-/// A worker killed in the middle of a visibility sweep leaves the sweep's lock behind.
-/// kombu's lock lasts 300 s whatever the visibility timeout, and no worker swept for
-/// that long (a crash soak run found 262 messages held past 240 s); here the lock lapses
-/// with the visibility timeout and the next worker restores everything.
 /// Adds to `pipe` a run of `task(*args)` that a dead worker held from `queue` an hour past
 /// its last refresh (kombu's `unacked` entry and its `unacked_index` score); the entry's
 /// length.
@@ -181,6 +177,10 @@ fn held_by_a_dead_worker(pipe: &mut redis::Pipeline, task: &str, args: &serde_js
     len
 }
 
+/// A worker killed in the middle of a visibility sweep leaves the sweep's lock behind.
+/// kombu's lock lasts 300 s whatever the visibility timeout, and no worker swept for
+/// that long (a crash soak run found 262 messages held past 240 s); here the lock lapses
+/// with the visibility timeout and the next worker restores everything.
 #[test]
 fn a_worker_killed_mid_sweep_holds_up_the_next_sweep_no_longer_than_the_visibility_timeout() {
     const HELD: usize = 20_000;
